@@ -1,0 +1,504 @@
+"""Typed, nested run configuration: defaults < YAML < ``--set key=value`` overrides.
+
+Every section is a dataclass with documented fields. Loading is strict: an unknown
+key is an error naming the key and its section, a value of the wrong type is an
+error naming the expected type. Keys of the seed project (``training.mode``,
+``training.block_size``, ``layerwise_training``, ...) are migrated with a
+``DeprecationWarning`` that says what to write instead.
+
+Each consumer takes only the section it needs (``ModelConfig`` builds the rack,
+``DataConfig`` the data, ...), so no god object travels through the code.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+TRAINING_ARCHITECTURES = ("rackwise", "stackwise", "blockwise")
+OBJECTIVES = ("causal_lm", "masked_lm")
+NEW_UNIT_INITS = ("fresh", "copy_previous")
+PRECISIONS = ("auto", "fp32", "bf16")
+DATA_SOURCES = ("stdlib", "text_files", "hf")
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and how to fix it."""
+
+
+# --------------------------------------------------------------------------- model
+
+
+@dataclass
+class ArchitectureConfig:
+    n_stacks: int = 2
+    """Number of Stacks in the Rack; each Stack is one pipeline stage by default."""
+    blocks_per_stack: int = 2
+    """Transformer Blocks in every Stack."""
+
+
+@dataclass
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2); used when attention_type is 'mla'."""
+
+    kv_lora_rank: int = 64
+    """Width of the compressed K/V latent."""
+    q_lora_rank: int = 0
+    """Width of the compressed query latent; 0 projects queries directly."""
+    rope_head_dim: int = 16
+    """Per-head dimensions carrying the decoupled RoPE part of queries and keys."""
+
+
+@dataclass
+class KernelAttentionConfig:
+    """Linear attention with a positive feature map; used when attention_type is 'kernel'."""
+
+    feature_map: str = "elu"
+    """'elu' (elu(x)+1) or 'relu'."""
+    chunk_size: int = 64
+    """Chunk length of the causal O(T) scan."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 258
+    """Token vocabulary; 258 = 256 bytes + end-of-document + mask of the byte tokenizer."""
+    d_model: int = 256
+    """Residual stream width."""
+    n_heads: int = 8
+    """Query heads."""
+    n_kv_heads: Optional[int] = None
+    """Key/value heads for 'gqa' and 'kernel' (None = n_heads); must divide n_heads."""
+    d_ff: Optional[int] = None
+    """SwiGLU hidden width (None = 8/3 * d_model rounded up to a multiple of 64)."""
+    max_seq_len: int = 1024
+    """Longest sequence the model accepts (RoPE tables are built for it)."""
+    attention_type: str = "gqa"
+    """'mha', 'gqa', 'mla' or 'kernel'."""
+    attention_mode: str = "causal"
+    """'causal' (next-token LM) or 'bidirectional' (masked LM)."""
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    dropout: float = 0.0
+    tie_embeddings: bool = True
+    """Share the token embedding with the LM head."""
+    freeze_up_proj: bool = False
+    """Keep every SwiGLU up-projection at its random initialisation."""
+    init_std: float = 0.02
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    kernel: KernelAttentionConfig = field(default_factory=KernelAttentionConfig)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.architecture.n_stacks * self.architecture.blocks_per_stack
+
+    @property
+    def resolved_d_ff(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        return -(-(8 * self.d_model // 3) // 64) * 64  # Llama's 8/3 rule, rounded up to 64
+
+
+# --------------------------------------------------------------------------- training
+
+
+@dataclass
+class TrainingConfig:
+    training_architecture: str = "rackwise"
+    """'rackwise' (end to end), 'stackwise' (one stack per phase) or 'blockwise' (one block per phase)."""
+    objective: str = "causal_lm"
+    """'causal_lm' (next token) or 'masked_lm' (needs attention_mode 'bidirectional')."""
+    seed: int = 42
+    output_dir: str = "runs/default"
+    """Where config.yaml, tensorboard/ and checkpoints/ go; re-running resumes from here."""
+    max_steps: int = 300
+    """Optimizer steps of a rackwise run."""
+    steps_per_phase: Union[int, list[int]] = 150
+    """Steps of each stackwise/blockwise phase: one number for all, or one per phase."""
+    joint_steps: int = 0
+    """Steps of a closing end-to-end phase after the last stackwise/blockwise phase (0 = none)."""
+    new_unit_init: str = "fresh"
+    """How a stack/block starts its phase: 'fresh' (its own init) or 'copy_previous' (weights of the one before)."""
+    micro_batch_size: int = 8
+    """Sequences per micro-batch on each data-parallel replica."""
+    gradient_accumulation_steps: int = 4
+    """Micro-batches per optimizer step (the pipeline's micro-batches)."""
+    lr: float = 1e-3
+    """Peak learning rate (restarted with warmup at each phase)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay floor as a fraction of lr."""
+    warmup_steps: int = 20
+    """Linear warmup steps at the start of every phase."""
+    stack_lr_scale: Optional[list[float]] = None
+    """Per-stack multipliers of lr (one per stack); None = 1.0 everywhere."""
+    weight_decay: float = 0.1
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    grad_clip: float = 1.0
+    """Global gradient-norm clip over the trainable parameters (0 = off)."""
+    precision: str = "auto"
+    """'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'."""
+    log_interval: int = 10
+    eval_interval: int = 50
+    """Validate every this many steps and at the end of each phase (0 = only at phase ends)."""
+    eval_batches: int = 8
+    save_interval: int = 100
+    """Checkpoint every this many steps (0 = only at phase ends)."""
+    resume: bool = True
+    """Continue from the latest checkpoint in output_dir when there is one."""
+    progress_bar: bool = True
+    nonfinite_policy: str = "stop"
+    """On a non-finite loss: 'stop' (keep the last good checkpoint, exit non-zero) or 'skip' (drop the step)."""
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"
+    """'stdlib' (the Python standard library's sources, no download), 'text_files' or 'hf'."""
+    paths: list[str] = field(default_factory=list)
+    """Files or directories for source 'text_files'."""
+    hf_name: Optional[str] = None
+    """Hugging Face dataset name for source 'hf'."""
+    hf_config: Optional[str] = None
+    hf_split: str = "train"
+    text_field: str = "text"
+    seq_len: int = 256
+    """Tokens per packed training sequence."""
+    val_fraction: float = 0.01
+    """Share of sequences held out for validation."""
+    mask_prob: float = 0.15
+    """Masked-LM masking rate."""
+    max_files: Optional[int] = None
+    """Use only the first N files (sorted) of the source."""
+    max_bytes: Optional[int] = None
+    """Stop reading the source after this many bytes."""
+    cache_dir: Optional[str] = None
+    """Tokenised-data cache (None = ~/.cache/stackwise_ds/data or $STACKWISE_DS_CACHE)."""
+
+
+# --------------------------------------------------------------------------- parallel
+
+
+@dataclass
+class ParallelConfig:
+    pipeline_stages: Optional[int] = None
+    """Pipeline stages (None = n_stacks); must divide n_stacks and the world size."""
+    zero_stage: int = 1
+    """ZeRO stage over the data-parallel replicas of each stage; 0 or 1 (2/3 do not work with pipelines)."""
+    ds_config: str = "auto"
+    """DeepSpeed JSON template: 'auto' (ds_configs/cpu_fp32.json or gpu_bf16.json) or a path."""
+    activation_checkpoint_interval: int = 0
+    """Recompute activations every N pipeline layers in backward (0 = off)."""
+
+
+@dataclass
+class StackWiseConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    # ---- loading and saving
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "StackWiseConfig":
+        migrated = migrate_legacy_keys(copy.deepcopy(raw or {}))
+        config = _build_dataclass(cls, migrated, section="")
+        config.validate()
+        return config
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "StackWiseConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+        return cls.from_dict(apply_overrides(raw, overrides or []))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # ---- derived values
+
+    @property
+    def pipeline_stages(self) -> int:
+        return self.parallel.pipeline_stages or self.model.architecture.n_stacks
+
+    # ---- validation
+
+    def validate(self) -> None:
+        """Cross-field checks; each message names the key and how to fix it."""
+        m, t, d, p = self.model, self.training, self.data, self.parallel
+        _check_choice("model.attention_type", m.attention_type, ("mha", "gqa", "mla", "kernel"))
+        _check_choice("model.attention_mode", m.attention_mode, ("causal", "bidirectional"))
+        _check_choice("training.training_architecture", t.training_architecture, TRAINING_ARCHITECTURES)
+        _check_choice("training.objective", t.objective, OBJECTIVES)
+        _check_choice("training.new_unit_init", t.new_unit_init, NEW_UNIT_INITS)
+        _check_choice("training.precision", t.precision, PRECISIONS)
+        _check_choice("training.nonfinite_policy", t.nonfinite_policy, NONFINITE_POLICIES)
+        _check_choice("data.source", d.source, DATA_SOURCES)
+        for key, value in [
+            ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
+            ("model.max_seq_len", m.max_seq_len), ("model.architecture.n_stacks", m.architecture.n_stacks),
+            ("model.architecture.blocks_per_stack", m.architecture.blocks_per_stack),
+            ("training.max_steps", t.max_steps), ("training.micro_batch_size", t.micro_batch_size),
+            ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
+            ("data.seq_len", d.seq_len),
+        ]:
+            _check_positive(key, value)
+        if m.n_kv_heads is not None:
+            _check_positive("model.n_kv_heads", m.n_kv_heads)
+        if m.d_ff is not None:
+            _check_positive("model.d_ff", m.d_ff)
+        if m.d_model % m.n_heads:
+            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}): "
+                              "pick n_heads among the divisors of d_model")
+        if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
+            raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads "
+                              f"({m.n_kv_heads}): pick n_kv_heads among the divisors of n_heads")
+        if d.seq_len > m.max_seq_len:
+            raise ConfigError(f"data.seq_len ({d.seq_len}) is longer than model.max_seq_len ({m.max_seq_len}): "
+                              "raise model.max_seq_len or shorten data.seq_len")
+        if t.objective == "masked_lm" and m.attention_mode != "bidirectional":
+            raise ConfigError("training.objective 'masked_lm' needs model.attention_mode 'bidirectional' "
+                              "(a causal model cannot see the tokens after a mask)")
+        if t.objective == "causal_lm" and m.attention_mode != "causal":
+            raise ConfigError("training.objective 'causal_lm' needs model.attention_mode 'causal' "
+                              "(bidirectional attention would let each position see its own target)")
+        self._validate_phases()
+        self._validate_parallel()
+        if d.source == "text_files" and not d.paths:
+            raise ConfigError("data.source is 'text_files' but data.paths is empty: list files or directories")
+        if d.source == "hf" and not d.hf_name:
+            raise ConfigError("data.source is 'hf' but data.hf_name is not set: name a Hugging Face dataset")
+        if not 0.0 <= d.val_fraction < 0.5:
+            raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in [0, 0.5)")
+        if len(t.adam_betas) != 2:
+            raise ConfigError(f"training.adam_betas must hold two numbers, got {t.adam_betas}")
+
+    def _validate_phases(self) -> None:
+        t, arch = self.training, self.model.architecture
+        n_phases = self.n_phases
+        steps = t.steps_per_phase
+        if isinstance(steps, list):
+            if t.training_architecture != "rackwise" and len(steps) != n_phases:
+                raise ConfigError(
+                    f"training.steps_per_phase lists {len(steps)} values but {t.training_architecture} training "
+                    f"has {n_phases} phases: give one number per phase, or a single number for all")
+            for s in steps:
+                _check_positive("training.steps_per_phase", s)
+        else:
+            _check_positive("training.steps_per_phase", steps)
+        if t.joint_steps < 0:
+            raise ConfigError(f"training.joint_steps must be >= 0, got {t.joint_steps}")
+        if t.stack_lr_scale is not None and len(t.stack_lr_scale) != arch.n_stacks:
+            raise ConfigError(f"training.stack_lr_scale has {len(t.stack_lr_scale)} values for "
+                              f"{arch.n_stacks} stacks: give one multiplier per stack")
+
+    def _validate_parallel(self) -> None:
+        n_stacks, stages = self.model.architecture.n_stacks, self.pipeline_stages
+        _check_positive("parallel.pipeline_stages", stages)
+        if n_stacks % stages:
+            raise ConfigError(
+                f"parallel.pipeline_stages ({stages}) must divide model.architecture.n_stacks ({n_stacks}) "
+                "so that stage boundaries fall on stack boundaries: "
+                f"use one of {[s for s in range(1, n_stacks + 1) if n_stacks % s == 0]}")
+        if self.parallel.zero_stage not in (0, 1):
+            raise ConfigError(f"parallel.zero_stage ({self.parallel.zero_stage}) must be 0 or 1: "
+                              "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism")
+
+    @property
+    def n_phases(self) -> int:
+        """Training phases before the optional joint phase."""
+        arch, mode = self.model.architecture, self.training.training_architecture
+        return {"rackwise": 1, "stackwise": arch.n_stacks,
+                "blockwise": arch.n_stacks * arch.blocks_per_stack}[mode]
+
+    def validate_world_size(self, world_size: int) -> int:
+        """Data-parallel degree for this world size, or an error saying how to launch."""
+        stages = self.pipeline_stages
+        if world_size % stages:
+            raise ConfigError(
+                f"world size {world_size} is not a multiple of parallel.pipeline_stages ({stages}): launch "
+                f"a multiple of {stages} processes (deepspeed --num_gpus {stages} ...) or set "
+                "parallel.pipeline_stages to a divisor of the world size")
+        return world_size // stages
+
+
+# --------------------------------------------------------------------------- strict building
+
+
+def _build_dataclass(cls: type, raw: Any, section: str) -> Any:
+    where = section or "the top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section '{section}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            raise ConfigError(f"unknown key '{key}' in {where} of the config; "
+                              f"valid keys there are: {', '.join(sorted(names))}")
+    kwargs = {key: _coerce(hints[key], value, f"{section}.{key}".lstrip(".")) for key, value in raw.items()}
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``hint``; ints are accepted where floats are expected."""
+    if dataclasses.is_dataclass(hint):
+        return _build_dataclass(hint, value, key)
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in typing.get_args(hint):
+            return None
+        errors = []
+        for option in typing.get_args(hint):
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"config key '{key}' got {value!r}, which is not {_type_name(hint)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{key}' must be a list ({_type_name(hint)}), got {value!r}")
+        (item_hint,) = typing.get_args(hint)
+        return [_coerce(item_hint, item, key) for item in value]
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; accept it as the number the user meant
+            return float(value)
+        except ValueError:
+            pass
+    if hint in (int, str, bool) and type(value) is hint:
+        return value
+    raise ConfigError(f"config key '{key}' must be {_type_name(hint)}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+            type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} is '{value}' but must be one of: {', '.join(choices)}")
+
+
+def _check_positive(key: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
+
+
+# --------------------------------------------------------------------------- overrides
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) on top of ``raw``."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' is not of the form section.key=value "
+                              "(for example --set training.max_steps=100)")
+        dotted, text = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {dotted}: '{part}' is a value, not a section")
+        node[parts[-1]] = yaml.safe_load(text) if text.strip() else None
+    return raw
+
+
+# --------------------------------------------------------------------------- legacy keys
+
+# The seed project's vocabulary: its "layer" is our block, its "block" (a group of
+# block_size layers) is our stack, and "fused" training is end-to-end training.
+_LEGACY_MODES = {"layerwise": "blockwise", "blockwise": "stackwise", "fused": "rackwise"}
+_LEGACY_TRAINING_KEYS = {  # old training.<key> -> (new section path, new key)
+    "block_size": (("model", "architecture"), "blocks_per_stack"),
+    "total_blocks": (("model", "architecture"), "n_stacks"),
+    "learning_rate": (("training",), "lr"),
+    "batch_size": (("training",), "micro_batch_size"),
+}
+
+
+def _deprecated(old: str, new: str) -> None:
+    warnings.warn(f"config key '{old}' is deprecated: write '{new}' instead", DeprecationWarning, stacklevel=4)
+
+
+def _put(raw: dict, path: tuple[str, ...], key: str, value: Any, old: str) -> None:
+    node = raw
+    for part in path:
+        node = node.setdefault(part, {})
+    if key in node and node[key] != value:
+        raise ConfigError(f"config sets both the deprecated '{old}' ({value!r}) and "
+                          f"'{'.'.join(path + (key,))}' ({node[key]!r}): keep only the new key")
+    node[key] = value
+    _deprecated(old, ".".join(path + (key,)))
+
+
+def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the seed project's keys into this schema, warning once per key."""
+    training = raw.get("training")
+    if isinstance(training, dict):
+        if "mode" in training:
+            old_mode = training.pop("mode")
+            if old_mode not in _LEGACY_MODES:
+                raise ConfigError(f"training.mode '{old_mode}' is unknown; the key is deprecated anyway: "
+                                  f"write training.training_architecture: {' | '.join(TRAINING_ARCHITECTURES)}")
+            _put(raw, ("training",), "training_architecture", _LEGACY_MODES[old_mode], "training.mode")
+        for old_key, (path, new_key) in _LEGACY_TRAINING_KEYS.items():
+            if old_key in training:
+                _put(raw, path, new_key, training.pop(old_key), f"training.{old_key}")
+    for section, mode in (("layerwise_training", "blockwise"), ("blockwise_training", "stackwise")):
+        if section in raw:
+            _migrate_legacy_section(raw, section, mode)
+    return raw
+
+
+def _migrate_legacy_section(raw: dict[str, Any], section: str, mode: str) -> None:
+    """``layerwise_training: {enabled, steps_per_layer, ...}`` -> training.* keys."""
+    body = raw.pop(section) or {}
+    if not isinstance(body, dict):
+        raise ConfigError(f"legacy section '{section}' must be a mapping")
+    if not body.pop("enabled", True):
+        _deprecated(section, "training.training_architecture")
+        return
+    _put(raw, ("training",), "training_architecture", mode, section)
+    renames = {"steps_per_layer": "steps_per_phase", "steps_per_block": "steps_per_phase",
+               "steps": "steps_per_phase", "block_size": "blocks_per_stack"}
+    for old_key, value in body.items():
+        new_key = renames.get(old_key)
+        if new_key is None:
+            raise ConfigError(f"unknown key '{old_key}' in legacy section '{section}'; it has no equivalent: "
+                              "move the section's settings to training.* (see README, config reference)")
+        path = ("model", "architecture") if new_key == "blocks_per_stack" else ("training",)
+        _put(raw, path, new_key, value, f"{section}.{old_key}")

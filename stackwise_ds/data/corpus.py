@@ -1,0 +1,126 @@
+"""Text sources: the interpreter's own stdlib, local text files, or a Hugging Face dataset.
+
+Each source yields plain-text documents in a deterministic order and describes itself
+with a JSON-able fingerprint that keys the tokenised cache (see cache.py).
+"""
+
+from __future__ import annotations
+
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+KNOWN_SOURCES = ("stdlib", "text_files", "hf")
+_SKIPPED_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    """A file to read, with the size and mtime that make its cache key go stale on edit."""
+
+    path: str
+    size: int
+    mtime_ns: int
+
+    @classmethod
+    def stat(cls, path: Path) -> SourceFile:
+        st = path.stat()
+        return cls(str(path), st.st_size, st.st_mtime_ns)
+
+
+def stdlib_root() -> Path:
+    """The running interpreter's standard-library directory."""
+    return Path(sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def list_stdlib_files() -> list[Path]:
+    """All stdlib ``.py`` files, recursively, minus third-party and bytecode dirs, sorted."""
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(stdlib_root()):
+        # Prune in place so os.walk never descends into site-packages (big, not stdlib).
+        dirnames[:] = [d for d in dirnames if d not in _SKIPPED_STDLIB_DIRS]
+        found.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+    return sorted(found)
+
+
+def _is_hidden(path: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def _files_under(directory: Path) -> list[Path]:
+    """Every regular, non-hidden file below ``directory``, sorted."""
+    return sorted(
+        p for p in directory.rglob("*")
+        if p.is_file() and not _is_hidden(p, directory) and "__pycache__" not in p.parts
+    )
+
+
+def list_text_files(paths: list[str]) -> list[Path]:
+    """Expand ``data.paths``: files are taken as given, directories recursively (sorted)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw).expanduser().resolve()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"data.paths entry {raw!r} does not exist (resolved to {path}): "
+                "fix data.paths to list existing text files or directories"
+            )
+        files.extend(_files_under(path) if path.is_dir() else [path])
+    return files
+
+
+def select_files(files: list[Path], max_files: int | None, max_bytes: int | None) -> list[SourceFile]:
+    """Keep files in order until ``max_files`` files or ``max_bytes`` bytes are reached."""
+    if max_files is not None:
+        files = files[:max_files]
+    selected: list[SourceFile] = []
+    total = 0
+    for path in files:
+        if max_bytes is not None and total >= max_bytes:
+            break
+        entry = SourceFile.stat(path)
+        selected.append(entry)
+        total += entry.size
+    return selected
+
+
+def read_file_documents(files: list[SourceFile], max_bytes: int | None) -> Iterator[str]:
+    """One document per file; the last one is cut so the total stays within ``max_bytes``."""
+    budget = max_bytes
+    for entry in files:
+        raw = Path(entry.path).read_bytes()
+        if budget is not None:
+            raw = raw[:budget]
+            budget -= len(raw)
+        # Some stdlib test files are deliberately not utf-8; keep them, lossy.
+        yield raw.decode("utf-8", errors="replace")
+        if budget is not None and budget <= 0:
+            return
+
+
+def read_hf_documents(
+    name: str, config: str | None, split: str, text_field: str,
+    max_docs: int | None, max_bytes: int | None,
+) -> Iterator[str]:
+    """Documents from ``datasets.load_dataset(name, config, split=split)[text_field]``."""
+    import datasets  # local import: only this source needs the hub machinery
+
+    loaded = datasets.load_dataset(name, config, split=split)
+    if text_field not in loaded.column_names:
+        raise ValueError(
+            f"Hugging Face dataset {name!r} (config {config!r}, split {split!r}) has no column "
+            f"{text_field!r}; its columns are {loaded.column_names}: set data.text_field to one of them"
+        )
+    if max_docs is not None:
+        loaded = loaded.select(range(min(max_docs, len(loaded))))
+    total = 0
+    # Batched iteration keeps memory flat on large corpora (no full-column list).
+    for batch in loaded.select_columns([text_field]).iter(batch_size=1024):
+        for text in batch[text_field]:
+            if max_bytes is not None and total >= max_bytes:
+                return
+            text = text or ""
+            total += len(text.encode("utf-8"))
+            yield text

@@ -1,0 +1,389 @@
+"""Attention modules: MHA/GQA (Llama layout), MLA (DeepSeek-V2) and kernel (linear) attention.
+
+Every module maps x [B, T, D] -> [B, T, D]. Sequences are fixed-length and packed, so
+positions are always 0..T-1 and there is no padding mask; ``attention_mode`` is either
+"causal" (position i sees j <= i) or "bidirectional" (every position sees every position).
+
+RoPE follows the Hugging Face Llama "rotate_half" convention (head_dim split into two
+halves) so that q_proj/k_proj weights export to a LlamaAttention 1:1.
+
+Pure PyTorch: never imports deepspeed or torch.distributed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ATTENTION_TYPES = ("mha", "gqa", "mla", "kernel")
+ATTENTION_MODES = ("causal", "bidirectional")
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def check_positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} ({value}) must be positive: set it to a value > 0")
+
+
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
+
+
+def check_seq_len(seq_len: int, max_seq_len: int) -> None:
+    if seq_len > max_seq_len:
+        raise ValueError(f"sequence length ({seq_len}) is longer than max_seq_len ({max_seq_len}): "
+                         "raise model.max_seq_len or shorten data.seq_len")
+
+
+def check_rope_dim(name: str, dim: int, fix: str) -> None:
+    if dim % 2:
+        raise ValueError(f"{name} ({dim}) must be even for RoPE, which rotates pairs of dimensions: {fix}")
+
+
+def resolve_heads(d_model: int, n_heads: int, n_kv_heads: int | None) -> tuple[int, int]:
+    """Validate the head layout; returns (n_kv_heads, head_dim)."""
+    check_positive("d_model", d_model)
+    check_positive("n_heads", n_heads)
+    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
+    check_positive("n_kv_heads", n_kv_heads)
+    if d_model % n_heads:
+        raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}): "
+                         "choose n_heads among the divisors of d_model")
+    if n_kv_heads > n_heads:
+        raise ValueError(f"n_kv_heads ({n_kv_heads}) cannot exceed n_heads ({n_heads}): "
+                         "set n_kv_heads <= n_heads (or leave it unset for n_heads)")
+    if n_heads % n_kv_heads:
+        raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads}): "
+                         "choose n_kv_heads among the divisors of n_heads")
+    return n_kv_heads, d_model // n_heads
+
+
+# ---------------------------------------------------------------------------- shared layers
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm (HF LlamaRMSNorm): statistics in float32, result cast back (bf16-safe).
+
+    Defined here because MLA needs it; ``stackwise_ds.model.block`` re-exports it.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        check_positive("RMSNorm dim", dim)
+        check_positive("norm_eps", eps)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., dim] -> [..., dim]
+        dtype = x.dtype
+        x32 = x.float()  # bf16 has too few mantissa bits for a stable mean of squares
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [max_seq_len, dim] for RoPE, HF Llama layout: emb = cat(freqs, freqs).
+
+    The tables are non-persistent buffers (never in a state_dict / checkpoint), always held in
+    float32 and cast to the activation dtype at use.
+    """
+
+    def __init__(self, dim: int, max_seq_len: int, theta: float = 10000.0):
+        super().__init__()
+        check_positive("max_seq_len", max_seq_len)
+        check_positive("rope_theta", theta)
+        if dim <= 0 or dim % 2:
+            raise ValueError(f"RoPE needs a positive, even rotary dimension, got {dim}: choose d_model / n_heads "
+                             "(or mla_rope_head_dim) even")
+        self.dim, self.max_seq_len, self.theta = dim, max_seq_len, theta
+        self.register_buffer("cos_cached", torch.empty(0), persistent=False)
+        self.register_buffer("sin_cached", torch.empty(0), persistent=False)
+        self._build_tables(torch.device("cpu"))
+
+    def _build_tables(self, device: torch.device) -> None:
+        # Angles in float32: in bf16, position * inv_freq loses all precision beyond a few hundred tokens.
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, device=device, dtype=torch.float32) / self.dim))
+        positions = torch.arange(self.max_seq_len, device=device, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)  # [max_seq_len, dim/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [max_seq_len, dim]
+        self.cos_cached, self.sin_cached = emb.cos(), emb.sin()
+
+    def _apply(self, fn, *args, **kwargs):
+        # Module.to(torch.bfloat16) casts every floating buffer; rebuild the tables in float32 on the
+        # (possibly new) device instead, so a bf16 round trip never degrades them.
+        super()._apply(fn, *args, **kwargs)
+        self._build_tables(self.cos_cached.device)
+        return self
+
+    def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions 0..seq_len-1, each [seq_len, dim] in ``dtype``."""
+        check_seq_len(seq_len, self.max_seq_len)
+        return self.cos_cached[:seq_len].to(dtype), self.sin_cached[:seq_len].to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, H, T, dim] by position; cos/sin [T, dim] broadcast over batch and heads."""
+    return x * cos + rotate_half(x) * sin
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """[B, Hkv, T, d] -> [B, Hkv * n_rep, T, d]; kv head j serves query heads j*n_rep..(j+1)*n_rep-1 (as Llama)."""
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """[B, T, H * d] -> [B, H, T, d]."""
+    batch, seq_len, _ = x.shape
+    return x.view(batch, seq_len, n_heads, -1).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, T, d] -> [B, T, H * d]."""
+    batch, n_heads, seq_len, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, seq_len, n_heads * head_dim)
+
+
+# ---------------------------------------------------------------------------- MHA / GQA
+
+
+class MultiHeadAttention(nn.Module):
+    """Softmax attention with Llama parameter names and shapes; GQA when n_kv_heads < n_heads.
+
+    With n_kv_heads == n_heads no kv head is repeated, so 'gqa' runs exactly the 'mha' computation.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, attention_mode: str = "causal",
+                 *, max_seq_len: int = 2048, rope_theta: float = 10000.0, dropout: float = 0.0):
+        super().__init__()
+        check_choice("attention_mode", attention_mode, ATTENTION_MODES)
+        self.n_kv_heads, self.head_dim = resolve_heads(d_model, n_heads, n_kv_heads)
+        check_rope_dim("head_dim = d_model / n_heads", self.head_dim,
+                       "choose d_model and n_heads so that d_model / n_heads is even")
+        self.n_heads, self.causal, self.dropout = n_heads, attention_mode == "causal", dropout
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        cos, sin = self.rotary(x.shape[1], x.dtype)
+        q = apply_rope(split_heads(self.q_proj(x), self.n_heads), cos, sin)  # [B, H, T, hd]
+        k = apply_rope(split_heads(self.k_proj(x), self.n_kv_heads), cos, sin)  # [B, Hkv, T, hd]
+        v = split_heads(self.v_proj(x), self.n_kv_heads)  # [B, Hkv, T, hd]
+        n_rep = self.n_heads // self.n_kv_heads
+        y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=self.causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(merge_heads(y))
+
+
+# ---------------------------------------------------------------------------- MLA
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """DeepSeek-V2 multi-head latent attention.
+
+    K and V are rebuilt per head from one shared latent c_kv [B, T, kv_lora_rank]; positions reach
+    the scores only through a decoupled RoPE part: a per-head q_pe and ONE key k_pe shared by all
+    heads (it comes straight from kv_a_proj, not from the latent). Per head:
+        q = cat(q_nope [hd], q_pe [r]),  k = cat(k_nope [hd], k_pe [r]),  v [hd],  scale 1/sqrt(hd + r)
+    with hd = d_model // n_heads and r = rope_head_dim.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, attention_mode: str = "causal", *, kv_lora_rank: int = 64,
+                 q_lora_rank: int = 0, rope_head_dim: int = 16, max_seq_len: int = 2048,
+                 rope_theta: float = 10000.0, dropout: float = 0.0, norm_eps: float = 1e-5):
+        super().__init__()
+        check_choice("attention_mode", attention_mode, ATTENTION_MODES)
+        _, self.head_dim = resolve_heads(d_model, n_heads, None)
+        check_positive("mla_kv_lora_rank", kv_lora_rank)
+        check_positive("mla_rope_head_dim", rope_head_dim)
+        check_rope_dim("mla_rope_head_dim", rope_head_dim, "choose an even mla_rope_head_dim")
+        if q_lora_rank < 0:
+            raise ValueError(f"mla_q_lora_rank ({q_lora_rank}) must be >= 0: use 0 to project queries directly")
+        self.n_heads, self.causal, self.dropout = n_heads, attention_mode == "causal", dropout
+        self.kv_lora_rank, self.q_lora_rank, self.rope_head_dim = kv_lora_rank, q_lora_rank, rope_head_dim
+        q_head_dim = self.head_dim + rope_head_dim
+        self.softmax_scale = 1.0 / math.sqrt(q_head_dim)
+
+        if q_lora_rank > 0:  # queries through their own low-rank bottleneck
+            self.q_a_proj = nn.Linear(d_model, q_lora_rank, bias=False)
+            self.q_a_norm = RMSNorm(q_lora_rank, norm_eps)
+            self.q_b_proj = nn.Linear(q_lora_rank, n_heads * q_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(d_model, n_heads * q_head_dim, bias=False)
+        self.kv_a_proj = nn.Linear(d_model, kv_lora_rank + rope_head_dim, bias=False)
+        self.kv_a_norm = RMSNorm(kv_lora_rank, norm_eps)
+        self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * 2 * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.rotary = RotaryEmbedding(rope_head_dim, max_seq_len, rope_theta)
+
+    def queries(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, hd + r]
+        q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.q_lora_rank > 0 else self.q_proj(x)
+        return split_heads(q, self.n_heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        cos, sin = self.rotary(x.shape[1], x.dtype)
+        q_nope, q_pe = self.queries(x).split([self.head_dim, self.rope_head_dim], dim=-1)
+        q = torch.cat((q_nope, apply_rope(q_pe, cos, sin)), dim=-1)  # [B, H, T, hd + r]
+
+        c_kv, k_pe = self.kv_a_proj(x).split([self.kv_lora_rank, self.rope_head_dim], dim=-1)
+        k_pe = apply_rope(k_pe.unsqueeze(1), cos, sin)  # [B, 1, T, r]: one RoPE key shared by all heads
+        kv = split_heads(self.kv_b_proj(self.kv_a_norm(c_kv)), self.n_heads)  # [B, H, T, 2 * hd]
+        k_nope, v = kv.split([self.head_dim, self.head_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1, -1)), dim=-1)  # [B, H, T, hd + r]
+
+        # v is narrower than q/k (hd vs hd + r); SDPA handles that (via a backend that allows it).
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(merge_heads(y))  # [B, T, H * hd] -> [B, T, D]
+
+
+# ---------------------------------------------------------------------------- kernel (linear) attention
+
+
+def elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1.0  # > 0 everywhere, ~linear for x > 0
+
+
+def relu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    return F.relu(x) + 1e-6  # the offset keeps phi(q) . phi(k) > 0 when all features are clipped
+
+
+# Positive feature maps phi, so that phi(q) . phi(k) > 0 can normalise like softmax weights.
+FEATURE_MAPS = {"elu": elu_feature_map, "relu": relu_feature_map}
+KERNEL_FEATURE_MAPS = tuple(FEATURE_MAPS)
+
+
+class KernelAttention(nn.Module):
+    """Linear attention (Katharopoulos et al. 2020) with RoPE in the numerator only (RoFormer recipe).
+
+        out_i = sum_j (R_i phi(q_i) . R_j phi(k_j)) v_j / (sum_j phi(q_i) . phi(k_j) + eps)
+
+    with j <= i (causal) or all j (bidirectional); R_i is the RoPE rotation at position i.
+    Why RoPE only in the numerator: rotated features can have negative dot products, so a rotated
+    denominator could approach zero or change sign; the un-rotated phi(q) . phi(k) stays positive.
+    Without RoPE the bidirectional mode would be blind to token order entirely.
+
+    Causal mode is a chunked scan, O(T) in time and memory: inside a chunk of C positions a masked
+    C x C product, across chunks the running state S = sum phi_R(k) v^T [B, H, d, d] and
+    z = sum phi(k) [B, H, d]. Accumulation runs in float32 (or wider, when the input is float64).
+    There are no attention probabilities, so ``dropout`` is not used here (the Block's residual
+    dropout still applies).
+    """
+
+    eps = 1e-6  # keeps the denominator away from zero when the features are tiny (relu map)
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, attention_mode: str = "causal",
+                 *, feature_map: str = "elu", chunk_size: int = 64, max_seq_len: int = 2048,
+                 rope_theta: float = 10000.0):
+        super().__init__()
+        check_choice("attention_mode", attention_mode, ATTENTION_MODES)
+        self.n_kv_heads, self.head_dim = resolve_heads(d_model, n_heads, n_kv_heads)
+        check_rope_dim("head_dim = d_model / n_heads", self.head_dim,
+                       "choose d_model and n_heads so that d_model / n_heads is even")
+        check_positive("kernel_chunk_size", chunk_size)
+        check_choice("kernel_feature_map", feature_map, KERNEL_FEATURE_MAPS)
+        self.phi = FEATURE_MAPS[feature_map]
+        self.feature_map, self.chunk_size = feature_map, chunk_size
+        self.n_heads, self.causal = n_heads, attention_mode == "causal"
+        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 sums over T would drift
+        cos, sin = self.rotary(x.shape[1], compute_dtype)
+        n_rep = self.n_heads // self.n_kv_heads
+        q = self.phi(split_heads(self.q_proj(x), self.n_heads).to(compute_dtype))  # [B, H, T, d]
+        k = self.phi(repeat_kv(split_heads(self.k_proj(x), self.n_kv_heads), n_rep).to(compute_dtype))
+        v = repeat_kv(split_heads(self.v_proj(x), self.n_kv_heads), n_rep).to(compute_dtype)
+        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.causal:
+            num, den = self.causal_terms(q, k, q_rot, k_rot, v)
+        else:
+            num = q_rot @ (k_rot.transpose(-2, -1) @ v)  # [B, H, T, d] @ [B, H, d, d]
+            den = (q * k.sum(dim=2, keepdim=True)).sum(-1)  # phi(q_i) . z, [B, H, T]
+        y = num / (den.unsqueeze(-1) + self.eps)
+        return self.o_proj(merge_heads(y.to(x.dtype)))
+
+    def causal_terms(self, q: torch.Tensor, k: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor,
+                     v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Numerator [B, H, T, d] and denominator [B, H, T] of causal linear attention, chunk by chunk."""
+        seq_len, size = q.shape[2], self.chunk_size
+        n_chunks = -(-seq_len // size)
+        pad = n_chunks * size - seq_len  # zero features at the end: they only reach the dropped padded queries
+
+        def chunked(t: torch.Tensor) -> torch.Tensor:  # [B, H, T, d] -> [B, H, N, C, d]
+            t = F.pad(t, (0, 0, 0, pad))
+            return t.view(*t.shape[:2], n_chunks, size, t.shape[-1])
+
+        q, k, q_rot, k_rot, v = map(chunked, (q, k, q_rot, k_rot, v))
+
+        # State entering each chunk = sum over all earlier chunks (exclusive prefix over N).
+        kv_per_chunk = k_rot.transpose(-2, -1) @ v  # [B, H, N, d, d]
+        S_prev = exclusive_cumsum(kv_per_chunk, dim=2)  # [B, H, N, d, d]
+        z_prev = exclusive_cumsum(k.sum(dim=3), dim=2)  # [B, H, N, d]
+
+        # Within a chunk: masked C x C scores for the numerator; running key sums for the denominator.
+        mask = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
+        scores = (q_rot @ k_rot.transpose(-2, -1)).masked_fill(~mask, 0.0)  # [B, H, N, C, C]
+        num = q_rot @ S_prev + scores @ v  # [B, H, N, C, d]
+        z = z_prev.unsqueeze(3) + k.cumsum(dim=3)  # [B, H, N, C, d]: sum of phi(k_j) for j <= i
+        den = (q * z).sum(-1)  # [B, H, N, C]
+
+        batch, heads = q.shape[:2]
+        num = num.reshape(batch, heads, n_chunks * size, -1)[:, :, :seq_len]
+        den = den.reshape(batch, heads, n_chunks * size)[:, :, :seq_len]
+        return num, den
+
+
+def exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """out[n] = sum of x[:n] along ``dim`` (zero at n = 0); shifting avoids the cancellation of cumsum - x."""
+    total = x.cumsum(dim)
+    zero = torch.zeros_like(x.narrow(dim, 0, 1))
+    return torch.cat((zero, total.narrow(dim, 0, x.shape[dim] - 1)), dim=dim)
+
+
+# ---------------------------------------------------------------------------- factory
+
+
+def build_attention(attention_type: str, d_model: int, n_heads: int, n_kv_heads: int | None,
+                    attention_mode: str, *, max_seq_len: int, rope_theta: float, dropout: float,
+                    mla_kv_lora_rank: int, mla_q_lora_rank: int, mla_rope_head_dim: int,
+                    kernel_feature_map: str, kernel_chunk_size: int, norm_eps: float = 1e-5) -> nn.Module:
+    """The attention module for ``attention_type`` (one of ATTENTION_TYPES); x [B, T, D] -> [B, T, D]."""
+    check_choice("attention_type", attention_type, ATTENTION_TYPES)
+    check_choice("attention_mode", attention_mode, ATTENTION_MODES)
+    check_positive("max_seq_len", max_seq_len)
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout ({dropout}) must be in [0, 1): use 0.0 to disable it")
+    if attention_type in ("mha", "mla") and n_kv_heads not in (None, n_heads):
+        raise ValueError(f"attention_type {attention_type!r} uses n_kv_heads == n_heads ({n_heads}), got "
+                         f"n_kv_heads={n_kv_heads}: leave n_kv_heads unset, or use attention_type 'gqa' or 'kernel'")
+    if attention_type in ("mha", "gqa"):
+        return MultiHeadAttention(d_model, n_heads, n_kv_heads, attention_mode, max_seq_len=max_seq_len,
+                                  rope_theta=rope_theta, dropout=dropout)
+    if attention_type == "mla":
+        return MultiHeadLatentAttention(d_model, n_heads, attention_mode, kv_lora_rank=mla_kv_lora_rank,
+                                        q_lora_rank=mla_q_lora_rank, rope_head_dim=mla_rope_head_dim,
+                                        max_seq_len=max_seq_len, rope_theta=rope_theta, dropout=dropout,
+                                        norm_eps=norm_eps)
+    return KernelAttention(d_model, n_heads, n_kv_heads, attention_mode, feature_map=kernel_feature_map,
+                           chunk_size=kernel_chunk_size, max_seq_len=max_seq_len, rope_theta=rope_theta)

@@ -1,0 +1,118 @@
+"""The Rack: token embedding -> Stacks of Blocks -> final RMSNorm -> LM head.
+
+Parameter names are stable and independent of any pipeline split:
+``embedding.weight``, ``stacks.{i}.blocks.{j}.attn.q_proj.weight``, ``norm.weight``,
+``lm_head.weight`` (the same tensor as ``embedding.weight`` when tied).
+
+Initialisation is seeded per module from (seed, position), not by construction
+order, so a pipeline stage that builds only its own blocks gets bit-identical
+weights to the full rack built in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig, StackWiseConfig
+from .block import Block, RMSNorm
+from .stack import Stack
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Run a block of code under its own CPU RNG seed, restoring the caller's RNG afterwards."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def module_seed(seed: int, *position: int) -> int:
+    """A distinct, layout-independent seed for the module at ``position`` (e.g. (stack, block))."""
+    value = seed * 1_000_003
+    for index in position:
+        value = value * 1_009 + index + 1
+    return value % (2**63 - 1)
+
+
+class Rack(nn.Module):
+    def __init__(self, stacks: Iterable[Stack], vocab_size: int, d_model: int, tie_embeddings: bool = True,
+                 norm_eps: float = 1e-5, init_std: float = 0.02, seed: int = 0):
+        super().__init__()
+        if vocab_size <= 0 or d_model <= 0:
+            raise ValueError(f"vocab_size ({vocab_size}) and d_model ({d_model}) must be positive")
+        self.vocab_size, self.d_model, self.tie_embeddings = vocab_size, d_model, tie_embeddings
+        with seeded(module_seed(seed, 10_000)):
+            self.embedding = make_embedding(vocab_size, d_model, init_std)
+        self.stacks = nn.ModuleList(stacks)
+        self.norm = RMSNorm(d_model, norm_eps)
+        with seeded(module_seed(seed, 10_001)):
+            self.lm_head = make_lm_head(self.embedding if tie_embeddings else None, vocab_size, d_model, init_std)
+
+    @property
+    def blocks(self) -> list[Block]:
+        return [block for stack in self.stacks for block in stack.blocks]
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [B, T] int -> [B, T, V]
+        x = self.embedding(input_ids)
+        for stack in self.stacks:
+            x = stack(x)
+        return self.lm_head(self.norm(x))
+
+    def get_parameter_count(self, trainable_only: bool = False) -> int:
+        """Unique parameters (a tied embedding counts once)."""
+        params = {id(p): p for p in self.parameters() if p.requires_grad or not trainable_only}
+        return sum(p.numel() for p in params.values())
+
+
+def make_embedding(vocab_size: int, d_model: int, init_std: float) -> nn.Embedding:
+    embedding = nn.Embedding(vocab_size, d_model)
+    nn.init.normal_(embedding.weight, mean=0.0, std=init_std)
+    return embedding
+
+
+def make_lm_head(tied_to: nn.Embedding | None, vocab_size: int, d_model: int, init_std: float) -> nn.Linear:
+    head = nn.Linear(d_model, vocab_size, bias=False)
+    if tied_to is not None:
+        head.weight = tied_to.weight  # one Parameter: the head and the embedding are the same matrix
+    else:
+        nn.init.normal_(head.weight, mean=0.0, std=init_std)
+    return head
+
+
+def build_block(model: ModelConfig, stack_id: int, block_id: int, seed: int) -> Block:
+    """Block ``block_id`` of stack ``stack_id``, initialised from its own seed."""
+    with seeded(module_seed(seed, stack_id, block_id)):
+        return Block(
+            model.d_model, model.resolved_d_ff, model.n_heads, model.n_kv_heads,
+            model.attention_type, model.attention_mode,
+            max_seq_len=model.max_seq_len, rope_theta=model.rope_theta, norm_eps=model.norm_eps,
+            dropout=model.dropout, freeze_up_proj=model.freeze_up_proj,
+            mla_kv_lora_rank=model.mla.kv_lora_rank, mla_q_lora_rank=model.mla.q_lora_rank,
+            mla_rope_head_dim=model.mla.rope_head_dim, kernel_feature_map=model.kernel.feature_map,
+            kernel_chunk_size=model.kernel.chunk_size, init_std=model.init_std, n_layers_total=model.n_blocks,
+        )
+
+
+def build_stack(model: ModelConfig, stack_id: int, seed: int) -> Stack:
+    blocks = [build_block(model, stack_id, j, seed) for j in range(model.architecture.blocks_per_stack)]
+    return Stack(blocks, stack_id)
+
+
+def build_rack(model: ModelConfig, seed: int = 0) -> Rack:
+    stacks = [build_stack(model, i, seed) for i in range(model.architecture.n_stacks)]
+    return Rack(stacks, model.vocab_size, model.d_model, model.tie_embeddings,
+                norm_eps=model.norm_eps, init_std=model.init_std, seed=seed)
+
+
+def create_rack_from_config(config: dict[str, Any] | StackWiseConfig | ModelConfig, seed: int | None = None) -> Rack:
+    """Build a Rack from a full config (dict or object) or a ModelConfig; ``seed`` defaults to training.seed."""
+    if isinstance(config, dict):
+        config = StackWiseConfig.from_dict(config)
+    if isinstance(config, StackWiseConfig):
+        seed = config.training.seed if seed is None else seed
+        config = config.model
+    return build_rack(config, seed=0 if seed is None else seed)

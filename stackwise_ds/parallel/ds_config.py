@@ -1,0 +1,84 @@
+"""The DeepSpeed JSON: a template from ds_configs/ filled from the run config by one function.
+
+Batch sizes, clipping, precision and ZeRO stage come from the run YAML. A template may
+set them too, but only to the same values: a contradiction is an error, never a silent
+override, so the YAML stays the one place a user reads the run's settings.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import ConfigError, StackWiseConfig
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' means bf16 where a CUDA device is present, fp32 on CPU."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() else "fp32"
+    return precision
+
+
+def template_path(config: StackWiseConfig) -> Path:
+    choice = config.parallel.ds_config
+    if choice != "auto":
+        return Path(choice)
+    name = "gpu_bf16.json" if resolve_precision(config.training.precision) == "bf16" else "cpu_fp32.json"
+    return TEMPLATE_DIR / name
+
+
+def load_template(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"DeepSpeed template {path} does not exist: set parallel.ds_config to 'auto' "
+                          "or to an existing JSON file")
+    try:
+        template = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"DeepSpeed template {path} is not valid JSON: {exc}") from exc
+    template.pop("_comment", None)
+    return template
+
+
+def build_ds_config(config: StackWiseConfig, data_parallel_size: int) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run and data-parallel degree."""
+    t = config.training
+    path = template_path(config)
+    ds = load_template(path)
+    bf16 = resolve_precision(t.precision) == "bf16"
+    filled = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.gradient_accumulation_steps,
+        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * data_parallel_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization.stage": config.parallel.zero_stage,
+        "bf16.enabled": bf16,
+        "pipeline.activation_checkpoint_interval": config.parallel.activation_checkpoint_interval,
+    }
+    for dotted, value in filled.items():
+        _set_checked(ds, dotted, value, path)
+    if bf16 and ds.get("fp16", {}).get("enabled"):
+        raise ConfigError(f"DeepSpeed template {path} enables fp16 while training.precision is bf16: "
+                          "remove the fp16 section")
+    for owned in ("optimizer", "scheduler"):
+        if owned in ds:
+            raise ConfigError(f"DeepSpeed template {path} has an '{owned}' section: the trainer builds the "
+                              "optimizer and learning-rate schedule per phase from training.*; remove it")
+    return ds
+
+
+def _set_checked(ds: dict[str, Any], dotted: str, value: Any, path: Path) -> None:
+    *parents, key = dotted.split(".")
+    node = ds
+    for part in parents:
+        node = node.setdefault(part, {})
+    if key in node and node[key] != value:
+        raise ConfigError(
+            f"DeepSpeed template {path} sets {dotted} = {node[key]!r} but the run config gives {value!r}: "
+            f"remove {dotted} from the template (the run YAML owns it) or make the two agree")
+    node[key] = value

@@ -1,0 +1,138 @@
+"""The one place a Rack becomes a ``deepspeed.pipe.PipelineModule`` (GPT-NeoX style thin adapters).
+
+Pipeline layers, in order::
+
+    0                 embedding            (TiedLayerSpec "embed" when tied)
+    1 .. n_blocks     the Rack's Blocks, stack by stack
+    n_blocks + 1      final RMSNorm
+    n_blocks + 2      LM head              (the tied "embed" module's weight, or its own Linear)
+
+Stage boundaries follow stack boundaries exactly (``pipeline_stages`` must divide
+``n_stacks``), never DeepSpeed's parameter-count guess. Between stages travels one
+tensor, the hidden state [B, T, D].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+from torch import nn
+
+from ..model import Rack
+
+TIED_KEY = "embed"
+PARTITION_PREFIX = "stacks:"
+
+
+class EmbeddingPipe(nn.Module):
+    """Token ids [B, T] -> hidden [B, T, D]; wraps the Rack's own embedding (same Parameter)."""
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        self.embedding = embedding
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(input_ids)
+
+
+def tied_head_forward(embed: EmbeddingPipe, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head of a tied rack: hidden [B, T, D] @ embedding.T -> logits [B, T, V]."""
+    return F.linear(hidden, embed.embedding.weight)
+
+
+class HeadPipe(nn.Module):
+    """Untied LM head: wraps the Rack's own Linear."""
+
+    def __init__(self, lm_head: nn.Linear):
+        super().__init__()
+        self.lm_head = lm_head
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross entropy over positions whose label is not -100 (masked LM marks the rest so)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+
+
+@dataclass(frozen=True)
+class LayerUnit:
+    """What a pipeline layer is, in Rack terms: kind 'embedding' | 'block' | 'norm' | 'head'."""
+
+    kind: str
+    stack_id: int | None = None
+    block_id: int | None = None
+
+    @property
+    def rack_prefix(self) -> str:
+        """The stable Rack parameter-name prefix of this layer's own parameters."""
+        return {"embedding": "embedding.", "norm": "norm.", "head": "lm_head.",
+                "block": f"stacks.{self.stack_id}.blocks.{self.block_id}."}[self.kind]
+
+
+def layer_units(n_stacks: int, blocks_per_stack: int) -> list[LayerUnit]:
+    blocks = [LayerUnit("block", s, b) for s in range(n_stacks) for b in range(blocks_per_stack)]
+    return [LayerUnit("embedding"), *blocks, LayerUnit("norm"), LayerUnit("head")]
+
+
+def stage_boundaries(n_stacks: int, blocks_per_stack: int, stages: int) -> list[int]:
+    """Layer index where each stage starts, plus the end: stage s holds whole stacks only."""
+    if stages <= 0 or n_stacks % stages:
+        raise ValueError(f"pipeline stages ({stages}) must divide n_stacks ({n_stacks})")
+    blocks_per_stage = n_stacks // stages * blocks_per_stack
+    n_layers = n_stacks * blocks_per_stack + 3
+    return [0] + [1 + s * blocks_per_stage for s in range(1, stages)] + [n_layers]
+
+
+class RackPipelineModule(PipelineModule):
+    """PipelineModule partitioned at explicit layer boundaries (``partition_method='stacks:0,5,9'``)."""
+
+    def __init__(self, *args, units: list[LayerUnit], **kwargs):
+        self.units = units  # plain list: safe to set before nn.Module.__init__
+        super().__init__(*args, **kwargs)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        if not method.startswith(PARTITION_PREFIX):
+            return super()._partition_layers(method)
+        self.parts = [int(x) for x in method[len(PARTITION_PREFIX):].split(",")]
+        if len(self.parts) != self.num_stages + 1:
+            raise ValueError(f"{len(self.parts) - 1} stage boundaries given for {self.num_stages} stages")
+        stage_id = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
+
+    def local_units(self) -> dict[int, LayerUnit]:
+        """Pipeline-layer index -> unit, for the layers this stage holds."""
+        return {i: self.units[i] for i in range(self._local_start, self._local_stop)}
+
+
+def rack_to_pipeline(rack: Rack, stages: int, world_size: int,
+                     activation_checkpoint_interval: int = 0) -> RackPipelineModule:
+    """Wrap ``rack``'s own modules (same Parameters) into a pipeline of ``stages`` stages."""
+    n_stacks, bps = len(rack.stacks), len(rack.stacks[0].blocks)
+    if world_size % stages:
+        raise ValueError(f"world size {world_size} is not a multiple of {stages} pipeline stages")
+    layers: list = []
+    if rack.tie_embeddings:
+        layers.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, rack.embedding, tied_weight_attr="embedding.weight"))
+    else:
+        layers.append(LayerSpec(EmbeddingPipe, rack.embedding))
+    layers.extend(rack.blocks)
+    layers.append(rack.norm)
+    if rack.tie_embeddings:
+        layers.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, rack.embedding, forward_fn=tied_head_forward,
+                                    tied_weight_attr="embedding.weight"))
+    else:
+        layers.append(LayerSpec(HeadPipe, rack.lm_head))
+    boundaries = stage_boundaries(n_stacks, bps, stages)
+    topology = PipeDataParallelTopology(num_pp=stages, num_dp=world_size // stages)
+    return RackPipelineModule(
+        layers=layers, topology=topology, loss_fn=lm_loss,
+        partition_method=PARTITION_PREFIX + ",".join(map(str, boundaries)),
+        activation_checkpoint_interval=activation_checkpoint_interval,
+        units=layer_units(n_stacks, bps),
+    )

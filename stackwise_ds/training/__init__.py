@@ -1,0 +1,1 @@
+"""Phases, learning-rate schedules, the training loop and its outputs."""

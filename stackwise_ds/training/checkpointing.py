@@ -1,0 +1,106 @@
+"""Checkpoints: DeepSpeed's own layout plus a small metadata file that marks a tag complete.
+
+Layout under ``<output_dir>/checkpoints``::
+
+    latest                          tag of the newest complete checkpoint (atomically replaced)
+    step00000150/
+        layer_XX-model_states.pt    one file per pipeline layer (DeepSpeed)
+        mp_rank_00_model_states.pt  engine state incl. LR scheduler (DeepSpeed)
+        zero_pp_rank_*_optim_states.pt / *_optim_states.pt   optimizer shards (DeepSpeed)
+        stackwise_state.json        phase, step, data position, config -- written LAST
+
+DeepSpeed writes ``latest`` as soon as rank 0 is done with its own files; we pass
+``save_latest=False`` and write both ``stackwise_state.json`` and ``latest`` only after
+a barrier that every rank reaches once its files are on disk. A tag without
+``stackwise_state.json`` is incomplete (a kill during save) and is never resumed from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "stackwise_state.json"
+LATEST_FILE = "latest"
+_TAG_RE = re.compile(r"^step(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+@dataclass
+class TrainingState:
+    """Where a run is: enough to continue at the same phase, step and sample."""
+
+    phase_index: int = 0
+    phase_step: int = 0  # optimizer steps done in the current phase
+    global_step: int = 0  # optimizer steps done in the whole run
+    consumed_samples: int = 0  # training sequences consumed (global, all replicas)
+    finished_phases: list[dict[str, Any]] = field(default_factory=list)  # one record per completed phase
+    training_architecture: str = "rackwise"
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+def tag_for(global_step: int) -> str:
+    return f"step{global_step:08d}"
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def mark_complete(checkpoint_dir: Path, tag: str, state: TrainingState) -> None:
+    """Rank 0, after every rank has written its files: publish the tag."""
+    write_json_atomic(checkpoint_dir / tag / STATE_FILE, asdict(state))
+    write_text_atomic(checkpoint_dir / LATEST_FILE, tag)
+
+
+def is_complete(checkpoint_dir: Path, tag: str) -> bool:
+    return (checkpoint_dir / tag / STATE_FILE).is_file()
+
+
+def find_resume_tag(checkpoint_dir: Path) -> str | None:
+    """The newest complete tag: ``latest`` if it is complete, else the highest complete step."""
+    if not checkpoint_dir.is_dir():
+        return None
+    latest = checkpoint_dir / LATEST_FILE
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        if is_complete(checkpoint_dir, tag):
+            return tag
+    complete = [p.name for p in checkpoint_dir.iterdir() if _TAG_RE.match(p.name) and is_complete(checkpoint_dir, p.name)]
+    return max(complete, key=lambda t: int(_TAG_RE.match(t).group(1)), default=None)
+
+
+def load_state(checkpoint_dir: Path, tag: str) -> TrainingState:
+    path = checkpoint_dir / tag / STATE_FILE
+    try:
+        raw = json.loads(path.read_text())
+        return TrainingState(**raw)
+    except (OSError, json.JSONDecodeError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {checkpoint_dir / tag} is corrupt ({path.name} unreadable: {exc}): "
+                              f"delete that folder to resume from an earlier checkpoint") from exc
+
+
+def check_same_architecture(saved_model: dict[str, Any], current_model: dict[str, Any], where: Path) -> None:
+    """Refuse to resume a checkpoint of another architecture, naming the first differing keys."""
+    differences = [f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {current_model.get(k)!r}"
+                   for k in sorted(set(saved_model) | set(current_model))
+                   if k != "dropout" and saved_model.get(k) != current_model.get(k)]
+    if differences:
+        raise CheckpointError(
+            f"checkpoint in {where} was trained with another architecture ({'; '.join(differences[:4])}): "
+            "point training.output_dir at a new folder, or set training.resume=false to start over there")

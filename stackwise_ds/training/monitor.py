@@ -1,0 +1,79 @@
+"""What a user watches: TensorBoard scalars and a progress bar, both on global rank 0 only."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+from .phases import Phase
+
+
+class Monitor:
+    """TensorBoard writer + tqdm bar. On ranks other than 0 every method is a no-op."""
+
+    def __init__(self, output_dir: str | Path, enabled: bool, progress_bar: bool = True):
+        self.enabled = enabled
+        self.writer = None
+        self.bar = None
+        self.progress_bar = progress_bar and enabled
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+
+    # ---- progress bar
+
+    def start_phase(self, phase: Phase, n_phases: int, first_step: int, global_step: int) -> None:
+        if not self.enabled:
+            return
+        self.scalar("train/phase", phase.index, global_step)
+        for stack_id, block_id in phase.active_blocks():
+            self.scalar(f"phase/active_block_stack{stack_id}", block_id, global_step)
+        label = f"phase {phase.index + 1}/{n_phases} {phase.name}"
+        if self.progress_bar:
+            from tqdm import tqdm
+
+            self.close_bar()
+            self.bar = tqdm(total=phase.steps, initial=first_step, desc=label, file=sys.stdout,
+                            dynamic_ncols=True, mininterval=1.0)
+        else:
+            print(f"[stackwise] {label}: steps {first_step}..{phase.steps}", flush=True)
+
+    def step(self, phase: Phase, loss: float, tokens_per_s: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{phase.name} loss {loss:.4f} tok/s {tokens_per_s:,.0f}", refresh=False)
+            self.bar.update(1)
+
+    def message(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    # ---- TensorBoard
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        if self.writer is not None and value is not None and math.isfinite(value):
+            self.writer.add_scalar(tag, value, step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.scalar(tag, value, step)
+
+    def flush(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+
+    def close(self) -> None:
+        self.close_bar()
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None

@@ -1,0 +1,77 @@
+"""Training phases and the role of every unit in each phase.
+
+A phase trains one unit: the whole rack (``rackwise``), one stack (``stackwise``),
+one block (``blockwise``), or the whole rack again in a closing ``joint`` phase.
+During a phase, units before the active one are FROZEN (forward only, no grad),
+units after it are DORMANT (identity, no compute), and the active unit, the final
+norm and the LM head TRAIN. These roles are plain strings so the parallel layer can
+map them onto pipeline stages without importing training code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import StackWiseConfig
+
+TRAIN, FROZEN, DORMANT = "train", "frozen", "dormant"
+
+
+@dataclass(frozen=True)
+class Phase:
+    index: int
+    kind: str  # "rack" | "stack" | "block" | "joint"
+    steps: int
+    n_stacks: int
+    blocks_per_stack: int
+    unit: int | None = None  # active stack (kind "stack") or global block index (kind "block")
+
+    @property
+    def name(self) -> str:
+        """Human label for logs and the progress bar, e.g. 'stack 2/4'."""
+        if self.kind == "stack":
+            return f"stack {self.unit + 1}/{self.n_stacks}"
+        if self.kind == "block":
+            stack, block = divmod(self.unit, self.blocks_per_stack)
+            return f"block {self.unit + 1}/{self.n_stacks * self.blocks_per_stack} (stack {stack + 1}, block {block + 1})"
+        return self.kind
+
+    @property
+    def trains_everything(self) -> bool:
+        return self.kind in ("rack", "joint")
+
+    def block_role(self, stack_id: int, block_id: int) -> str:
+        """Role of block ``block_id`` of stack ``stack_id`` in this phase."""
+        if self.trains_everything:
+            return TRAIN
+        position = stack_id if self.kind == "stack" else stack_id * self.blocks_per_stack + block_id
+        if position < self.unit:
+            return FROZEN
+        return TRAIN if position == self.unit else DORMANT
+
+    @property
+    def embedding_role(self) -> str:
+        """The embedding trains with the first unit; afterwards its lookup is frozen compute.
+
+        A tied embedding still learns through the LM head, which always trains.
+        """
+        return TRAIN if self.trains_everything or self.unit == 0 else FROZEN
+
+    def active_blocks(self) -> list[tuple[int, int]]:
+        return [(s, b) for s in range(self.n_stacks) for b in range(self.blocks_per_stack)
+                if self.block_role(s, b) == TRAIN]
+
+
+def plan_phases(config: StackWiseConfig) -> list[Phase]:
+    """The ordered phases of a run, the optional joint phase last."""
+    t, arch = config.training, config.model.architecture
+    shape = dict(n_stacks=arch.n_stacks, blocks_per_stack=arch.blocks_per_stack)
+    if t.training_architecture == "rackwise":
+        return [Phase(0, "rack", t.max_steps, **shape)]
+    kind = "stack" if t.training_architecture == "stackwise" else "block"
+    n = config.n_phases
+    steps = t.steps_per_phase if isinstance(t.steps_per_phase, list) else [t.steps_per_phase] * n
+    phases = [Phase(i, kind, steps[i], unit=i, **shape) for i in range(n)]
+    if t.joint_steps > 0:
+        phases.append(Phase(n, "joint", t.joint_steps, **shape))
+    return phases

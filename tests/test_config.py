@@ -1,0 +1,171 @@
+"""Config: strict loading, round trips, overrides, legacy migration and validation messages."""
+
+import json
+
+import pytest
+import yaml
+
+from stackwise_ds.config import ConfigError, StackWiseConfig
+from stackwise_ds.parallel.ds_config import build_ds_config
+
+
+def write_yaml(tmp_path, payload, name="run.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(payload))
+    return path
+
+
+def test_defaults_round_trip_exactly():
+    config = StackWiseConfig()
+    assert StackWiseConfig.from_dict(config.to_dict()) == config
+    assert StackWiseConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
+
+
+def test_yaml_round_trip_preserves_every_value(tmp_path):
+    raw = {"model": {"d_model": 64, "n_heads": 4, "n_kv_heads": 2, "attention_type": "gqa",
+                     "architecture": {"n_stacks": 4, "blocks_per_stack": 3}, "mla": {"kv_lora_rank": 16}},
+           "training": {"training_architecture": "stackwise", "steps_per_phase": [5, 6, 7, 8], "lr": 3e-4,
+                        "seed": 7, "output_dir": str(tmp_path / "out")},
+           "data": {"seq_len": 32, "max_files": 3},
+           "parallel": {"pipeline_stages": 2}}
+    config = StackWiseConfig.from_yaml(write_yaml(tmp_path, raw))
+    config.to_yaml(tmp_path / "again.yaml")
+    again = StackWiseConfig.from_yaml(tmp_path / "again.yaml")
+    assert again == config
+    assert again.model.architecture.blocks_per_stack == 3
+    assert again.training.steps_per_phase == [5, 6, 7, 8]
+    assert again.model.mla.kv_lora_rank == 16 and again.parallel.pipeline_stages == 2
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"model": {"d_modle": 64}}, "unknown key 'd_modle' in model"),
+    ({"model": {"architecture": {"stacks": 2}}}, "unknown key 'stacks' in model.architecture"),
+    ({"trainin": {}}, "unknown key 'trainin' in the top level"),
+    ({"parallel": {"zero": 1}}, "unknown key 'zero' in parallel"),
+])
+def test_unknown_keys_name_key_and_section(raw, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        StackWiseConfig.from_dict(raw)
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"model": {"d_model": "big"}}, "model.d_model' must be an integer"),
+    ({"model": {"d_model": 64.0}}, "model.d_model' must be an integer"),
+    ({"training": {"lr": "fast"}}, "training.lr' must be a number"),
+    ({"model": {"tie_embeddings": "yes"}}, "model.tie_embeddings' must be true or false"),
+    ({"training": {"steps_per_phase": "ten"}}, "training.steps_per_phase"),
+    ({"model": {"architecture": 3}}, "section 'model.architecture' must be a mapping"),
+])
+def test_ill_typed_values_are_errors(raw, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        StackWiseConfig.from_dict(raw)
+
+
+def test_floats_accept_ints_and_yaml_exponent_strings():
+    config = StackWiseConfig.from_dict({"training": {"lr": "1e-3", "grad_clip": 2}})
+    assert config.training.lr == 1e-3 and isinstance(config.training.grad_clip, float)
+
+
+def test_overrides_beat_yaml_which_beats_defaults(tmp_path):
+    path = write_yaml(tmp_path, {"training": {"max_steps": 10, "lr": 0.01}})
+    config = StackWiseConfig.from_yaml(path, overrides=["training.max_steps=20", "model.architecture.n_stacks=4",
+                                                        "training.steps_per_phase=[1, 2, 3, 4]"])
+    assert config.training.max_steps == 20  # override beats YAML
+    assert config.training.lr == 0.01  # YAML beats default
+    assert config.training.warmup_steps == StackWiseConfig().training.warmup_steps  # default kept
+    assert config.model.architecture.n_stacks == 4 and config.training.steps_per_phase == [1, 2, 3, 4]
+
+
+def test_bad_override_and_override_of_unknown_key(tmp_path):
+    path = write_yaml(tmp_path, {})
+    with pytest.raises(ConfigError, match="not of the form section.key=value"):
+        StackWiseConfig.from_yaml(path, overrides=["training.max_steps"])
+    with pytest.raises(ConfigError, match="unknown key 'max_stepz' in training"):
+        StackWiseConfig.from_yaml(path, overrides=["training.max_stepz=3"])
+
+
+def test_missing_and_malformed_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        StackWiseConfig.from_yaml(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        StackWiseConfig.from_yaml(bad)
+
+
+@pytest.mark.parametrize("old_mode, new_mode", [("layerwise", "blockwise"), ("blockwise", "stackwise"),
+                                                ("fused", "rackwise")])
+def test_legacy_training_mode_is_migrated_with_warning(old_mode, new_mode):
+    with pytest.warns(DeprecationWarning, match="training.mode' is deprecated: write 'training.training_architecture"):
+        config = StackWiseConfig.from_dict({"training": {"mode": old_mode}})
+    assert config.training.training_architecture == new_mode
+
+
+def test_legacy_block_size_and_sections_are_migrated():
+    with pytest.warns(DeprecationWarning, match="model.architecture.blocks_per_stack"):
+        config = StackWiseConfig.from_dict({"training": {"mode": "blockwise", "block_size": 3, "total_blocks": 4}})
+    assert config.model.architecture.blocks_per_stack == 3 and config.model.architecture.n_stacks == 4
+    with pytest.warns(DeprecationWarning, match="layerwise_training"):
+        config = StackWiseConfig.from_dict({"layerwise_training": {"enabled": True, "steps_per_layer": 12}})
+    assert config.training.training_architecture == "blockwise" and config.training.steps_per_phase == 12
+    with pytest.warns(DeprecationWarning, match="blockwise_training"):
+        config = StackWiseConfig.from_dict({"blockwise_training": {"block_size": 2}})
+    assert config.training.training_architecture == "stackwise"
+    assert config.model.architecture.blocks_per_stack == 2
+
+
+def test_legacy_and_new_key_in_conflict_is_an_error():
+    with pytest.raises(ConfigError, match="keep only the new key"):
+        StackWiseConfig.from_dict({"training": {"mode": "fused", "training_architecture": "stackwise"}})
+    with pytest.raises(ConfigError, match="training.mode 'sideways' is unknown"):
+        StackWiseConfig.from_dict({"training": {"mode": "sideways"}})
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({"model": {"d_model": 100, "n_heads": 3}}, r"d_model \(100\) must be divisible by model.n_heads \(3\)"),
+    ({"model": {"n_heads": 8, "n_kv_heads": 3}}, r"n_heads \(8\) must be divisible by model.n_kv_heads \(3\)"),
+    ({"model": {"attention_type": "flash"}}, "model.attention_type is 'flash' but must be one of: mha, gqa, mla, kernel"),
+    ({"model": {"attention_mode": "sideways"}}, "model.attention_mode is 'sideways'"),
+    ({"model": {"d_model": 0}}, "model.d_model must be positive"),
+    ({"model": {"architecture": {"n_stacks": -1}}}, "n_stacks must be positive"),
+    ({"data": {"seq_len": 2048}, "model": {"max_seq_len": 1024}},
+     r"data.seq_len \(2048\) is longer than model.max_seq_len \(1024\): raise model.max_seq_len"),
+    ({"training": {"objective": "masked_lm"}}, "needs model.attention_mode 'bidirectional'"),
+    ({"model": {"attention_mode": "bidirectional"}}, "needs model.attention_mode 'causal'"),
+    ({"model": {"architecture": {"n_stacks": 3}}, "parallel": {"pipeline_stages": 2}},
+     r"pipeline_stages \(2\) must divide model.architecture.n_stacks \(3\).*use one of \[1, 3\]"),
+    ({"parallel": {"zero_stage": 2}}, "DeepSpeed refuses ZeRO-2/3 with pipeline"),
+    ({"training": {"training_architecture": "stackwise", "steps_per_phase": [1, 2, 3]}},
+     "lists 3 values but stackwise training has 2 phases"),
+    ({"training": {"training_architecture": "layerwise"}}, "training_architecture is 'layerwise'"),
+    ({"data": {"source": "text_files"}}, "data.paths is empty"),
+    ({"training": {"stack_lr_scale": [1.0]}}, "stack_lr_scale has 1 values for 2 stacks"),
+])
+def test_validation_messages_say_how_to_fix(raw, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        StackWiseConfig.from_dict(raw)
+
+
+def test_world_size_must_fit_pipeline():
+    config = StackWiseConfig.from_dict({"model": {"architecture": {"n_stacks": 4}}, "parallel": {"pipeline_stages": 2}})
+    assert config.validate_world_size(4) == 2
+    with pytest.raises(ConfigError, match="world size 3 is not a multiple of parallel.pipeline_stages"):
+        config.validate_world_size(3)
+
+
+def test_ds_config_is_filled_from_yaml_and_contradictions_fail(tmp_path):
+    config = StackWiseConfig.from_dict({"training": {"micro_batch_size": 2, "gradient_accumulation_steps": 3,
+                                                     "grad_clip": 0.5, "precision": "fp32"}})
+    ds = build_ds_config(config, data_parallel_size=2)
+    assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
+    assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"] is False
+
+    template = tmp_path / "ds.json"
+    template.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
+    clash = StackWiseConfig.from_dict({"training": {"micro_batch_size": 2}, "parallel": {"ds_config": str(template)}})
+    with pytest.raises(ConfigError, match="sets train_micro_batch_size_per_gpu = 4 but the run config gives 2"):
+        build_ds_config(clash, 1)
+    template.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="has an 'optimizer' section"):
+        build_ds_config(clash, 1)

@@ -1,0 +1,101 @@
+"""Rack and Stack: shapes, stable names, tying, seeded layout-independent init, freezing, overfitting."""
+
+import pytest
+import torch
+
+from stackwise_ds.config import StackWiseConfig
+from stackwise_ds.model import Block, Rack, Stack, build_block, create_rack_from_config
+
+TINY = {"model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64,
+                  "architecture": {"n_stacks": 2, "blocks_per_stack": 2}}}
+
+
+def tiny(**model_overrides):
+    raw = {"model": {**TINY["model"], **model_overrides}, "data": {"seq_len": 32}}
+    return StackWiseConfig.from_dict(raw)
+
+
+def test_rack_forward_shape_and_structure():
+    rack = create_rack_from_config(tiny().to_dict())
+    logits = rack(torch.randint(0, 258, (3, 10)))
+    assert logits.shape == (3, 10, 258)
+    assert len(rack.stacks) == 2 and all(len(s.blocks) == 2 for s in rack.stacks)
+    assert isinstance(rack.stacks[1].blocks[0], Block) and isinstance(rack.stacks[0], Stack)
+
+
+def test_parameter_names_are_stable():
+    names = {n for n, _ in create_rack_from_config(tiny().to_dict()).named_parameters()}
+    assert "stacks.1.blocks.0.attn.q_proj.weight" in names
+    assert "stacks.0.blocks.1.ffn.down_proj.weight" in names
+    assert "embedding.weight" in names and "norm.weight" in names
+
+
+def test_tied_embeddings_share_storage_and_untied_do_not():
+    tied = create_rack_from_config(tiny().to_dict())
+    assert tied.lm_head.weight is tied.embedding.weight
+    assert tied.lm_head.weight.data_ptr() == tied.embedding.weight.data_ptr()
+    untied = create_rack_from_config(tiny(tie_embeddings=False).to_dict())
+    assert untied.lm_head.weight.data_ptr() != untied.embedding.weight.data_ptr()
+    # a tied rack counts the shared matrix once
+    assert untied.get_parameter_count() - tied.get_parameter_count() == 258 * 32
+
+
+def test_init_is_seeded_per_module_not_by_construction_order():
+    config = tiny()
+    rack = create_rack_from_config(config.to_dict())
+    alone = build_block(config.model, stack_id=1, block_id=1, seed=config.training.seed)
+    for a, b in zip(alone.state_dict().values(), rack.stacks[1].blocks[1].state_dict().values()):
+        assert torch.equal(a, b)
+    other_seed = create_rack_from_config(config.to_dict(), seed=config.training.seed + 1)
+    assert not torch.equal(other_seed.stacks[0].blocks[0].attn.q_proj.weight,
+                           rack.stacks[0].blocks[0].attn.q_proj.weight)
+    # blocks differ from one another
+    assert not torch.equal(rack.stacks[0].blocks[0].attn.q_proj.weight, rack.stacks[0].blocks[1].attn.q_proj.weight)
+
+
+def test_stack_freeze_unfreeze_keeps_fixed_up_projection_frozen():
+    rack = create_rack_from_config(tiny(freeze_up_proj=True).to_dict())
+    stack = rack.stacks[0].freeze()
+    assert not any(p.requires_grad for p in stack.parameters())
+    stack.unfreeze()
+    for block in stack.blocks:
+        assert not block.ffn.up_proj.weight.requires_grad
+        assert block.ffn.gate_proj.weight.requires_grad and block.attn.q_proj.weight.requires_grad
+
+
+def test_rack_casts_to_bf16():
+    rack = create_rack_from_config(tiny().to_dict()).to(torch.bfloat16)
+    logits = rack(torch.randint(0, 258, (2, 8)))
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+
+
+def test_sequence_longer_than_max_seq_len_is_refused():
+    rack = create_rack_from_config(tiny().to_dict())
+    with pytest.raises(ValueError, match="max_seq_len"):
+        rack(torch.randint(0, 258, (1, 65)))
+
+
+def test_rack_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="must be positive"):
+        Rack([], vocab_size=0, d_model=8)
+    with pytest.raises(ValueError, match="has no blocks"):
+        Stack([], stack_id=0)
+
+
+@pytest.mark.parametrize("attention_type", ["gqa", "kernel"])
+def test_tiny_rack_overfits_one_batch(attention_type):
+    torch.manual_seed(0)
+    rack = create_rack_from_config(tiny(attention_type=attention_type, d_model=64).to_dict())
+    batch = torch.randint(0, 258, (4, 33))
+    inputs, labels = batch[:, :-1], batch[:, 1:]
+    optimizer = torch.optim.AdamW(rack.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(300):
+        loss = torch.nn.functional.cross_entropy(rack(inputs).reshape(-1, 258), labels.reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        if loss.item() < 0.1 * losses[0]:
+            break
+    assert losses[-1] < 0.1 * losses[0], f"{attention_type}: {losses[0]:.3f} -> {losses[-1]:.3f}"
