@@ -87,13 +87,17 @@ class ModelConfig:
     attention_mode: str = "causal"
     """'causal' (next-token LM) or 'bidirectional' (masked LM)."""
     rope_theta: float = 10000.0
+    """RoPE base frequency."""
     norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
     dropout: float = 0.0
+    """Dropout on the residual branches (0 for pretraining-style runs)."""
     tie_embeddings: bool = True
     """Share the token embedding with the LM head."""
     freeze_up_proj: bool = False
     """Keep every SwiGLU up-projection at its random initialisation."""
     init_std: float = 0.02
+    """Std of the normal init; residual output projections get init_std / sqrt(2 * n_blocks)."""
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
     kernel: KernelAttentionConfig = field(default_factory=KernelAttentionConfig)
@@ -119,6 +123,7 @@ class TrainingConfig:
     objective: str = "causal_lm"
     """'causal_lm' (next token) or 'masked_lm' (needs attention_mode 'bidirectional')."""
     seed: int = 42
+    """Seeds the weights (per module, layout-independent), the data order and the split."""
     output_dir: str = "runs/default"
     """Where config.yaml, tensorboard/ and checkpoints/ go; re-running resumes from here."""
     max_steps: int = 300
@@ -142,20 +147,25 @@ class TrainingConfig:
     stack_lr_scale: Optional[list[float]] = None
     """Per-stack multipliers of lr (one per stack); None = 1.0 everywhere."""
     weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices (not on norms)."""
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip over the trainable parameters (0 = off)."""
     precision: str = "auto"
     """'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'."""
     log_interval: int = 10
+    """Log per-stage memory and per-stack gradient norms every this many steps."""
     eval_interval: int = 50
     """Validate every this many steps and at the end of each phase (0 = only at phase ends)."""
     eval_batches: int = 8
+    """Validation micro-batches per evaluation."""
     save_interval: int = 100
     """Checkpoint every this many steps (0 = only at phase ends)."""
     resume: bool = True
     """Continue from the latest checkpoint in output_dir when there is one."""
     progress_bar: bool = True
+    """tqdm bar on rank 0 (phase, step, loss, tokens/s); plain lines when false."""
     nonfinite_policy: str = "stop"
     """On a non-finite loss: 'stop' (keep the last good checkpoint, exit non-zero) or 'skip' (drop the step)."""
 
@@ -172,8 +182,11 @@ class DataConfig:
     hf_name: Optional[str] = None
     """Hugging Face dataset name for source 'hf'."""
     hf_config: Optional[str] = None
+    """Configuration name of the Hugging Face dataset."""
     hf_split: str = "train"
+    """Split of the Hugging Face dataset."""
     text_field: str = "text"
+    """Column holding the text in the Hugging Face dataset."""
     seq_len: int = 256
     """Tokens per packed training sequence."""
     val_fraction: float = 0.01
@@ -276,6 +289,9 @@ class StackWiseConfig:
         if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
             raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads "
                               f"({m.n_kv_heads}): pick n_kv_heads among the divisors of n_heads")
+        if m.attention_type in ("mha", "mla") and m.n_kv_heads not in (None, m.n_heads):
+            raise ConfigError(f"model.attention_type '{m.attention_type}' uses one key/value head per query head "
+                              f"but model.n_kv_heads is {m.n_kv_heads}: remove n_kv_heads, or use 'gqa' or 'kernel'")
         if d.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len ({d.seq_len}) is longer than model.max_seq_len ({m.max_seq_len}): "
                               "raise model.max_seq_len or shorten data.seq_len")

@@ -315,12 +315,13 @@ class KernelAttention(nn.Module):
         k = self.phi(repeat_kv(split_heads(self.k_proj(x), self.n_kv_heads), n_rep).to(compute_dtype))
         v = repeat_kv(split_heads(self.v_proj(x), self.n_kv_heads), n_rep).to(compute_dtype)
         q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.causal:
-            num, den = self.causal_terms(q, k, q_rot, k_rot, v)
-        else:
-            num = q_rot @ (k_rot.transpose(-2, -1) @ v)  # [B, H, T, d] @ [B, H, d, d]
-            den = (q * k.sum(dim=2, keepdim=True)).sum(-1)  # phi(q_i) . z, [B, H, T]
-        y = num / (den.unsqueeze(-1) + self.eps)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # autocast would redo the sums in bf16
+            if self.causal:
+                num, den = self.causal_terms(q, k, q_rot, k_rot, v)
+            else:
+                num = q_rot @ (k_rot.transpose(-2, -1) @ v)  # [B, H, T, d] @ [B, H, d, d]
+                den = (q * k.sum(dim=2, keepdim=True)).sum(-1)  # phi(q_i) . z, [B, H, T]
+            y = num / (den.unsqueeze(-1) + self.eps)
         return self.o_proj(merge_heads(y.to(x.dtype)))
 
     def causal_terms(self, q: torch.Tensor, k: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor,
@@ -338,13 +339,13 @@ class KernelAttention(nn.Module):
 
         # State entering each chunk = sum over all earlier chunks (exclusive prefix over N).
         kv_per_chunk = k_rot.transpose(-2, -1) @ v  # [B, H, N, d, d]
-        S_prev = exclusive_cumsum(kv_per_chunk, dim=2)  # [B, H, N, d, d]
+        kv_prev = exclusive_cumsum(kv_per_chunk, dim=2)  # [B, H, N, d, d]
         z_prev = exclusive_cumsum(k.sum(dim=3), dim=2)  # [B, H, N, d]
 
         # Within a chunk: masked C x C scores for the numerator; running key sums for the denominator.
         mask = torch.ones(size, size, dtype=torch.bool, device=q.device).tril()
         scores = (q_rot @ k_rot.transpose(-2, -1)).masked_fill(~mask, 0.0)  # [B, H, N, C, C]
-        num = q_rot @ S_prev + scores @ v  # [B, H, N, C, d]
+        num = q_rot @ kv_prev + scores @ v  # [B, H, N, C, d]
         z = z_prev.unsqueeze(3) + k.cumsum(dim=3)  # [B, H, N, C, d]: sum of phi(k_j) for j <= i
         den = (q * z).sum(-1)  # [B, H, N, C]
 
