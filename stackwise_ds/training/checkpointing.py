@@ -43,6 +43,7 @@ class TrainingState:
     consumed_samples: int = 0  # training sequences consumed (global, all replicas)
     finished_phases: list[dict[str, Any]] = field(default_factory=list)  # one record per completed phase
     training_architecture: str = "rackwise"
+    tied_weight_max_abs_diff: float = 0.0  # at this checkpoint, across the stages holding a tied copy
     config: dict[str, Any] = field(default_factory=dict)
 
 

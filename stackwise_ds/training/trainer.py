@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import resource
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -25,6 +24,7 @@ from ..parallel import distributed
 from ..parallel.ds_config import build_ds_config
 from ..parallel.engine import build_engine
 from ..parallel.pipe import LayerUnit, rack_to_pipeline
+from ..parallel.tied import tied_weight_max_abs_diff
 from . import checkpointing as ckpt
 from .lr import warmup_cosine
 from .monitor import Monitor
@@ -67,12 +67,18 @@ class ArchitectureTrainer:
                                         "output_dir": str(self.output_dir)}
         try:
             phases = plan_phases(cfg)
+            if state.phase_index >= len(phases):
+                self.monitor.message(f"[stackwise] {self.checkpoint_dir} already holds the finished run "
+                                     f"({state.global_step} steps); nothing to do. Use a new training.output_dir "
+                                     "to train again.")
             for phase in phases[state.phase_index:]:
                 state = self._run_phase(phase, len(phases), state)
         finally:
             self.monitor.close()
         self.results["global_step"] = state.global_step
         self.results["finished_phases"] = state.finished_phases
+        if self.rank == 0:
+            ckpt.write_json_atomic(self.output_dir / "results.json", self.results)
         return self.results
 
     # ------------------------------------------------------------------ setup
@@ -255,18 +261,14 @@ class ArchitectureTrainer:
 
     def _save(self, engine, state: ckpt.TrainingState) -> None:
         tag = ckpt.tag_for(state.global_step)
+        state.tied_weight_max_abs_diff = tied_weight_max_abs_diff(self.pipe)
+        self.monitor.scalar("integrity/tied_weight_max_abs_diff", state.tied_weight_max_abs_diff, state.global_step)
+        if state.tied_weight_max_abs_diff != 0.0:
+            self.monitor.message(f"[stackwise] WARNING: tied weight copies differ by up to "
+                                 f"{state.tied_weight_max_abs_diff:.3e} across stages at step {state.global_step}")
         engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
         distributed.barrier()  # every rank's files are on disk before the tag is published
         if self.rank == 0:
             ckpt.mark_complete(self.checkpoint_dir, tag, state)
         distributed.barrier()
         self.monitor.flush()
-
-
-def results_summary(results: dict[str, Any]) -> dict[str, Any]:
-    """The per-phase part of ``results`` without the long loss lists (for printing)."""
-    return {"phases": [{k: v for k, v in p.items() if k != "losses"} for p in results["phases"]],
-            "global_step": results.get("global_step")}
-
-
-__all__ = ["ArchitectureTrainer", "NonFiniteLossError", "results_summary", "asdict"]

@@ -1,0 +1,413 @@
+"""Rewrite a checkpoint for another pipeline layout (M stages x D data-parallel), optimizer included.
+
+Why not DeepSpeed's universal checkpoint: the trainer resumes through the ordinary
+``engine.load_checkpoint`` (no ``checkpoint.load_universal`` in its DeepSpeed config), and in
+stackwise/blockwise phases the frozen and relay stages have no optimizer and write no ZeRO
+shard, which ``ds_to_universal`` does not expect. So this module writes the regular files a run
+with the new layout would have saved itself:
+
+1. ``layer_XX-model_states.pt`` are per layer, layout-free: copied as they are.
+2. ZeRO-1 shards (``[bf16_]zero_pp_rank_{d}_mp_rank_{s}_optim_states.pt``) are unflattened into
+   per-parameter fp32 master weights and optimizer tensors (exp_avg, exp_avg_sq) keyed by Rack
+   name, using each stage's ``param_shapes`` (optimizer order), then re-flattened for each new
+   stage (parameter order of the new PipelineModule, groups by hyper-parameters in order of first
+   appearance, as the trainer's optimizer factory builds them), padded to 2 x D and split in D.
+3. ``mp_rank_{s}_model_states.pt`` (engine state) is rebuilt per new stage: ``param_shapes``,
+   per-group lists of the LR scheduler, dp/mp world sizes, ``checkpoint_parallel_dimensions``.
+4. ``stackwise_state.json`` and ``<out>/config.yaml`` get ``parallel.pipeline_stages = M`` (and
+   ``training.output_dir``; ``gradient_accumulation_steps`` is rescaled to keep the global batch).
+
+A stage gets an optimizer shard iff it holds a parameter that had optimizer state. The tied
+embedding/head weight trains on a stage iff a local use of it trains: the LM head always trains
+when the weight does; the embedding lookup trains when the first block trains (phases.py's rule).
+
+Limits: ZeRO stage 1 (fp32 or bf16 master weights) only -- ZeRO-0 keeps a plain torch optimizer
+state without parameter names and is refused; ``round_robin_gradients``, ``parameter_alignment``
+and elastic ZeRO checkpoints are refused; tensor parallelism is not used by this project.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shutil
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import StackWiseConfig
+from ..training.checkpointing import STATE_FILE, CheckpointError, TrainingState, mark_complete
+from .layers import (TIED_PREFIX, file_layers, pipe_name, pipe_to_rack_names, rack_name, rack_shapes, stage_layers,
+                     unit_keys, units_of)
+from .locate import LAYER_FILE_RE, CheckpointRef, resolve_checkpoint
+
+OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+BASE, FP32, PADDINGS = "base_optimizer_state", "single_partition_of_fp32_groups", "group_paddings"
+ALIGN_PADDINGS = "param_alignment_paddings"
+ALIGNMENT_FACTOR = 2  # DeepSpeed's nccl_start_alignment_factor: flat groups are padded to 2 x dp
+
+
+@dataclass
+class ParamState:
+    """One parameter's optimizer state, independent of any layout."""
+
+    fp32: torch.Tensor  # master weight, flattened
+    tensors: dict[str, torch.Tensor]  # per-element state (exp_avg, exp_avg_sq), flattened
+    scalars: dict[str, Any]  # per-group state (step)
+    hyper: dict[str, Any]  # the group's hyper-parameters (lr, weight_decay, betas, ...)
+
+
+@dataclass
+class SourceOptimizer:
+    """Everything read from the old layout's engine and optimizer files."""
+
+    params: "OrderedDict[str, ParamState]" = field(default_factory=OrderedDict)  # by Rack name
+    model_states: list[dict] = field(default_factory=list)  # mp_rank files, per old stage
+    optim_template: dict | None = None  # one old optimizer_state_dict (global keys: loss scaler, ...)
+    bf16_files: bool = False  # file prefix "bf16_" (DeepSpeed writes it whenever bf16 is on)
+    bf16_optimizer: bool = False  # BF16_Optimizer layout (no ZeRO keys), else DeepSpeedZeroOptimizer
+    schedulers: dict[str, tuple[dict, int]] = field(default_factory=dict)  # group signature -> (sched, idx)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def reshard(checkpoint: str | Path, out_dir: str | Path, pipeline_stages: int, data_parallel: int = 1,
+            tag: str | None = None) -> Path:
+    """Write tag ``tag`` (default: newest complete) of ``checkpoint`` as ``out_dir`` (a new output_dir)
+    for ``pipeline_stages`` stages x ``data_parallel`` replicas; returns the new tag folder."""
+    ref = resolve_checkpoint(checkpoint, tag)
+    old_config = ref.config
+    new_config = new_layout_config(old_config, pipeline_stages, data_parallel, source_dp(ref), Path(out_dir))
+    out_ckpt = Path(out_dir) / "checkpoints"
+    target = out_ckpt / ref.tag
+    if target.exists() and any(target.iterdir()):
+        raise CheckpointError(f"{target} already exists: pick an empty OUT_DIR (reshard never overwrites)")
+    source = read_source(ref, old_config)
+    target.mkdir(parents=True, exist_ok=True)
+    copy_layer_files(ref, target)
+    write_stages(source, old_config, new_config, target, pipeline_stages, data_parallel)
+    new_config.to_yaml(Path(out_dir) / "config.yaml")
+    state = TrainingState(**{**asdict(ref.state), "config": new_config.to_dict()})
+    mark_complete(out_ckpt, ref.tag, state)  # last: the tag is complete only once everything is there
+    return target
+
+
+def new_layout_config(config: StackWiseConfig, stages: int, dp: int, old_dp: int, out_dir: Path) -> StackWiseConfig:
+    """The run config for the new layout; the global batch stays the same when it can."""
+    if dp <= 0:
+        raise CheckpointError(f"--data-parallel must be positive, got {dp}")
+    raw = config.to_dict()
+    raw["parallel"]["pipeline_stages"] = stages
+    raw["training"]["output_dir"] = str(out_dir)
+    t = raw["training"]
+    samples = t["gradient_accumulation_steps"] * old_dp  # micro-batches per step, summed over replicas
+    if samples % dp == 0:
+        t["gradient_accumulation_steps"] = samples // dp
+    else:
+        print(f"[reshard] note: {samples} micro-batches per step do not divide among {dp} replicas; "
+              f"gradient_accumulation_steps stays {t['gradient_accumulation_steps']}, so the global batch "
+              "changes and the resumed losses will differ")
+    return StackWiseConfig.from_dict(raw)  # validates that the stages divide n_stacks
+
+
+def source_dp(ref: CheckpointRef) -> int:
+    path = ref.path / "mp_rank_00_model_states.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {ref.path} is partial: {path.name} is missing; use another tag")
+    return int(_load(path).get("dp_world_size", 1))
+
+
+def copy_layer_files(ref: CheckpointRef, target: Path) -> None:
+    for layer in file_layers(ref.config):
+        if not ref.layer_file(layer).is_file():
+            raise CheckpointError(f"checkpoint {ref.path} is partial: {ref.layer_file(layer).name} is missing; "
+                                  "use another tag")
+    for path in sorted(ref.path.iterdir()):
+        if LAYER_FILE_RE.match(path.name):
+            shutil.copy2(path, target / path.name)
+
+
+# ----------------------------------------------------------------------------- reading the old layout
+
+
+def read_source(ref: CheckpointRef, config: StackWiseConfig) -> SourceOptimizer:
+    names = pipe_to_rack_names(config)
+    source = SourceOptimizer()
+    stage = 0
+    while (ref.path / f"mp_rank_{stage:02d}_model_states.pt").is_file():
+        model_state = _load(ref.path / f"mp_rank_{stage:02d}_model_states.pt")
+        source.model_states.append(model_state)
+        _check_supported(model_state, ref.path, stage)
+        if model_state.get("param_shapes") is not None:
+            read_stage_optimizer(ref, stage, model_state, names, source)
+        stage += 1
+    if stage != config.pipeline_stages:
+        raise CheckpointError(f"checkpoint {ref.path} is partial: {stage} engine files (mp_rank_XX_model_states.pt) "
+                              f"for {config.pipeline_stages} pipeline stages; use another tag")
+    return source
+
+
+def _check_supported(model_state: dict, where: Path, stage: int) -> None:
+    if model_state.get("param_shapes") is None and model_state.get("optimizer") is not None:
+        raise CheckpointError(
+            f"stage {stage} of {where} holds a ZeRO-0 optimizer state, which names no parameters, so it cannot "
+            "be re-partitioned: train with parallel.zero_stage=1 (the default) to get reshardable checkpoints")
+    zero = (model_state.get("ds_config") or {}).get("zero_optimization") or {}
+    for option in ("round_robin_gradients", "parameter_alignment", "elastic_checkpoint"):
+        if zero.get(option):
+            raise CheckpointError(f"{where} was saved with zero_optimization.{option}=true, which reshard does "
+                                  f"not support: train without it")
+
+
+def read_stage_optimizer(ref: CheckpointRef, stage: int, model_state: dict, names: dict[str, str],
+                         source: SourceOptimizer) -> None:
+    shards = [_load(path)["optimizer_state_dict"] for path in optimizer_files(ref, stage, model_state, source)]
+    source.optim_template = source.optim_template or shards[0]
+    source.bf16_optimizer = "zero_stage" not in shards[0]
+    for group, shapes in enumerate(model_state["param_shapes"]):
+        hyper = {k: v for k, v in shards[0][BASE]["param_groups"][group].items() if k != "params"}
+        signature = group_signature(hyper)
+        if model_state.get("lr_scheduler") is not None:
+            source.schedulers.setdefault(signature, (model_state["lr_scheduler"], group))
+        fp32, tensors, scalars = merge_partitions(shards, group)
+        offset = 0
+        for pipe_param, shape in shapes.items():
+            numel = int(torch.Size(shape).numel())
+            rack = names.get(pipe_param)
+            if rack is None:
+                raise CheckpointError(f"optimizer of stage {stage} in {ref.path} holds '{pipe_param}', which is not "
+                                      "a parameter of this rack: the files come from another architecture")
+            if rack not in source.params:  # a tied weight is in every stage holding it; the copies are equal
+                source.params[rack] = ParamState(
+                    fp32=fp32[offset:offset + numel].clone(),
+                    tensors={k: v[offset:offset + numel].clone() for k, v in tensors.items()},
+                    scalars=scalars, hyper=hyper)
+            offset += numel
+        if offset != fp32.numel():
+            raise CheckpointError(f"optimizer of stage {stage} in {ref.path}: group {group} holds {fp32.numel()} "
+                                  f"values but its parameters {offset}; the shards are inconsistent")
+
+
+def optimizer_files(ref: CheckpointRef, stage: int, model_state: dict, source: SourceOptimizer) -> list[Path]:
+    dp = int(model_state.get("dp_world_size", 1))
+    files = []
+    for rank in range(dp):
+        found = [ref.path / f"{prefix}zero_pp_rank_{rank}_mp_rank_{stage:02d}_optim_states.pt"
+                 for prefix in ("", "bf16_")]
+        found = [p for p in found if p.is_file()]
+        if not found:
+            raise CheckpointError(f"checkpoint {ref.path} is partial: the optimizer shard of stage {stage}, "
+                                  f"data-parallel rank {rank} (zero_pp_rank_{rank}_mp_rank_{stage:02d}_optim_states.pt) "
+                                  "is missing; use another tag")
+        source.bf16_files = found[0].name.startswith("bf16_")
+        files.append(found[0])
+    return files
+
+
+def merge_partitions(shards: list[dict], group: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, Any]]:
+    """One group's flat fp32 weights and optimizer tensors over all data-parallel partitions, unpadded.
+
+    Padding sits only at the end of the flat group, so trimming each partition to its real length
+    (partition size minus that rank's group padding) and concatenating restores the flat group.
+    """
+    fp32_parts, tensor_parts, scalars = [], {}, {}
+    for shard in shards:
+        base = shard[BASE]
+        if not isinstance(base, dict):
+            raise CheckpointError("elastic ZeRO checkpoints are not supported by reshard: train without "
+                                  "zero_optimization.elastic_checkpoint")
+        state = base["state"].get(group, base["state"].get(str(group), {}))
+        padded = max((v.numel() for v in state.values() if torch.is_tensor(v) and v.dim() > 0),
+                     default=shard[FP32][group].numel())
+        lean = padded - int(shard[PADDINGS][group])
+        if any(shard.get(ALIGN_PADDINGS, [[]] * (group + 1))[group]):
+            raise CheckpointError("checkpoint uses zero_optimization.parameter_alignment, which reshard does not "
+                                  "support: train without it")
+        fp32_parts.append(shard[FP32][group].reshape(-1)[:lean].float())
+        for key, value in state.items():
+            if torch.is_tensor(value) and value.dim() > 0:
+                tensor_parts.setdefault(key, []).append(value.reshape(-1)[:lean])
+            else:
+                scalars[key] = value
+    tensors = {k: torch.cat(v) for k, v in tensor_parts.items()}
+    return torch.cat(fp32_parts), tensors, scalars
+
+
+def group_signature(hyper: dict[str, Any]) -> str:
+    """Parameters share a new group iff their old groups had the same hyper-parameters."""
+    return json.dumps(hyper, sort_keys=True, default=repr)
+
+
+# ----------------------------------------------------------------------------- writing the new layout
+
+
+@dataclass
+class NewGroup:
+    hyper: dict[str, Any]
+    signature: str
+    params: list[tuple[str, str, torch.Size]] = field(default_factory=list)  # (pipe name, rack name, shape)
+
+
+def stage_parameters(config: StackWiseConfig, layers: range) -> list[tuple[str, str, torch.Size]]:
+    """(pipe name, Rack name, shape) of a stage's parameters in PipelineModule.named_parameters() order.
+
+    ``tied_modules`` is registered in PipelineModule.__init__, before the numbered layers, so a
+    tied weight comes first on every stage holding one of its uses.
+    """
+    units, shapes = units_of(config), rack_shapes(config)
+    tied = config.model.tie_embeddings
+    out = []
+    if tied and any(units[i].kind in ("embedding", "head") for i in layers):
+        out.append((TIED_PREFIX + "embedding.weight", "embedding.weight", shapes["embedding.weight"]))
+    for layer in layers:
+        unit = units[layer]
+        if tied and unit.kind in ("embedding", "head"):
+            continue
+        for key in unit_keys(config, unit):
+            rack = rack_name(unit, key)
+            out.append((pipe_name(config, layer, key), rack, shapes[rack]))
+    return out
+
+
+def stage_groups(config: StackWiseConfig, layers: range, source: SourceOptimizer) -> list[NewGroup]:
+    """The optimizer groups of a new stage: its trained parameters, grouped by hyper-parameters."""
+    groups: dict[str, NewGroup] = {}
+    for pipe_param, rack, shape in stage_parameters(config, layers):
+        if not trains_here(config, rack, layers, source):
+            continue
+        state = source.params[rack]
+        signature = group_signature(state.hyper)
+        groups.setdefault(signature, NewGroup(state.hyper, signature)).params.append((pipe_param, rack, shape))
+    return list(groups.values())
+
+
+def trains_here(config: StackWiseConfig, rack: str, layers: range, source: SourceOptimizer) -> bool:
+    if rack not in source.params:
+        return False
+    if not (config.model.tie_embeddings and rack == "embedding.weight"):
+        return True
+    units = units_of(config)
+    holds_head = any(units[i].kind == "head" for i in layers)
+    first_block = next(n for n in rack_shapes(config) if n.startswith("stacks.0.blocks.0."))
+    return holds_head or first_block in source.params
+
+
+def write_stages(source: SourceOptimizer, old: StackWiseConfig, new: StackWiseConfig, target: Path,
+                 stages: int, dp: int) -> None:
+    template = source.model_states[0]
+    for stage, layers in enumerate(stage_layers(new, stages)):
+        groups = stage_groups(new, layers, source)
+        model_state = engine_state(template, groups, source, new, stages, dp)
+        torch.save(model_state, target / f"mp_rank_{stage:02d}_model_states.pt")
+        if not groups:
+            continue  # a stage without trained parameters has no optimizer, hence no shard
+        if source.optim_template is None:
+            raise CheckpointError("stage parameters train but the checkpoint holds no optimizer state")
+        prefix = "bf16_" if source.bf16_files else ""
+        for rank in range(dp):
+            shard = optimizer_shard(groups, source, rank, dp)
+            torch.save({"optimizer_state_dict": shard, "ds_config": model_state["ds_config"],
+                        "ds_version": model_state.get("ds_version")},
+                       target / f"{prefix}zero_pp_rank_{rank}_mp_rank_{stage:02d}_optim_states.pt")
+
+
+def engine_state(template: dict, groups: list[NewGroup], source: SourceOptimizer, config: StackWiseConfig,
+                 stages: int, dp: int) -> dict:
+    """The mp_rank file of a new stage: the old engine state with layout-dependent fields rebuilt."""
+    state = {k: v for k, v in template.items()}
+    has_optimizer = bool(groups)
+    state["param_shapes"] = ([OrderedDict((p, s) for p, _, s in g.params) for g in groups]
+                             if has_optimizer else None)
+    state["shared_params"] = {} if has_optimizer else None
+    state["optimizer"] = None
+    state["lr_scheduler"] = scheduler_state(groups, source) if has_optimizer else None
+    state["dp_world_size"], state["mp_world_size"] = dp, stages
+    if "checkpoint_parallel_dimensions" in state:
+        state["checkpoint_parallel_dimensions"] = {**state["checkpoint_parallel_dimensions"], "pp_degree": stages}
+    state["ds_config"] = layout_ds_config(template.get("ds_config") or {}, config, dp)
+    return state
+
+
+def scheduler_state(groups: list[NewGroup], source: SourceOptimizer) -> dict | None:
+    """The LR scheduler state of a new stage: per-group lists taken from an old group of the same kind."""
+    if not source.schedulers:
+        return None
+    first_sched, _ = next(iter(source.schedulers.values()))
+    n_old = len(first_sched.get("base_lrs", []))
+    state = copy.deepcopy(first_sched)
+    for key, value in first_sched.items():
+        if isinstance(value, list) and len(value) == n_old:
+            state[key] = [source.schedulers[g.signature][0][key][source.schedulers[g.signature][1]]
+                          if g.signature in source.schedulers else value[0] for g in groups]
+    return state
+
+
+def layout_ds_config(ds_config: dict, config: StackWiseConfig, dp: int) -> dict:
+    ds = copy.deepcopy(ds_config)
+    t = config.training
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps
+    ds["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * dp
+    return ds
+
+
+def optimizer_shard(groups: list[NewGroup], source: SourceOptimizer, rank: int, dp: int) -> dict:
+    """The optimizer_state_dict of data-parallel rank ``rank`` of a new stage, as DeepSpeed saves it."""
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    template = source.optim_template
+    state, param_groups, fp32_parts, paddings, mappings = {}, [], [], [], []
+    for index, group in enumerate(groups):
+        params = [source.params[rack] for _, rack, _ in group.params]
+        flat_fp32 = torch.cat([p.fp32 for p in params])
+        numel = flat_fp32.numel()
+        size = -(-numel // (ALIGNMENT_FACTOR * dp)) * ALIGNMENT_FACTOR  # partition size after padding
+        start = rank * size
+        lean = max(0, min(size, numel - start))
+        group_state = {k: (v.clone() if torch.is_tensor(v) else v) for k, v in params[0].scalars.items()}
+        for key in params[0].tensors:
+            flat = torch.cat([p.tensors[key] for p in params])
+            group_state[key] = _padded(flat[start:start + lean], size)
+        state[index] = group_state
+        param_groups.append({**group.hyper, "params": [index]})
+        fp32 = flat_fp32[start:start + lean].clone()
+        fp32_parts.append(_padded(fp32, size) if source.bf16_optimizer else fp32)
+        paddings.append(size - lean)
+        mappings.append(slice_mappings(group, start, size, fragment_address))
+    shard = {k: v for k, v in template.items() if k not in (BASE, FP32, PADDINGS, ALIGN_PADDINGS)}
+    shard[BASE] = {"state": state, "param_groups": param_groups}
+    shard[FP32] = fp32_parts
+    shard[PADDINGS] = paddings
+    if ALIGN_PADDINGS in template:
+        shard[ALIGN_PADDINGS] = [[0] * len(g.params) for g in groups]
+    shard["partition_count"] = [dp] * len(groups)
+    shard["param_slice_mappings"] = mappings
+    return shard
+
+
+def slice_mappings(group: NewGroup, start: int, size: int, fragment_address) -> "OrderedDict[str, Any]":
+    """Where each parameter's fragment sits in this partition (DeepSpeed's ``param_slice_mappings``)."""
+    mapping, offset = OrderedDict(), 0
+    for pipe_param, _, shape in group.params:
+        numel = int(torch.Size(shape).numel())
+        lo, hi = max(offset, start), min(offset + numel, start + size)
+        if lo < hi:
+            mapping[pipe_param] = fragment_address(numel=hi - lo, start=lo - start)
+        offset += numel
+    return mapping
+
+
+def _padded(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros(size, dtype=tensor.dtype)
+    out[:tensor.numel()] = tensor
+    return out
+
+
+def _load(path: Path) -> dict:
+    # DeepSpeed's engine/optimizer files pickle Python objects (loss scaler, fragment addresses).
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,106 @@
+"""A readable summary of a checkpoint: tags, progress, the rack's units and what trained when."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import StackWiseConfig
+from ..parallel.pipe import LayerUnit
+from ..training.checkpointing import STATE_FILE
+from ..training.phases import TRAIN, Phase, plan_phases
+from .layers import file_layers, rack_shapes, stage_layers, units_of
+from .locate import CheckpointRef, list_tags, read_latest, resolve_checkpoint, split_path
+
+
+def describe(path: str | Path, tag: str | None = None) -> str:
+    """The summary of tag ``tag`` (default: newest complete) of the checkpoint at ``path``, as text."""
+    ref = resolve_checkpoint(path, tag)
+    config = ref.config
+    sections = [tags_section(split_path(path)[0], ref), run_section(ref, config),
+                model_section(config), units_section(ref, config)]
+    return "\n\n".join(sections)
+
+
+def tags_section(checkpoint_dir: Path, ref: CheckpointRef) -> str:
+    latest = read_latest(checkpoint_dir)
+    lines = [f"checkpoint {checkpoint_dir}  (showing tag {ref.tag})", "tags:"]
+    for tag, complete in list_tags(checkpoint_dir):
+        notes = ["complete" if complete else f"INCOMPLETE: no {STATE_FILE} (interrupted save, never resumed from)"]
+        if tag == latest:
+            notes.append("latest")
+        lines.append(f"  {tag:<20} {', '.join(notes)}")
+    return "\n".join(lines)
+
+
+def run_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
+    state, phases = ref.state, plan_phases(config)
+    t = config.training
+    lines = [f"training: {state.training_architecture} ({t.objective}), {len(phases)} phase(s), "
+             f"{config.pipeline_stages} pipeline stage(s), zero stage {config.parallel.zero_stage}",
+             f"progress: {progress_line(state.phase_index, state.phase_step, phases)}",
+             f"step {state.global_step}, consumed samples {state.consumed_samples}"]
+    for record in state.finished_phases:
+        lines.append(f"  finished phase {record.get('index')} ({record.get('name')}): steps "
+                     f"{record.get('start_global_step')}..{record.get('end_global_step')}, val loss "
+                     f"{_fmt(record.get('val_loss_before'))} -> {_fmt(record.get('val_loss_after'))}")
+    return "\n".join(lines)
+
+
+def progress_line(phase_index: int, phase_step: int, phases: list[Phase]) -> str:
+    if phase_index >= len(phases):
+        return "all phases finished"
+    phase = phases[phase_index]
+    if phase_step == 0:
+        return f"phase {phase_index} ({phase.name}) not started yet"
+    return f"in phase {phase_index} ({phase.name}), step {phase_step}/{phase.steps}"
+
+
+def model_section(config: StackWiseConfig) -> str:
+    m = config.model
+    kv = m.n_kv_heads or m.n_heads
+    total = sum(s.numel() for s in rack_shapes(config).values())
+    return (f"model: d_model {m.d_model}, heads {m.n_heads} (kv {kv}), attention {m.attention_type} "
+            f"{m.attention_mode}, d_ff {m.resolved_d_ff}, vocab {m.vocab_size}, max_seq_len {m.max_seq_len}, "
+            f"{'tied' if m.tie_embeddings else 'untied'} embeddings{', frozen up-proj' if m.freeze_up_proj else ''}\n"
+            f"rack: {m.architecture.n_stacks} stacks x {m.architecture.blocks_per_stack} blocks, "
+            f"{total:,} parameters")
+
+
+def units_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
+    units, shapes, phases = units_of(config), rack_shapes(config), plan_phases(config)
+    stage_of = {layer: s for s, layers in enumerate(stage_layers(config, config.pipeline_stages)) for layer in layers}
+    present = {layer for layer in file_layers(config) if ref.layer_file(layer).is_file()}
+    done = {r.get("index") for r in ref.state.finished_phases}
+    current = ref.state.phase_index if ref.state.phase_step > 0 else None
+    rows = [("layer", "unit", "params", "stage", "file", "trained in phases (* = in progress)")]
+    for layer, unit in enumerate(units):
+        count = sum(s.numel() for n, s in shapes.items() if n.startswith(unit.rack_prefix))
+        tied_head = unit.kind == "head" and config.model.tie_embeddings
+        trained = [f"{p.index}" + ("*" if p.index == current else "") for p in phases
+                   if unit_trains(unit, p) and (p.index in done or p.index == current)]
+        rows.append((str(layer), unit_label(unit), "(tied)" if tied_head else f"{count:,}",
+                     str(stage_of[layer]), "-" if tied_head else ("ok" if layer in present else "MISSING"),
+                     ", ".join(trained) or "none yet"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    if config.model.tie_embeddings:
+        lines.append("(a tied embedding also learns through the LM head in every phase)")
+    return "\n".join(lines)
+
+
+def unit_trains(unit: LayerUnit, phase: Phase) -> bool:
+    if unit.kind == "block":
+        return phase.block_role(unit.stack_id, unit.block_id) == TRAIN
+    if unit.kind == "embedding":
+        return phase.embedding_role == TRAIN
+    return True  # final norm and LM head train in every phase
+
+
+def unit_label(unit: LayerUnit) -> str:
+    if unit.kind == "block":
+        return f"stack {unit.stack_id} block {unit.block_id}"
+    return {"embedding": "embedding", "norm": "final norm", "head": "lm_head"}[unit.kind]
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "n/a"

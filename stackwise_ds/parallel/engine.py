@@ -1,0 +1,467 @@
+"""Stage-wise DeepSpeed pipeline engine: train one unit per phase, freeze what is before it.
+
+Design note
+===========
+
+Roles. ``build_engine(module, ds_config, layer_roles, optimizer_factory)`` takes one role per
+pipeline layer -- ``"train"``, ``"frozen"`` (forward under no_grad) or ``"dormant"`` (identity)
+-- and derives each stage's role (``roles.make_plan``): *forward-only* stages (before the first
+train stage), *relay* stages (all dormant, after it) and *train* stages. Layers are gated by
+wrapping their ``PipelineModule.forward_funcs`` entries (``roles.RoleGate``); nothing in the
+model or in ``pipe.py`` has to know about roles. ``layer_roles=None`` means everything trains
+(rackwise) and reproduces DeepSpeed's own pipeline engine.
+
+Instructions (``schedule.StageWiseTrainSchedule``). Forward-only stages stream
+``[Load|Recv] -> Forward (no_grad) -> Send`` per micro-batch: no BackwardPass, SendGrad,
+RecvGrad, ReduceGrads or OptimizerStep is ever issued to them. The train/relay stages run
+DeepSpeed's 1F1B ``TrainSchedule`` as a sub-pipeline starting at the first train stage; that
+stage receives activations from the forward-only stage before it (which do not require grad),
+and sends no gradient back. Relays execute the same p2p instructions, but their ForwardPass
+hands the received activation on and their BackwardPass hands the received gradient on.
+
+Optimizers. Only train stages get an optimizer (``optimizer_factory(named_train_params)``,
+ZeRO-1 across their data-parallel replicas when configured). Forward-only and relay stages get
+``optimizer=None``: the engine declines to build DeepSpeed's ZeRO/BF16 wrapper around nothing,
+so they hold no optimizer state, and they write no optimizer shard to a checkpoint (loading
+skips the ZeRO shards there). Their step counters advance with the others.
+
+Tied weights. DeepSpeed keeps one copy per stage that uses a ``TiedLayerSpec`` key, grouped per
+data-parallel slice (``PipelineModule.tied_comms``). Per key and phase: if every copy trains,
+DeepSpeed's all-reduce of the tied gradients (``ReduceTiedGrads``) keeps the copies in step; if
+exactly one copy trains (a tied LM head learning while the embedding lookup is frozen compute),
+that copy's stage owns it -- it alone has it in its optimizer -- and after ``OptimizerStep`` it
+broadcasts the new weight to the other copies (``SyncTiedWeights``); the frozen copies hold no
+gradient and no optimizer state.
+
+Gradient clipping. DeepSpeed computes the clipping norm inside the optimizer step and sums it
+over ``mpu.get_model_parallel_group()``, which for a pipeline is every stage of the
+data-parallel slice (ZeRO-1: ``DeepSpeedZeroOptimizer.get_grad_norm_direct`` sums squared
+partition norms over the data-parallel group, then over that group, skipping parameters flagged
+``ds_pipe_replicated``; BF16: ``get_global_norm_of_tensors``). Stages without an optimizer never
+enter that collective, so train stages see an ``mpu`` whose model-parallel group holds only the
+train stages of their slice (``_TrainGroupGrid``): exactly the ranks holding TRAIN parameters, no
+hang, nothing left out. The tied weight is counted once, by its owner: ``ds_pipe_replicated`` is
+reset every phase (DeepSpeed marks all copies but stage 0's as replicated, wrong once only the
+head copy trains). Without ZeRO in fp32 DeepSpeed's ``clip_grad_norm_`` would count stage 0 only
+(it keys on model-parallel rank 0) and count tied copies twice, so ``clip_fp32_gradients`` is
+replaced by the same global norm over the train group.
+
+DeepSpeed internals relied on (0.19.8): ``PipelineEngine._INSTRUCTION_MAP`` and the ``_exec_*``
+instruction methods, ``_train_schedule``, ``pipe_buffers``/``grad_layer``,
+``_configure_zero_optimizer``/``_configure_bf16_optimizer`` (called with ``None`` when there is no
+client optimizer), ``clip_fp32_gradients``, ``_load_zero_checkpoint``, ``module_forward_*_hook``
+handles, and ``PipelineModule.forward_funcs``/``tied_comms``/``parts``/``_grid``/``_layer_specs``.
+
+Rebuilding. Each phase calls ``build_engine`` again on the same module. The previous engine is
+retired first (``destroy``): its ZeRO gradient hooks and module forward hooks would otherwise
+keep firing into a dead optimizer. Process groups are made once per rank set and reused.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import weakref
+from collections import Counter
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as torch_dist
+from deepspeed import comm as dist
+from deepspeed import set_optimizer_flags
+from deepspeed.comm import pg_utils
+from deepspeed.runtime.config import DeepSpeedConfig
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from torch import nn
+
+from .roles import (FORWARD_ONLY, RELAY, TRAIN, TRAIN_STAGE, RolePlan, apply_layer_roles, layer_parameters,
+                    make_plan)
+from .schedule import CountStep, StageWiseTrainSchedule, SyncTiedWeights
+
+ALLREDUCE, BROADCAST, UNTRAINED = "allreduce", "broadcast", "untrained"
+
+OptimizerFactory = Callable[[list[tuple[str, nn.Parameter]]], torch.optim.Optimizer]
+
+
+# ----------------------------------------------------------------------------- public API
+
+def build_engine(pipe_module: PipelineModule, ds_config: dict, layer_roles: dict[int, str] | None,
+                 optimizer_factory: OptimizerFactory,
+                 lr_lambda: Callable[[int], float] | None = None) -> "StageWiseEngine":
+    """A pipeline engine for one phase. Collective: every rank calls it with the same roles.
+
+    ``layer_roles`` maps every pipeline layer index to ``"train" | "frozen" | "dormant"``
+    (``None``: everything trains). ``optimizer_factory`` receives this stage's trainable
+    ``(name, parameter)`` pairs (pipe-module names) and is called only on train stages.
+    ``lr_lambda`` (optional) becomes a ``LambdaLR`` over that optimizer. An engine built
+    earlier on ``pipe_module`` is destroyed first and must not be used again.
+    """
+    if not isinstance(pipe_module, PipelineModule):
+        raise TypeError(f"build_engine needs a deepspeed PipelineModule, got {type(pipe_module).__name__}")
+    _retire_previous_engine(pipe_module)
+    grid = pipe_module._grid
+    plan = make_plan(layer_roles, list(pipe_module.parts))
+    apply_layer_roles(pipe_module, plan)
+    tied_syncs = _plan_tied_weights(pipe_module, plan)
+    stage_role = plan.stage_roles[grid.get_stage_id()]
+    named = [(name, p) for name, p in pipe_module.named_parameters() if p.requires_grad]
+    _check_trainable(stage_role, named)
+    optimizer = optimizer_factory(named) if stage_role == TRAIN_STAGE else None
+    config = copy.deepcopy(ds_config)
+    train_group = _train_group(grid, plan)
+    mpu = _TrainGroupGrid(grid, train_group) if stage_role == TRAIN_STAGE else grid
+    config_class = DeepSpeedConfig(config, mpu)
+    set_optimizer_flags(config_class, pipe_module)
+    scheduler = _lambda_lr(lr_lambda) if optimizer is not None and lr_lambda is not None else None
+    engine = StageWiseEngine(plan=plan, tied_syncs=tied_syncs, train_group=train_group,
+                             args=None, model=pipe_module, optimizer=optimizer,
+                             model_parameters=[p for _, p in named], lr_scheduler=scheduler,
+                             mpu=mpu, config=config, config_class=config_class)
+    engine._configure_python_gc()
+    pipe_module._stagewise_engine = weakref.ref(engine)
+    _check_zero_param_groups(engine)
+    return engine
+
+
+class StageWiseEngine(PipelineEngine):
+    """``PipelineEngine`` that executes ``StageWiseTrainSchedule`` for a ``RolePlan``.
+
+    Build it with :func:`build_engine`. ``stage_role`` is ``"forward_only" | "relay" |
+    "train"``; ``executed_instructions`` counts the pipeline instructions run on this rank.
+    """
+
+    def __init__(self, *args, plan: RolePlan, tied_syncs: list["TiedSync"], train_group, **kwargs):
+        # Set before DeepSpeedEngine.__init__, which calls the overridden _configure_* methods.
+        self.plan = plan
+        self.tied_syncs = tied_syncs
+        self.train_group = train_group
+        self.executed_instructions: Counter[str] = Counter()
+        self._layer_grad_norms: dict[int, float] = {}
+        super().__init__(*args, **kwargs)
+        self._trained_params = [p for p in self.module.parameters() if p.requires_grad]
+        self._destroyed = False
+        self.stage_role = plan.stage_roles[self.stage_id]
+        # Input gradients are only wanted where they are sent back; reentrant activation
+        # checkpointing needs a grad-requiring input to record the checkpointed segment at all.
+        self._input_requires_grad = plan.sends_grad(self.stage_id) or (
+            self.stage_role == TRAIN_STAGE and self._reentrant_activation_checkpointing())
+
+    # ------------------------------------------------------------------ construction hooks
+
+    def _configure_zero_optimizer(self, optimizer):
+        # DeepSpeed asks for a ZeRO wrapper even without a client optimizer (and then rejects the
+        # DummyOptim it makes up): a stage without train parameters simply has no optimizer.
+        return None if optimizer is None else super()._configure_zero_optimizer(optimizer)
+
+    def _configure_bf16_optimizer(self, optimizer):
+        return None if optimizer is None else super()._configure_bf16_optimizer(optimizer)
+
+    # ------------------------------------------------------------------ schedule
+
+    def _train_schedule(self):
+        return StageWiseTrainSchedule(micro_batches=self.micro_batches, stages=self.num_stages,
+                                      stage_id=self.stage_id, plan=self.plan)
+
+    def _exec_schedule(self, pipe_schedule):
+        super()._exec_schedule(_CountingSchedule(pipe_schedule, self.executed_instructions))
+
+    # ------------------------------------------------------------------ instructions
+
+    def _exec_recv_activations(self, buffer_id):
+        super()._exec_recv_activations(buffer_id)
+        if not self._input_requires_grad:
+            for tensor in _as_tuple(self.pipe_buffers['inputs'][buffer_id]):
+                tensor.requires_grad_(False)
+
+    def _exec_forward_pass(self, buffer_id):
+        if self.stage_role == RELAY:
+            self.pipe_buffers['outputs'][buffer_id] = self.pipe_buffers['inputs'][buffer_id]
+        elif self.stage_role == FORWARD_ONLY:
+            with torch.no_grad():
+                super()._exec_forward_pass(buffer_id)
+        else:
+            super()._exec_forward_pass(buffer_id)
+
+    def _exec_backward_pass(self, buffer_id):
+        if self.stage_role != RELAY:
+            return super()._exec_backward_pass(buffer_id)
+        # Hand the received output gradient on as the input gradient _exec_send_grads sends.
+        inputs = _as_tuple(self.pipe_buffers['inputs'][buffer_id])
+        floats = [t for t in inputs if t.is_floating_point()]
+        for tensor, grad in zip(floats, _as_tuple(self.grad_layer), strict=True):
+            tensor.grad = grad.clone()
+        self.pipe_buffers['outputs'][buffer_id] = None
+
+    def _exec_reduce_grads(self):
+        self._record_layer_grad_norms()
+        super()._exec_reduce_grads()
+
+    def _exec_reduce_tied_grads(self):
+        # ZeRO-2+ is rejected by PipelineEngine, so no partitioned-gradient epilogue is needed.
+        for sync in self.tied_syncs:
+            if sync.mode != ALLREDUCE:
+                continue
+            for weight in sync.weights:
+                grad = weight._hp_grad if self.using_bf16_optimizer else weight.grad
+                if grad is not None:
+                    dist.all_reduce(grad, group=sync.group)
+
+    def _exec_sync_tied_weights(self):
+        for sync in self.tied_syncs:
+            if sync.mode == BROADCAST:
+                for weight in sync.weights:
+                    dist.broadcast(weight.data, src=sync.owner_rank, group=sync.group)
+
+    def _exec_count_step(self):
+        # What _take_model_step does to the counters on train stages (default checkpoint tags,
+        # logging and monitors read them).
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+
+    # ------------------------------------------------------------------ monitoring
+
+    def layer_grad_norms(self) -> dict[int, float]:
+        """Last step's gradient L2 norm per local train layer (pipeline layer index): this
+        replica's accumulated gradient, before data-parallel averaging and clipping."""
+        return dict(self._layer_grad_norms)
+
+    def stack_grad_norms(self, n_stacks: int) -> list[float]:
+        """``layer_grad_norms`` combined per stack, -1.0 for stacks with no trained block here.
+
+        Needs ``module.units`` (pipe.py's ``LayerUnit`` list: ``kind``, ``stack_id``)."""
+        units = getattr(self.module, 'units', None)
+        squares = [-1.0] * n_stacks
+        for layer, norm in self._layer_grad_norms.items():
+            unit = units[layer] if units is not None else None
+            if unit is not None and getattr(unit, 'kind', None) == 'block':
+                squares[unit.stack_id] = max(squares[unit.stack_id], 0.0) + norm**2
+        return [s**0.5 if s >= 0 else -1.0 for s in squares]
+
+    def _record_layer_grad_norms(self):
+        self._layer_grad_norms = {}
+        for offset, entry in enumerate(self.module.forward_funcs):
+            layer = self.module._local_start + offset
+            if self.plan.layer_roles[layer] != TRAIN:
+                continue
+            grads = [_accumulated_grad(p) for p in layer_parameters(entry) if p.requires_grad]
+            grads = [g for g in grads if g is not None]
+            if grads:
+                self._layer_grad_norms[layer] = float(sum(g.detach().float().pow(2).sum() for g in grads)) ** 0.5
+
+    # ------------------------------------------------------------------ clipping, checkpoints
+
+    def clip_fp32_gradients(self):
+        """fp32 without ZeRO: clip by the norm over all train parameters of the pipeline."""
+        params = [p for p in self.module.parameters() if p.grad is not None]
+        if not params:
+            return
+        owned = [p.grad.detach().float() for p in params if not getattr(p, 'ds_pipe_replicated', False)]
+        norms = [torch.linalg.vector_norm(g) for g in owned] or [torch.zeros((), device=params[0].device)]
+        total_sq = torch.stack(norms).pow(2).sum()
+        if pg_utils.is_parallel(self.train_group):
+            dist.all_reduce(total_sq, group=self.train_group)
+        total_norm = total_sq.sqrt()
+        coef = torch.clamp(self.gradient_clipping() / (total_norm + 1e-6), max=1.0)
+        for p in params:
+            p.grad.detach().mul_(coef.to(p.grad.dtype))
+        self._global_grad_norm = total_norm.item()
+
+    def load_checkpoint(self, load_dir, tag=None, **kwargs):
+        """DeepSpeed's ``load_checkpoint``; without an optimizer only its ``_load_checkpoint`` part.
+
+        Everything ``load_checkpoint`` adds around ``_load_checkpoint`` concerns the optimizer
+        (ZeRO shards, refreshing fp32 masters after a module-only load, offload): on a stage
+        without one DeepSpeed would call into ``None``. Layer weights, step counters and client
+        state load the same way on every stage.
+        """
+        if self.optimizer is not None:
+            return super().load_checkpoint(load_dir, tag, **kwargs)
+        if tag is None:
+            latest = os.path.join(load_dir, "latest_universal" if self.load_universal_checkpoint() else "latest")
+            if not os.path.isfile(latest):
+                return None, None
+            with open(latest) as fd:
+                tag = fd.read().strip()
+        return self._load_checkpoint(load_dir, tag, **kwargs)
+
+    def destroy(self):
+        """Detach this engine from the (reused) module: hooks, optimizer hooks, flat buffers.
+
+        Runs once: a second run (e.g. from ``__del__``) would clear the hp-param links and
+        storage of the *next* engine's optimizer, which owns the same parameters by then.
+        """
+        if self.__dict__.get('_destroyed', True):
+            return
+        self._destroyed = True
+        had_zero = self.optimizer is not None and self.zero_optimization()
+        super().destroy()
+        for name in ('module_forward_pre_hook', 'module_forward_post_hook'):
+            handle = self.__dict__.get(name)
+            if handle is not None:
+                handle.remove()
+                self.__dict__[name] = None
+        if had_zero:
+            _own_storage(self._trained_params)
+
+
+# PipelineEngine dispatches through a class-level map of *function objects*, so overriding an
+# _exec_* method is not enough: rebuild the map from this class's methods of the same names.
+StageWiseEngine._INSTRUCTION_MAP = {
+    **{instr: getattr(StageWiseEngine, fn.__name__) for instr, fn in PipelineEngine._INSTRUCTION_MAP.items()},
+    SyncTiedWeights: StageWiseEngine._exec_sync_tied_weights,
+    CountStep: StageWiseEngine._exec_count_step,
+}
+
+
+# ----------------------------------------------------------------------------- tied weights
+
+@dataclass
+class TiedSync:
+    """How one tied key's local copy stays identical to the others this phase."""
+
+    key: str
+    mode: str  # ALLREDUCE (all copies train) | BROADCAST (one owner trains) | UNTRAINED
+    weights: list[torch.Tensor]
+    group: object  # the tie group of this data-parallel slice
+    owner_rank: int  # global rank holding the copy that counts (norm) and broadcasts
+
+
+def _plan_tied_weights(module: PipelineModule, plan: RolePlan) -> list[TiedSync]:
+    grid = module._grid
+    syncs = []
+    for key, comm in module.tied_comms.items():
+        layers = [i for i, spec in enumerate(module._layer_specs)
+                  if isinstance(spec, TiedLayerSpec) and spec.key == key]
+        stages = sorted({plan.stage_of(i) for i in layers})
+        trained = sorted({plan.stage_of(i) for i in layers if plan.layer_roles[i] == TRAIN})
+        if trained == stages:
+            mode, owner = ALLREDUCE, stages[0]
+        elif not trained:
+            mode, owner = UNTRAINED, stages[0]
+        elif len(trained) == 1:
+            mode, owner = BROADCAST, trained[0]
+        else:
+            raise NotImplementedError(f"tied key {key!r}: copies on stages {trained} train and others do not; "
+                                      "only all or exactly one training copy is supported")
+        weights = [module._recursive_getattr(comm['module'], attr) for attr in comm['weight_attr']]
+        for weight in weights:
+            # The clipping norm counts a tied weight on its owner only.
+            weight.ds_pipe_replicated = grid.get_stage_id() != owner
+        syncs.append(TiedSync(key, mode, weights, comm['group'], grid.stage_to_global(owner)))
+    return syncs
+
+
+# ----------------------------------------------------------------------------- groups, checks
+
+class _TrainGroupGrid:
+    """The module's grid, with the model-parallel group narrowed to this slice's train stages.
+
+    DeepSpeed's optimizers reduce the clipping norm (and fp16 overflow flags) over
+    ``get_model_parallel_group()``; ranks, names and all other groups stay the grid's.
+    """
+
+    def __init__(self, grid, train_group):
+        self._grid = grid
+        self._train_group = train_group
+
+    def get_model_parallel_group(self):
+        return self._train_group
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__['_grid'], name)
+
+
+_GROUPS: dict[tuple[int, ...], object] = {}
+
+
+def _train_group(grid, plan: RolePlan):
+    """This rank's group of train-stage ranks (same data-parallel index). Collective."""
+    if plan.train_stages == list(range(plan.num_stages)):
+        return grid.get_model_parallel_group()
+    mine = None
+    for dp in range(grid.get_data_parallel_world_size()):
+        ranks = tuple(grid.stage_to_global(s, data=dp) for s in plan.train_stages)
+        if ranks not in _GROUPS:  # every rank creates the same groups in the same order
+            _GROUPS[ranks] = dist.new_group(ranks=list(ranks))
+        if grid.get_global_rank() in ranks:
+            mine = _GROUPS[ranks]
+    return mine
+
+
+def _check_trainable(stage_role: str, named) -> None:
+    """Collective: fail on every rank alike, before any rank builds an optimizer over nothing."""
+    layout = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(layout, (stage_role, sum(p.numel() for _, p in named)))
+    empty = sorted(rank for rank, (role, numel) in enumerate(layout) if role == TRAIN_STAGE and numel == 0)
+    if empty:
+        raise ValueError(f"ranks {empty} hold 'train' layers without trainable parameters")
+
+
+def _check_zero_param_groups(engine: "StageWiseEngine") -> None:
+    """Collective. ZeRO-1/2 all-reduce the clipping norm once *per param group* across the train
+    stages, so differing group counts would pair unrelated collectives and hang."""
+    opt = engine.optimizer
+    groups = [len(g) for g in opt.bit16_groups] if isinstance(opt, DeepSpeedZeroOptimizer) else None
+    layout = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(layout, groups)
+    counts = {len(g) for g in layout if g is not None}
+    if len(counts) > 1 or any(0 in g for g in layout if g is not None):
+        raise ValueError(f"ZeRO needs the same number of non-empty optimizer param groups on every train stage; "
+                         f"sizes per rank: {layout}. Make optimizer_factory group parameters the same way "
+                         "on every stage (e.g. one group, or decay/no-decay present on each stage)")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _lambda_lr(lr_lambda: Callable[[int], float]):
+    """DeepSpeed calls a callable ``lr_scheduler`` with the client optimizer it wrapped."""
+    return lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)
+
+
+def _retire_previous_engine(module: PipelineModule) -> None:
+    ref = getattr(module, '_stagewise_engine', None)
+    previous = ref() if ref is not None else None
+    if previous is not None:
+        previous.destroy()
+    module._stagewise_engine = None
+
+
+def _own_storage(params: list[nn.Parameter]) -> None:
+    """Give parameters that are views into a retired ZeRO flat buffer their own storage, so the
+    buffer (a whole stage's weights) is freed instead of kept alive by frozen parameters."""
+    with torch.no_grad():
+        for p in params:
+            if p.untyped_storage().nbytes() > p.numel() * p.element_size():
+                p.data = p.data.clone()
+
+
+def _accumulated_grad(p: nn.Parameter):
+    """Where DeepSpeed accumulates a parameter's gradient before the reduction (optimizer-dependent)."""
+    for attr in ('grad', 'grad_accum', '_hp_grad'):
+        grad = getattr(p, attr, None)
+        if grad is not None:
+            return grad
+    return None
+
+
+def _as_tuple(value) -> tuple:
+    return value if isinstance(value, (tuple, list)) else (value,)
+
+
+class _CountingSchedule:
+    """Passes a schedule through, counting its instructions by type name."""
+
+    def __init__(self, schedule, counter: Counter):
+        self.schedule = schedule
+        self.counter = counter
+
+    def num_pipe_buffers(self):
+        return self.schedule.num_pipe_buffers()
+
+    def __iter__(self):
+        for cmds in self.schedule:
+            self.counter.update(type(cmd).__name__ for cmd in cmds)
+            yield cmds

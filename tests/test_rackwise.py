@@ -1,0 +1,80 @@
+"""Rackwise (end-to-end) pipeline training: real multi-process DeepSpeed runs on CPU."""
+
+import shutil
+
+import pytest
+import torch
+
+from launch_utils import relative_close, results, run_training, scalars, state
+
+REQUIRED_SCALARS = ["train/loss", "train/lr", "train/tokens_per_sec", "val/loss", "val/perplexity"]
+
+
+@pytest.fixture(scope="module")
+def two_stage_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pp2")
+    run_training(2, out, "training.save_interval=2")
+    return out
+
+
+def test_two_stages_train_and_loss_falls(two_stage_run):
+    losses = results(two_stage_run)["losses"]
+    assert len(losses) == 6
+    assert losses[-1] < losses[0] - 0.1
+    phase = results(two_stage_run)["phases"][0]
+    assert phase["val_loss_after"] < phase["val_loss_before"]
+
+
+def test_tensorboard_has_the_scalars(two_stage_run):
+    for tag in REQUIRED_SCALARS:
+        assert scalars(two_stage_run, tag), f"no {tag} in TensorBoard"
+    assert [step for step, _ in scalars(two_stage_run, "train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert all(v > 0 for _, v in scalars(two_stage_run, "train/tokens_per_sec"))
+    assert scalars(two_stage_run, "memory/stage1_rss_mb")
+
+
+def test_checkpoints_use_deepspeed_layout_and_tied_copies_stay_identical(two_stage_run):
+    checkpoints = two_stage_run / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == "step00000006"
+    tag = checkpoints / "step00000006"
+    # 2 stacks x 2 blocks: embedding, 4 blocks, norm -> layers 0..5 (the tied head is the embedding)
+    assert sorted(p.name for p in tag.glob("layer_*-model_states.pt")) == [
+        f"layer_{i:02d}-model_states.pt" for i in range(6)]
+    assert len(list(tag.glob("*optim_states.pt"))) == 2  # one optimizer shard per stage
+    final = state(two_stage_run)
+    assert final["global_step"] == 6 and final["consumed_samples"] == 6 * 4
+    assert final["tied_weight_max_abs_diff"] == 0.0
+    assert (two_stage_run / "config.yaml").is_file()
+    blocks = torch.load(tag / "layer_01-model_states.pt", weights_only=True)
+    assert "attn.q_proj.weight" in blocks
+
+
+def test_pp2_loss_equals_pp1(two_stage_run, tmp_path):
+    run_training(1, tmp_path, "parallel.pipeline_stages=1", "training.save_interval=2")
+    pp1, pp2 = results(tmp_path)["losses"], results(two_stage_run)["losses"]
+    assert relative_close(pp2, pp1, rtol=1e-5), (pp1, pp2)
+
+
+def test_four_ranks_two_stages_two_data_parallel_zero1(tmp_path):
+    run_training(4, tmp_path, "training.max_steps=4")
+    losses = results(tmp_path)["losses"]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    tag = tmp_path / "checkpoints" / "step00000004"
+    shards = sorted(p.name for p in tag.glob("zero_pp_rank_*_optim_states.pt"))
+    assert shards == [f"zero_pp_rank_{dp}_mp_rank_{stage:02d}_optim_states.pt" for dp in (0, 1) for stage in (0, 1)]
+    final = state(tmp_path)
+    assert final["consumed_samples"] == 4 * 2 * 2 * 2  # steps x micro-batch x accumulation x replicas
+    assert final["tied_weight_max_abs_diff"] == 0.0
+
+
+def test_rerun_resumes_from_latest_complete_checkpoint(two_stage_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_stage_run, out)
+    # as if the job died after the step-4 checkpoint: the step-6 tag is gone, `latest` is stale
+    shutil.rmtree(out / "checkpoints" / "step00000006")
+    shutil.rmtree(out / "tensorboard")
+    (out / "results.json").unlink()
+    proc = run_training(2, out, "training.save_interval=2")
+    assert "resuming from" in proc.stdout and "step00000004" in proc.stdout
+    assert [step for step, _ in scalars(out, "train/loss")] == [5, 6]
+    assert results(out)["losses"] == results(two_stage_run)["losses"][4:]  # bitwise, same world size

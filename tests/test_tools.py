@@ -1,0 +1,312 @@
+"""Checkpoint tools (tools/*.py, stackwise_ds.checkpoint) on real multi-process DeepSpeed checkpoints.
+
+Two runs are made once per module with tests/_tools_worker.py (stock deepspeed.initialize on our
+pipeline, ZeRO-1, clipping on): 2 stages x 1 replica (tied embeddings, gqa) and 1 stage x 2
+replicas (untied, mha). Each saves a checkpoint after 3 steps, the logits of a fixed batch, and
+the losses of 3 more steps: what a resume from that checkpoint must reproduce.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from launch_utils import REPO, free_port, relative_close
+from stackwise_ds.checkpoint import consolidate, load_rack, read_consolidated
+from stackwise_ds.checkpoint.consolidate import save_consolidated
+from stackwise_ds.checkpoint.generate import GenerationError, generate_text
+from stackwise_ds.checkpoint.hf import ExportError, export_hf
+from stackwise_ds.config import StackWiseConfig
+from stackwise_ds.model import create_rack_from_config
+from stackwise_ds.training.checkpointing import STATE_FILE, CheckpointError
+
+WORKER = REPO / "tests" / "_tools_worker.py"
+TAG = "step00000003"
+BASE = {"data": {"seq_len": 16}, "training": {"grad_clip": 0.05, "lr": 0.01}}
+
+
+def model(**overrides) -> dict:
+    arch = overrides.pop("architecture", {"n_stacks": 2, "blocks_per_stack": 1})
+    return {"d_model": 32, "n_heads": 4, "max_seq_len": 32, "architecture": arch, **overrides}
+
+
+TIED_GQA = {**BASE, "model": model(attention_type="gqa", n_kv_heads=2, tie_embeddings=True)}
+UNTIED_MHA = {**BASE, "model": model(attention_type="mha", tie_embeddings=False)}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def run_worker(n_procs: int, spec: dict, work: Path) -> dict:
+    """Run the worker under the deepspeed launcher; returns its result JSON."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec = {**spec, "result": str(work / "result.json")}
+    (work / "spec.json").write_text(json.dumps(spec))
+    launcher = str(Path(sys.executable).with_name("deepspeed"))
+    command = [launcher, "--num_gpus", str(n_procs), "--master_port", str(free_port()), str(WORKER),
+               str(work / "spec.json")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if result.returncode != 0:
+        raise AssertionError(f"worker failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads((work / "result.json").read_text())
+
+
+def run_tool(name: str, *args: str, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "tools" / f"{name}.py"), *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
+    if expect_ok and result.returncode != 0:
+        raise AssertionError(f"tools/{name}.py failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def train_and_save(tmp_path_factory, name: str, n_procs: int, stages: int, config: dict) -> dict:
+    out = tmp_path_factory.mktemp(name)
+    spec = {"stages": stages, "config": config, "output_dir": str(out / "run"), "save_tag": TAG,
+            "train_steps": 3, "continue_steps": 3, "logits": str(out / "logits.pt")}
+    result = run_worker(n_procs, spec, out / "work")
+    return {"dir": out / "run", "logits": torch.load(out / "logits.pt"), "continued": result["continued"],
+            "config": config, "stages": stages, "n_procs": n_procs}
+
+
+def resume(run: dict, checkpoint_dir: Path, stages: int, n_procs: int, work: Path) -> list[float]:
+    spec = {"stages": stages, "config": run["config"], "output_dir": str(work / "run"),
+            "load_dir": str(checkpoint_dir), "load_tag": TAG, "train_steps": 3}
+    return run_worker(n_procs, spec, work)["losses"]
+
+
+def logits_of(rack, input_ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return rack(input_ids).float()
+
+
+def scrambled_rack(config: StackWiseConfig, seed: int = 0):
+    """A rack with large random weights (norms included), so that any mapping error shows in the logits."""
+    rack = create_rack_from_config(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in rack.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + (1.0 if param.dim() == 1 else 0.0))
+    return rack.eval()
+
+
+def config_for(**model_overrides) -> StackWiseConfig:
+    raw = {"model": model(**model_overrides), "data": {"seq_len": 16}}
+    if model_overrides.get("attention_mode") == "bidirectional":
+        raw["training"] = {"objective": "masked_lm"}
+    return StackWiseConfig.from_dict(raw)
+
+
+@pytest.fixture(scope="module")
+def pp2_run(tmp_path_factory):
+    """2 pipeline stages x 1 replica, tied embeddings, gqa."""
+    return train_and_save(tmp_path_factory, "pp2", n_procs=2, stages=2, config=TIED_GQA)
+
+
+@pytest.fixture(scope="module")
+def pp1_run(tmp_path_factory):
+    """1 pipeline stage x 2 data-parallel replicas (ZeRO-1 shards), untied, mha."""
+    return train_and_save(tmp_path_factory, "pp1", n_procs=2, stages=1, config=UNTIED_MHA)
+
+
+# ----------------------------------------------------------------------------- consolidate / load
+
+
+@pytest.mark.parametrize("run_name", ["pp2_run", "pp1_run"])
+def test_consolidated_rack_gives_the_pipeline_logits(run_name, request, tmp_path):
+    run = request.getfixturevalue(run_name)
+    out = tmp_path / "model.safetensors"
+    run_tool("consolidate", run["dir"] / "checkpoints", out, "--tag", TAG)
+    state, config = read_consolidated(out)
+    assert config.to_dict()["model"] == StackWiseConfig.from_dict(run["config"]).to_dict()["model"]
+    tied = run["config"]["model"]["tie_embeddings"]
+    assert ("lm_head.weight" in state) != tied  # a tied head is stored once, as embedding.weight
+    reference = run["logits"]
+    for source in (out, run["dir"], run["dir"] / "checkpoints" / TAG):  # file, output_dir, tag folder
+        rack = load_rack(source)
+        assert (rack.lm_head.weight is rack.embedding.weight) == tied
+        assert torch.allclose(logits_of(rack, reference["input_ids"]), reference["logits"], atol=1e-6, rtol=0)
+
+
+# ----------------------------------------------------------------------------- reshard
+
+
+def test_reshard_two_stages_to_one_stage_two_replicas_resumes_identically(pp2_run, tmp_path):
+    out = tmp_path / "pp1"
+    run_tool("reshard", pp2_run["dir"] / "checkpoints", out, "--pipeline-stages", 1, "--data-parallel", 2)
+    tag_dir = out / "checkpoints" / TAG
+    assert sorted(p.name for p in tag_dir.glob("*_states.pt")) == [
+        "layer_00-model_states.pt", "layer_01-model_states.pt", "layer_02-model_states.pt",
+        "layer_03-model_states.pt", "mp_rank_00_model_states.pt",
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    state = json.loads((tag_dir / STATE_FILE).read_text())
+    assert state["config"]["parallel"]["pipeline_stages"] == 1 and state["global_step"] == 3
+    assert yaml.safe_load((out / "config.yaml").read_text())["parallel"]["pipeline_stages"] == 1
+    assert (out / "checkpoints" / "latest").read_text().strip() == TAG
+    losses = resume(pp2_run, out / "checkpoints", stages=1, n_procs=2, work=tmp_path / "resume")
+    assert relative_close(losses, pp2_run["continued"], rtol=1e-5), (losses, pp2_run["continued"])
+
+
+def test_reshard_one_stage_to_two_stages_resumes_identically(pp1_run, tmp_path):
+    out = tmp_path / "pp2"
+    run_tool("reshard", pp1_run["dir"], out, "--pipeline-stages", 2)
+    tag_dir = out / "checkpoints" / TAG
+    assert sorted(p.name for p in tag_dir.glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"]
+    losses = resume(pp1_run, out / "checkpoints", stages=2, n_procs=2, work=tmp_path / "resume")
+    assert relative_close(losses, pp1_run["continued"], rtol=1e-5), (losses, pp1_run["continued"])
+
+
+def test_reshard_refuses_a_layout_that_splits_a_stack(pp2_run, tmp_path):
+    result = run_tool("reshard", pp2_run["dir"], tmp_path / "x", "--pipeline-stages", 3, expect_ok=False)
+    assert result.returncode == 2 and "must divide model.architecture.n_stacks" in result.stderr
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+
+@pytest.mark.parametrize("attention,tied", [("mha", True), ("mha", False), ("gqa", True), ("gqa", False)])
+def test_export_hf_loads_in_transformers_with_the_same_logits(attention, tied, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    config = config_for(attention_type=attention, n_kv_heads=2 if attention == "gqa" else None,
+                        tie_embeddings=tied, rope_theta=500.0, norm_eps=1e-6, freeze_up_proj=True,
+                        architecture={"n_stacks": 2, "blocks_per_stack": 2})
+    rack = scrambled_rack(config)
+    source = save_consolidated(dict(rack.state_dict()), config, tmp_path / "rack.safetensors")
+    export_hf(source, tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert hf.config.num_key_value_heads == (2 if attention == "gqa" else 4)
+    assert hf.config.tie_word_embeddings == tied
+    ids = torch.randint(0, 258, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    assert torch.allclose(theirs, logits_of(rack, ids), atol=1e-4, rtol=0)
+
+
+def test_export_hf_tool_from_a_pipeline_checkpoint(pp2_run, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    run_tool("export_hf", pp2_run["dir"], tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    reference = pp2_run["logits"]
+    with torch.no_grad():
+        logits = hf(reference["input_ids"]).logits
+    assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
+
+
+def test_import_hf_gives_the_same_logits(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf_config = LlamaConfig(vocab_size=300, hidden_size=48, intermediate_size=96, num_hidden_layers=4,
+                            num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=64,
+                            rms_norm_eps=1e-6, tie_word_embeddings=False, initializer_range=0.2)
+    hf = LlamaForCausalLM(hf_config).eval()
+    with torch.no_grad():  # non-trivial norms, so that a swapped norm would show
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "llama")
+    run_tool("import_hf", tmp_path / "llama", tmp_path / "rack.safetensors", "--n-stacks", 2)
+    rack = load_rack(tmp_path / "rack.safetensors")
+    assert len(rack.stacks) == 2 and len(rack.stacks[0].blocks) == 2
+    ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        theirs = hf(ids).logits
+    assert torch.allclose(logits_of(rack, ids), theirs, atol=1e-4, rtol=0)
+    uneven = run_tool("import_hf", tmp_path / "llama", tmp_path / "x.safetensors", "--n-stacks", 3, expect_ok=False)
+    assert uneven.returncode == 2 and "does not divide the model's 4 layers" in uneven.stderr
+
+
+@pytest.mark.parametrize("overrides,feature", [
+    ({"attention_type": "kernel"}, "kernel"),
+    ({"attention_type": "mla"}, "MLA"),
+    ({"attention_mode": "bidirectional"}, "bidirectional"),
+])
+def test_export_hf_refuses_what_llama_cannot_compute(overrides, feature, tmp_path):
+    config = config_for(**overrides)
+    source = save_consolidated(dict(create_rack_from_config(config).state_dict()), config, tmp_path / "r.safetensors")
+    with pytest.raises(ExportError, match=feature):
+        export_hf(source, tmp_path / "hf")
+    assert not (tmp_path / "hf" / "model.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- clear errors
+
+
+def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
+    result = run_tool("consolidate", tmp_path / "nowhere", tmp_path / "m.safetensors", expect_ok=False)
+    assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+def copy_tag(run: dict, tmp_path: Path) -> Path:
+    checkpoints = tmp_path / "checkpoints"
+    shutil.copytree(run["dir"] / "checkpoints" / TAG, checkpoints / TAG)
+    return checkpoints
+
+
+def test_tag_without_state_file_is_incomplete(pp2_run, tmp_path):
+    checkpoints = copy_tag(pp2_run, tmp_path)
+    (checkpoints / TAG / STATE_FILE).unlink()
+    with pytest.raises(CheckpointError, match="no complete checkpoint.*interrupted"):
+        load_rack(checkpoints)
+    with pytest.raises(CheckpointError, match="incomplete: it has no stackwise_state.json"):
+        load_rack(checkpoints / TAG)
+
+
+def test_missing_layer_file_is_a_partial_checkpoint(pp2_run, tmp_path):
+    checkpoints = copy_tag(pp2_run, tmp_path)
+    (checkpoints / TAG / "layer_02-model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match="partial: layer_02-model_states.pt"):
+        consolidate(checkpoints, tmp_path / "m.safetensors")
+
+
+def test_checkpoint_of_another_architecture_is_refused(pp2_run, tmp_path):
+    other = StackWiseConfig.from_dict({**TIED_GQA, "model": {**TIED_GQA["model"], "d_model": 64}})
+    with pytest.raises(CheckpointError, match="another architecture.*model.d_model: checkpoint 32 vs config 64"):
+        load_rack(pp2_run["dir"], config=other)
+    out = tmp_path / "m.safetensors"
+    consolidate(pp2_run["dir"], out)
+    with pytest.raises(CheckpointError, match="another architecture"):
+        load_rack(out, config=other)
+
+
+def test_generate_refuses_a_bidirectional_rack(tmp_path):
+    config = config_for(attention_mode="bidirectional")
+    source = save_consolidated(dict(create_rack_from_config(config).state_dict()), config, tmp_path / "r.safetensors")
+    with pytest.raises(GenerationError, match="bidirectional"):
+        generate_text(source, "hello")
+
+
+# ----------------------------------------------------------------------------- inspect / generate
+
+
+def test_inspect_lists_units_progress_and_incomplete_tags(pp2_run, tmp_path):
+    shutil.copytree(pp2_run["dir"], tmp_path / "run")
+    broken = tmp_path / "run" / "checkpoints" / "step00000009"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / TAG, broken)
+    (broken / STATE_FILE).unlink()
+    text = run_tool("inspect_checkpoint", tmp_path / "run").stdout
+    assert "step00000003        complete, latest" in text
+    assert "step00000009        INCOMPLETE" in text
+    assert "in phase 0 (rack), step 3/300" in text and "consumed samples 12" in text
+    rows = {line.split("  ")[1].strip(): line for line in text.splitlines() if line[:1].isdigit()}
+    assert set(rows) == {"embedding", "stack 0 block 0", "stack 1 block 0", "final norm", "lm_head"}
+    assert "15,424" in rows["stack 1 block 0"] and rows["stack 1 block 0"].rstrip().endswith("0*")
+
+
+def test_generate_tool_continues_the_prompt(pp2_run):
+    args = [pp2_run["dir"], "--prompt", "def f(", "--max-new-tokens", "8", "--temperature", "0"]
+    first, second = run_tool("generate", *args).stdout, run_tool("generate", *args).stdout
+    assert first.startswith("def f(") and first == second  # greedy: deterministic
+    sampled = generate_text(pp2_run["dir"], "x", max_new_tokens=8, temperature=1.0, top_k=5, seed=3)
+    assert sampled.startswith("x") and sampled == generate_text(pp2_run["dir"], "x", 8, 1.0, 5, seed=3)
