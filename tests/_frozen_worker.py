@@ -168,7 +168,8 @@ class GradWatch:
         self.handles = []
         for m in module.modules():
             if m is not module:
-                self.handles += [m.register_forward_hook(self._on_forward), m.register_full_backward_hook(self._on_backward)]
+                self.handles += [m.register_forward_hook(self._on_forward),
+                                 m.register_full_backward_hook(self._on_backward)]
 
     def _on_forward(self, _module, _inputs, output):
         self.forward_calls += 1

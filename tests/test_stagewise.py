@@ -112,10 +112,17 @@ def test_blockwise_tied_two_stages(tmp_path):
 
 
 def test_stackwise_four_ranks_with_joint_phase_and_copy_init(tmp_path):
+    # stack 1 gets learning rate 0, so after its phase it still equals what it was copied from
     run_training(4, tmp_path, "training.training_architecture=stackwise", "training.steps_per_phase=2",
-                 "training.joint_steps=2", "training.new_unit_init=copy_previous", "training.eval_interval=0")
+                 "training.joint_steps=2", "training.new_unit_init=copy_previous", "training.eval_interval=0",
+                 "training.stack_lr_scale=[1.0, 0.0]")
     res = results(tmp_path)
     assert [p["kind"] for p in res["phases"]] == ["stack", "stack", "joint"]
+    init = initial_rack()
+    for b in range(2):
+        copied = layer_state(tmp_path, 4, block_layer(1, b))
+        assert same(copied, layer_state(tmp_path, 2, block_layer(0, b))), "stack 1 did not start as a copy of stack 0"
+        assert not same(copied, block_init(init, 1, b))
     assert state(tmp_path)["tied_weight_max_abs_diff"] == 0.0
     # joint phase: every stage has an optimizer again, sharded over 2 replicas
     tag = tmp_path / "checkpoints" / "step00000006"

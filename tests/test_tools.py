@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,10 +22,11 @@ import yaml
 
 from launch_utils import REPO, free_port, relative_close
 from stackwise_ds.checkpoint import consolidate, load_rack, read_consolidated
-from stackwise_ds.checkpoint.consolidate import save_consolidated
+from stackwise_ds.checkpoint.consolidation import save_consolidated
 from stackwise_ds.checkpoint.generate import GenerationError, generate_text
-from stackwise_ds.checkpoint.hf import ExportError, export_hf
-from stackwise_ds.config import StackWiseConfig
+from stackwise_ds.checkpoint.hf import ExportError, export_hf, import_hf
+from stackwise_ds.checkpoint.resharding import reshard
+from stackwise_ds.config import ConfigError, StackWiseConfig
 from stackwise_ds.model import create_rack_from_config
 from stackwise_ds.training.checkpointing import STATE_FILE, CheckpointError
 
@@ -124,7 +126,10 @@ def pp1_run(tmp_path_factory):
 def test_consolidated_rack_gives_the_pipeline_logits(run_name, request, tmp_path):
     run = request.getfixturevalue(run_name)
     out = tmp_path / "model.safetensors"
-    run_tool("consolidate", run["dir"] / "checkpoints", out, "--tag", TAG)
+    if run_name == "pp2_run":
+        run_tool("consolidate", run["dir"] / "checkpoints", out, "--tag", TAG)
+    else:
+        consolidate(run["dir"] / "checkpoints" / TAG, out)
     state, config = read_consolidated(out)
     assert config.to_dict()["model"] == StackWiseConfig.from_dict(run["config"]).to_dict()["model"]
     tied = run["config"]["model"]["tie_embeddings"]
@@ -166,8 +171,8 @@ def test_reshard_one_stage_to_two_stages_resumes_identically(pp1_run, tmp_path):
 
 
 def test_reshard_refuses_a_layout_that_splits_a_stack(pp2_run, tmp_path):
-    result = run_tool("reshard", pp2_run["dir"], tmp_path / "x", "--pipeline-stages", 3, expect_ok=False)
-    assert result.returncode == 2 and "must divide model.architecture.n_stacks" in result.stderr
+    with pytest.raises(ConfigError, match="must divide model.architecture.n_stacks"):
+        reshard(pp2_run["dir"], tmp_path / "x", pipeline_stages=3)
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -223,8 +228,8 @@ def test_import_hf_gives_the_same_logits(tmp_path):
     with torch.no_grad():
         theirs = hf(ids).logits
     assert torch.allclose(logits_of(rack, ids), theirs, atol=1e-4, rtol=0)
-    uneven = run_tool("import_hf", tmp_path / "llama", tmp_path / "x.safetensors", "--n-stacks", 3, expect_ok=False)
-    assert uneven.returncode == 2 and "does not divide the model's 4 layers" in uneven.stderr
+    with pytest.raises(ConfigError, match="does not divide the model's 4 layers"):
+        import_hf(tmp_path / "llama", tmp_path / "x.safetensors", n_stacks=3)
 
 
 @pytest.mark.parametrize("overrides,feature", [
@@ -296,17 +301,18 @@ def test_inspect_lists_units_progress_and_incomplete_tags(pp2_run, tmp_path):
     shutil.copytree(tmp_path / "run" / "checkpoints" / TAG, broken)
     (broken / STATE_FILE).unlink()
     text = run_tool("inspect_checkpoint", tmp_path / "run").stdout
-    assert "step00000003        complete, latest" in text
-    assert "step00000009        INCOMPLETE" in text
+    assert re.search(r"step00000003 +complete, latest", text) and re.search(r"step00000009 +INCOMPLETE", text)
+    assert text.startswith("checkpoint ")  # DeepSpeed's log lines go to stderr
     assert "in phase 0 (rack), step 3/300" in text and "consumed samples 12" in text
-    rows = {line.split("  ")[1].strip(): line for line in text.splitlines() if line[:1].isdigit()}
+    rows = {re.split(r"\s{2,}", line)[1]: line for line in text.splitlines() if line[:1].isdigit()}
     assert set(rows) == {"embedding", "stack 0 block 0", "stack 1 block 0", "final norm", "lm_head"}
     assert "15,424" in rows["stack 1 block 0"] and rows["stack 1 block 0"].rstrip().endswith("0*")
 
 
 def test_generate_tool_continues_the_prompt(pp2_run):
-    args = [pp2_run["dir"], "--prompt", "def f(", "--max-new-tokens", "8", "--temperature", "0"]
-    first, second = run_tool("generate", *args).stdout, run_tool("generate", *args).stdout
-    assert first.startswith("def f(") and first == second  # greedy: deterministic
+    greedy = run_tool("generate", pp2_run["dir"], "--prompt", "def f(", "--max-new-tokens", "8",
+                      "--temperature", "0").stdout
+    assert greedy.startswith("def f(")
+    assert greedy.rstrip("\n") == generate_text(pp2_run["dir"], "def f(", max_new_tokens=8, temperature=0.0)
     sampled = generate_text(pp2_run["dir"], "x", max_new_tokens=8, temperature=1.0, top_k=5, seed=3)
     assert sampled.startswith("x") and sampled == generate_text(pp2_run["dir"], "x", 8, 1.0, 5, seed=3)

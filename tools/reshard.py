@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     def body() -> None:
-        from stackwise_ds.checkpoint.reshard import reshard
+        from stackwise_ds.checkpoint.resharding import reshard
 
         target = reshard(args.checkpoint, args.out_dir, args.pipeline_stages, args.data_parallel, args.tag)
         world = args.pipeline_stages * args.data_parallel

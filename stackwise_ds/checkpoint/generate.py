@@ -9,7 +9,7 @@ import torch
 from ..config import StackWiseConfig
 from ..data import ByteTokenizer
 from ..model import Rack
-from .consolidate import load_rack_with_config
+from .consolidation import load_rack_with_config
 
 
 class GenerationError(ValueError):

@@ -27,7 +27,7 @@ import torch
 from ..config import ConfigError, StackWiseConfig
 from ..data import ByteTokenizer
 from ..training.checkpointing import CheckpointError
-from .consolidate import load_rack_state, save_consolidated
+from .consolidation import load_rack_state, save_consolidated
 
 BLOCK_NAMES = {  # Rack name inside a block -> Llama name inside a decoder layer
     "attn_norm.weight": "input_layernorm.weight",

@@ -3,58 +3,74 @@
 Design note
 ===========
 
-Roles. ``build_engine(module, ds_config, layer_roles, optimizer_factory)`` takes one role per
-pipeline layer -- ``"train"``, ``"frozen"`` (forward under no_grad) or ``"dormant"`` (identity)
--- and derives each stage's role (``roles.make_plan``): *forward-only* stages (before the first
-train stage), *relay* stages (all dormant, after it) and *train* stages. Layers are gated by
-wrapping their ``PipelineModule.forward_funcs`` entries (``roles.RoleGate``); nothing in the
-model or in ``pipe.py`` has to know about roles. ``layer_roles=None`` means everything trains
-(rackwise) and reproduces DeepSpeed's own pipeline engine.
+API. ``build_engine(pipe_module, ds_config, layer_roles, optimizer_factory, lr_lambda=None)``
+takes one role per pipeline layer -- ``"train"``, ``"frozen"`` (forward under no_grad) or
+``"dormant"`` (identity) -- or ``None`` (everything trains: rackwise, DeepSpeed's own behaviour),
+and returns a ``StageWiseEngine`` (a ``PipelineEngine``) for this phase. Stage roles follow
+(``roles.make_plan``): *forward-only* stages before the first train stage, *relay* stages (all
+dormant) after it, *train* stages. Layers are gated by wrapping their
+``PipelineModule.forward_funcs`` entries in ``roles.RoleGate``: parameter names, registered
+submodules and per-layer checkpoint files are untouched, so ``pipe.py`` marks nothing -- any
+``PipelineModule`` works (tied layers are ``TiedLayerSpec``; the head's ``forward_fn`` partial
+is looked through to find its parameters). ``requires_grad`` is set per phase, never widened
+beyond a parameter's own setting (e.g. a fixed random projection stays frozen).
 
 Instructions (``schedule.StageWiseTrainSchedule``). Forward-only stages stream
-``[Load|Recv] -> Forward (no_grad) -> Send`` per micro-batch: no BackwardPass, SendGrad,
-RecvGrad, ReduceGrads or OptimizerStep is ever issued to them. The train/relay stages run
-DeepSpeed's 1F1B ``TrainSchedule`` as a sub-pipeline starting at the first train stage; that
-stage receives activations from the forward-only stage before it (which do not require grad),
-and sends no gradient back. Relays execute the same p2p instructions, but their ForwardPass
-hands the received activation on and their BackwardPass hands the received gradient on.
+``[Load|Recv] -> Forward (no_grad) -> Send`` per micro-batch and never get a BackwardPass,
+SendGrad, RecvGrad, ReduceGrads or OptimizerStep. Train and relay stages run DeepSpeed's 1F1B
+``TrainSchedule`` as a sub-pipeline that starts at the first train stage; that stage receives
+activations that do not require grad and sends no gradient back. Relays run the same p2p
+instructions, but their ForwardPass/BackwardPass hand activation/gradient on unchanged.
+Stages without optimizer end the batch with ``CountStep`` (step counters) instead of the
+reductions and ``OptimizerStep``. Deadlock-freedom under blocking send/recv is argued in
+schedule.py and checked for every layout up to 5 stages in tests/test_frozen_engine.py.
 
-Optimizers. Only train stages get an optimizer (``optimizer_factory(named_train_params)``,
-ZeRO-1 across their data-parallel replicas when configured). Forward-only and relay stages get
-``optimizer=None``: the engine declines to build DeepSpeed's ZeRO/BF16 wrapper around nothing,
-so they hold no optimizer state, and they write no optimizer shard to a checkpoint (loading
-skips the ZeRO shards there). Their step counters advance with the others.
+Optimizers. Only train stages get one: ``optimizer_factory(named_train_params)``, wrapped by
+DeepSpeed as configured (ZeRO-1 over the stage's data-parallel replicas, BF16_Optimizer, ...).
+Elsewhere DeepSpeed would build a ZeRO/BF16 wrapper around a dummy optimizer; the engine
+declines (``_configure_zero_optimizer``/``_configure_bf16_optimizer`` return ``None``), so those
+stages hold no optimizer state and write no optimizer shard; ``load_checkpoint`` there skips
+DeepSpeed's optimizer epilogue (ZeRO shards, fp32 refresh), which would call into ``None``.
 
-Tied weights. DeepSpeed keeps one copy per stage that uses a ``TiedLayerSpec`` key, grouped per
-data-parallel slice (``PipelineModule.tied_comms``). Per key and phase: if every copy trains,
-DeepSpeed's all-reduce of the tied gradients (``ReduceTiedGrads``) keeps the copies in step; if
-exactly one copy trains (a tied LM head learning while the embedding lookup is frozen compute),
-that copy's stage owns it -- it alone has it in its optimizer -- and after ``OptimizerStep`` it
-broadcasts the new weight to the other copies (``SyncTiedWeights``); the frozen copies hold no
-gradient and no optimizer state.
+Tied weights. DeepSpeed keeps one copy per stage using a ``TiedLayerSpec`` key, with one tie
+group per data-parallel slice (``PipelineModule.tied_comms``). Per key and phase: if every copy
+trains, DeepSpeed's all-reduce of the tied gradients (``ReduceTiedGrads``) keeps the copies
+identical; if exactly one copy trains (the LM head while the embedding lookup is frozen
+compute), that copy's stage owns the weight -- only its optimizer has it -- and after its step
+it broadcasts the weight to the other copies (``SyncTiedWeights``, issued on every stage).
 
 Gradient clipping. DeepSpeed computes the clipping norm inside the optimizer step and sums it
 over ``mpu.get_model_parallel_group()``, which for a pipeline is every stage of the
 data-parallel slice (ZeRO-1: ``DeepSpeedZeroOptimizer.get_grad_norm_direct`` sums squared
-partition norms over the data-parallel group, then over that group, skipping parameters flagged
-``ds_pipe_replicated``; BF16: ``get_global_norm_of_tensors``). Stages without an optimizer never
-enter that collective, so train stages see an ``mpu`` whose model-parallel group holds only the
-train stages of their slice (``_TrainGroupGrid``): exactly the ranks holding TRAIN parameters, no
-hang, nothing left out. The tied weight is counted once, by its owner: ``ds_pipe_replicated`` is
-reset every phase (DeepSpeed marks all copies but stage 0's as replicated, wrong once only the
-head copy trains). Without ZeRO in fp32 DeepSpeed's ``clip_grad_norm_`` would count stage 0 only
-(it keys on model-parallel rank 0) and count tied copies twice, so ``clip_fp32_gradients`` is
-replaced by the same global norm over the train group.
+partition norms over the data-parallel group, then over that group, once per param group,
+skipping parameters flagged ``ds_pipe_replicated``; BF16: ``get_global_norm_of_tensors``, once).
+Stages without optimizer never enter it, so train stages get an ``mpu`` (``_TrainGroupGrid``)
+whose model-parallel group is the train stages of their slice: exactly the ranks holding train
+parameters -- no hang, nothing left out. ``ds_pipe_replicated`` is reset each phase so a tied
+weight counts once, on its owner (DeepSpeed flags every copy but stage 0's, wrong once only the
+head trains). Without ZeRO in fp32, DeepSpeed's ``clip_grad_norm_`` counts model-parallel rank 0
+(= stage 0) only and tied copies twice, so ``clip_fp32_gradients`` is replaced by the same global
+norm over the train group. Because ZeRO reduces once per param group, ``build_engine`` first
+splits groups (same hyperparameters) so every train stage has the same count, then checks it
+(an error, never a hang, if a stage has too few parameters to split).
 
-DeepSpeed internals relied on (0.19.8): ``PipelineEngine._INSTRUCTION_MAP`` and the ``_exec_*``
-instruction methods, ``_train_schedule``, ``pipe_buffers``/``grad_layer``,
-``_configure_zero_optimizer``/``_configure_bf16_optimizer`` (called with ``None`` when there is no
-client optimizer), ``clip_fp32_gradients``, ``_load_zero_checkpoint``, ``module_forward_*_hook``
-handles, and ``PipelineModule.forward_funcs``/``tied_comms``/``parts``/``_grid``/``_layer_specs``.
+Rebuilding. Each phase calls ``build_engine`` again on the same module; the previous engine is
+destroyed first (its ZeRO gradient hooks and module forward hooks would keep firing into a dead
+optimizer, and its flat buffer would stay alive through frozen parameters). Process groups are
+created once per rank set and reused; p2p and tie groups come from the module and are reused.
 
-Rebuilding. Each phase calls ``build_engine`` again on the same module. The previous engine is
-retired first (``destroy``): its ZeRO gradient hooks and module forward hooks would otherwise
-keep firing into a dead optimizer. Process groups are made once per rank set and reused.
+DeepSpeed internals relied on (0.19.8): ``PipelineEngine._INSTRUCTION_MAP`` (class-level map of
+functions, rebuilt below), the ``_exec_*`` instruction methods, ``_train_schedule``,
+``_exec_schedule``, ``pipe_buffers``/``grad_layer``, ``_configure_zero_optimizer`` and
+``_configure_bf16_optimizer`` (called with ``None`` when there is no client optimizer),
+``clip_fp32_gradients``, ``_load_checkpoint``, ``module_forward_{pre,post}_hook`` handles,
+``DeepSpeedZeroOptimizer.bit16_groups``, ``PipelineModule.forward_funcs``/``tied_comms``/``parts``/
+``_grid``/``_layer_specs``/``is_checkpointable_results_interval``, ``ds_pipe_replicated``.
+
+Limits. Frozen/dormant layers are never activation-checkpointed (a gate is not an ``nn.Module``);
+with reentrant checkpointing a train stage keeps its input requiring grad. ``save_checkpoint(...,
+exclude_frozen_parameters=True)`` still writes gated layers whole. A tied key with several
+training and some frozen copies is rejected.
 """
 
 from __future__ import annotations
@@ -110,6 +126,7 @@ def build_engine(pipe_module: PipelineModule, ds_config: dict, layer_roles: dict
     named = [(name, p) for name, p in pipe_module.named_parameters() if p.requires_grad]
     _check_trainable(stage_role, named)
     optimizer = optimizer_factory(named) if stage_role == TRAIN_STAGE else None
+    _equalise_param_groups(optimizer)
     config = copy.deepcopy(ds_config)
     train_group = _train_group(grid, plan)
     mpu = _TrainGroupGrid(grid, train_group) if stage_role == TRAIN_STAGE else grid
@@ -398,6 +415,24 @@ def _check_trainable(stage_role: str, named) -> None:
     empty = sorted(rank for rank, (role, numel) in enumerate(layout) if role == TRAIN_STAGE and numel == 0)
     if empty:
         raise ValueError(f"ranks {empty} hold 'train' layers without trainable parameters")
+
+
+def _equalise_param_groups(optimizer: torch.optim.Optimizer | None) -> None:
+    """Collective. Give every train stage the same number of param groups (see
+    ``_check_zero_param_groups``) by splitting this stage's largest group into two with identical
+    hyperparameters -- the same update, one more norm collective. Stages that hold different
+    stacks under per-stack learning rates naturally build different group counts."""
+    counts = [None] * torch_dist.get_world_size()
+    torch_dist.all_gather_object(counts, None if optimizer is None else len(optimizer.param_groups))
+    target = max((c for c in counts if c is not None), default=0)
+    while optimizer is not None and len(optimizer.param_groups) < target:
+        largest = max(optimizer.param_groups, key=lambda g: len(g["params"]))
+        if len(largest["params"]) < 2:
+            return  # nothing left to split: _check_zero_param_groups reports the layout
+        half = len(largest["params"]) // 2
+        moved = largest["params"][half:]
+        largest["params"] = largest["params"][:half]
+        optimizer.add_param_group({**{k: v for k, v in largest.items() if k != "params"}, "params": moved})
 
 
 def _check_zero_param_groups(engine: "StageWiseEngine") -> None:
