@@ -12,7 +12,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from stackwise_ds.training.run import exit_main  # noqa: E402
-
 if __name__ == "__main__":
+    import os
+
+    # First, before the heavy imports: a SIGTERM from the launcher (another rank failed) must not
+    # kill this rank before it can report its own error.
+    from stackwise_ds.parallel.watchdog import install_startup_sigterm_handler  # noqa: E402
+
+    install_startup_sigterm_handler(int(os.environ.get("RANK", "0")))
+    from stackwise_ds.training.run import exit_main  # noqa: E402
+
     exit_main()

@@ -28,7 +28,7 @@ OBJECTIVES = ("causal_lm", "masked_lm")
 NEW_UNIT_INITS = ("fresh", "copy_previous")
 PRECISIONS = ("auto", "fp32", "bf16")
 DATA_SOURCES = ("stdlib", "text_files", "hf")
-NONFINITE_POLICIES = ("stop", "skip")
+NONFINITE_POLICIES = ("stop",)
 
 
 class ConfigError(ValueError):
@@ -167,7 +167,7 @@ class TrainingConfig:
     progress_bar: bool = True
     """tqdm bar on rank 0 (phase, step, loss, tokens/s); plain lines when false."""
     nonfinite_policy: str = "stop"
-    """On a non-finite loss: 'stop' (keep the last good checkpoint, exit non-zero) or 'skip' (drop the step)."""
+    """On a non-finite loss: 'stop' (report step and phase, keep the last good checkpoint, exit non-zero)."""
 
 
 # --------------------------------------------------------------------------- data
@@ -214,6 +214,10 @@ class ParallelConfig:
     """DeepSpeed JSON template: 'auto' (ds_configs/cpu_fp32.json or gpu_bf16.json) or a path."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N pipeline layers in backward (0 = off)."""
+    peer_timeout_s: float = 120.0
+    """A rank exits (non-zero, naming the peer) when a peer process is gone or silent this long."""
+    collective_timeout_s: float = 1800.0
+    """torch.distributed timeout: a collective that waits longer fails instead of hanging."""
 
 
 @dataclass

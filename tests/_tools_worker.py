@@ -1,7 +1,7 @@
 """Worker for tests/test_tools.py: ``deepspeed --num_gpus N tests/_tools_worker.py SPEC.json``.
 
-Trains a tiny Rack on our pipeline with stock ``deepspeed.initialize`` (AdamW in two groups,
-a LambdaLR schedule, ZeRO and clipping from ``build_ds_config``), optionally resumes from a
+Trains a tiny Rack on our pipeline with stock ``deepspeed.initialize`` (the trainer's AdamW
+parameter groups, a LambdaLR schedule, ZeRO and clipping from ``build_ds_config``), optionally resumes from a
 checkpoint, saves one as the trainer does (DeepSpeed files, then ``mark_complete`` on rank 0),
 and writes what the test asserts on to ``spec["result"]`` (JSON, rank 0) and, when asked,
 the logits of a fixed batch to ``spec["logits"]`` (torch file, last stage).
@@ -49,7 +49,8 @@ def build(spec: dict, world_size: int):
     dp = world_size // stages
     raw = json.loads(json.dumps(spec["config"]))
     raw.setdefault("parallel", {})["pipeline_stages"] = stages
-    raw.setdefault("training", {}).update(micro_batch_size=MICRO, gradient_accumulation_steps=GLOBAL_BATCH // MICRO // dp)
+    raw.setdefault("training", {}).update(micro_batch_size=MICRO,
+                                          gradient_accumulation_steps=GLOBAL_BATCH // MICRO // dp)
     config = StackWiseConfig.from_dict(raw)
     rack = create_rack_from_config(config)
     pipe = rack_to_pipeline(rack, stages, world_size)

@@ -170,6 +170,31 @@ def test_reshard_one_stage_to_two_stages_resumes_identically(pp1_run, tmp_path):
     assert relative_close(losses, pp1_run["continued"], rtol=1e-5), (losses, pp1_run["continued"])
 
 
+def test_reshard_handles_stages_without_optimizer(pp2_run, tmp_path):
+    """A stackwise phase > 0: stage 0 (embedding + stack 0) is forward-only and saved no optimizer shard;
+    the tied weight trains through the LM head on stage 1 only."""
+    source = tmp_path / "src" / "checkpoints"
+    shutil.copytree(pp2_run["dir"] / "checkpoints" / TAG, source / TAG)
+    (source / TAG / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    engine = torch.load(source / TAG / "mp_rank_00_model_states.pt", weights_only=False)
+    torch.save({**engine, "param_shapes": None, "lr_scheduler": None}, source / TAG / "mp_rank_00_model_states.pt")
+
+    def optimized(checkpoint: Path, stage: int):
+        shapes = torch.load(checkpoint / "checkpoints" / TAG / f"mp_rank_{stage:02d}_model_states.pt",
+                            weights_only=False)["param_shapes"]
+        return None if shapes is None else [name for group in shapes for name in group]
+
+    reshard(source, tmp_path / "one", pipeline_stages=1)
+    names = optimized(tmp_path / "one", 0)
+    assert "tied_modules.embed.embedding.weight" in names and "2.attn.q_proj.weight" in names
+    assert not any(name.startswith("1.") for name in names)  # stack 0 was frozen: no optimizer state
+    reshard(tmp_path / "one", tmp_path / "two", pipeline_stages=2)
+    assert optimized(tmp_path / "two", 0) is None  # the embedding lookup does not train: no optimizer there
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / TAG).glob("*optim_states.pt")) == [
+        "zero_pp_rank_0_mp_rank_01_optim_states.pt"]
+    assert optimized(tmp_path / "two", 1) == optimized(pp2_run["dir"], 1)
+
+
 def test_reshard_refuses_a_layout_that_splits_a_stack(pp2_run, tmp_path):
     with pytest.raises(ConfigError, match="must divide model.architecture.n_stacks"):
         reshard(pp2_run["dir"], tmp_path / "x", pipeline_stages=3)

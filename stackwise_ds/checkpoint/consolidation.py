@@ -2,8 +2,7 @@
 
 The file's metadata holds the resolved run config (``{"stackwise_config": json}``), so a
 consolidated file is self-describing: :func:`load_rack` rebuilds the Rack from it alone. A tied
-LM head is stored once, as ``embedding.weight``; loading re-ties it (the Rack shares one
-Parameter and ``load_state_dict`` copies into it in place).
+LM head is stored once, as ``embedding.weight``; loading re-ties it (one Parameter for both).
 """
 
 from __future__ import annotations
@@ -21,6 +20,7 @@ from .layers import check_architecture, check_shapes, read_rack_state
 from .locate import resolve_checkpoint
 
 CONFIG_KEY = "stackwise_config"
+RackState = OrderedDict[str, torch.Tensor]  # Rack parameter name -> tensor (a tied head only as embedding.weight)
 
 
 def consolidate(checkpoint: str | Path, out: str | Path, tag: str | None = None) -> Path:
@@ -45,7 +45,7 @@ def save_consolidated(state: dict[str, torch.Tensor], config: StackWiseConfig, o
     return out
 
 
-def read_consolidated(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]", StackWiseConfig]:
+def read_consolidated(path: str | Path) -> tuple[RackState, StackWiseConfig]:
     """Weights and config of a consolidated file."""
     from safetensors import safe_open
 
@@ -62,7 +62,7 @@ def read_consolidated(path: str | Path) -> tuple["OrderedDict[str, torch.Tensor]
 
 
 def load_rack_state(source: str | Path, tag: str | None = None,
-                    config: StackWiseConfig | dict | None = None) -> tuple["OrderedDict[str, torch.Tensor]", StackWiseConfig]:
+                    config: StackWiseConfig | dict | None = None) -> tuple[RackState, StackWiseConfig]:
     """(Rack-named weights, the config they were trained with) from a .safetensors file or a checkpoint."""
     wanted = StackWiseConfig.from_dict(config) if isinstance(config, dict) else config
     if Path(source).suffix == ".safetensors":
@@ -92,17 +92,9 @@ def load_rack_with_config(source: str | Path, tag: str | None = None, config: St
     dtype = dtype or next(iter(state.values())).dtype
     with torch.device("meta"):  # skip the random init; every weight comes from the file
         rack = create_rack_from_config(saved)
-    rack = rack.to_empty(device="cpu").to(dtype)
-    _rebuild_rope_tables(rack)
+    rack = rack.to_empty(device="cpu").to(dtype)  # RotaryEmbedding rebuilds its fp32 tables on _apply
     if saved.model.tie_embeddings:
         state = OrderedDict(state, **{"lm_head.weight": state["embedding.weight"]})
         rack.lm_head.weight = rack.embedding.weight  # to_empty made a new Parameter per module: re-tie
     rack.load_state_dict(state, strict=True)
     return rack.eval(), saved
-
-
-def _rebuild_rope_tables(rack: Rack) -> None:
-    """to_empty leaves the non-persistent RoPE tables uninitialised: rebuild them on CPU."""
-    for module in rack.modules():
-        if hasattr(module, "_build_tables"):
-            module._build_tables(torch.device("cpu"))

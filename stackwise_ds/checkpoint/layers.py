@@ -13,6 +13,7 @@ files copyable between layouts.
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 
 import torch
@@ -66,33 +67,26 @@ def pipe_to_rack_names(config: StackWiseConfig) -> dict[str, str]:
 
 
 def unit_keys(config: StackWiseConfig, unit: LayerUnit) -> list[str]:
-    """Layer-file keys of ``unit`` for this architecture (from a meta-device Rack; cheap)."""
-    return list(_meta_keys(config)[unit.rack_prefix])
+    """Layer-file keys of ``unit`` for this architecture, in the layer module's parameter order."""
+    return [layer_key(unit, n) for n in rack_shapes(config) if n.startswith(unit.rack_prefix)]
 
 
-_META_CACHE: dict[str, dict[str, list[str]]] = {}
-
-
-def _meta_keys(config: StackWiseConfig) -> dict[str, list[str]]:
-    import json
-
-    key = json.dumps(config.model.__dict__, default=str, sort_keys=True)
-    if key not in _META_CACHE:
-        shapes = rack_shapes(config)
-        by_prefix: dict[str, list[str]] = {}
-        for unit in units_of(config):
-            by_prefix[unit.rack_prefix] = [layer_key(unit, n) for n in shapes if n.startswith(unit.rack_prefix)]
-        _META_CACHE[key] = by_prefix
-    return _META_CACHE[key]
+_SHAPES_CACHE: dict[str, "OrderedDict[str, torch.Size]"] = {}
 
 
 def rack_shapes(config: StackWiseConfig) -> "OrderedDict[str, torch.Size]":
-    """Rack parameter name -> shape, in Rack order, built on the meta device (no memory, no init cost)."""
+    """Rack parameter name -> shape, in Rack order (a tied head appears once, as ``embedding.weight``).
+
+    Built on the meta device: no memory, no init cost; cached per model config.
+    """
     from ..model import create_rack_from_config
 
-    with torch.device("meta"):
-        rack = create_rack_from_config(config)
-    return OrderedDict((n, p.shape) for n, p in rack.named_parameters())  # a tied head appears once
+    key = json.dumps(config.to_dict()["model"], sort_keys=True)
+    if key not in _SHAPES_CACHE:
+        with torch.device("meta"):
+            rack = create_rack_from_config(config)
+        _SHAPES_CACHE[key] = OrderedDict((n, p.shape) for n, p in rack.named_parameters())
+    return _SHAPES_CACHE[key]
 
 
 def stage_layers(config: StackWiseConfig, stages: int) -> list[range]:

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ..config import StackWiseConfig
-from ..training.checkpointing import LATEST_FILE, STATE_FILE, CheckpointError, TrainingState, find_resume_tag, load_state
+from ..training.checkpointing import (LATEST_FILE, STATE_FILE, CheckpointError, TrainingState, find_resume_tag,
+                                      load_state)
 
 LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 
@@ -114,10 +114,3 @@ def _no_complete_tag_message(checkpoint_dir: Path) -> str:
 def read_latest(checkpoint_dir: Path) -> str | None:
     latest = checkpoint_dir / LATEST_FILE
     return latest.read_text().strip() if latest.is_file() else None
-
-
-def state_dict_of(ref: CheckpointRef) -> dict[str, Any]:
-    """The raw ``stackwise_state.json`` of ``ref`` as a dict (for copying with changes)."""
-    from dataclasses import asdict
-
-    return asdict(ref.state)

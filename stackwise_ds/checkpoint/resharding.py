@@ -32,6 +32,7 @@ import copy
 import json
 import re
 import shutil
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 
 from ..config import StackWiseConfig
-from ..training.checkpointing import STATE_FILE, CheckpointError, TrainingState, mark_complete
+from ..training.checkpointing import CheckpointError, TrainingState, mark_complete
 from .layers import (TIED_PREFIX, file_layers, pipe_name, pipe_to_rack_names, rack_name, rack_shapes, stage_layers,
                      unit_keys, units_of)
 from .locate import LAYER_FILE_RE, CheckpointRef, resolve_checkpoint
@@ -90,7 +91,7 @@ def reshard(checkpoint: str | Path, out_dir: str | Path, pipeline_stages: int, d
     source = read_source(ref, old_config)
     target.mkdir(parents=True, exist_ok=True)
     copy_layer_files(ref, target)
-    write_stages(source, old_config, new_config, target, pipeline_stages, data_parallel)
+    write_stages(source, new_config, target, pipeline_stages, data_parallel)
     new_config.to_yaml(Path(out_dir) / "config.yaml")
     state = TrainingState(**{**asdict(ref.state), "config": new_config.to_dict()})
     mark_complete(out_ckpt, ref.tag, state)  # last: the tag is complete only once everything is there
@@ -109,9 +110,9 @@ def new_layout_config(config: StackWiseConfig, stages: int, dp: int, old_dp: int
     if samples % dp == 0:
         t["gradient_accumulation_steps"] = samples // dp
     else:
-        print(f"[reshard] note: {samples} micro-batches per step do not divide among {dp} replicas; "
-              f"gradient_accumulation_steps stays {t['gradient_accumulation_steps']}, so the global batch "
-              "changes and the resumed losses will differ")
+        warnings.warn(f"{samples} micro-batches per step do not divide among {dp} replicas: "
+                      f"gradient_accumulation_steps stays {t['gradient_accumulation_steps']}, so the global batch "
+                      "changes and the resumed run will not continue the same loss curve", stacklevel=2)
     return StackWiseConfig.from_dict(raw)  # validates that the stages divide n_stacks
 
 
@@ -201,9 +202,9 @@ def optimizer_files(ref: CheckpointRef, stage: int, model_state: dict, source: S
                  for prefix in ("", "bf16_")]
         found = [p for p in found if p.is_file()]
         if not found:
-            raise CheckpointError(f"checkpoint {ref.path} is partial: the optimizer shard of stage {stage}, "
-                                  f"data-parallel rank {rank} (zero_pp_rank_{rank}_mp_rank_{stage:02d}_optim_states.pt) "
-                                  "is missing; use another tag")
+            raise CheckpointError(
+                f"checkpoint {ref.path} is partial: the optimizer shard of stage {stage}, data-parallel rank {rank} "
+                f"(zero_pp_rank_{rank}_mp_rank_{stage:02d}_optim_states.pt) is missing; use another tag")
         source.bf16_files = found[0].name.startswith("bf16_")
         files.append(found[0])
     return files
@@ -213,7 +214,9 @@ def merge_partitions(shards: list[dict], group: int) -> tuple[torch.Tensor, dict
     """One group's flat fp32 weights and optimizer tensors over all data-parallel partitions, unpadded.
 
     Padding sits only at the end of the flat group, so trimming each partition to its real length
-    (partition size minus that rank's group padding) and concatenating restores the flat group.
+    and concatenating restores the flat group. DeepSpeedZeroOptimizer saves its fp32 partition
+    already trimmed, BF16_Optimizer saves it padded (``group_paddings`` says by how much); the
+    optimizer tensors are padded in both.
     """
     fp32_parts, tensor_parts, scalars = [], {}, {}
     for shard in shards:
@@ -222,13 +225,12 @@ def merge_partitions(shards: list[dict], group: int) -> tuple[torch.Tensor, dict
             raise CheckpointError("elastic ZeRO checkpoints are not supported by reshard: train without "
                                   "zero_optimization.elastic_checkpoint")
         state = base["state"].get(group, base["state"].get(str(group), {}))
-        padded = max((v.numel() for v in state.values() if torch.is_tensor(v) and v.dim() > 0),
-                     default=shard[FP32][group].numel())
-        lean = padded - int(shard[PADDINGS][group])
+        fp32 = shard[FP32][group].reshape(-1)
+        lean = fp32.numel() - (0 if "zero_stage" in shard else int(shard[PADDINGS][group]))
         if any(shard.get(ALIGN_PADDINGS, [[]] * (group + 1))[group]):
             raise CheckpointError("checkpoint uses zero_optimization.parameter_alignment, which reshard does not "
                                   "support: train without it")
-        fp32_parts.append(shard[FP32][group].reshape(-1)[:lean].float())
+        fp32_parts.append(fp32[:lean].float())
         for key, value in state.items():
             if torch.is_tensor(value) and value.dim() > 0:
                 tensor_parts.setdefault(key, []).append(value.reshape(-1)[:lean])
@@ -297,8 +299,7 @@ def trains_here(config: StackWiseConfig, rack: str, layers: range, source: Sourc
     return holds_head or first_block in source.params
 
 
-def write_stages(source: SourceOptimizer, old: StackWiseConfig, new: StackWiseConfig, target: Path,
-                 stages: int, dp: int) -> None:
+def write_stages(source: SourceOptimizer, new: StackWiseConfig, target: Path, stages: int, dp: int) -> None:
     template = source.model_states[0]
     for stage, layers in enumerate(stage_layers(new, stages)):
         groups = stage_groups(new, layers, source)

@@ -61,3 +61,12 @@ def broadcast_object(obj, src: int = 0):
     holder = [obj]
     tdist.broadcast_object_list(holder, src=src)
     return holder[0]
+
+
+def all_gather_objects(obj) -> list:
+    """Every rank's small Python object, in rank order."""
+    import torch.distributed as tdist
+
+    gathered = [None] * tdist.get_world_size()
+    tdist.all_gather_object(gathered, obj)
+    return gathered

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,3 +106,24 @@ def check_same_architecture(saved_model: dict[str, Any], current_model: dict[str
         raise CheckpointError(
             f"checkpoint in {where} was trained with another architecture ({'; '.join(differences[:4])}): "
             "point training.output_dir at a new folder, or set training.resume=false to start over there")
+
+
+def unreadable_files(paths: list[Path]) -> list[str]:
+    """Problems with checkpoint files this rank is about to load: missing, or failing torch's zip CRCs.
+
+    Checked before DeepSpeed loads anything, because a rank that fails half-way through
+    DeepSpeed's load leaves its peers waiting in the tied-weight broadcast that ends it.
+    """
+    problems = []
+    for path in paths:
+        if not path.is_file():
+            problems.append(f"{path.name} is missing")
+            continue
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad = archive.testzip()
+            if bad is not None:
+                problems.append(f"{path.name} is corrupt (bad CRC in {bad})")
+        except (zipfile.BadZipFile, OSError) as exc:
+            problems.append(f"{path.name} is unreadable ({exc})")
+    return problems

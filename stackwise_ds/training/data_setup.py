@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from ..config import ConfigError, StackWiseConfig
 from ..data import TrainBatchStream, build_datasets, check_enough_data, val_batches
-from ..parallel import distributed
 
 
 class RunData:
@@ -29,13 +28,10 @@ def load_bundle(config: StackWiseConfig):
 
 
 def build_run_data(config: StackWiseConfig, pipe, dp_size: int, val_data=None):
-    """(training source, validation micro-batches) for this rank; rank 0 fills the cache first."""
-    rank = pipe.global_rank
-    if rank == 0:
-        bundle = load_bundle(config)
-    distributed.barrier()
-    if rank != 0:
-        bundle = load_bundle(config)
+    """(training source, validation micro-batches) for this rank."""
+    # Every rank builds (or loads) at once: the cache lets one process tokenise while the others
+    # wait on its lock, and a bad data setting fails on every rank alike, before any collective.
+    bundle = load_bundle(config)
     t = config.training
     if bundle.tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "

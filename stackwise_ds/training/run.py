@@ -15,9 +15,11 @@ import sys
 import traceback
 
 from ..config import ConfigError, StackWiseConfig
+from ..parallel.watchdog import describe_failed_peers, install_startup_sigterm_handler
 from .checkpointing import CheckpointError
+from .errors import NonFiniteLossError
 
-USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, PermissionError)
+USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, PermissionError, NonFiniteLossError)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -44,6 +46,7 @@ def load_config(args: argparse.Namespace) -> StackWiseConfig:
 
 def main(argv: list[str] | None = None) -> int:
     rank = os.environ.get("RANK", "0")
+    install_startup_sigterm_handler(int(rank))
     try:
         args = parse_args(argv)
         config = load_config(args)
@@ -54,17 +57,27 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as exc:
         print(f"[stackwise] error on rank {rank}: {exc}", file=sys.stderr, flush=True)
         return 2
-    except Exception:  # noqa: BLE001 - report anything else with its traceback, still non-zero
-        print(f"[stackwise] unexpected failure on rank {rank}:", file=sys.stderr, flush=True)
+    except Exception as exc:  # noqa: BLE001 - report anything else with its traceback, still non-zero
         traceback.print_exc()
+        peers = describe_failed_peers()
+        if peers:  # a collective failed because a peer died: say which one, not only what broke here
+            print(f"[stackwise] rank {rank}: stopping because a peer failed: {peers} ({type(exc).__name__} "
+                  "in a collective). The latest complete checkpoint is kept; re-run the same command to resume.",
+                  file=sys.stderr, flush=True)
+        else:
+            print(f"[stackwise] unexpected failure on rank {rank}: {type(exc).__name__}: {exc}",
+                  file=sys.stderr, flush=True)
         return 1
     if rank == "0":
         for phase in results["phases"]:
             print(f"[stackwise] {phase['name']}: train loss {phase['losses'][0]:.4f} -> {phase['losses'][-1]:.4f}, "
-                  f"val loss {phase.get('val_loss_before', float('nan')):.4f} -> {phase['val_loss_after']:.4f}",
-                  flush=True)
+                  f"val loss {_fmt(phase.get('val_loss_before'))} -> {_fmt(phase['val_loss_after'])}", flush=True)
         print(f"[stackwise] outputs in {results['output_dir']}", flush=True)
     return 0
+
+
+def _fmt(loss: float | None) -> str:
+    return "n/a" if loss is None or loss != loss else f"{loss:.4f}"  # NaN: no validation split
 
 
 def train(config: StackWiseConfig) -> dict:

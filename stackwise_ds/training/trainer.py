@@ -11,8 +11,10 @@ step and sample.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import time
+import uuid
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -25,15 +27,25 @@ from ..parallel.ds_config import build_ds_config
 from ..parallel.engine import build_engine
 from ..parallel.pipe import LayerUnit, rack_to_pipeline
 from ..parallel.tied import tied_weight_max_abs_diff
+from ..parallel.watchdog import PeerWatchdog
 from . import checkpointing as ckpt
+from .errors import NonFiniteLossError
 from .lr import warmup_cosine
 from .monitor import Monitor
 from .phases import FROZEN, TRAIN, Phase, plan_phases
 from .unit_copy import copy_previous_unit
 
 
-class NonFiniteLossError(RuntimeError):
-    pass
+def check_writable(directory: Path) -> None:
+    """Fail early, with the fix, when ``directory`` cannot hold this run's outputs."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_probe_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise PermissionError(f"training.output_dir {directory} is not writable ({exc.strerror}): "
+                              "choose a directory you can write to") from exc
 
 
 class ArchitectureTrainer:
@@ -53,8 +65,10 @@ class ArchitectureTrainer:
         yields validation micro-batches (default: the held-out split of ``config.data``).
         """
         cfg = self.config
-        self.rank, self.world_size = distributed.init_distributed()
+        self.rank, self.world_size = distributed.init_distributed(int(cfg.parallel.collective_timeout_s))
+        check_writable(self.output_dir)  # on every rank, before anything waits for anyone
         self.dp_size = cfg.validate_world_size(self.world_size)
+        watchdog = self._start_watchdog()
         self.global_batch = cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps * self.dp_size
         self.pipe = rack_to_pipeline(rack, cfg.pipeline_stages, self.world_size,
                                      cfg.parallel.activation_checkpoint_interval)
@@ -75,6 +89,9 @@ class ArchitectureTrainer:
                 state = self._run_phase(phase, len(phases), state)
         finally:
             self.monitor.close()
+        distributed.barrier()
+        if watchdog is not None:
+            watchdog.stop()
         self.results["global_step"] = state.global_step
         self.results["finished_phases"] = state.finished_phases
         if self.rank == 0:
@@ -82,6 +99,13 @@ class ArchitectureTrainer:
         return self.results
 
     # ------------------------------------------------------------------ setup
+
+    def _start_watchdog(self) -> PeerWatchdog | None:
+        if self.world_size == 1:
+            return None
+        run_id = distributed.broadcast_object(uuid.uuid4().hex[:12] if self.rank == 0 else None)
+        return PeerWatchdog(self.output_dir / ".heartbeat" / run_id, self.rank, self.world_size,
+                            timeout_s=self.config.parallel.peer_timeout_s).start()
 
     def _resume_state(self) -> ckpt.TrainingState:
         fresh = ckpt.TrainingState(training_architecture=self.config.training.training_architecture,
@@ -187,11 +211,30 @@ class ArchitectureTrainer:
         return 1.0
 
     def _load_resume_checkpoint(self, engine, full: bool) -> None:
+        """Load on every rank; a failure on any rank is reported on all of them (no rank left waiting)."""
         if self.resume_tag is None:
             return
-        self.monitor.message(f"[stackwise] resuming from {self.checkpoint_dir / self.resume_tag}")
+        where = self.checkpoint_dir / self.resume_tag
+        self.monitor.message(f"[stackwise] resuming from {where}")
+        problems = distributed.all_gather_objects(ckpt.unreadable_files(self._files_to_load(engine, where, full)))
+        failed = [f"rank {rank}: {', '.join(texts)}" for rank, texts in enumerate(problems) if texts]
+        if failed:
+            raise ckpt.CheckpointError(
+                f"checkpoint {where} cannot be loaded ({'; '.join(failed)[:800]}): it is corrupt or incomplete; "
+                "delete that folder to resume from an earlier checkpoint, or use a new training.output_dir")
         engine.load_checkpoint(str(self.checkpoint_dir), tag=self.resume_tag, load_module_only=not full,
                                load_optimizer_states=full, load_lr_scheduler_states=full)
+
+    def _files_to_load(self, engine, where: Path, full: bool) -> list[Path]:
+        """The DeepSpeed files this rank reads: its layers (a tied head has none), its engine and optimizer state."""
+        stage, tied = self.pipe.stage_id, self.config.model.tie_embeddings
+        files = [where / f"layer_{index:02d}-model_states.pt" for index, unit in self.pipe.local_units().items()
+                 if not (unit.kind == "head" and tied)]
+        files.append(where / f"mp_rank_{stage:02d}_model_states.pt")
+        if full and engine.optimizer is not None and self.config.parallel.zero_stage == 1:
+            dp_rank = self.pipe._grid.get_data_parallel_id()
+            files.append(where / f"zero_pp_rank_{dp_rank}_mp_rank_{stage:02d}_optim_states.pt")
+        return files
 
     # ------------------------------------------------------------------ steps
 

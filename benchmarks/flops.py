@@ -1,0 +1,79 @@
+"""Training FLOPs per optimizer step, per phase of each mode.
+
+Convention (Kaplan/PaLM): a forward pass costs 2 FLOPs per multiply-accumulate of every
+weight matrix, plus 4·T·d per token per block for attention (QKᵀ and AV, the full T×T
+counted even when causal); a backward pass costs twice the forward. Per phase, a unit
+that trains costs forward + backward (3×), a frozen unit forward only (1×), a dormant unit
+nothing. The embedding lookup is free; the LM head always trains. These ratios decide how
+many steps each mode gets at an equal budget, so only their relative sizes matter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TRAIN_FACTOR = 3   # forward (1) + backward (2: gradients w.r.t. activations and weights)
+FROZEN_FACTOR = 1  # forward only, under no_grad
+ATTN_FLOPS_PER_TD = 4  # QK^T (2·T·d) + AV (2·T·d) per token per block, forward
+
+
+@dataclass(frozen=True)
+class ForwardCost:
+    """Forward FLOPs per token: one entry per block (global order), and the LM head."""
+
+    blocks: list[float]
+    head: float
+
+
+def forward_cost(config) -> ForwardCost:
+    """Forward FLOPs per token of every block and of the head, counted on the real modules."""
+    from stackwise_ds.model import create_rack_from_config
+
+    rack = create_rack_from_config(config)
+    seq_len, d = config.data.seq_len, config.model.d_model
+    blocks = [2 * _matrix_params(block) + ATTN_FLOPS_PER_TD * seq_len * d for block in rack.blocks]
+    head = 2 * rack.lm_head.weight.numel()
+    return ForwardCost(blocks, float(head))
+
+
+def _matrix_params(module) -> int:
+    """Weights that are multiplied with activations (matrices; norms and biases are negligible)."""
+    return sum(p.numel() for p in module.parameters() if p.dim() >= 2)
+
+
+def phase_step_flops(config, phase, cost: ForwardCost) -> float:
+    """FLOPs of one optimizer step of ``phase`` (tokens per step x per-token cost)."""
+    from stackwise_ds.training.phases import FROZEN, TRAIN
+
+    factors = {TRAIN: TRAIN_FACTOR, FROZEN: FROZEN_FACTOR}
+    bps = config.model.architecture.blocks_per_stack
+    per_token = TRAIN_FACTOR * cost.head
+    for index, block_cost in enumerate(cost.blocks):
+        role = phase.block_role(*divmod(index, bps))
+        per_token += factors.get(role, 0) * block_cost
+    t = config.training
+    return per_token * t.micro_batch_size * t.gradient_accumulation_steps * config.data.seq_len
+
+
+def step_flops_schedule(config) -> list[float]:
+    """FLOPs of every optimizer step of a run, in order (global step g -> entry g-1)."""
+    from stackwise_ds.training.phases import plan_phases
+
+    cost = forward_cost(config)
+    schedule: list[float] = []
+    for phase in plan_phases(config):
+        schedule.extend([phase_step_flops(config, phase, cost)] * phase.steps)
+    return schedule
+
+
+def training_flops_per_token(config) -> float:
+    """Whole-rack training FLOPs per token: 6·N (N unique parameters) + 12·L·T·d for attention.
+
+    The same count as the per-phase model for a rackwise step (norm weights aside); used for
+    model FLOPs utilisation on a GPU.
+    """
+    from stackwise_ds.model import create_rack_from_config
+
+    rack = create_rack_from_config(config)
+    n_blocks, seq_len, d = len(rack.blocks), config.data.seq_len, config.model.d_model
+    return 6 * rack.get_parameter_count() + TRAIN_FACTOR * ATTN_FLOPS_PER_TD * n_blocks * seq_len * d

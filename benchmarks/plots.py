@@ -1,0 +1,55 @@
+"""PNG plots of validation loss against training FLOPs and against training time, per mode."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+COLORS = {"rackwise": "tab:blue", "stackwise": "tab:orange", "stackwise_joint": "tab:green", "blockwise": "tab:red"}
+
+
+def plot_modes(modes: dict, prefix: Path) -> list[str]:
+    """Two PNGs (``{prefix}_val_loss_vs_flops.png``, ``..._vs_time.png``); returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on a benchmark machine
+    import matplotlib.pyplot as plt
+
+    per_mode = modes["modes_detail"]["per_mode"]
+    written = []
+    for x_key, x_label, scale, suffix in (("flops", "training FLOPs (PFLOP)", 1e-15, "flops"),
+                                          ("train_time_s", "training time (s, sum of step times)", 1.0, "time")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for mode, detail in per_mode.items():
+            _plot_mode(ax, mode, detail["curves"], x_key, scale)
+        ax.axvline(modes["modes_detail"]["budget_flops"] * scale if x_key == "flops" else float("nan"),
+                   color="grey", lw=0.8, ls=":")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.set_title(f"equal FLOP budget, mean of {len(modes['modes_detail']['seeds'])} seed(s)")
+        ax.set_ylim(top=_upper_limit(per_mode))
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = prefix.with_name(f"{prefix.name}_val_loss_vs_{suffix}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def _plot_mode(ax, mode: str, curves: list[list[dict]], x_key: str, scale: float) -> None:
+    """Thin line per seed, thick line for the mean over seeds (evaluations align across seeds)."""
+    color = COLORS.get(mode)
+    for curve in curves:
+        ax.plot([p[x_key] * scale for p in curve], [p["val_loss"] for p in curve], color=color, alpha=0.25, lw=0.8)
+    n = min(len(c) for c in curves)
+    xs = [statistics.mean(c[i][x_key] for c in curves) * scale for i in range(n)]
+    ys = [statistics.mean(c[i]["val_loss"] for c in curves) for i in range(n)]
+    ax.plot(xs, ys, color=color, lw=2, marker="o", ms=3, label=mode)
+
+
+def _upper_limit(per_mode: dict) -> float:
+    """Cut the y axis above the first evaluation after step 0, so the untrained loss does not squash the rest."""
+    later = [p["val_loss"] for d in per_mode.values() for c in d["curves"] for p in c if p["step"] > 0]
+    return max(later) + 0.1 if later else None

@@ -1,0 +1,147 @@
+"""Peer watchdog: no rank waits forever for a rank that died.
+
+Every rank writes a heartbeat file (pid, host, time) every few seconds under
+``<output_dir>/.heartbeat/<run id>/``. A daemon thread on each rank watches its
+peers: a peer whose process is gone (same host) or whose heartbeat is older than
+``timeout_s`` is reported by rank and pid, and this rank exits non-zero (after a short
+grace period in which its own error, if any, gets printed) instead of blocking in a
+collective. The ``deepspeed`` launcher already stops every rank when
+one exits non-zero; then the SIGTERM handler names the rank that died, which the
+launcher's own log does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+EXIT_PEER_FAILED = 3
+_ACTIVE: "PeerWatchdog | None" = None
+
+
+def describe_failed_peers() -> str:
+    """'rank 1 (pid 42 on node1): process is gone' for every failed peer of the running watchdog, or ''."""
+    return "; ".join(_ACTIVE.failed_peers()) if _ACTIVE is not None else ""
+
+
+class PeerWatchdog:
+    def __init__(self, directory: Path, rank: int, world_size: int, interval_s: float = 2.0,
+                 timeout_s: float = 120.0):
+        self.directory, self.rank, self.world_size = Path(directory), rank, world_size
+        self.interval_s, self.timeout_s = interval_s, timeout_s
+        self.host = socket.gethostname()
+        self._stop = threading.Event()
+        self._started_at = time.time()
+
+    # ---- lifecycle
+
+    def start(self) -> "PeerWatchdog":
+        global _ACTIVE
+        _ACTIVE = self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._beat()
+        threading.Thread(target=self._watch, name="stackwise-watchdog", daemon=True).start()
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    # ---- heartbeats
+
+    def _path(self, rank: int) -> Path:
+        return self.directory / f"rank{rank}.json"
+
+    def _beat(self) -> None:
+        tmp = self._path(self.rank).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": self.host, "time": time.time()}))
+        os.replace(tmp, self._path(self.rank))
+
+    def _read(self, rank: int) -> dict | None:
+        try:
+            return json.loads(self._path(rank).read_text())
+        except (OSError, ValueError):
+            return None
+
+    # ---- failure detection
+
+    def failed_peers(self) -> list[str]:
+        """One line per peer that is dead or silent, e.g. 'rank 1 (pid 4242 on node1): process is gone'."""
+        now, problems = time.time(), []
+        for rank in range(self.world_size):
+            if rank == self.rank:
+                continue
+            beat = self._read(rank)
+            if beat is None:
+                if now - self._started_at > self.timeout_s:
+                    problems.append(f"rank {rank}: never started its heartbeat")
+                continue
+            where = f"rank {rank} (pid {beat['pid']} on {beat['host']})"
+            if beat["host"] == self.host and not _alive(beat["pid"]):
+                problems.append(f"{where}: process is gone")
+            elif now - beat["time"] > self.timeout_s:
+                problems.append(f"{where}: no heartbeat for {now - beat['time']:.0f} s")
+        return problems
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self._beat()
+            except OSError:
+                pass  # a full or vanished disk must not kill training by itself
+            problems = self.failed_peers()
+            if problems:  # give this rank's own error, if it is about to hit one, the chance to print
+                exit_after_grace(self.rank, f"stopping because a peer failed: {'; '.join(problems)}",
+                                 code=EXIT_PEER_FAILED)
+                return
+
+    def _on_sigterm(self, signum, frame) -> None:
+        problems = self.failed_peers()
+        reason = f"peer failure: {'; '.join(problems)}" if problems else "SIGTERM from the launcher or the user"
+        exit_after_grace(self.rank, f"stopping on {reason}")
+
+
+def exit_now(rank: int, message: str, code: int) -> None:
+    print(f"[stackwise] rank {rank}: {message}. The latest complete checkpoint is kept; "
+          "re-run the same command to resume.", file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+def exit_after_grace(rank: int, message: str, grace_s: float = 20.0, code: int = 128 + signal.SIGTERM) -> None:
+    """Exit with ``message`` in ``grace_s`` seconds unless the main thread exits first.
+
+    When one rank fails, the ``deepspeed`` launcher SIGTERMs the others at once. The others
+    usually hit the same bad input a moment later; the grace period lets each report its
+    own error. A rank blocked in a collective exits when the grace period ends (before the
+    launcher's SIGKILL, 30 s after its SIGTERM).
+    """
+    timer = threading.Timer(grace_s, exit_now, args=(rank, message, code))
+    timer.daemon = True
+    timer.start()
+
+
+def install_startup_sigterm_handler(rank: int) -> None:
+    """Until the watchdog takes over: on SIGTERM, keep going for a grace period, then exit."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: exit_after_grace(
+        rank, "stopping on SIGTERM (another rank failed, or the job was stopped)"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a killed child of the launcher stays a zombie until reaped: treat that as dead
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return True

@@ -1,0 +1,185 @@
+"""Faults and bad inputs: exact resume after SIGKILL, crash-safe checkpoints, no hangs, clear errors.
+
+Every test launches real processes; kills are real signals to the real process group.
+"""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from launch_utils import REPO, results, run_training, state, train_command
+
+RESUME_CASES = {
+    "rackwise": ["training.max_steps=8", "training.save_interval=2"],
+    "stackwise": ["training.training_architecture=stackwise", "training.steps_per_phase=4",
+                  "training.save_interval=2"],
+}
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_training(n_procs, output_dir, *overrides) -> subprocess.Popen:
+    return subprocess.Popen(train_command(n_procs, output_dir, list(overrides)), cwd=REPO, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+
+
+def resumed_step(stdout: str) -> int:
+    match = re.search(r"resuming from \S*step(\d+)", stdout)
+    assert match, stdout[-3000:]
+    return int(match.group(1))
+
+
+@pytest.mark.parametrize("mode", sorted(RESUME_CASES))
+def test_sigkill_then_rerun_continues_exactly(mode, tmp_path):
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    overrides = RESUME_CASES[mode] + ["training.eval_interval=0"]
+    run_training(2, reference, *overrides)
+    job = start_training(2, crashed, *overrides)
+    # kill the whole job (launcher and ranks) once the step-6 checkpoint is complete: mid phase 2 of stackwise
+    wait_for(lambda: (crashed / "checkpoints" / "step00000006" / "stackwise_state.json").exists(), 300,
+             "the step-6 checkpoint")
+    kill_job(job)
+    proc = run_training(2, crashed, *overrides)
+    start = resumed_step(proc.stdout)
+    assert start >= 6
+    assert results(crashed)["losses"] == results(reference)["losses"][start:]  # bitwise, same world size
+    assert state(crashed)["consumed_samples"] == state(reference)["consumed_samples"]
+
+
+def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
+    overrides = ["training.max_steps=8", "training.save_interval=2", "training.eval_interval=0"]
+    run_training(2, tmp_path, *overrides)
+    reference = results(tmp_path)["losses"]
+    # a kill during the last save: DeepSpeed's files are there, our completion marker is not
+    (tmp_path / "checkpoints" / "step00000008" / "stackwise_state.json").unlink()
+    (tmp_path / "results.json").unlink()
+    proc = run_training(2, tmp_path, *overrides)
+    assert resumed_step(proc.stdout) == 6
+    assert results(tmp_path)["losses"] == reference[6:]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step00000008"
+
+
+def test_dead_rank_stops_the_others_quickly_and_is_named(tmp_path):
+    job = start_training(2, tmp_path, "training.max_steps=100000", "training.save_interval=0",
+                         "training.eval_interval=0")
+    heartbeat = tmp_path / ".heartbeat"
+    wait_for(lambda: len(list(heartbeat.glob("*/rank*.json"))) == 2, 120, "both ranks' heartbeats")
+    time.sleep(3)  # let training start
+    victim = json.loads(next(heartbeat.glob("*/rank1.json")).read_text())["pid"]
+    os.kill(victim, signal.SIGKILL)
+    started = time.time()
+    output, _ = job.communicate(timeout=150)
+    assert time.time() - started < 120
+    assert job.returncode != 0
+    assert f"rank 1 (pid {victim}" in output and "process is gone" in output, output[-3000:]
+
+
+def expect_error_on_every_rank(proc, n_ranks: int, fragment: str) -> None:
+    assert proc.returncode != 0
+    text = proc.stdout + proc.stderr
+    for rank in range(n_ranks):
+        assert re.search(rf"error on rank {rank}: .*{fragment}", text), f"rank {rank} did not report {fragment!r}:\n{text[-3000:]}"
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    (["model.d_modle=64"], "unknown key 'd_modle' in model"),
+    (["training.max_steps=many"], "training.max_steps' must be an integer"),
+    (["data.seq_len=128"], r"data.seq_len \(128\) is longer than model.max_seq_len \(64\)"),
+    (["data.source=text_files", "data.paths=[/nonexistent/corpus.txt]"], "/nonexistent/corpus.txt"),
+])
+def test_bad_config_and_data_fail_clearly_on_every_rank(overrides, fragment, tmp_path):
+    proc = run_training(2, tmp_path / "out", *overrides, expect_ok=False)
+    expect_error_on_every_rank(proc, 2, fragment)
+
+
+def test_pipeline_that_does_not_fit_the_world_size(tmp_path):
+    proc = run_training(3, tmp_path / "out", expect_ok=False)
+    expect_error_on_every_rank(proc, 3, "world size 3 is not a multiple of parallel.pipeline_stages")
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("", "dataset is empty"),
+    ("def f():\n    return 1\n" * 4, "the training split has 2 sequences of length 32 but one global batch needs 4"),
+])
+def test_empty_or_too_small_dataset(text, fragment, tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    proc = run_training(2, tmp_path / "out", "data.source=text_files", f"data.paths=[{corpus}]",
+                        "data.val_fraction=0", expect_ok=False)
+    expect_error_on_every_rank(proc, 2, fragment)
+
+
+def test_output_dir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = run_training(2, blocker / "run", expect_ok=False)
+    expect_error_on_every_rank(proc, 2, "is not writable .* choose a directory you can write to")
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    run_training(2, out, "training.max_steps=2", "training.save_interval=1", "training.eval_interval=0")
+    return out
+
+
+def test_checkpoint_of_another_architecture_is_refused(finished_run, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
+    proc = run_training(2, out, "model.d_model=32", "training.max_steps=2", expect_ok=False)
+    expect_error_on_every_rank(proc, 2, r"another architecture \(model.d_model: checkpoint 64 vs config 32")
+
+
+def test_corrupt_checkpoint_is_reported_on_every_rank_and_kept(finished_run, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
+    (out / "checkpoints" / "latest").write_text("step00000001")
+    (out / "checkpoints" / "step00000002" / "stackwise_state.json").unlink()  # step 2 never completed
+    layer = out / "checkpoints" / "step00000001" / "layer_01-model_states.pt"
+    layer.write_bytes(layer.read_bytes()[:100])  # truncated on disk
+    proc = run_training(2, out, "training.max_steps=4", "training.save_interval=1", "training.eval_interval=0",
+                        expect_ok=False)
+    expect_error_on_every_rank(proc, 2, "step00000001 cannot be loaded .* delete that folder")
+    assert layer.exists() and (out / "checkpoints" / "step00000001" / "stackwise_state.json").exists()
+
+
+def test_nonfinite_loss_stops_with_step_and_phase_and_keeps_checkpoint(finished_run, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
+    checkpoints = out / "checkpoints"
+    (checkpoints / "step00000002" / "stackwise_state.json").unlink()  # resume from step 1
+    (checkpoints / "latest").write_text("step00000001")
+    # a NaN in the final norm's weight (as a hardware fault would leave it): the next loss is NaN
+    norm_file = checkpoints / "step00000001" / "layer_05-model_states.pt"
+    norm = torch.load(norm_file, weights_only=True)
+    norm["weight"][0] = float("nan")
+    torch.save(norm, norm_file)
+    before = norm_file.read_bytes()
+    proc = run_training(2, out, "training.max_steps=2", "training.save_interval=1", "training.eval_interval=0",
+                        expect_ok=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert re.search(r"non-finite training loss \(nan\) at global step 2, phase rack \(step 2\)", proc.stderr), \
+        proc.stderr[-2000:]
+    assert (checkpoints / "latest").read_text().strip() == "step00000001"
+    assert not (checkpoints / "step00000002" / "stackwise_state.json").exists()  # nothing new published
+    assert norm_file.read_bytes() == before
+
