@@ -126,9 +126,9 @@ class TrainingConfig:
     """Seeds the weights (per module, layout-independent), the data order and the split."""
     output_dir: str = "runs/default"
     """Where config.yaml, tensorboard/ and checkpoints/ go; re-running resumes from here."""
-    max_steps: int = 300
+    max_steps: int = 150
     """Optimizer steps of a rackwise run."""
-    steps_per_phase: Union[int, list[int]] = 150
+    steps_per_phase: Union[int, list[int]] = 75
     """Steps of each stackwise/blockwise phase: one number for all, or one per phase."""
     joint_steps: int = 0
     """Steps of a closing end-to-end phase after the last stackwise/blockwise phase (0 = none)."""
@@ -136,7 +136,7 @@ class TrainingConfig:
     """How a stack/block starts its phase: 'fresh' (its own init) or 'copy_previous' (weights of the one before)."""
     micro_batch_size: int = 8
     """Sequences per micro-batch on each data-parallel replica."""
-    gradient_accumulation_steps: int = 4
+    gradient_accumulation_steps: int = 2
     """Micro-batches per optimizer step (the pipeline's micro-batches)."""
     lr: float = 1e-3
     """Peak learning rate (restarted with warmup at each phase)."""
@@ -156,11 +156,11 @@ class TrainingConfig:
     """'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'."""
     log_interval: int = 10
     """Log per-stage memory and per-stack gradient norms every this many steps."""
-    eval_interval: int = 50
+    eval_interval: int = 25
     """Validate every this many steps and at the end of each phase (0 = only at phase ends)."""
     eval_batches: int = 8
     """Validation micro-batches per evaluation."""
-    save_interval: int = 100
+    save_interval: int = 50
     """Checkpoint every this many steps (0 = only at phase ends)."""
     resume: bool = True
     """Continue from the latest checkpoint in output_dir when there is one."""

@@ -27,7 +27,7 @@ from stackwise_ds.parallel.distributed import barrier, init_distributed  # noqa:
 from stackwise_ds.parallel.ds_config import build_ds_config  # noqa: E402
 from stackwise_ds.parallel.pipe import rack_to_pipeline  # noqa: E402
 from stackwise_ds.training.checkpointing import TrainingState, mark_complete  # noqa: E402
-from stackwise_ds.training.trainer import ArchitectureTrainer  # noqa: E402
+from stackwise_ds.training.optim import make_optimizer  # noqa: E402
 
 GLOBAL_BATCH, MICRO = 4, 2
 
@@ -55,9 +55,8 @@ def build(spec: dict, world_size: int):
     rack = create_rack_from_config(config)
     pipe = rack_to_pipeline(rack, stages, world_size)
     # The trainer's own optimizer factory: its parameter-group rule is what reshard must reproduce.
-    trainer = ArchitectureTrainer(config)
-    trainer.pipe = pipe
-    optimizer = trainer._optimizer_factory([(n, p) for n, p in pipe.named_parameters() if p.requires_grad])
+    optimizer = make_optimizer([(n, p) for n, p in pipe.named_parameters() if p.requires_grad],
+                               config.training, pipe.units)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
     engine, *_ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=schedule,
                                       config=build_ds_config(config, dp))

@@ -19,7 +19,7 @@ from collections import OrderedDict
 import torch
 
 from ..config import StackWiseConfig
-from ..parallel.pipe import TIED_KEY, LayerUnit, layer_units, stage_boundaries
+from ..layout import TIED_KEY, LayerUnit, layer_units, stage_boundaries
 from ..training.checkpointing import CheckpointError
 from .locate import CheckpointRef
 

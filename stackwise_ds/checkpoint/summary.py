@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import StackWiseConfig
-from ..parallel.pipe import LayerUnit
+from ..layout import LayerUnit
 from ..training.checkpointing import STATE_FILE
 from ..training.phases import TRAIN, Phase, plan_phases
 from .layers import file_layers, rack_shapes, stage_layers, units_of

@@ -14,17 +14,15 @@ tensor, the hidden state [B, T, D].
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
+from ..layout import TIED_KEY, LayerUnit, layer_units, stage_boundaries
 from ..model import Rack
 
-TIED_KEY = "embed"
 PARTITION_PREFIX = "stacks:"
 
 
@@ -58,35 +56,6 @@ class HeadPipe(nn.Module):
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross entropy over positions whose label is not -100 (masked LM marks the rest so)."""
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
-
-
-@dataclass(frozen=True)
-class LayerUnit:
-    """What a pipeline layer is, in Rack terms: kind 'embedding' | 'block' | 'norm' | 'head'."""
-
-    kind: str
-    stack_id: int | None = None
-    block_id: int | None = None
-
-    @property
-    def rack_prefix(self) -> str:
-        """The stable Rack parameter-name prefix of this layer's own parameters."""
-        return {"embedding": "embedding.", "norm": "norm.", "head": "lm_head.",
-                "block": f"stacks.{self.stack_id}.blocks.{self.block_id}."}[self.kind]
-
-
-def layer_units(n_stacks: int, blocks_per_stack: int) -> list[LayerUnit]:
-    blocks = [LayerUnit("block", s, b) for s in range(n_stacks) for b in range(blocks_per_stack)]
-    return [LayerUnit("embedding"), *blocks, LayerUnit("norm"), LayerUnit("head")]
-
-
-def stage_boundaries(n_stacks: int, blocks_per_stack: int, stages: int) -> list[int]:
-    """Layer index where each stage starts, plus the end: stage s holds whole stacks only."""
-    if stages <= 0 or n_stacks % stages:
-        raise ValueError(f"pipeline stages ({stages}) must divide n_stacks ({n_stacks})")
-    blocks_per_stage = n_stacks // stages * blocks_per_stack
-    n_layers = n_stacks * blocks_per_stack + 3
-    return [0] + [1 + s * blocks_per_stage for s in range(1, stages)] + [n_layers]
 
 
 class RackPipelineModule(PipelineModule):

@@ -15,6 +15,7 @@ import os
 import resource
 import time
 import uuid
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -25,13 +26,15 @@ from ..model import Rack
 from ..parallel import distributed
 from ..parallel.ds_config import build_ds_config
 from ..parallel.engine import build_engine
-from ..parallel.pipe import LayerUnit, rack_to_pipeline
+from ..layout import LayerUnit
+from ..parallel.pipe import rack_to_pipeline
 from ..parallel.tied import tied_weight_max_abs_diff
 from ..parallel.watchdog import PeerWatchdog
 from . import checkpointing as ckpt
 from .errors import NonFiniteLossError
 from .lr import warmup_cosine
 from .monitor import Monitor
+from .optim import make_optimizer
 from .phases import FROZEN, TRAIN, Phase, plan_phases
 from .unit_copy import copy_previous_unit
 
@@ -177,7 +180,8 @@ class ArchitectureTrainer:
         roles = None if phase.kind == "rack" else {i: self._unit_role(phase, unit)
                                                   for i, unit in enumerate(self.pipe.units)}
         return build_engine(self.pipe, self.ds_config, roles,
-                            optimizer_factory=self._optimizer_factory,
+                            optimizer_factory=partial(make_optimizer, training=self.config.training,
+                                                              units=self.pipe.units),
                             lr_lambda=lambda step: warmup_cosine(step, phase.steps, self.config.training.warmup_steps,
                                                                  self.config.training.min_lr_ratio))
 
@@ -188,27 +192,6 @@ class ArchitectureTrainer:
         if unit.kind == "embedding":
             return phase.embedding_role
         return TRAIN  # final norm and LM head always train
-
-    def _optimizer_factory(self, named_params: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
-        """AdamW over this stage's trainable parameters: decay on matrices only, per-stack lr scale."""
-        t = self.config.training
-        groups: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
-        for name, param in named_params:
-            scale = self._lr_scale(name)
-            decay = t.weight_decay if param.dim() >= 2 else 0.0
-            groups.setdefault((scale, decay), []).append(param)
-        param_groups = [{"params": params, "lr": t.lr * scale, "weight_decay": decay}
-                        for (scale, decay), params in groups.items()]
-        return torch.optim.AdamW(param_groups, lr=t.lr, betas=tuple(t.adam_betas), eps=1e-8)
-
-    def _lr_scale(self, pipe_param_name: str) -> float:
-        scales = self.config.training.stack_lr_scale
-        if scales is None:
-            return 1.0
-        layer = pipe_param_name.split(".", 1)[0]
-        if layer.isdigit() and self.pipe.units[int(layer)].kind == "block":
-            return scales[self.pipe.units[int(layer)].stack_id]
-        return 1.0
 
     def _load_resume_checkpoint(self, engine, full: bool) -> None:
         """Load on every rank; a failure on any rank is reported on all of them (no rank left waiting)."""

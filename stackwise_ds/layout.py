@@ -1,0 +1,41 @@
+"""Which pipeline layer is which part of the Rack, and where stages start. No DeepSpeed import.
+
+Pipeline layers, in order: 0 the embedding, 1..n_blocks the Blocks stack by stack, then the
+final norm, then the LM head (the tied embedding module when tied, so it has no file of its own
+in a checkpoint). Shared by the pipeline builder, the trainer and the checkpoint tools.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+TIED_KEY = "embed"  # DeepSpeed TiedLayerSpec key of the embedding / LM head
+
+
+@dataclass(frozen=True)
+class LayerUnit:
+    """What a pipeline layer is, in Rack terms: kind 'embedding' | 'block' | 'norm' | 'head'."""
+
+    kind: str
+    stack_id: int | None = None
+    block_id: int | None = None
+
+    @property
+    def rack_prefix(self) -> str:
+        """The stable Rack parameter-name prefix of this layer's own parameters."""
+        return {"embedding": "embedding.", "norm": "norm.", "head": "lm_head.",
+                "block": f"stacks.{self.stack_id}.blocks.{self.block_id}."}[self.kind]
+
+
+def layer_units(n_stacks: int, blocks_per_stack: int) -> list[LayerUnit]:
+    blocks = [LayerUnit("block", s, b) for s in range(n_stacks) for b in range(blocks_per_stack)]
+    return [LayerUnit("embedding"), *blocks, LayerUnit("norm"), LayerUnit("head")]
+
+
+def stage_boundaries(n_stacks: int, blocks_per_stack: int, stages: int) -> list[int]:
+    """Layer index where each stage starts, plus the end: stage s holds whole stacks only."""
+    if stages <= 0 or n_stacks % stages:
+        raise ValueError(f"pipeline stages ({stages}) must divide n_stacks ({n_stacks})")
+    blocks_per_stage = n_stacks // stages * blocks_per_stack
+    n_layers = n_stacks * blocks_per_stack + 3
+    return [0] + [1 + s * blocks_per_stage for s in range(1, stages)] + [n_layers]
