@@ -160,6 +160,14 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- MHA / GQA
 
 
+def add_qkvo_projections(module: nn.Module, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+    """q/k/v/o projections with HF Llama's names and shapes (so a Llama export maps 1:1)."""
+    module.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
+    module.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+    module.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
+    module.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+
+
 class MultiHeadAttention(nn.Module):
     """Softmax attention with Llama parameter names and shapes; GQA when n_kv_heads < n_heads.
 
@@ -174,10 +182,7 @@ class MultiHeadAttention(nn.Module):
         check_rope_dim("head_dim = d_model / n_heads", self.head_dim,
                        "choose d_model and n_heads so that d_model / n_heads is even")
         self.n_heads, self.causal, self.dropout = n_heads, attention_mode == "causal", dropout
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        add_qkvo_projections(self, d_model, n_heads, self.n_kv_heads, self.head_dim)
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
@@ -301,10 +306,7 @@ class KernelAttention(nn.Module):
         self.phi = FEATURE_MAPS[feature_map]
         self.feature_map, self.chunk_size = feature_map, chunk_size
         self.n_heads, self.causal = n_heads, attention_mode == "causal"
-        self.q_proj = nn.Linear(d_model, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d_model, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
+        add_qkvo_projections(self, d_model, n_heads, self.n_kv_heads, self.head_dim)
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
