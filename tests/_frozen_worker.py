@@ -20,6 +20,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
+from stackwise_ds.parallel.distributed import init_distributed
 from stackwise_ds.parallel.engine import build_engine
 from stackwise_ds.parallel.roles import DORMANT, FROZEN, TRAIN
 
@@ -437,7 +438,7 @@ def main() -> None:
     if os.environ.get("SW_DEBUG"):
         import faulthandler
         faulthandler.dump_traceback_later(int(os.environ["SW_DEBUG"]), exit=True)
-    deepspeed.init_distributed(dist_backend="gloo")
+    init_distributed()  # ours: also unlinks DeepSpeed's /dev/shm buffer names
     results = {}
     for scenario in GROUPS[group]:
         results[scenario.__name__] = out = {}

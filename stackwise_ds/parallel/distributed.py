@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import socket
 from datetime import timedelta
@@ -30,9 +31,30 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
                           MASTER_PORT=str(_free_port()))
     if not dist.is_initialized():
         deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        unlink_shared_memory_buffer(dist.get_rank())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
+
+
+def unlink_shared_memory_buffer(rank: int) -> None:
+    """Remove this rank's name of DeepSpeed's CPU all-reduce buffer from /dev/shm.
+
+    On CPU, DeepSpeed maps a ~70 MB shared-memory buffer per rank, named
+    ``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``, and never unlinks it: every run
+    (a killed one too) would leave its buffers in /dev/shm, i.e. in RAM, until reboot. Each rank
+    maps all peers' buffers during ``init_distributed``, so after a barrier the names can go;
+    the memory itself lives on until the last process holding a mapping exits.
+    """
+    import deepspeed.comm as dist
+
+    dist.barrier()
+    port = os.environ.get("MASTER_PORT", "")
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass  # already gone; nothing to free
 
 
 def barrier() -> None:
