@@ -265,7 +265,7 @@ class StackWiseConfig:
 
     def validate(self) -> None:
         """Cross-field checks; each message names the key and how to fix it."""
-        m, t, d, p = self.model, self.training, self.data, self.parallel
+        m, t, d = self.model, self.training, self.data
         _check_choice("model.attention_type", m.attention_type, ("mha", "gqa", "mla", "kernel"))
         _check_choice("model.attention_mode", m.attention_mode, ("causal", "bidirectional"))
         _check_choice("training.training_architecture", t.training_architecture, TRAINING_ARCHITECTURES)

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 
 TIED_KEY = "embed"  # DeepSpeed TiedLayerSpec key of the embedding / LM head
 
+# Role of a pipeline layer in a phase: trains, runs forward only under no_grad, or is skipped (identity).
+TRAIN, FROZEN, DORMANT = "train", "frozen", "dormant"
+
 
 @dataclass(frozen=True)
 class LayerUnit:

@@ -31,7 +31,7 @@ from functools import partial
 import torch
 from torch import nn
 
-TRAIN, FROZEN, DORMANT = "train", "frozen", "dormant"
+from ..layout import DORMANT, FROZEN, TRAIN  # noqa: F401 - re-exported for the engine
 LAYER_ROLES = (TRAIN, FROZEN, DORMANT)
 
 FORWARD_ONLY, RELAY, TRAIN_STAGE = "forward_only", "relay", "train"

@@ -13,8 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import StackWiseConfig
-
-TRAIN, FROZEN, DORMANT = "train", "frozen", "dormant"
+from ..layout import DORMANT, FROZEN, TRAIN  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -56,10 +55,6 @@ class Phase:
         A tied embedding still learns through the LM head, which always trains.
         """
         return TRAIN if self.trains_everything or self.unit == 0 else FROZEN
-
-    def active_blocks(self) -> list[tuple[int, int]]:
-        return [(s, b) for s in range(self.n_stacks) for b in range(self.blocks_per_stack)
-                if self.block_role(s, b) == TRAIN]
 
 
 def plan_phases(config: StackWiseConfig) -> list[Phase]:

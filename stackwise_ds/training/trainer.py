@@ -35,7 +35,7 @@ from .errors import NonFiniteLossError
 from .lr import warmup_cosine
 from .monitor import Monitor
 from .optim import make_optimizer
-from .phases import FROZEN, TRAIN, Phase, plan_phases
+from .phases import TRAIN, Phase, plan_phases
 from .unit_copy import copy_previous_unit
 
 
@@ -264,16 +264,14 @@ class ArchitectureTrainer:
         stage = self.pipe.stage_id
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
-        gathered = distributed.all_gather_floats([stage, rss_mb, cuda_mb, *engine.stack_grad_norms(len(self.config_stacks()))])
+        grad_norms = engine.stack_grad_norms(self.config.model.architecture.n_stacks)
+        gathered = distributed.all_gather_floats([stage, rss_mb, cuda_mb, *grad_norms])
         for row in gathered:
             s = int(row[0])
             self.monitor.scalars({f"memory/stage{s}_rss_mb": row[1], f"memory/stage{s}_cuda_mb": row[2]}, step)
             for stack_id, norm in enumerate(row[3:]):
                 if norm >= 0:
                     self.monitor.scalar(f"grad_norm/stack{stack_id}", norm, step)
-
-    def config_stacks(self) -> range:
-        return range(self.config.model.architecture.n_stacks)
 
     def _validate(self, engine, step: int) -> float:
         if self.val_source is None:
