@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from stackwise_ds.config import StackWiseConfig  # noqa: E402
 from stackwise_ds.model import create_rack_from_config  # noqa: E402
-from stackwise_ds.parallel.distributed import barrier, init_distributed  # noqa: E402
+from stackwise_ds.parallel.distributed import barrier, exit_process, init_distributed  # noqa: E402
 from stackwise_ds.parallel.ds_config import build_ds_config  # noqa: E402
 from stackwise_ds.parallel.pipe import rack_to_pipeline  # noqa: E402
 from stackwise_ds.training.checkpointing import TrainingState, mark_complete  # noqa: E402
@@ -111,7 +111,7 @@ def main() -> None:
     result["continued"] = train(engine, config, dp, spec.get("continue_steps", 0))
     if rank == 0:
         Path(spec["result"]).write_text(json.dumps(result))
-    barrier()
+    exit_process(0)  # as launch/train.py leaves: no interpreter teardown of gloo's threads
 
 
 if __name__ == "__main__":

@@ -57,6 +57,33 @@ def unlink_shared_memory_buffer(rank: int) -> None:
             pass  # already gone; nothing to free
 
 
+def exit_process(code: int) -> None:
+    """Leave the process with ``code``, skipping interpreter teardown.
+
+    On success the process group is destroyed first, after a last barrier, so no rank leaves
+    while a peer still talks to it. Then ``os._exit``: Python's normal teardown destroys
+    torch's gloo/TCPStore objects in no defined order against their C++ threads and can abort a
+    rank that finished its work ("terminate called without an active exception", SIGABRT), which
+    the launcher reports as a failed job. On failure there is no barrier: a peer may be dead.
+    """
+    import sys
+
+    if code == 0:
+        shutdown_distributed()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def shutdown_distributed() -> None:
+    """Barrier, then destroy the default process group (every rank must call it)."""
+    import torch.distributed as tdist
+
+    if tdist.is_available() and tdist.is_initialized():
+        tdist.barrier()
+        tdist.destroy_process_group()
+
+
 def barrier() -> None:
     import deepspeed.comm as dist
 

@@ -90,7 +90,6 @@ def train(config: StackWiseConfig) -> dict:
 
 def exit_main() -> None:
     """Entry point: exit without running interpreter teardown of half-closed process groups."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from ..parallel.distributed import exit_process
+
+    exit_process(main())
