@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stackwise_ds.config import StackWiseConfig
+from stackwise_ds.layout import stage_rack_modules
 from stackwise_ds.model import Block, Rack, Stack, build_block, create_rack_from_config
 
 TINY = {"model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64,
@@ -51,6 +52,27 @@ def test_init_is_seeded_per_module_not_by_construction_order():
                            rack.stacks[0].blocks[0].attn.q_proj.weight)
     # blocks differ from one another
     assert not torch.equal(rack.stacks[0].blocks[0].attn.q_proj.weight, rack.stacks[0].blocks[1].attn.q_proj.weight)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+@pytest.mark.parametrize("stage", [0, 1])
+def test_a_stage_materializes_only_its_own_modules_bit_identical_to_the_full_rack(stage, tie):
+    config = tiny(tie_embeddings=tie, attention_type="mla", n_kv_heads=4)
+    arch = config.model.architecture
+    local = stage_rack_modules(arch.n_stacks, arch.blocks_per_stack, 2, stage, tie)
+    full = create_rack_from_config(config)
+    part = create_rack_from_config(config, materialize=local.__contains__)
+    stage_blocks = {f"stacks.{stage}.blocks.{b}" for b in range(arch.blocks_per_stack)}
+    edge = {0: {"embedding"}, 1: {"norm", "lm_head"} | ({"embedding"} if tie else set())}[stage]
+    assert local == stage_blocks | edge
+    full_state = full.state_dict()
+    for name, tensor in part.state_dict().items():
+        owner = "embedding.weight" if tie and name == "lm_head.weight" else name  # one shared Parameter
+        mine = any(owner.startswith(module + ".") for module in local)
+        assert tensor.is_meta != mine, name
+        if mine:
+            assert torch.equal(tensor, full_state[name]), name
+    assert part.get_parameter_count() == full.get_parameter_count()  # shapes and names all still there
 
 
 def test_stack_freeze_unfreeze_keeps_fixed_up_projection_frozen():

@@ -78,6 +78,19 @@ def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step00000008"
 
 
+def test_resume_tag_is_the_newest_complete_one_even_when_latest_lags(tmp_path):
+    from stackwise_ds.training.checkpointing import TrainingState, find_resume_tag, mark_complete, unmark
+
+    for step in (2, 4, 6):
+        (tmp_path / f"step{step:08d}").mkdir()
+        mark_complete(tmp_path, f"step{step:08d}", TrainingState(global_step=step))
+    (tmp_path / "latest").write_text("step00000004")  # killed after step 6's marker, before `latest`
+    (tmp_path / "step00000008").mkdir()  # killed during step 8's save: no marker
+    assert find_resume_tag(tmp_path) == "step00000006"
+    unmark(tmp_path, "step00000006")  # the trainer re-saving that tag: incomplete until marked again
+    assert find_resume_tag(tmp_path) == "step00000004"
+
+
 def test_dead_rank_stops_the_others_quickly_and_is_named(tmp_path):
     job = start_training(2, tmp_path, "training.max_steps=100000", "training.save_interval=0",
                          "training.eval_interval=0")

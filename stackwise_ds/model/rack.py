@@ -12,7 +12,7 @@ weights to the full rack built in one process.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -30,6 +30,18 @@ def seeded(seed: int):
         yield
 
 
+def everything(name: str) -> bool:
+    return True
+
+
+def on_device_unless(materialize: bool):
+    """Build real tensors, or, when ``materialize`` is false, shape-only ones on the meta device.
+
+    A pipeline stage materializes only the modules it holds: the rest of the Rack costs
+    no memory and no init time, yet every name and shape stays where it is."""
+    return contextlib.nullcontext() if materialize else torch.device("meta")
+
+
 def module_seed(seed: int, *position: int) -> int:
     """A distinct, layout-independent seed for the module at ``position`` (e.g. (stack, block))."""
     value = seed * 1_000_003
@@ -40,16 +52,18 @@ def module_seed(seed: int, *position: int) -> int:
 
 class Rack(nn.Module):
     def __init__(self, stacks: Iterable[Stack], vocab_size: int, d_model: int, tie_embeddings: bool = True,
-                 norm_eps: float = 1e-5, init_std: float = 0.02, seed: int = 0):
+                 norm_eps: float = 1e-5, init_std: float = 0.02, seed: int = 0,
+                 materialize: Callable[[str], bool] = everything):
         super().__init__()
         if vocab_size <= 0 or d_model <= 0:
             raise ValueError(f"vocab_size ({vocab_size}) and d_model ({d_model}) must be positive")
         self.vocab_size, self.d_model, self.tie_embeddings = vocab_size, d_model, tie_embeddings
-        with seeded(module_seed(seed, 10_000)):
+        with seeded(module_seed(seed, 10_000)), on_device_unless(materialize("embedding")):
             self.embedding = make_embedding(vocab_size, d_model, init_std)
         self.stacks = nn.ModuleList(stacks)
-        self.norm = RMSNorm(d_model, norm_eps)
-        with seeded(module_seed(seed, 10_001)):
+        with on_device_unless(materialize("norm")):
+            self.norm = RMSNorm(d_model, norm_eps)
+        with seeded(module_seed(seed, 10_001)), on_device_unless(materialize("lm_head")):
             self.lm_head = make_lm_head(self.embedding if tie_embeddings else None, vocab_size, d_model, init_std)
 
     @property
@@ -83,9 +97,14 @@ def make_lm_head(tied_to: nn.Embedding | None, vocab_size: int, d_model: int, in
     return head
 
 
-def build_block(model: ModelConfig, stack_id: int, block_id: int, seed: int) -> Block:
+def block_name(stack_id: int, block_id: int) -> str:
+    return f"stacks.{stack_id}.blocks.{block_id}"
+
+
+def build_block(model: ModelConfig, stack_id: int, block_id: int, seed: int,
+                materialize: Callable[[str], bool] = everything) -> Block:
     """Block ``block_id`` of stack ``stack_id``, initialised from its own seed."""
-    with seeded(module_seed(seed, stack_id, block_id)):
+    with seeded(module_seed(seed, stack_id, block_id)), on_device_unless(materialize(block_name(stack_id, block_id))):
         return Block(
             model.d_model, model.resolved_d_ff, model.n_heads, model.n_kv_heads,
             model.attention_type, model.attention_mode,
@@ -97,22 +116,28 @@ def build_block(model: ModelConfig, stack_id: int, block_id: int, seed: int) -> 
         )
 
 
-def build_stack(model: ModelConfig, stack_id: int, seed: int) -> Stack:
-    blocks = [build_block(model, stack_id, j, seed) for j in range(model.architecture.blocks_per_stack)]
+def build_stack(model: ModelConfig, stack_id: int, seed: int,
+                materialize: Callable[[str], bool] = everything) -> Stack:
+    blocks = [build_block(model, stack_id, j, seed, materialize) for j in range(model.architecture.blocks_per_stack)]
     return Stack(blocks, stack_id)
 
 
-def build_rack(model: ModelConfig, seed: int = 0) -> Rack:
-    stacks = [build_stack(model, i, seed) for i in range(model.architecture.n_stacks)]
+def build_rack(model: ModelConfig, seed: int = 0, materialize: Callable[[str], bool] = everything) -> Rack:
+    """The Rack of ``model``. ``materialize(name)`` says which modules ("embedding", "norm",
+    "lm_head", "stacks.{i}.blocks.{j}") get real weights; the others are built on the meta
+    device. Each real module is bit-identical to the same module of a fully materialized Rack."""
+    stacks = [build_stack(model, i, seed, materialize) for i in range(model.architecture.n_stacks)]
     return Rack(stacks, model.vocab_size, model.d_model, model.tie_embeddings,
-                norm_eps=model.norm_eps, init_std=model.init_std, seed=seed)
+                norm_eps=model.norm_eps, init_std=model.init_std, seed=seed, materialize=materialize)
 
 
-def create_rack_from_config(config: dict[str, Any] | StackWiseConfig | ModelConfig, seed: int | None = None) -> Rack:
-    """Build a Rack from a full config (dict or object) or a ModelConfig; ``seed`` defaults to training.seed."""
+def create_rack_from_config(config: dict[str, Any] | StackWiseConfig | ModelConfig, seed: int | None = None,
+                            materialize: Callable[[str], bool] = everything) -> Rack:
+    """Build a Rack from a full config (dict or object) or a ModelConfig; ``seed`` defaults to
+    training.seed. ``materialize``: see ``build_rack`` (default: every module)."""
     if isinstance(config, dict):
         config = StackWiseConfig.from_dict(config)
     if isinstance(config, StackWiseConfig):
         seed = config.training.seed if seed is None else seed
         config = config.model
-    return build_rack(config, seed=0 if seed is None else seed)
+    return build_rack(config, seed=0 if seed is None else seed, materialize=materialize)

@@ -20,7 +20,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
-from ..layout import TIED_KEY, LayerUnit, layer_units, stage_boundaries
+from ..layout import TIED_KEY, LayerUnit, layer_units, stage_boundaries, stage_rack_modules
 from ..model import Rack
 
 PARTITION_PREFIX = "stacks:"
@@ -79,12 +79,38 @@ class RackPipelineModule(PipelineModule):
         return {i: self.units[i] for i in range(self._local_start, self._local_stop)}
 
 
-def rack_to_pipeline(rack: Rack, stages: int, world_size: int,
-                     activation_checkpoint_interval: int = 0) -> RackPipelineModule:
-    """Wrap ``rack``'s own modules (same Parameters) into a pipeline of ``stages`` stages."""
-    n_stacks, bps = len(rack.stacks), len(rack.stacks[0].blocks)
+def check_materialized(rack: Rack, names: set[str], stage: int) -> None:
+    """A stage cannot train modules that only exist as shapes (meta device): say so, not crash in .to()."""
+    for name in sorted(names):
+        if any(p.is_meta for p in rack.get_submodule(name).parameters()):
+            raise ValueError(f"the Rack's '{name}' was built on the meta device but pipeline stage {stage} "
+                             "holds it: build the Rack with every module of this stage materialized "
+                             "(create_rack_from_config(config) builds them all)")
+
+
+def pipeline_topology(stages: int, world_size: int) -> PipeDataParallelTopology:
     if world_size % stages:
         raise ValueError(f"world size {world_size} is not a multiple of {stages} pipeline stages")
+    return PipeDataParallelTopology(num_pp=stages, num_dp=world_size // stages)
+
+
+def stage_of_rank(rank: int, stages: int, world_size: int) -> int:
+    """The pipeline stage ``rank`` runs, in DeepSpeed's (pipe, data) rank order."""
+    return pipeline_topology(stages, world_size).get_coord(rank).pipe
+
+
+def rack_to_pipeline(rack: Rack, stages: int, world_size: int,
+                     activation_checkpoint_interval: int = 0) -> RackPipelineModule:
+    """Wrap ``rack``'s own modules (same Parameters) into a pipeline of ``stages`` stages.
+
+    Only this rank's stage's modules need real weights: the rest may stay on the meta device
+    (see ``stage_rack_modules``), DeepSpeed never touches them."""
+    import deepspeed.comm as dist
+
+    n_stacks, bps = len(rack.stacks), len(rack.stacks[0].blocks)
+    topology = pipeline_topology(stages, world_size)
+    stage = topology.get_coord(dist.get_rank()).pipe
+    check_materialized(rack, stage_rack_modules(n_stacks, bps, stages, stage, rack.tie_embeddings), stage)
     layers: list = []
     if rack.tie_embeddings:
         layers.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, rack.embedding, tied_weight_attr="embedding.weight"))
@@ -98,7 +124,6 @@ def rack_to_pipeline(rack: Rack, stages: int, world_size: int,
     else:
         layers.append(LayerSpec(HeadPipe, rack.lm_head))
     boundaries = stage_boundaries(n_stacks, bps, stages)
-    topology = PipeDataParallelTopology(num_pp=stages, num_dp=world_size // stages)
     return RackPipelineModule(
         layers=layers, topology=topology, loss_fn=lm_loss,
         partition_method=PARTITION_PREFIX + ",".join(map(str, boundaries)),

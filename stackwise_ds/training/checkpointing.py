@@ -75,16 +75,20 @@ def is_complete(checkpoint_dir: Path, tag: str) -> bool:
 
 
 def find_resume_tag(checkpoint_dir: Path) -> str | None:
-    """The newest complete tag: ``latest`` if it is complete, else the highest complete step."""
+    """The newest complete tag (highest step with its marker), or None.
+
+    Not simply ``latest``: a kill between writing a tag's marker and replacing ``latest``
+    leaves ``latest`` one checkpoint behind, and resuming from it would redo steps that are
+    safely on disk. ``latest`` is kept for DeepSpeed's own loaders and for people."""
     if not checkpoint_dir.is_dir():
         return None
-    latest = checkpoint_dir / LATEST_FILE
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        if is_complete(checkpoint_dir, tag):
-            return tag
     complete = [p.name for p in checkpoint_dir.iterdir() if _TAG_RE.match(p.name) and is_complete(checkpoint_dir, p.name)]
     return max(complete, key=lambda t: int(_TAG_RE.match(t).group(1)), default=None)
+
+
+def unmark(checkpoint_dir: Path, tag: str) -> None:
+    """Rank 0, before a tag is (re)written: it is not complete until ``mark_complete`` again."""
+    (checkpoint_dir / tag / STATE_FILE).unlink(missing_ok=True)
 
 
 def load_state(checkpoint_dir: Path, tag: str) -> TrainingState:

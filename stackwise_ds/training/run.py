@@ -81,11 +81,9 @@ def _fmt(loss: float | None) -> str:
 
 
 def train(config: StackWiseConfig) -> dict:
-    from ..model import create_rack_from_config
     from .trainer import ArchitectureTrainer
 
-    rack = create_rack_from_config(config)
-    return ArchitectureTrainer(config).train_architecture(rack)
+    return ArchitectureTrainer(config).train_architecture()  # each rank builds its own stage only
 
 
 def exit_main() -> None:

@@ -22,12 +22,12 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..config import StackWiseConfig
-from ..model import Rack
+from ..model import Rack, create_rack_from_config
 from ..parallel import distributed
 from ..parallel.ds_config import build_ds_config
 from ..parallel.engine import build_engine
-from ..layout import LayerUnit
-from ..parallel.pipe import rack_to_pipeline
+from ..layout import LayerUnit, stage_rack_modules
+from ..parallel.pipe import rack_to_pipeline, stage_of_rank
 from ..parallel.tied import tied_weight_max_abs_diff
 from ..parallel.watchdog import PeerWatchdog
 from . import checkpointing as ckpt
@@ -59,9 +59,12 @@ class ArchitectureTrainer:
 
     # ------------------------------------------------------------------ public API
 
-    def train_architecture(self, rack: Rack, dataloader: Iterable | None = None,
+    def train_architecture(self, rack: Rack | None = None, dataloader: Iterable | None = None,
                            val_data: Iterable | None = None) -> dict[str, Any]:
         """Train ``rack`` through every phase; returns per-step and per-phase loss history.
+
+        Without ``rack``, the Rack of ``config.model`` is built here with only this rank's
+        stage materialized: a rank never allocates or initialises another stage's weights.
 
         ``dataloader`` yields ``(input_ids, labels)`` micro-batches for this rank, forever or
         long enough; without one, the data named by ``config.data`` is built. ``val_data``
@@ -73,6 +76,8 @@ class ArchitectureTrainer:
         self.dp_size = cfg.validate_world_size(self.world_size)
         watchdog = self._start_watchdog()
         self.global_batch = cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps * self.dp_size
+        if rack is None:
+            rack = self._build_stage_rack()
         self.pipe = rack_to_pipeline(rack, cfg.pipeline_stages, self.world_size,
                                      cfg.parallel.activation_checkpoint_interval)
         self.ds_config = build_ds_config(cfg, self.dp_size)
@@ -102,6 +107,15 @@ class ArchitectureTrainer:
         return self.results
 
     # ------------------------------------------------------------------ setup
+
+    def _build_stage_rack(self) -> Rack:
+        """The configured Rack with real weights only in this rank's stage (the rest on meta)."""
+        cfg = self.config
+        stage = stage_of_rank(self.rank, cfg.pipeline_stages, self.world_size)
+        arch = cfg.model.architecture
+        local = stage_rack_modules(arch.n_stacks, arch.blocks_per_stack, cfg.pipeline_stages, stage,
+                                   cfg.model.tie_embeddings)
+        return create_rack_from_config(cfg, materialize=local.__contains__)
 
     def _start_watchdog(self) -> PeerWatchdog | None:
         if self.world_size == 1:
@@ -290,6 +304,9 @@ class ArchitectureTrainer:
         if state.tied_weight_max_abs_diff != 0.0:
             self.monitor.message(f"[stackwise] WARNING: tied weight copies differ by up to "
                                  f"{state.tied_weight_max_abs_diff:.3e} across stages at step {state.global_step}")
+        if self.rank == 0:  # re-saving a tag (a resume from before it): never a marker over half-new files
+            ckpt.unmark(self.checkpoint_dir, tag)
+        distributed.barrier()
         engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
         distributed.barrier()  # every rank's files are on disk before the tag is published
         if self.rank == 0:
