@@ -15,19 +15,21 @@ import torch
 
 from launch_utils import REPO, results, run_training, state, train_command
 
+# (overrides, the step whose checkpoint triggers the kill). Steps of the tiny rack take tens of
+# milliseconds, so several steps must remain for the kill to land in a running job.
 RESUME_CASES = {
-    "rackwise": ["training.max_steps=8", "training.save_interval=2"],
-    "stackwise": ["training.training_architecture=stackwise", "training.steps_per_phase=4",
-                  "training.save_interval=2"],
+    "rackwise": (["training.max_steps=16", "training.save_interval=2"], 6),
+    "stackwise": (["training.training_architecture=stackwise", "training.steps_per_phase=8",
+                   "training.save_interval=2"], 10),  # mid phase 2 of 2
 }
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
+def wait_for(predicate, timeout: float, what: str, poll_s: float = 0.2) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(poll_s)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -51,16 +53,19 @@ def resumed_step(stdout: str) -> int:
 @pytest.mark.parametrize("mode", sorted(RESUME_CASES))
 def test_sigkill_then_rerun_continues_exactly(mode, tmp_path):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
-    overrides = RESUME_CASES[mode] + ["training.eval_interval=0"]
+    overrides, kill_step = RESUME_CASES[mode]
+    overrides = overrides + ["training.eval_interval=0"]
     run_training(2, reference, *overrides)
     job = start_training(2, crashed, *overrides)
-    # kill the whole job (launcher and ranks) once the step-6 checkpoint is complete: mid phase 2 of stackwise
-    wait_for(lambda: (crashed / "checkpoints" / "step00000006" / "stackwise_state.json").exists(), 300,
-             "the step-6 checkpoint")
+    # kill the whole job (launcher and ranks) as soon as the kill_step checkpoint is complete
+    wait_for(lambda: (crashed / "checkpoints" / f"step{kill_step:08d}" / "stackwise_state.json").exists(), 300,
+             f"the step-{kill_step} checkpoint", poll_s=0.01)
+    assert job.poll() is None, "the job finished before the kill: give it more steps after kill_step"
     kill_job(job)
+    assert not (crashed / "results.json").exists()
     proc = run_training(2, crashed, *overrides)
     start = resumed_step(proc.stdout)
-    assert start >= 6
+    assert start >= kill_step
     assert results(crashed)["losses"] == results(reference)["losses"][start:]  # bitwise, same world size
     assert state(crashed)["consumed_samples"] == state(reference)["consumed_samples"]
 
