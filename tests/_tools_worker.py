@@ -1,6 +1,6 @@
 """Worker for tests/test_tools.py: ``deepspeed --num_gpus N tests/_tools_worker.py SPEC.json``.
 
-Trains a tiny Rack on our pipeline with stock ``deepspeed.initialize`` (the trainer's AdamW
+Trains a tiny Rack on our pipeline with the trainer's engine (``build_engine``: its AdamW
 parameter groups, a LambdaLR schedule, ZeRO and clipping from ``build_ds_config``), optionally resumes from a
 checkpoint, saves one as the trainer does (DeepSpeed files, then ``mark_complete`` on rank 0),
 and writes what the test asserts on to ``spec["result"]`` (JSON, rank 0) and, when asked,
@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import deepspeed  # noqa: E402
 import torch  # noqa: E402
 
 from stackwise_ds.config import StackWiseConfig  # noqa: E402
 from stackwise_ds.model import create_rack_from_config  # noqa: E402
 from stackwise_ds.parallel.distributed import barrier, exit_process, init_distributed  # noqa: E402
 from stackwise_ds.parallel.ds_config import build_ds_config  # noqa: E402
+from stackwise_ds.parallel.engine import build_engine  # noqa: E402
 from stackwise_ds.parallel.pipe import rack_to_pipeline  # noqa: E402
 from stackwise_ds.training.checkpointing import TrainingState, mark_complete  # noqa: E402
 from stackwise_ds.training.optim import make_optimizer  # noqa: E402
@@ -54,12 +55,11 @@ def build(spec: dict, world_size: int):
     config = StackWiseConfig.from_dict(raw)
     rack = create_rack_from_config(config)
     pipe = rack_to_pipeline(rack, stages, world_size)
-    # The trainer's own optimizer factory: its parameter-group rule is what reshard must reproduce.
-    optimizer = make_optimizer([(n, p) for n, p in pipe.named_parameters() if p.requires_grad],
-                               config.training, pipe.units)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 3))
-    engine, *_ = deepspeed.initialize(model=pipe, optimizer=optimizer, lr_scheduler=schedule,
-                                      config=build_ds_config(config, dp))
+    # The trainer's own engine and optimizer factory (rackwise: every layer trains): its parameter
+    # groups, split to equal counts across stages, are what reshard must reproduce.
+    engine = build_engine(pipe, build_ds_config(config, dp), None,
+                          partial(make_optimizer, training=config.training, units=pipe.units),
+                          lr_lambda=lambda step: min(1.0, (step + 1) / 3))
     return config, engine, dp
 
 

@@ -42,6 +42,10 @@ def model(**overrides) -> dict:
 
 TIED_GQA = {**BASE, "model": model(attention_type="gqa", n_kv_heads=2, tie_embeddings=True)}
 UNTIED_MHA = {**BASE, "model": model(attention_type="mha", tie_embeddings=False)}
+# Per-stack learning rates: stage 0 (embedding + stack 0) builds 2 optimizer groups, stage 1
+# (stack 1 + norm + head) 4, so the engine splits stage 0's groups to 4 (equal ZeRO collectives).
+LR_SCALED = {**BASE, "model": model(attention_type="gqa", n_kv_heads=2, tie_embeddings=True),
+             "training": {**BASE["training"], "stack_lr_scale": [1.0, 0.5]}}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -119,6 +123,12 @@ def pp1_run(tmp_path_factory):
     return train_and_save(tmp_path_factory, "pp1", n_procs=2, stages=1, config=UNTIED_MHA)
 
 
+@pytest.fixture(scope="module")
+def lr_scaled_run(tmp_path_factory):
+    """2 pipeline stages, per-stack learning rates: optimizer groups split by the engine."""
+    return train_and_save(tmp_path_factory, "lr_scaled", n_procs=2, stages=2, config=LR_SCALED)
+
+
 # ----------------------------------------------------------------------------- consolidate / load
 
 
@@ -168,6 +178,23 @@ def test_reshard_one_stage_to_two_stages_resumes_identically(pp1_run, tmp_path):
         "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_0_mp_rank_01_optim_states.pt"]
     losses = resume(pp1_run, out / "checkpoints", stages=2, n_procs=2, work=tmp_path / "resume")
     assert relative_close(losses, pp1_run["continued"], rtol=1e-5), (losses, pp1_run["continued"])
+
+
+def group_sizes(checkpoint: Path, stage: int) -> list[int]:
+    engine = torch.load(checkpoint / "checkpoints" / TAG / f"mp_rank_{stage:02d}_model_states.pt", weights_only=False)
+    return [len(group) for group in engine["param_shapes"]]
+
+
+def test_reshard_rebuilds_the_engines_split_optimizer_groups(lr_scaled_run, tmp_path):
+    assert len(group_sizes(lr_scaled_run["dir"], 0)) == len(group_sizes(lr_scaled_run["dir"], 1)) == 4
+    reshard(lr_scaled_run["dir"], tmp_path / "one", pipeline_stages=1)
+    losses = resume(lr_scaled_run, tmp_path / "one" / "checkpoints", stages=1, n_procs=1, work=tmp_path / "r1")
+    assert relative_close(losses, lr_scaled_run["continued"], rtol=1e-5), (losses, lr_scaled_run["continued"])
+    reshard(tmp_path / "one", tmp_path / "two", pipeline_stages=2)
+    assert group_sizes(tmp_path / "two", 0) == group_sizes(lr_scaled_run["dir"], 0)
+    assert group_sizes(tmp_path / "two", 1) == group_sizes(lr_scaled_run["dir"], 1)
+    losses = resume(lr_scaled_run, tmp_path / "two" / "checkpoints", stages=2, n_procs=2, work=tmp_path / "r2")
+    assert relative_close(losses, lr_scaled_run["continued"], rtol=1e-5), (losses, lr_scaled_run["continued"])
 
 
 def test_reshard_handles_stages_without_optimizer(pp2_run, tmp_path):

@@ -11,7 +11,8 @@ with the new layout would have saved itself:
    per-parameter fp32 master weights and optimizer tensors (exp_avg, exp_avg_sq) keyed by Rack
    name, using each stage's ``param_shapes`` (optimizer order), then re-flattened for each new
    stage (parameter order of the new PipelineModule, groups by hyper-parameters in order of first
-   appearance, as the trainer's optimizer factory builds them), padded to 2 x D and split in D.
+   appearance, as the trainer's optimizer factory builds them, then split to equal counts across
+   stages as the engine does), padded to 2 x D and split in D.
 3. ``mp_rank_{s}_model_states.pt`` (engine state) is rebuilt per new stage: ``param_shapes``,
    per-group lists of the LR scheduler, dp/mp world sizes, ``checkpoint_parallel_dimensions``.
 4. ``stackwise_state.json`` and ``<out>/config.yaml`` get ``parallel.pipeline_stages = M`` (and
@@ -41,6 +42,7 @@ from typing import Any
 import torch
 
 from ..config import StackWiseConfig
+from ..parallel.engine import equal_group_splits
 from ..training.checkpointing import CheckpointError, TrainingState, mark_complete
 from .layers import (TIED_PREFIX, file_layers, pipe_name, pipe_to_rack_names, rack_name, rack_shapes, stage_layers,
                      unit_keys, units_of)
@@ -299,10 +301,25 @@ def trains_here(config: StackWiseConfig, rack: str, layers: range, source: Sourc
     return holds_head or first_block in source.params
 
 
+def equalised_groups(per_stage: list[list[NewGroup]]) -> list[list[NewGroup]]:
+    """Split groups as the engine will (``equal_group_splits``): every stage with an optimizer
+    gets as many groups as the one with most, or the new run could not load its shard."""
+    target = max((len(groups) for groups in per_stage), default=0)
+    out = []
+    for groups in per_stage:
+        groups = list(groups)
+        for index, keep in equal_group_splits([len(g.params) for g in groups], target if groups else 0):
+            split = groups[index]
+            groups[index] = NewGroup(split.hyper, split.signature, split.params[:keep])
+            groups.append(NewGroup(split.hyper, split.signature, split.params[keep:]))
+        out.append(groups)
+    return out
+
+
 def write_stages(source: SourceOptimizer, new: StackWiseConfig, target: Path, stages: int, dp: int) -> None:
     template = source.model_states[0]
-    for stage, layers in enumerate(stage_layers(new, stages)):
-        groups = stage_groups(new, layers, source)
+    per_stage = equalised_groups([stage_groups(new, layers, source) for layers in stage_layers(new, stages)])
+    for stage, groups in enumerate(per_stage):
         model_state = engine_state(template, groups, source, new, stages, dp)
         torch.save(model_state, target / f"mp_rank_{stage:02d}_model_states.pt")
         if not groups:

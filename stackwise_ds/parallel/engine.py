@@ -417,22 +417,40 @@ def _check_trainable(stage_role: str, named) -> None:
         raise ValueError(f"ranks {empty} hold 'train' layers without trainable parameters")
 
 
+def equal_group_splits(sizes: list[int], target: int) -> list[tuple[int, int]]:
+    """How to split param groups of ``sizes`` parameters into ``target`` groups: ``(group, keep)``
+    steps, each keeping the first ``keep`` parameters of ``group`` and moving the rest to a new last
+    group with the same hyper-parameters (the same update).
+
+    Why: ZeRO runs one gradient-norm all-reduce per param group, over the whole pipeline, so every
+    train stage needs the same group count; per-stack learning rates give stages different counts.
+    Always the largest group (the first of equals) is halved. Stops early when nothing can split."""
+    sizes, splits = list(sizes), []
+    while sizes and len(sizes) < target:
+        group = max(range(len(sizes)), key=sizes.__getitem__)
+        if sizes[group] < 2:
+            break
+        keep = sizes[group] // 2
+        splits.append((group, keep))
+        sizes.append(sizes[group] - keep)
+        sizes[group] = keep
+    return splits
+
+
 def _equalise_param_groups(optimizer: torch.optim.Optimizer | None) -> None:
     """Collective. Give every train stage the same number of param groups (see
-    ``_check_zero_param_groups``) by splitting this stage's largest group into two with identical
-    hyperparameters -- the same update, one more norm collective. Stages that hold different
-    stacks under per-stack learning rates naturally build different group counts."""
+    ``_check_zero_param_groups`` and ``equal_group_splits``). Stages that hold different stacks
+    under per-stack learning rates naturally build different group counts."""
     counts = [None] * torch_dist.get_world_size()
     torch_dist.all_gather_object(counts, None if optimizer is None else len(optimizer.param_groups))
     target = max((c for c in counts if c is not None), default=0)
-    while optimizer is not None and len(optimizer.param_groups) < target:
-        largest = max(optimizer.param_groups, key=lambda g: len(g["params"]))
-        if len(largest["params"]) < 2:
-            return  # nothing left to split: _check_zero_param_groups reports the layout
-        half = len(largest["params"]) // 2
-        moved = largest["params"][half:]
-        largest["params"] = largest["params"][:half]
-        optimizer.add_param_group({**{k: v for k, v in largest.items() if k != "params"}, "params": moved})
+    if optimizer is None:
+        return
+    for group, keep in equal_group_splits([len(g["params"]) for g in optimizer.param_groups], target):
+        split = optimizer.param_groups[group]
+        moved = split["params"][keep:]
+        split["params"] = split["params"][:keep]
+        optimizer.add_param_group({**{k: v for k, v in split.items() if k != "params"}, "params": moved})
 
 
 def _check_zero_param_groups(engine: "StageWiseEngine") -> None:

@@ -2,7 +2,8 @@
 
 Weight decay on matrices only (not norms); ``training.stack_lr_scale`` multiplies the
 learning rate of each stack's blocks. Groups are formed by (lr scale, decay) in order of
-first appearance, which the reshard tool relies on to rebuild optimizer shards.
+first appearance, then the engine splits them (``parallel.engine.equal_group_splits``) until every train stage
+has as many groups as the one with most; the reshard tool applies the same two rules.
 """
 
 from __future__ import annotations
@@ -33,3 +34,4 @@ def lr_scale(pipe_param_name: str, training: TrainingConfig, units: list[LayerUn
     if layer.isdigit() and units[int(layer)].kind == "block":
         return training.stack_lr_scale[units[int(layer)].stack_id]
     return 1.0  # embedding, final norm and head
+
