@@ -1,4 +1,4 @@
-"""The markdown table of a benchmark result (pasted into README.md / REPORT.md)."""
+"""The markdown table of a benchmark result (written next to the JSON and pasted into README.md)."""
 
 from __future__ import annotations
 

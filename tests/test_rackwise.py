@@ -65,6 +65,9 @@ def test_four_ranks_two_stages_two_data_parallel_zero1(tmp_path):
     final = state(tmp_path)
     assert final["consumed_samples"] == 4 * 2 * 2 * 2  # steps x micro-batch x accumulation x replicas
     assert final["tied_weight_max_abs_diff"] == 0.0
+    for tag in ("grad_norm/stack0", "grad_norm/stack1", "memory/stage0_rss_mb", "memory/stage1_rss_mb"):
+        series = scalars(tmp_path, tag)  # one value per logged step, not one per replica
+        assert [step for step, _ in series] == [2, 4] and all(v > 0 for _, v in series), (tag, series)
 
 
 def test_rerun_resumes_from_latest_complete_checkpoint(two_stage_run, tmp_path):

@@ -30,7 +30,7 @@ def seeded(seed: int):
         yield
 
 
-def everything(name: str) -> bool:
+def every_module(name: str) -> bool:
     return True
 
 
@@ -53,7 +53,7 @@ def module_seed(seed: int, *position: int) -> int:
 class Rack(nn.Module):
     def __init__(self, stacks: Iterable[Stack], vocab_size: int, d_model: int, tie_embeddings: bool = True,
                  norm_eps: float = 1e-5, init_std: float = 0.02, seed: int = 0,
-                 materialize: Callable[[str], bool] = everything):
+                 materialize: Callable[[str], bool] = every_module):
         super().__init__()
         if vocab_size <= 0 or d_model <= 0:
             raise ValueError(f"vocab_size ({vocab_size}) and d_model ({d_model}) must be positive")
@@ -102,7 +102,7 @@ def block_name(stack_id: int, block_id: int) -> str:
 
 
 def build_block(model: ModelConfig, stack_id: int, block_id: int, seed: int,
-                materialize: Callable[[str], bool] = everything) -> Block:
+                materialize: Callable[[str], bool] = every_module) -> Block:
     """Block ``block_id`` of stack ``stack_id``, initialised from its own seed."""
     with seeded(module_seed(seed, stack_id, block_id)), on_device_unless(materialize(block_name(stack_id, block_id))):
         return Block(
@@ -117,12 +117,12 @@ def build_block(model: ModelConfig, stack_id: int, block_id: int, seed: int,
 
 
 def build_stack(model: ModelConfig, stack_id: int, seed: int,
-                materialize: Callable[[str], bool] = everything) -> Stack:
+                materialize: Callable[[str], bool] = every_module) -> Stack:
     blocks = [build_block(model, stack_id, j, seed, materialize) for j in range(model.architecture.blocks_per_stack)]
     return Stack(blocks, stack_id)
 
 
-def build_rack(model: ModelConfig, seed: int = 0, materialize: Callable[[str], bool] = everything) -> Rack:
+def build_rack(model: ModelConfig, seed: int = 0, materialize: Callable[[str], bool] = every_module) -> Rack:
     """The Rack of ``model``. ``materialize(name)`` says which modules ("embedding", "norm",
     "lm_head", "stacks.{i}.blocks.{j}") get real weights; the others are built on the meta
     device. Each real module is bit-identical to the same module of a fully materialized Rack."""
@@ -132,7 +132,7 @@ def build_rack(model: ModelConfig, seed: int = 0, materialize: Callable[[str], b
 
 
 def create_rack_from_config(config: dict[str, Any] | StackWiseConfig | ModelConfig, seed: int | None = None,
-                            materialize: Callable[[str], bool] = everything) -> Rack:
+                            materialize: Callable[[str], bool] = every_module) -> Rack:
     """Build a Rack from a full config (dict or object) or a ModelConfig; ``seed`` defaults to
     training.seed. ``materialize``: see ``build_rack`` (default: every module)."""
     if isinstance(config, dict):

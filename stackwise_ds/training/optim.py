@@ -2,8 +2,8 @@
 
 Weight decay on matrices only (not norms); ``training.stack_lr_scale`` multiplies the
 learning rate of each stack's blocks. Groups are formed by (lr scale, decay) in order of
-first appearance, then the engine splits them (``parallel.engine.equal_group_splits``) until every train stage
-has as many groups as the one with most; the reshard tool applies the same two rules.
+first appearance; the engine then splits them (``parallel.engine.equal_group_splits``) until
+every train stage has as many groups as the one with most. The reshard tool applies both rules.
 """
 
 from __future__ import annotations
@@ -34,4 +34,3 @@ def lr_scale(pipe_param_name: str, training: TrainingConfig, units: list[LayerUn
     if layer.isdigit() and units[int(layer)].kind == "block":
         return training.stack_lr_scale[units[int(layer)].stack_id]
     return 1.0  # embedding, final norm and head
-

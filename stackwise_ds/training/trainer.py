@@ -274,18 +274,24 @@ class ArchitectureTrainer:
             self._save(engine, state)
 
     def _log_stage_stats(self, engine, step: int) -> None:
-        """Memory and per-stack gradient norm of every stage, gathered to rank 0."""
+        """Memory and per-stack gradient norm of every stage, gathered to rank 0.
+
+        A stack's norm is taken on each replica's own accumulated gradient, before the
+        data-parallel average and before clipping (ZeRO keeps only shards afterwards), and
+        logged as the mean over replicas."""
         stage = self.pipe.stage_id
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cuda_mb = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
         grad_norms = engine.stack_grad_norms(self.config.model.architecture.n_stacks)
         gathered = distributed.all_gather_floats([stage, rss_mb, cuda_mb, *grad_norms])
-        for row in gathered:
-            s = int(row[0])
-            self.monitor.scalars({f"memory/stage{s}_rss_mb": row[1], f"memory/stage{s}_cuda_mb": row[2]}, step)
-            for stack_id, norm in enumerate(row[3:]):
-                if norm >= 0:
-                    self.monitor.scalar(f"grad_norm/stack{stack_id}", norm, step)
+        for s in sorted({int(row[0]) for row in gathered}):  # over a stage's replicas, the peak matters
+            replicas = [row for row in gathered if int(row[0]) == s]
+            self.monitor.scalars({f"memory/stage{s}_rss_mb": max(r[1] for r in replicas),
+                                  f"memory/stage{s}_cuda_mb": max(r[2] for r in replicas)}, step)
+        for stack_id in range(len(grad_norms)):  # mean over the replicas that hold the stack
+            norms = [r[3 + stack_id] for r in gathered if r[3 + stack_id] >= 0]
+            if norms:
+                self.monitor.scalar(f"grad_norm/stack{stack_id}", sum(norms) / len(norms), step)
 
     def _validate(self, engine, step: int) -> float:
         if self.val_source is None:
