@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import socket
+import sys
 from datetime import timedelta
 
 import torch
@@ -66,8 +67,6 @@ def exit_process(code: int) -> None:
     rank that finished its work ("terminate called without an active exception", SIGABRT), which
     the launcher reports as a failed job. On failure there is no barrier: a peer may be dead.
     """
-    import sys
-
     if code == 0:
         shutdown_distributed()
     sys.stdout.flush()
