@@ -20,7 +20,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
-from stackwise_ds.parallel.distributed import exit_process, init_distributed
+from stackwise_ds.parallel.distributed import barrier, exit_process, init_distributed
 from stackwise_ds.parallel.engine import build_engine
 from stackwise_ds.parallel.roles import DORMANT, FROZEN, TRAIN
 
@@ -446,6 +446,7 @@ def main() -> None:
     if tdist.get_rank() == 0:
         with open(path, "w") as f:
             json.dump(results, f, indent=1)
+    barrier()  # every rank is done with every collective
     exit_process(0)  # as launch/train.py leaves: no interpreter teardown of gloo's threads
 
 

@@ -111,6 +111,7 @@ def main() -> None:
     result["continued"] = train(engine, config, dp, spec.get("continue_steps", 0))
     if rank == 0:
         Path(spec["result"]).write_text(json.dumps(result))
+    barrier()  # every rank is done with every collective
     exit_process(0)  # as launch/train.py leaves: no interpreter teardown of gloo's threads
 
 

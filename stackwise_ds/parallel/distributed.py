@@ -61,25 +61,25 @@ def unlink_shared_memory_buffer(rank: int) -> None:
 def exit_process(code: int) -> None:
     """Leave the process with ``code``, skipping interpreter teardown.
 
-    On success the process group is destroyed first, after a last barrier, so no rank leaves
-    while a peer still talks to it. Then ``os._exit``: Python's normal teardown destroys
-    torch's gloo/TCPStore objects in no defined order against their C++ threads and can abort a
-    rank that finished its work ("terminate called without an active exception", SIGABRT), which
-    the launcher reports as a failed job. On failure there is no barrier: a peer may be dead.
+    On success the process group is destroyed first (the caller has passed its last
+    collective). Then ``os._exit``: Python's normal teardown destroys torch's gloo/TCPStore
+    objects in no defined order against their C++ threads and can abort a rank that finished
+    its work ("terminate called without an active exception", SIGABRT), which the launcher
+    reports as a failed job. No barrier here: if a peer failed at the very end, this rank must
+    not wait for it for the whole collective timeout.
     """
     if code == 0:
-        shutdown_distributed()
+        destroy_distributed()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
 
 
-def shutdown_distributed() -> None:
-    """Barrier, then destroy the default process group (every rank must call it)."""
+def destroy_distributed() -> None:
+    """Destroy the default process group, a local operation (no collective)."""
     import torch.distributed as tdist
 
     if tdist.is_available() and tdist.is_initialized():
-        tdist.barrier()
         tdist.destroy_process_group()
 
 
