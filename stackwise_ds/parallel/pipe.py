@@ -108,8 +108,7 @@ def rack_to_pipeline(rack: Rack, stages: int, world_size: int,
     import deepspeed.comm as dist
 
     n_stacks, bps = len(rack.stacks), len(rack.stacks[0].blocks)
-    topology = pipeline_topology(stages, world_size)
-    stage = topology.get_coord(dist.get_rank()).pipe
+    stage = stage_of_rank(dist.get_rank(), stages, world_size)
     check_materialized(rack, stage_rack_modules(n_stacks, bps, stages, stage, rack.tie_embeddings), stage)
     layers: list = []
     if rack.tie_embeddings:
@@ -125,7 +124,7 @@ def rack_to_pipeline(rack: Rack, stages: int, world_size: int,
         layers.append(LayerSpec(HeadPipe, rack.lm_head))
     boundaries = stage_boundaries(n_stacks, bps, stages)
     return RackPipelineModule(
-        layers=layers, topology=topology, loss_fn=lm_loss,
+        layers=layers, topology=pipeline_topology(stages, world_size), loss_fn=lm_loss,
         partition_method=PARTITION_PREFIX + ",".join(map(str, boundaries)),
         activation_checkpoint_interval=activation_checkpoint_interval,
         units=layer_units(n_stacks, bps),
