@@ -29,6 +29,7 @@ NEW_UNIT_INITS = ("fresh", "copy_previous")
 PRECISIONS = ("auto", "fp32", "bf16")
 DATA_SOURCES = ("stdlib", "text_files", "hf")
 NONFINITE_POLICIES = ("stop",)
+PHASE_LAYOUTS = ("elastic", "fixed")
 
 
 class ConfigError(ValueError):
@@ -214,6 +215,10 @@ class ParallelConfig:
     """DeepSpeed JSON template: 'auto' (ds_configs/cpu_fp32.json or gpu_bf16.json) or a path."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N pipeline layers in backward (0 = off)."""
+    phase_layout: str = "elastic"
+    """Stackwise/blockwise phases: 'elastic' (place only the live layers, re-partitioned over every rank per phase) or 'fixed' (pipeline_stages, dormant relays)."""
+    max_rank_memory_mb: Optional[float] = None
+    """Elastic planner's bound on the estimated memory of one rank (weights, grads, optimizer shard, activations); None = no bound."""
     peer_timeout_s: float = 120.0
     """A rank exits (non-zero, naming the peer) when a peer process is gone or silent this long."""
     collective_timeout_s: float = 1800.0
@@ -274,6 +279,9 @@ class StackWiseConfig:
         _check_choice("training.precision", t.precision, PRECISIONS)
         _check_choice("training.nonfinite_policy", t.nonfinite_policy, NONFINITE_POLICIES)
         _check_choice("data.source", d.source, DATA_SOURCES)
+        _check_choice("parallel.phase_layout", self.parallel.phase_layout, PHASE_LAYOUTS)
+        if self.parallel.max_rank_memory_mb is not None:
+            _check_positive("parallel.max_rank_memory_mb", self.parallel.max_rank_memory_mb)
         for key, value in [
             ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
             ("model.max_seq_len", m.max_seq_len), ("model.architecture.n_stacks", m.architecture.n_stacks),

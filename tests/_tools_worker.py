@@ -27,6 +27,9 @@ from stackwise_ds.parallel.distributed import barrier, exit_process, init_distri
 from stackwise_ds.parallel.ds_config import build_ds_config  # noqa: E402
 from stackwise_ds.parallel.engine import build_engine  # noqa: E402
 from stackwise_ds.parallel.pipe import rack_to_pipeline  # noqa: E402
+from stackwise_ds.checkpoint.layers import units_of  # noqa: E402
+from stackwise_ds.layout import TRAIN  # noqa: E402
+from stackwise_ds.placement import layout_for  # noqa: E402
 from stackwise_ds.training.checkpointing import TrainingState, mark_complete  # noqa: E402
 from stackwise_ds.training.optim import make_optimizer  # noqa: E402
 
@@ -54,7 +57,8 @@ def build(spec: dict, world_size: int):
                                           gradient_accumulation_steps=GLOBAL_BATCH // MICRO // dp)
     config = StackWiseConfig.from_dict(raw)
     rack = create_rack_from_config(config)
-    pipe = rack_to_pipeline(rack, stages, world_size)
+    pipe = rack_to_pipeline(rack, layout_for([TRAIN] * len(units_of(config)), config, world_size, False, elastic=False),
+                            world_size)
     # The trainer's own engine and optimizer factory (rackwise: every layer trains): its parameter
     # groups, split to equal counts across stages, are what reshard must reproduce.
     engine = build_engine(pipe, build_ds_config(config, dp), None,

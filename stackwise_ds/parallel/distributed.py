@@ -83,6 +83,29 @@ def destroy_distributed() -> None:
         tdist.destroy_process_group()
 
 
+def live_process_groups() -> list:
+    """Every process group this rank is a member of, the default group included."""
+    from torch.distributed import distributed_c10d
+
+    return list(distributed_c10d._world.pg_map)
+
+
+def destroy_process_groups_except(keep: list) -> int:
+    """Destroy this rank's process groups that are not in ``keep`` (a local operation); returns how many.
+
+    DeepSpeed creates a dozen groups per PipelineModule (grid, tied weights) and never frees them:
+    re-forming the pipeline at every phase would otherwise leak communicators, threads and RAM
+    (DeepSpeed issues #4589, #7204)."""
+    import torch.distributed as tdist
+
+    kept = {id(group) for group in keep}
+    doomed = [group for group in live_process_groups()
+              if id(group) not in kept and group is not tdist.GroupMember.WORLD]
+    for group in doomed:
+        tdist.destroy_process_group(group)
+    return len(doomed)
+
+
 def barrier() -> None:
     import deepspeed.comm as dist
 

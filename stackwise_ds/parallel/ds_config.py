@@ -45,16 +45,21 @@ def load_template(path: Path) -> dict[str, Any]:
     return template
 
 
-def build_ds_config(config: StackWiseConfig, data_parallel_size: int) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run and data-parallel degree."""
+def build_ds_config(config: StackWiseConfig, data_parallel_size: int,
+                    gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run and data-parallel degree.
+
+    ``gradient_accumulation_steps`` (default: the run's) is the micro-batches per replica of an
+    elastic phase, which keeps the global batch while the data-parallel degree changes."""
     t = config.training
     path = template_path(config)
     ds = load_template(path)
     bf16 = resolve_precision(t.precision) == "bf16"
+    accumulation = gradient_accumulation_steps or t.gradient_accumulation_steps
     filled = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.gradient_accumulation_steps,
-        "train_batch_size": t.micro_batch_size * t.gradient_accumulation_steps * data_parallel_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": t.micro_batch_size * accumulation * data_parallel_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization.stage": config.parallel.zero_stage,
         "bf16.enabled": bf16,

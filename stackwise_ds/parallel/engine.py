@@ -408,6 +408,11 @@ def _train_group(grid, plan: RolePlan):
     return mine
 
 
+def forget_process_groups() -> None:
+    """Drop the cached train groups; call after their process groups were destroyed."""
+    _GROUPS.clear()
+
+
 def _check_trainable(stage_role: str, named) -> None:
     """Collective: fail on every rank alike, before any rank builds an optimizer over nothing."""
     layout = [None] * torch_dist.get_world_size()

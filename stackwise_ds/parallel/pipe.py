@@ -7,9 +7,12 @@ Pipeline layers, in order::
     n_blocks + 1      final RMSNorm
     n_blocks + 2      LM head              (the tied "embed" module's weight, or its own Linear)
 
-Stage boundaries follow stack boundaries exactly (``pipeline_stages`` must divide
-``n_stacks``), never DeepSpeed's parameter-count guess. Between stages travels one
-tensor, the hidden state [B, T, D].
+Stage boundaries come from the phase's ``PhaseLayout`` (``stackwise_ds.placement``): stack
+boundaries on the fixed layout, block boundaries on an elastic one; never DeepSpeed's
+parameter-count guess. A layer the layout does not place (a dormant unit of an elastic phase) is
+an identity function: it has no parameters, no memory and no file, yet every other layer keeps
+its index, so parameter names and per-layer checkpoint files mean the same in every layout.
+Between stages travels one tensor, the hidden state [B, T, D].
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
-from ..layout import TIED_KEY, LayerUnit, layer_units, stage_boundaries, stage_rack_modules
+from ..layout import TIED_KEY, LayerUnit, layer_units
 from ..model import Rack
+from ..placement import PhaseLayout
 
 PARTITION_PREFIX = "stacks:"
 
@@ -51,6 +55,11 @@ class HeadPipe(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)
+
+
+def unplaced_layer(hidden: torch.Tensor) -> torch.Tensor:
+    """Stands for a layer the phase's layout does not place (dormant): identity, nothing built."""
+    return hidden
 
 
 def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -99,33 +108,34 @@ def stage_of_rank(rank: int, stages: int, world_size: int) -> int:
     return pipeline_topology(stages, world_size).get_coord(rank).pipe
 
 
-def rack_to_pipeline(rack: Rack, stages: int, world_size: int,
+def rack_to_pipeline(rack: Rack, layout: PhaseLayout, world_size: int,
                      activation_checkpoint_interval: int = 0) -> RackPipelineModule:
-    """Wrap ``rack``'s own modules (same Parameters) into a pipeline of ``stages`` stages.
+    """Wrap ``rack``'s own modules (same Parameters) into the pipeline ``layout`` describes.
 
-    Only this rank's stage's modules need real weights: the rest may stay on the meta device
-    (see ``stage_rack_modules``), DeepSpeed never touches them."""
+    Only the modules of this rank's stage need real weights: the rest may stay on the meta
+    device (see ``PhaseLayout.rack_modules``), DeepSpeed never touches them."""
     import deepspeed.comm as dist
 
-    n_stacks, bps = len(rack.stacks), len(rack.stacks[0].blocks)
+    units = layer_units(len(rack.stacks), len(rack.stacks[0].blocks))
+    stages = layout.pipeline_stages
     stage = stage_of_rank(dist.get_rank(), stages, world_size)
-    check_materialized(rack, stage_rack_modules(n_stacks, bps, stages, stage, rack.tie_embeddings), stage)
-    layers: list = []
-    if rack.tie_embeddings:
-        layers.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, rack.embedding, tied_weight_attr="embedding.weight"))
-    else:
-        layers.append(LayerSpec(EmbeddingPipe, rack.embedding))
-    layers.extend(rack.blocks)
-    layers.append(rack.norm)
-    if rack.tie_embeddings:
-        layers.append(TiedLayerSpec(TIED_KEY, EmbeddingPipe, rack.embedding, forward_fn=tied_head_forward,
-                                    tied_weight_attr="embedding.weight"))
-    else:
-        layers.append(LayerSpec(HeadPipe, rack.lm_head))
-    boundaries = stage_boundaries(n_stacks, bps, stages)
+    check_materialized(rack, layout.rack_modules(stage, units, rack.tie_embeddings), stage)
+    layers = [_layer_spec(rack, unit) if index in layout.live else unplaced_layer
+              for index, unit in enumerate(units)]
     return RackPipelineModule(
         layers=layers, topology=pipeline_topology(stages, world_size), loss_fn=lm_loss,
-        partition_method=PARTITION_PREFIX + ",".join(map(str, boundaries)),
-        activation_checkpoint_interval=activation_checkpoint_interval,
-        units=layer_units(n_stacks, bps),
+        partition_method=PARTITION_PREFIX + ",".join(map(str, layout.parts)),
+        activation_checkpoint_interval=activation_checkpoint_interval, units=units,
     )
+
+
+def _layer_spec(rack: Rack, unit: LayerUnit):
+    """The pipeline entry of one Rack unit (GPT-NeoX style: the Rack's own modules, thin wrappers)."""
+    if unit.kind == "block":
+        return rack.stacks[unit.stack_id].blocks[unit.block_id]
+    if unit.kind == "norm":
+        return rack.norm
+    if rack.tie_embeddings:
+        forward = {"forward_fn": tied_head_forward} if unit.kind == "head" else {}
+        return TiedLayerSpec(TIED_KEY, EmbeddingPipe, rack.embedding, tied_weight_attr="embedding.weight", **forward)
+    return LayerSpec(EmbeddingPipe, rack.embedding) if unit.kind == "embedding" else LayerSpec(HeadPipe, rack.lm_head)

@@ -45,6 +45,7 @@ class TrainingState:
     finished_phases: list[dict[str, Any]] = field(default_factory=list)  # one record per completed phase
     training_architecture: str = "rackwise"
     tied_weight_max_abs_diff: float = 0.0  # at this checkpoint, across the stages holding a tied copy
+    layout: dict[str, Any] = field(default_factory=dict)  # PhaseLayout of the phase that saved it
     config: dict[str, Any] = field(default_factory=dict)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ..config import ConfigError, StackWiseConfig
 from ..data import TrainBatchStream, build_datasets, check_enough_data, val_batches
 
@@ -27,29 +29,43 @@ def load_bundle(config: StackWiseConfig):
                           max_files=d.max_files, max_bytes=d.max_bytes, cache_dir=d.cache_dir)
 
 
-def build_run_data(config: StackWiseConfig, pipe, dp_size: int, val_data=None):
-    """(training source, validation micro-batches) for this rank."""
-    # Every rank builds (or loads) at once: the cache lets one process tokenise while the others
-    # wait on its lock, and a bad data setting fails on every rank alike, before any collective.
-    bundle = load_bundle(config)
-    t = config.training
+def check_run_data(config: StackWiseConfig, bundle, global_batch: int) -> None:
+    """Fail on every rank alike, before any collective, when the data cannot feed this run."""
     if bundle.tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
                           f"{bundle.tokenizer.vocab_size} tokens: set model.vocab_size >= {bundle.tokenizer.vocab_size}")
-    global_batch = t.micro_batch_size * t.gradient_accumulation_steps * dp_size
     check_enough_data(bundle.train, global_batch)
-    dp_rank = pipe._grid.get_data_parallel_id()
+
+
+def replica_data(config: StackWiseConfig, bundle, global_batch: int, dp_rank: int, dp_size: int):
+    """(training source, validation micro-batches) of data-parallel replica ``dp_rank`` of ``dp_size``.
+
+    The global sample order and the validation set do not depend on ``dp_size``: a phase that
+    changes the data-parallel degree continues at the same sample and validates on the same data."""
+    t = config.training
     train = RunData(bundle.train, global_batch_size=global_batch, micro_batch_size=t.micro_batch_size,
                     dp_rank=dp_rank, dp_size=dp_size, seed=t.seed)
-    if val_data is None:
-        val_data = _validation_batches(bundle.val, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
-    return train, val_data
+    return train, validation_set(bundle.val, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
 
 
-def _validation_batches(val, micro_batch_size: int, eval_batches: int, dp_rank: int, dp_size: int):
-    """The same number of validation micro-batches on every replica (a pipeline pass needs equal counts)."""
+@dataclass
+class ValidationSet:
+    """This replica's share of the run's validation micro-batches, padded to the same count on
+    every replica (a pipeline pass needs equal counts): only the first ``real`` count."""
+
+    batches: list
+    real: int
+
+
+def validation_set(val, micro_batch_size: int, eval_batches: int, dp_rank: int, dp_size: int) -> ValidationSet | None:
+    """The first ``eval_batches`` held-out micro-batches, dealt round-robin to the replicas.
+
+    The set is the same for every data-parallel degree, so validation losses of phases with
+    different layouts compare exactly; replicas with one batch fewer repeat a batch that is not counted."""
     available = min(eval_batches, len(val) // micro_batch_size)
-    usable = available // dp_size * dp_size
-    if usable == 0:
-        return None  # too little held-out data for one micro-batch per replica: validation is skipped
-    return list(val_batches(val, micro_batch_size, usable, dp_rank=dp_rank, dp_world_size=dp_size))
+    if available == 0:
+        return None  # too little held-out data for one micro-batch: validation is skipped
+    mine = list(val_batches(val, micro_batch_size, available, dp_rank=dp_rank, dp_world_size=dp_size))
+    per_replica = -(-available // dp_size)
+    padding = [mine[0] if mine else next(iter(val_batches(val, micro_batch_size, 1)))] * (per_replica - len(mine))
+    return ValidationSet(mine + padding, len(mine))

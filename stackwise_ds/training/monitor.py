@@ -40,6 +40,16 @@ class Monitor:
         else:
             print(f"[stackwise] {label}: steps {first_step}..{phase.steps}", flush=True)
 
+    def layout(self, layout, global_step: int) -> None:
+        """The phase's placement: printed, and logged as scalars and text."""
+        self.message(f"[stackwise] layout {layout.describe()}")
+        if self.writer is None:
+            return
+        self.scalars({"layout/pipeline_stages": layout.pipeline_stages, "layout/data_parallel": layout.data_parallel,
+                      "layout/micro_batches": layout.gradient_accumulation_steps,
+                      "layout/predicted_vs_rackwise": layout.predicted_vs_rackwise}, global_step)
+        self.writer.add_text("layout", layout.describe(), global_step)
+
     def step(self, phase: Phase, loss: float, tokens_per_s: float) -> None:
         if self.bar is not None:
             self.bar.set_postfix_str(f"{phase.name} loss {loss:.4f} tok/s {tokens_per_s:,.0f}", refresh=False)

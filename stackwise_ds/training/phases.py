@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import StackWiseConfig
-from ..layout import DORMANT, FROZEN, TRAIN  # noqa: F401 - re-exported
+from ..layout import DORMANT, FROZEN, TRAIN, LayerUnit  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,22 @@ class Phase:
         A tied embedding still learns through the LM head, which always trains.
         """
         return TRAIN if self.trains_everything or self.unit == 0 else FROZEN
+
+    @property
+    def stage_wise(self) -> bool:
+        """A stackwise or blockwise phase: the phases an elastic layout re-places."""
+        return self.kind in ("stack", "block")
+
+    def unit_role(self, unit: LayerUnit) -> str:
+        """Role of one pipeline layer in this phase; the final norm and LM head always train."""
+        if unit.kind == "block":
+            return self.block_role(unit.stack_id, unit.block_id)
+        if unit.kind == "embedding":
+            return self.embedding_role
+        return TRAIN
+
+    def layer_roles(self, units: list[LayerUnit]) -> list[str]:
+        return [self.unit_role(unit) for unit in units]
 
 
 def plan_phases(config: StackWiseConfig) -> list[Phase]:

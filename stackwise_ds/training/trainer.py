@@ -1,15 +1,20 @@
 """ArchitectureTrainer: runs the phases of a run on the DeepSpeed pipeline.
 
 ``ArchitectureTrainer(config).train_architecture(rack, dataloader)`` is the seed
-project's API. Each phase builds a fresh stage-aware engine over the same
-PipelineModule (new trainable set, new optimizer, restarted LR schedule), trains
-its step budget, validates, and checkpoints. Re-running with the same
-``output_dir`` resumes from the newest complete checkpoint at the same phase,
-step and sample.
+project's API. Each phase gets a layout (``stackwise_ds.placement``): the run's fixed
+pipeline, or, for stackwise/blockwise phases under ``parallel.phase_layout: elastic``, only
+the live layers re-partitioned over every rank. When the layout changes, the previous
+engine, PipelineModule and their process groups are destroyed and the new pipeline is
+filled from the per-layer files of the newest checkpoint (``layer_files``). Each phase
+then builds a fresh stage-aware engine (new trainable set, new optimizer, restarted LR
+schedule), trains its step budget, validates, and checkpoints. Re-running with the same
+``output_dir`` resumes from the newest complete checkpoint at the same phase, step and
+sample.
 """
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import resource
@@ -24,19 +29,22 @@ import torch
 from ..config import StackWiseConfig
 from ..model import Rack, create_rack_from_config
 from ..parallel import distributed
-from ..parallel.ds_config import build_ds_config
-from ..parallel.engine import build_engine
-from ..layout import LayerUnit, stage_rack_modules
+from ..config import ConfigError
+from ..layout import TRAIN, layer_units
+from ..parallel.ds_config import build_ds_config, resolve_precision
+from ..parallel.engine import build_engine, forget_process_groups
 from ..parallel.pipe import rack_to_pipeline, stage_of_rank
 from ..parallel.tied import tied_weight_max_abs_diff
 from ..parallel.watchdog import PeerWatchdog
+from ..placement import ELASTIC, PhaseLayout, layout_for
 from . import checkpointing as ckpt
 from .errors import NonFiniteLossError
+from .layer_files import load_layers, save_unplaced_layers
 from .lr import warmup_cosine
 from .monitor import Monitor
 from .optim import make_optimizer
-from .phases import TRAIN, Phase, plan_phases
-from .unit_copy import copy_previous_unit
+from .phases import Phase, plan_phases
+from .unit_copy import copy_previous_unit, unit_layer_pairs
 
 
 def check_writable(directory: Path) -> None:
@@ -73,18 +81,19 @@ class ArchitectureTrainer:
         cfg = self.config
         self.rank, self.world_size = distributed.init_distributed(int(cfg.parallel.collective_timeout_s))
         check_writable(self.output_dir)  # on every rank, before anything waits for anyone
-        self.dp_size = cfg.validate_world_size(self.world_size)
+        cfg.validate_world_size(self.world_size)
         watchdog = self._start_watchdog()
-        self.global_batch = cfg.training.micro_batch_size * cfg.training.gradient_accumulation_steps * self.dp_size
-        if rack is None:
-            rack = self._build_stage_rack()
-        self.pipe = rack_to_pipeline(rack, cfg.pipeline_stages, self.world_size,
-                                     cfg.parallel.activation_checkpoint_interval)
-        self.ds_config = build_ds_config(cfg, self.dp_size)
+        t = cfg.training
+        self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * (self.world_size // cfg.pipeline_stages)
+        self.user_rack, self.user_data = rack, (dataloader, val_data)
+        self.bf16 = resolve_precision(t.precision) == "bf16"
+        self.units = layer_units(cfg.model.architecture.n_stacks, cfg.model.architecture.blocks_per_stack)
+        self.pipe = self.engine = self.layout = None
+        self.weights_tag: str | None = None  # the newest checkpoint: where a new placement reads its layers
         state = self._resume_state()
         self._prepare_output_dir()
-        self.train_source, self.val_source = self._data_sources(dataloader, val_data)
-        self.monitor = Monitor(self.output_dir, enabled=self.rank == 0, progress_bar=cfg.training.progress_bar)
+        self.bundle = self._load_data() if dataloader is None else None
+        self.monitor = Monitor(self.output_dir, enabled=self.rank == 0, progress_bar=t.progress_bar)
         self.results: dict[str, Any] = {"phases": [], "losses": [], "val_history": [],
                                         "output_dir": str(self.output_dir)}
         try:
@@ -97,6 +106,7 @@ class ArchitectureTrainer:
                 state = self._run_phase(phase, len(phases), state)
         finally:
             self.monitor.close()
+        self._retire_pipeline()
         distributed.barrier()
         if watchdog is not None:
             watchdog.stop()
@@ -108,14 +118,11 @@ class ArchitectureTrainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _build_stage_rack(self) -> Rack:
-        """The configured Rack with real weights only in this rank's stage (the rest on meta)."""
-        cfg = self.config
-        stage = stage_of_rank(self.rank, cfg.pipeline_stages, self.world_size)
-        arch = cfg.model.architecture
-        local = stage_rack_modules(arch.n_stacks, arch.blocks_per_stack, cfg.pipeline_stages, stage,
-                                   cfg.model.tie_embeddings)
-        return create_rack_from_config(cfg, materialize=local.__contains__)
+    def _build_stage_rack(self, layout: PhaseLayout) -> Rack:
+        """The configured Rack with real weights only in this rank's stage of ``layout`` (the rest on meta)."""
+        stage = stage_of_rank(self.rank, layout.pipeline_stages, self.world_size)
+        local = layout.rack_modules(stage, self.units, self.config.model.tie_embeddings)
+        return create_rack_from_config(self.config, materialize=local.__contains__)
 
     def _start_watchdog(self) -> PeerWatchdog | None:
         if self.world_size == 1:
@@ -135,6 +142,7 @@ class ArchitectureTrainer:
                 f"{self.checkpoint_dir} already holds checkpoints and training.resume is false: starting over "
                 "would overwrite them; choose a new training.output_dir or set training.resume=true")
         state = ckpt.load_state(self.checkpoint_dir, self.resume_tag)
+        self.weights_tag = self.resume_tag
         ckpt.check_same_architecture(state.config.get("model", {}), self.config.to_dict()["model"],
                                      self.checkpoint_dir / self.resume_tag)
         if state.training_architecture != self.config.training.training_architecture:
@@ -151,28 +159,98 @@ class ArchitectureTrainer:
             self.config.to_yaml(self.output_dir / "config.yaml")
         distributed.barrier()
 
-    def _data_sources(self, dataloader, val_data):
-        if dataloader is not None:
-            return dataloader, val_data
-        from .data_setup import build_run_data
+    def _load_data(self):
+        """The run's datasets (every rank loads them; the cache lets one tokenise while others wait)."""
+        from .data_setup import check_run_data, load_bundle
 
-        return build_run_data(self.config, self.pipe, self.dp_size, val_data)
+        bundle = load_bundle(self.config)
+        check_run_data(self.config, bundle, self.global_batch)
+        return bundle
+
+    def _replica_data(self, layout: PhaseLayout):
+        """(training source, validation set) of this rank's data-parallel replica in ``layout``."""
+        dp_rank = self.pipe._grid.get_data_parallel_id()
+        dataloader, val_data = self.user_data
+        if dataloader is None:
+            from .data_setup import replica_data
+
+            train, val = replica_data(self.config, self.bundle, self.global_batch, dp_rank, layout.data_parallel)
+            return train, (val if val_data is None else _as_validation_set(val_data))
+        base_dp = self.world_size // self.config.pipeline_stages
+        if layout.data_parallel != base_dp:
+            raise ConfigError(
+                f"the dataloader given to train_architecture feeds {base_dp} data-parallel replica(s), but this "
+                f"phase's {layout.describe()} has {layout.data_parallel}: set parallel.phase_layout=fixed, or "
+                "let the trainer build the data from config.data (it re-splits the global batch per phase)")
+        return dataloader, None if val_data is None else _as_validation_set(val_data)
+
+    # ------------------------------------------------------------------ placement
+
+    def _phase_layout(self, phase: Phase) -> PhaseLayout:
+        elastic = phase.stage_wise and self.config.parallel.phase_layout == ELASTIC
+        return layout_for(phase.layer_roles(self.units), self.config, self.world_size, self.bf16, elastic)
+
+    def _place(self, layout: PhaseLayout, phase: Phase, state: ckpt.TrainingState) -> None:
+        """Re-form the pipeline for ``layout``: retire the old one, build this rank's stage, fill it
+        from the newest checkpoint's layer files (with ``copy_previous`` applied at a phase start)."""
+        self._retire_pipeline()
+        self.groups_before = distributed.live_process_groups()
+        rack = self.user_rack if self.user_rack is not None else self._build_stage_rack(layout)
+        cfg = self.config
+        self.pipe = rack_to_pipeline(rack, layout, self.world_size, cfg.parallel.activation_checkpoint_interval)
+        self.layout = layout
+        self.ds_config = build_ds_config(cfg, layout.data_parallel, layout.gradient_accumulation_steps)
+        self.train_source, self.val_source = self._replica_data(layout)
+        if self.weights_tag is not None:
+            copies = unit_layer_pairs(self.units, phase) if self._starts_with_copy(phase, state) else []
+            load_layers(self.pipe, self.checkpoint_dir / self.weights_tag, {dst: src for src, dst in copies})
+
+    def _starts_with_copy(self, phase: Phase, state: ckpt.TrainingState) -> bool:
+        return state.phase_step == 0 and self.config.training.new_unit_init == "copy_previous"
+
+    def _retire_pipeline(self) -> None:
+        """Destroy the engine, the PipelineModule and every process group they created."""
+        if self.pipe is None:
+            return
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine = self.pipe = None
+        distributed.destroy_process_groups_except(self.groups_before)
+        forget_process_groups()
+        gc.collect()
+
+    def _check_resumed_layout(self, layout: PhaseLayout, state: ckpt.TrainingState) -> None:
+        """Mid-phase, the optimizer shards and engine files belong to the layout that saved them."""
+        saved = PhaseLayout.from_dict(state.layout) if state.layout else None
+        if saved is not None and not layout.same_placement(saved):
+            raise ckpt.CheckpointError(
+                f"checkpoint {self.checkpoint_dir / self.resume_tag} was saved mid-phase with the layout "
+                f"'{saved.describe()}' but this launch plans '{layout.describe()}' (world size {self.world_size}): "
+                "relaunch with the world size and parallel.* settings of the saved run to resume")
 
     # ------------------------------------------------------------------ one phase
 
     def _run_phase(self, phase: Phase, n_phases: int, state: ckpt.TrainingState) -> ckpt.TrainingState:
-        cfg = self.config.training
         resuming_mid_phase = self.resume_tag is not None and state.phase_step > 0
-        if state.phase_step == 0 and cfg.new_unit_init == "copy_previous" and self.resume_tag is None:
-            copy_previous_unit(self.pipe, phase)
-        engine = self._build_engine(phase)
-        self._load_resume_checkpoint(engine, full=resuming_mid_phase)
-        self.resume_tag = None  # loaded once; later phases continue from memory
+        layout = self._phase_layout(phase)
+        if resuming_mid_phase:
+            self._check_resumed_layout(layout, state)
+        if layout.same_placement(self.layout):
+            if self._starts_with_copy(phase, state):
+                copy_previous_unit(self.pipe, phase)  # the pipeline stays: copy in memory
+        else:
+            self._place(layout, phase, state)
+        self.engine = engine = self._build_engine(phase)
+        if resuming_mid_phase:
+            self._load_resume_checkpoint(engine)
+        self.resume_tag = None  # loaded once; later phases continue from memory or the newest tag
+        state.layout = layout.to_dict()
         record = {"index": phase.index, "name": phase.name, "kind": phase.kind, "steps": phase.steps,
-                  "start_global_step": state.global_step - state.phase_step, "losses": []}
+                  "start_global_step": state.global_step - state.phase_step, "layout": state.layout, "losses": []}
         if state.phase_step == 0:
             record["val_loss_before"] = self._validate(engine, state.global_step)
         self.monitor.start_phase(phase, n_phases, state.phase_step, state.global_step)
+        self.monitor.layout(layout, state.global_step)
         data = self._train_iterator(state.consumed_samples)
         while state.phase_step < phase.steps:
             loss, seconds = self._train_step(engine, data, phase, state)
@@ -186,49 +264,43 @@ class ArchitectureTrainer:
         state.finished_phases.append({k: v for k, v in record.items() if k != "losses"})
         state.phase_index, state.phase_step = phase.index + 1, 0
         self._save(engine, state)
+        record.update(self._resource_usage())
         self.results["phases"].append(record)
-        del engine
         return state
 
     def _build_engine(self, phase: Phase):
-        roles = None if phase.kind == "rack" else {i: self._unit_role(phase, unit)
-                                                  for i, unit in enumerate(self.pipe.units)}
+        roles = None if phase.kind == "rack" else dict(enumerate(phase.layer_roles(self.pipe.units)))
         return build_engine(self.pipe, self.ds_config, roles,
                             optimizer_factory=partial(make_optimizer, training=self.config.training,
                                                               units=self.pipe.units),
                             lr_lambda=lambda step: warmup_cosine(step, phase.steps, self.config.training.warmup_steps,
                                                                  self.config.training.min_lr_ratio))
 
-    @staticmethod
-    def _unit_role(phase: Phase, unit: LayerUnit) -> str:
-        if unit.kind == "block":
-            return phase.block_role(unit.stack_id, unit.block_id)
-        if unit.kind == "embedding":
-            return phase.embedding_role
-        return TRAIN  # final norm and LM head always train
+    def _resource_usage(self) -> dict[str, float]:
+        """Live process groups and resident memory, the largest over ranks (leak checks across phases)."""
+        rows = distributed.all_gather_floats([len(distributed.live_process_groups()), current_rss_mb()])
+        return {"process_groups": int(max(r[0] for r in rows)), "rss_mb": max(r[1] for r in rows)}
 
-    def _load_resume_checkpoint(self, engine, full: bool) -> None:
-        """Load on every rank; a failure on any rank is reported on all of them (no rank left waiting)."""
-        if self.resume_tag is None:
-            return
+    def _load_resume_checkpoint(self, engine) -> None:
+        """Load weights, optimizer and scheduler mid-phase on every rank; a failure on any rank is
+        reported on all of them (no rank left waiting)."""
         where = self.checkpoint_dir / self.resume_tag
         self.monitor.message(f"[stackwise] resuming from {where}")
-        problems = distributed.all_gather_objects(ckpt.unreadable_files(self._files_to_load(engine, where, full)))
+        problems = distributed.all_gather_objects(ckpt.unreadable_files(self._files_to_load(engine, where)))
         failed = [f"rank {rank}: {', '.join(texts)}" for rank, texts in enumerate(problems) if texts]
         if failed:
             raise ckpt.CheckpointError(
                 f"checkpoint {where} cannot be loaded ({'; '.join(failed)[:800]}): it is corrupt or incomplete; "
                 "delete that folder to resume from an earlier checkpoint, or use a new training.output_dir")
-        engine.load_checkpoint(str(self.checkpoint_dir), tag=self.resume_tag, load_module_only=not full,
-                               load_optimizer_states=full, load_lr_scheduler_states=full)
+        engine.load_checkpoint(str(self.checkpoint_dir), tag=self.resume_tag)
 
-    def _files_to_load(self, engine, where: Path, full: bool) -> list[Path]:
+    def _files_to_load(self, engine, where: Path) -> list[Path]:
         """The DeepSpeed files this rank reads: its layers (a tied head has none), its engine and optimizer state."""
         stage, tied = self.pipe.stage_id, self.config.model.tie_embeddings
         files = [where / f"layer_{index:02d}-model_states.pt" for index, unit in self.pipe.local_units().items()
-                 if not (unit.kind == "head" and tied)]
+                 if not (unit.kind == "head" and tied) and index in self.layout.live]
         files.append(where / f"mp_rank_{stage:02d}_model_states.pt")
-        if full and engine.optimizer is not None and self.config.parallel.zero_stage == 1:
+        if engine.optimizer is not None and self.config.parallel.zero_stage == 1:
             dp_rank = self.pipe._grid.get_data_parallel_id()
             files.append(where / f"zero_pp_rank_{dp_rank}_mp_rank_{stage:02d}_optim_states.pt")
         return files
@@ -294,10 +366,15 @@ class ArchitectureTrainer:
                 self.monitor.scalar(f"grad_norm/stack{stack_id}", sum(norms) / len(norms), step)
 
     def _validate(self, engine, step: int) -> float:
+        """Mean loss over the run's validation micro-batches, whatever the data-parallel degree."""
         if self.val_source is None:
             return float("nan")
-        losses = [float(engine.eval_batch(iter([batch]), num_micro_batches=1)) for batch in self.val_source]
-        val_loss = sum(losses) / max(len(losses), 1)
+        val = self.val_source
+        losses = engine.eval_batch(iter(val.batches), num_micro_batches=len(val.batches), reduce_output=None,
+                                   bcast_loss=False)
+        real = [float(loss) for loss in losses[:val.real]] if engine.is_last_stage() else []
+        rows = distributed.all_gather_floats([sum(real), len(real)])
+        val_loss = sum(r[0] for r in rows) / max(sum(r[1] for r in rows), 1)
         self.results["val_history"].append((step, val_loss))
         self.monitor.scalars({"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50.0))}, step)
         self.monitor.flush()
@@ -314,8 +391,33 @@ class ArchitectureTrainer:
             ckpt.unmark(self.checkpoint_dir, tag)
         distributed.barrier()
         engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
+        self._save_unplaced_layers(self.checkpoint_dir / tag)
         distributed.barrier()  # every rank's files are on disk before the tag is published
         if self.rank == 0:
             ckpt.mark_complete(self.checkpoint_dir, tag, state)
         distributed.barrier()
+        self.weights_tag = tag
         self.monitor.flush()
+
+    def _save_unplaced_layers(self, tag_dir: Path) -> None:
+        tied = self.config.model.tie_embeddings
+        unplaced = [i for i, unit in enumerate(self.units)
+                    if i not in self.layout.live and not (tied and unit.kind == "head")]
+        save_unplaced_layers(tag_dir, unplaced, self.units, self.user_rack, self.config.model,
+                             self.config.training.seed, self.rank, self.world_size)
+
+
+def _as_validation_set(batches):
+    from .data_setup import ValidationSet
+
+    batches = list(batches)
+    return ValidationSet(batches, len(batches)) if batches else None
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now (not the peak)."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:  # not Linux: the peak is the best there is
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

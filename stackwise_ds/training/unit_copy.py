@@ -15,15 +15,17 @@ from .phases import Phase
 
 
 def copy_previous_unit(pipe, phase: Phase) -> None:
-    if phase.kind not in ("stack", "block") or phase.unit == 0:
-        return
-    for src_layer, dst_layer in _layer_pairs(pipe, phase):
+    """In memory, on a pipeline that stays in place from the previous phase."""
+    for src_layer, dst_layer in unit_layer_pairs(pipe.units, phase):
         _copy_layer(pipe, src_layer, dst_layer)
 
 
-def _layer_pairs(pipe, phase: Phase) -> list[tuple[int, int]]:
-    """(source, destination) pipeline-layer indices of the blocks to copy."""
-    index = {(u.stack_id, u.block_id): i for i, u in enumerate(pipe.units) if u.kind == "block"}
+def unit_layer_pairs(units, phase: Phase) -> list[tuple[int, int]]:
+    """(source, destination) pipeline-layer indices of the blocks ``copy_previous`` copies at the
+    start of ``phase`` (none for the first unit or a whole-rack phase)."""
+    if phase.kind not in ("stack", "block") or phase.unit == 0:
+        return []
+    index = {(u.stack_id, u.block_id): i for i, u in enumerate(units) if u.kind == "block"}
     if phase.kind == "stack":
         return [(index[(phase.unit - 1, b)], index[(phase.unit, b)]) for b in range(phase.blocks_per_stack)]
     src = divmod(phase.unit - 1, phase.blocks_per_stack)

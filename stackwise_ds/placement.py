@@ -1,0 +1,307 @@
+"""Where every layer of a phase runs: the fixed layout and the elastic phase layout. No DeepSpeed import.
+
+A **fixed** layout is one pipeline for the whole run: ``parallel.pipeline_stages`` stages cut at
+stack boundaries, every layer placed, dormant units kept as identity relays. Rackwise runs and
+the closing joint phase always use it, and stage-wise phases do with ``phase_layout: fixed``.
+
+An **elastic** layout is chosen per stackwise/blockwise phase. Only the *live* layers are
+placed -- embedding, the frozen units before the active one, the active unit, final norm, LM head;
+dormant units are not built at all -- and they are re-partitioned over every rank: pipeline depth
+``p`` (a divisor of the world size, so DeepSpeed's grid covers every rank), data-parallel degree
+``world / p``, stage boundaries at block granularity. The global batch stays the run's
+(``micro_batch_size x gradient_accumulation_steps x world / pipeline_stages``); each replica runs
+``global / (micro x dp)`` micro-batches.
+
+Cost model (per micro-batch, FLOPs; the same convention as ``benchmarks/flops.py``): a layer's
+forward is 2 FLOPs per weight-matrix multiply-accumulate plus 4·T·d per token of attention
+(4·d·d_head for kernel attention); a training layer costs forward + backward = 3x its forward, a
+frozen one 1x (no_grad), a dormant one nothing. A stage's cost is the sum of its layers'; a
+step of ``m`` micro-batches over stage costs ``c_s`` takes about ``sum(c_s) + (m - 1) * max(c_s)``
+(fill and drain, then the slowest stage sets the pace). Among the layouts that fit the memory
+bound, the plan with the lowest predicted step time wins (ties: the shallower pipeline).
+Communication is not modelled: on GPUs inside a node it is small next to compute for these
+activation sizes; ``benchmarks/`` reports predicted against measured step times.
+
+Memory model (bytes on one rank, an estimate for the bound ``parallel.max_rank_memory_mb``):
+every placed layer holds its weights; a training layer also holds its gradients, its share of
+the optimizer state (AdamW moments, plus fp32 master weights under bf16) divided by the
+data-parallel degree under ZeRO-1, and the activations of the micro-batches in flight
+(``min(m, p - s)`` on stage ``s`` under 1F1B). Frozen layers hold weights only: no gradient,
+no optimizer state, no stashed activations.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+
+from .config import ModelConfig, StackWiseConfig
+from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, stage_boundaries
+
+ELASTIC, FIXED = "elastic", "fixed"
+ROLE_FACTOR = {TRAIN: 3.0, FROZEN: 1.0, DORMANT: 0.0}  # forward + backward = 3 forwards
+ATTN_FLOPS_PER_TD = 4  # QK^T and AV per token per block, the whole T x T counted
+MB = 2**20
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """One pipeline layer's forward FLOPs per micro-batch, parameters and stashed activation bytes."""
+
+    forward_flops: float
+    params: int
+    activation_bytes: float  # kept per in-flight micro-batch when the layer trains
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a layout is planned for: ranks, batch geometry, precision, ZeRO, the memory bound."""
+
+    world_size: int
+    n_stacks: int
+    blocks_per_stack: int
+    pipeline_stages: int  # the run's fixed depth: sets the global batch and the fixed layout
+    micro_batch_size: int
+    gradient_accumulation_steps: int  # at the fixed layout
+    bf16: bool = False
+    zero_stage: int = 1
+    max_rank_memory_mb: float | None = None
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.gradient_accumulation_steps * (self.world_size // self.pipeline_stages)
+
+
+@dataclass(frozen=True)
+class PhaseLayout:
+    """How one phase is placed; identical on every rank, recorded in checkpoints and logs."""
+
+    kind: str  # ELASTIC | FIXED
+    pipeline_stages: int
+    data_parallel: int
+    gradient_accumulation_steps: int  # micro-batches per replica per step
+    parts: tuple[int, ...]  # pipeline-layer index where each stage starts, then the layer count
+    live: tuple[int, ...]  # pipeline layers that are built (the others are identity placeholders)
+    stage_flops: tuple[float, ...]  # per micro-batch
+    stage_memory_mb: tuple[float, ...]
+    predicted_step_flops: float
+    predicted_vs_rackwise: float  # predicted step time over a rackwise step on the fixed layout
+
+    def stage_of(self, layer: int) -> int:
+        return next(s for s in range(self.pipeline_stages) if self.parts[s] <= layer < self.parts[s + 1])
+
+    def stage_layers(self, stage: int) -> list[int]:
+        """The live layers stage ``stage`` holds."""
+        return [i for i in self.live if self.parts[stage] <= i < self.parts[stage + 1]]
+
+    def rack_modules(self, stage: int, units: list[LayerUnit], tie_embeddings: bool) -> set[str]:
+        """Rack module names ("embedding", "stacks.0.blocks.1", ...) stage ``stage`` holds."""
+        names = {units[i].rack_prefix.rstrip(".") for i in self.stage_layers(stage)}
+        if tie_embeddings and "lm_head" in names:
+            names.add("embedding")  # a tied LM head is the embedding module itself
+        return names
+
+    def describe(self) -> str:
+        """One line for logs, e.g. 'elastic: 2 stages x 2 data-parallel, 4 micro-batches, stages [0-3 | 4-9]'."""
+        stages = " | ".join(_span(self.stage_layers(s)) for s in range(self.pipeline_stages))
+        return (f"{self.kind}: {self.pipeline_stages} stage(s) x {self.data_parallel} data-parallel, "
+                f"{self.gradient_accumulation_steps} micro-batches/step, layers [{stages}], "
+                f"predicted step {self.predicted_vs_rackwise:.2f}x rackwise")
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "PhaseLayout":
+        tuples = {k: tuple(v) for k, v in raw.items() if isinstance(v, list)}
+        return cls(**{**raw, **tuples})
+
+    def same_placement(self, other: "PhaseLayout | None") -> bool:
+        """Whether ``other`` places the same layers on the same ranks (costs may differ)."""
+        return other is not None and (self.kind, self.pipeline_stages, self.parts, self.live) == (
+            other.kind, other.pipeline_stages, other.parts, other.live)
+
+
+def _span(layers: list[int]) -> str:
+    """Layer indices as ranges: [0, 1, 2, 7, 8] -> '0-2,7-8'."""
+    runs: list[list[int]] = []
+    for layer in layers:
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
+
+
+# ----------------------------------------------------------------------------- costs
+
+def layer_costs(model: ModelConfig, seq_len: int, micro_batch: int, bf16: bool = False) -> list[LayerCost]:
+    """Cost of every pipeline layer (embedding, blocks, norm, head) for one micro-batch."""
+    tokens = micro_batch * seq_len
+    d, vocab = model.d_model, model.vocab_size
+    act_bytes = 2 if bf16 else 4
+    block_params, block_matrix = _block_params(model)
+    d_head = d // model.n_heads
+    attn = ATTN_FLOPS_PER_TD * (d_head if model.attention_type == "kernel" else seq_len) * d
+    block = LayerCost(tokens * (2 * block_matrix + attn), block_params,
+                      tokens * (6 * d + 3 * model.resolved_d_ff) * act_bytes
+                      + (0 if model.attention_type == "kernel" else micro_batch * model.n_heads * seq_len**2 * act_bytes))
+    embedding = LayerCost(tokens * d, vocab * d, 0.0)
+    norm = LayerCost(5 * tokens * d, d, tokens * d * act_bytes)
+    head = LayerCost(2 * tokens * d * vocab + 5 * tokens * vocab, 0 if model.tie_embeddings else vocab * d,
+                     2 * tokens * vocab * 4)  # fp32 logits and their gradient
+    return [embedding, *[block] * model.n_blocks, norm, head]
+
+
+_BLOCK_PARAMS: dict[str, tuple[int, int]] = {}
+
+
+def _block_params(model: ModelConfig) -> tuple[int, int]:
+    """(all, matrix) parameters of one Block, counted on a meta-device build (no memory); cached."""
+    import torch
+
+    from .model import build_block
+
+    key = json.dumps(asdict(model), sort_keys=True)
+    if key not in _BLOCK_PARAMS:
+        with torch.device("meta"):
+            params = list(build_block(model, 0, 0, seed=0).parameters())
+        _BLOCK_PARAMS[key] = (sum(p.numel() for p in params), sum(p.numel() for p in params if p.dim() >= 2))
+    return _BLOCK_PARAMS[key]
+
+
+# ----------------------------------------------------------------------------- layouts
+
+def fixed_layout(roles: list[str], costs: list[LayerCost], res: Resources) -> PhaseLayout:
+    """The run's one pipeline: ``pipeline_stages`` stages at stack boundaries, every layer placed."""
+    parts = tuple(stage_boundaries(res.n_stacks, res.blocks_per_stack, res.pipeline_stages))
+    live = tuple(range(len(roles)))
+    return _evaluate(FIXED, parts, live, roles, costs, res, res.world_size // res.pipeline_stages)
+
+
+def elastic_layout(roles: list[str], costs: list[LayerCost], res: Resources) -> PhaseLayout:
+    """The fastest predicted placement of the live (non-dormant) layers that fits the memory bound."""
+    live = tuple(i for i, role in enumerate(roles) if role != DORMANT)
+    candidates, smallest = [], None
+    for p in (p for p in range(1, res.world_size + 1) if res.world_size % p == 0 and p <= len(live)):
+        dp = res.world_size // p
+        if res.global_batch % (res.micro_batch_size * dp):
+            continue  # this data-parallel degree cannot split the global batch into whole micro-batches
+        starts = _balanced_starts(live, roles, costs, res, p, dp)
+        if starts is None:
+            fallback = _evaluate(ELASTIC, _parts(live, _even_starts(live, p), len(roles)), live, roles, costs, res, dp)
+            smallest = min(smallest or fallback, fallback, key=lambda lay: max(lay.stage_memory_mb))
+            continue
+        candidates.append(_evaluate(ELASTIC, _parts(live, starts, len(roles)), live, roles, costs, res, dp))
+    if not candidates:
+        raise LayoutError(
+            f"no placement of this phase's {len(live)} live layers on {res.world_size} rank(s) fits "
+            f"parallel.max_rank_memory_mb={res.max_rank_memory_mb}: the smallest estimate is "
+            f"{max(smallest.stage_memory_mb):.1f} MB per rank ({smallest.pipeline_stages} stage(s)); raise the bound, "
+            "launch more ranks, lower training.micro_batch_size, or set parallel.phase_layout=fixed")
+    return min(candidates, key=lambda lay: (lay.predicted_step_flops, lay.pipeline_stages))
+
+
+class LayoutError(ValueError):
+    """No layout satisfies the constraints; the message says which and what to change."""
+
+
+def _parts(live: tuple[int, ...], starts: list[int], n_layers: int) -> tuple[int, ...]:
+    """Stage start indices (into ``live``) -> pipeline-layer boundaries; stage 0 starts at layer 0."""
+    return (0, *(live[j] for j in starts[1:]), n_layers)
+
+
+def _even_starts(live: tuple[int, ...], p: int) -> list[int]:
+    return [len(live) * s // p for s in range(p)]
+
+
+def _balanced_starts(live, roles, costs, res: Resources, p: int, dp: int) -> list[int] | None:
+    """Split ``live`` into ``p`` contiguous non-empty stages minimising the slowest stage's cost,
+    each within the memory bound; returns the index (into ``live``) where each stage starts."""
+    n = len(live)
+    m = res.global_batch // (res.micro_batch_size * dp)
+    cost = [costs[i].forward_flops * ROLE_FACTOR[roles[i]] for i in live]
+
+    @lru_cache(maxsize=None)
+    def best(stage: int, first: int) -> tuple[float, tuple[int, ...]] | None:
+        """(slowest stage cost, starts) for live[first:] on stages stage..p-1."""
+        if stage == p - 1:
+            return (sum(cost[first:]), (first,)) if _fits(live[first:], stage, roles, costs, res, p, dp, m) else None
+        result = None
+        for stop in range(first + 1, n - (p - 1 - stage) + 1):
+            if not _fits(live[first:stop], stage, roles, costs, res, p, dp, m):
+                break  # a longer stage only needs more memory
+            rest = best(stage + 1, stop)
+            if rest is None:
+                continue
+            slowest = max(sum(cost[first:stop]), rest[0])
+            if result is None or slowest < result[0]:
+                result = (slowest, (first, *rest[1]))
+        return result
+
+    found = best(0, 0)
+    return None if found is None else list(found[1])
+
+
+def _fits(layers, stage, roles, costs, res: Resources, p, dp, m) -> bool:
+    if res.max_rank_memory_mb is None:
+        return True
+    return _stage_memory_mb(layers, stage, roles, costs, res, p, dp, m) <= res.max_rank_memory_mb
+
+
+def _stage_memory_mb(layers, stage, roles, costs, res: Resources, p, dp, m) -> float:
+    weight_bytes = 2 if res.bf16 else 4
+    optimizer_bytes = 8 + (4 if res.bf16 else 0)  # AdamW moments (+ fp32 master weights)
+    shard = dp if res.zero_stage >= 1 else 1
+    in_flight = min(m, p - stage)
+    total = 0.0
+    for i in layers:
+        c = costs[i]
+        total += c.params * weight_bytes
+        if roles[i] == TRAIN:
+            total += c.params * (4 + optimizer_bytes / shard) + in_flight * c.activation_bytes
+    return total / MB
+
+
+def _evaluate(kind, parts, live, roles, costs, res: Resources, dp: int) -> PhaseLayout:
+    p = len(parts) - 1
+    m = res.global_batch // (res.micro_batch_size * dp)
+    stage_sets = [[i for i in live if parts[s] <= i < parts[s + 1]] for s in range(p)]
+    flops = tuple(sum(costs[i].forward_flops * ROLE_FACTOR[roles[i]] for i in layers) for layers in stage_sets)
+    memory = tuple(round(_stage_memory_mb(layers, s, roles, costs, res, p, dp, m), 3)
+                   for s, layers in enumerate(stage_sets))
+    step = pipeline_step_flops(flops, m)
+    rack = rackwise_step_flops(costs, res)
+    return PhaseLayout(kind, p, dp, m, tuple(parts), tuple(live), flops, memory, step, step / rack)
+
+
+def pipeline_step_flops(stage_flops, micro_batches: int) -> float:
+    """Predicted critical path of one step: fill and drain through every stage, then the slowest paces."""
+    return sum(stage_flops) + (micro_batches - 1) * max(stage_flops)
+
+
+def rackwise_step_flops(costs: list[LayerCost], res: Resources) -> float:
+    """The reference: every layer training on the fixed layout (stack-aligned, ``pipeline_stages`` deep)."""
+    bounds = stage_boundaries(res.n_stacks, res.blocks_per_stack, res.pipeline_stages)
+    flops = [sum(ROLE_FACTOR[TRAIN] * costs[i].forward_flops for i in range(bounds[s], bounds[s + 1]))
+             for s in range(res.pipeline_stages)]
+    return pipeline_step_flops(flops, res.gradient_accumulation_steps)
+
+
+# ----------------------------------------------------------------------------- from a run config
+
+def run_resources(config: StackWiseConfig, world_size: int, bf16: bool) -> Resources:
+    t, arch = config.training, config.model.architecture
+    return Resources(world_size=world_size, n_stacks=arch.n_stacks, blocks_per_stack=arch.blocks_per_stack,
+                     pipeline_stages=config.pipeline_stages, micro_batch_size=t.micro_batch_size,
+                     gradient_accumulation_steps=t.gradient_accumulation_steps, bf16=bf16,
+                     zero_stage=config.parallel.zero_stage, max_rank_memory_mb=config.parallel.max_rank_memory_mb)
+
+
+def layout_for(roles: list[str], config: StackWiseConfig, world_size: int, bf16: bool,
+               elastic: bool) -> PhaseLayout:
+    """The layout of a phase whose pipeline layers have ``roles``: elastic or the run's fixed pipeline."""
+    res = run_resources(config, world_size, bf16)
+    costs = layer_costs(config.model, config.data.seq_len, res.micro_batch_size, bf16)
+    return elastic_layout(roles, costs, res) if elastic else fixed_layout(roles, costs, res)

@@ -1,0 +1,67 @@
+"""Per-layer checkpoint files as the hand-over between phase layouts.
+
+A pipeline placed anew (the first phase of a process, or an elastic phase) fills its local layers
+from the per-layer files of the newest checkpoint: ``layer_XX-model_states.pt`` means the same
+layer in every layout, so a rank reads exactly the layers it now holds, wherever they lived
+before. Continuing into a phase and resuming at its start are one code path, bit for bit.
+Layers an elastic phase does not place (dormant units) still get their files at every save,
+written from their initial weights, so every tag holds the whole Rack for the checkpoint tools.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..model import Rack, build_block
+from ..parallel import distributed
+from . import checkpointing as ckpt
+
+
+def layer_path(tag_dir: Path, layer: int) -> Path:
+    return tag_dir / f"layer_{layer:02d}-model_states.pt"
+
+
+def local_layer_modules(pipe) -> dict[int, torch.nn.Module]:
+    """Pipeline-layer index -> module for this stage's layers that own a file; a tied embedding held
+    only through the LM head counts as layer 0 (its file), so no broadcast is needed after loading."""
+    modules = {pipe._local_start + offset: entry for offset, entry in enumerate(pipe.forward_funcs)
+               if isinstance(entry, torch.nn.Module)}
+    for module in pipe.tied_modules.values():
+        if module not in modules.values():
+            modules[0] = module
+    return modules
+
+
+def load_layers(pipe, tag_dir: Path, sources: dict[int, int] | None = None) -> None:
+    """Fill this rank's layers from ``tag_dir``; ``sources`` maps a layer to the layer whose file it
+    takes instead of its own (``copy_previous``). Collective: a bad file fails every rank alike."""
+    sources = sources or {}
+    modules = local_layer_modules(pipe)
+    files = {layer: layer_path(tag_dir, sources.get(layer, layer)) for layer in modules}
+    problems = distributed.all_gather_objects(ckpt.unreadable_files(sorted(set(files.values()))))
+    failed = [f"rank {rank}: {', '.join(texts)}" for rank, texts in enumerate(problems) if texts]
+    if failed:
+        raise ckpt.CheckpointError(
+            f"checkpoint {tag_dir} cannot be loaded ({'; '.join(failed)[:800]}): it is corrupt or incomplete; "
+            "delete that folder to resume from an earlier checkpoint, or use a new training.output_dir")
+    with torch.no_grad():
+        for layer, module in modules.items():
+            device = next(module.parameters()).device
+            module.load_state_dict(torch.load(files[layer], map_location=device, weights_only=True))
+
+
+def save_unplaced_layers(tag_dir: Path, unplaced: list[int], units, rack: Rack | None, model, seed: int,
+                         rank: int, world_size: int) -> None:
+    """Write the files of the blocks a phase does not place, spread over the ranks.
+
+    They hold the weights the unit starts its own phase from: the given Rack's when this rank has
+    them materialized, else the seeded initialisation (bit-identical to a full build)."""
+    for layer in unplaced[rank::world_size]:
+        unit = units[layer]
+        block = rack.stacks[unit.stack_id].blocks[unit.block_id] if rack is not None else None
+        if block is None or any(p.is_meta for p in block.parameters()):
+            block = build_block(model, unit.stack_id, unit.block_id, seed)
+        tag_dir.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.detach().clone().cpu() for k, v in block.state_dict().items()}, layer_path(tag_dir, layer))
