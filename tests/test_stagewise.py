@@ -1,5 +1,8 @@
 """Stackwise and blockwise training through stage-level freezing: real multi-process runs on CPU.
 
+``stackwise_run`` uses the fixed layout (one stage per stack, forward-only and relay stages);
+the other runs use the default elastic layout (tests/test_elastic.py covers it in depth).
+
 Weights are read back from the checkpoint written at the end of every phase and compared
 with the deterministic initial weights of the same config.
 """
@@ -44,7 +47,7 @@ def same(a, b):
 def stackwise_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("stackwise")
     run_training(2, out, "training.training_architecture=stackwise", f"training.steps_per_phase={STEPS}",
-                 "training.save_interval=2", "model.tie_embeddings=false")
+                 "training.save_interval=2", "model.tie_embeddings=false", "parallel.phase_layout=fixed")
     return out
 
 
@@ -142,7 +145,7 @@ def test_stackwise_resume_mid_phase(stackwise_run, tmp_path):
     shutil.rmtree(out / "checkpoints" / f"step{2 * STEPS:08d}")
     shutil.rmtree(out / "tensorboard")
     proc = run_training(2, out, "training.training_architecture=stackwise", f"training.steps_per_phase={STEPS}",
-                        "training.save_interval=2", "model.tie_embeddings=false")
+                        "training.save_interval=2", "model.tie_embeddings=false", "parallel.phase_layout=fixed")
     assert "step00000006" in proc.stdout
     resumed = results(out)["phases"]
     assert len(resumed) == 1 and resumed[0]["name"] == "stack 2/2"

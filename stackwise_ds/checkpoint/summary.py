@@ -6,6 +6,7 @@ from pathlib import Path
 
 from ..config import StackWiseConfig
 from ..layout import LayerUnit
+from ..placement import PhaseLayout
 from ..training.checkpointing import STATE_FILE
 from ..training.phases import TRAIN, Phase, plan_phases
 from .layers import file_layers, rack_shapes, stage_layers, units_of
@@ -38,11 +39,16 @@ def run_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
     lines = [f"training: {state.training_architecture} ({t.objective}), {len(phases)} phase(s), "
              f"{config.pipeline_stages} pipeline stage(s), zero stage {config.parallel.zero_stage}",
              f"progress: {progress_line(state.phase_index, state.phase_step, phases)}",
-             f"step {state.global_step}, consumed samples {state.consumed_samples}"]
+             f"step {state.global_step}, consumed samples {state.consumed_samples}, "
+             f"phase layout {config.parallel.phase_layout}"]
+    if state.layout:
+        lines.append(f"saved with layout {PhaseLayout.from_dict(state.layout).describe()}")
     for record in state.finished_phases:
         lines.append(f"  finished phase {record.get('index')} ({record.get('name')}): steps "
                      f"{record.get('start_global_step')}..{record.get('end_global_step')}, val loss "
                      f"{_fmt(record.get('val_loss_before'))} -> {_fmt(record.get('val_loss_after'))}")
+        if record.get("layout"):
+            lines.append(f"    layout {PhaseLayout.from_dict(record['layout']).describe()}")
     return "\n".join(lines)
 
 
@@ -68,7 +74,10 @@ def model_section(config: StackWiseConfig) -> str:
 
 def units_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
     units, shapes, phases = units_of(config), rack_shapes(config), plan_phases(config)
-    stage_of = {layer: s for s, layers in enumerate(stage_layers(config, config.pipeline_stages)) for layer in layers}
+    stage_of = {layer: str(s) for s, layers in enumerate(stage_layers(config, config.pipeline_stages)) for layer in layers}
+    if ref.state.layout:  # the placement of the phase that saved this tag ('-': not placed, dormant)
+        saved = PhaseLayout.from_dict(ref.state.layout)
+        stage_of = {layer: str(saved.stage_of(layer)) if layer in saved.live else "-" for layer in stage_of}
     present = {layer for layer in file_layers(config) if ref.layer_file(layer).is_file()}
     done = {r.get("index") for r in ref.state.finished_phases}
     current = ref.state.phase_index if ref.state.phase_step > 0 else None
@@ -79,7 +88,7 @@ def units_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
         trained = [f"{p.index}" + ("*" if p.index == current else "") for p in phases
                    if unit_trains(unit, p) and (p.index in done or p.index == current)]
         rows.append((str(layer), unit_label(unit), "(tied)" if tied_head else f"{count:,}",
-                     str(stage_of[layer]), "-" if tied_head else ("ok" if layer in present else "MISSING"),
+                     stage_of[layer], "-" if tied_head else ("ok" if layer in present else "MISSING"),
                      ", ".join(trained) or "none yet"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]

@@ -89,6 +89,7 @@ class ArchitectureTrainer:
         self.bf16 = resolve_precision(t.precision) == "bf16"
         self.units = layer_units(cfg.model.architecture.n_stacks, cfg.model.architecture.blocks_per_stack)
         self.pipe = self.engine = self.layout = None
+        groups_before = self._count_process_groups()
         self.weights_tag: str | None = None  # the newest checkpoint: where a new placement reads its layers
         state = self._resume_state()
         self._prepare_output_dir()
@@ -107,7 +108,7 @@ class ArchitectureTrainer:
         finally:
             self.monitor.close()
         self._retire_pipeline()
-        distributed.barrier()
+        self.results["process_groups"] = {"before": groups_before, "after": self._count_process_groups()}
         if watchdog is not None:
             watchdog.stop()
         self.results["global_step"] = state.global_step
@@ -280,6 +281,11 @@ class ArchitectureTrainer:
         """Live process groups and resident memory, the largest over ranks (leak checks across phases)."""
         rows = distributed.all_gather_floats([len(distributed.live_process_groups()), current_rss_mb()])
         return {"process_groups": int(max(r[0] for r in rows)), "rss_mb": max(r[1] for r in rows)}
+
+    @staticmethod
+    def _count_process_groups() -> int:
+        """The most process groups any rank holds (collective)."""
+        return int(max(row[0] for row in distributed.all_gather_floats([len(distributed.live_process_groups())])))
 
     def _load_resume_checkpoint(self, engine) -> None:
         """Load weights, optimizer and scheduler mid-phase on every rank; a failure on any rank is

@@ -1,0 +1,126 @@
+#!/usr/bin/env python
+"""Wall-clock of whole stage-wise runs on a multi-rank pipeline: elastic vs fixed layout vs rackwise.
+
+    python benchmarks/elastic.py            # ~6 min on 2 idle cores; merges into results/latest.json
+    python benchmarks/elastic.py --quick    # fewer steps, merges into results/quick.json
+
+The benchmark rack (4 stacks x 2 blocks) on 2 ranks, each pinned to its own core
+(``benchmarks/pinned.py``) so that a rank behaves like a GPU of its own: an idle rank's core is
+not lent to a busy one. Every run trains the same total number of steps: rackwise ``4 S`` steps
+on the fixed 2-stage pipeline; stackwise ``S`` steps a phase (4 phases), elastic and fixed;
+blockwise ``S / 2`` a phase (8 phases), elastic and fixed. Whole-run wall-clock (launch to exit,
+start-up and phase-end checkpoints included) gives the headline ratios; per phase, the measured
+median step time is set against the planner's prediction (``predicted_vs_rackwise`` x the measured
+rackwise step time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.common import DEFAULT_WORK_DIR, MODEL, RESULTS_DIR, launch, load_average, median, read_results, \
+    steady_step_times  # noqa: E402
+
+CORES = [0, 1]
+RUNS = {  # name -> (training_architecture, phase_layout, steps per phase as a fraction of S)
+    "rackwise": ("rackwise", "fixed", 4.0),
+    "stackwise_elastic": ("stackwise", "elastic", 1.0),
+    "stackwise_fixed": ("stackwise", "fixed", 1.0),
+    "blockwise_elastic": ("blockwise", "elastic", 0.5),
+    "blockwise_fixed": ("blockwise", "fixed", 0.5),
+}
+WARMUP = 2  # steps of each phase left out of its median (allocator and autograd caches settle)
+
+
+def run_values(name: str, steps: int, out: Path) -> dict:
+    arch, layout, fraction = RUNS[name]
+    shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would make it resume
+    n = int(steps * fraction)
+    return {**MODEL, "parallel.pipeline_stages": 2, "parallel.phase_layout": layout,
+            "training.training_architecture": arch, "training.max_steps": n, "training.steps_per_phase": n,
+            "training.warmup_steps": 1, "training.eval_interval": 0, "training.eval_batches": 2,
+            "training.save_interval": 0, "training.output_dir": str(out)}
+
+
+def phase_rows(out: Path, rack_step_s: float) -> list[dict]:
+    rows = []
+    for phase in read_results(out)["phases"]:
+        first = phase["start_global_step"] + 1
+        measured = median(steady_step_times(out, first + WARMUP, phase["end_global_step"]))
+        layout = phase["layout"]
+        predicted = layout["predicted_vs_rackwise"] * rack_step_s
+        rows.append({"phase": phase["name"], "pipeline_stages": layout["pipeline_stages"],
+                     "data_parallel": layout["data_parallel"], "micro_batches": layout["gradient_accumulation_steps"],
+                     "live_layers": layout["live"], "parts": layout["parts"],
+                     "predicted_step_s": round(predicted, 4), "measured_step_s": round(measured, 4),
+                     "measured_vs_predicted": round(measured / predicted, 3)})
+    return rows
+
+
+def measure_elastic(steps: int, work: Path, log) -> dict:
+    walls, rows = {}, {}
+    for name in RUNS:
+        out = work / f"elastic_{name}"
+        log(f"  {name} (load {load_average()})")
+        walls[name] = launch(run_values(name, steps, out), n_procs=2, cores=CORES).wall_s
+        rows[name] = out
+    rack_step = median(steady_step_times(rows["rackwise"], WARMUP + 1))
+    per_phase = {name: phase_rows(rows[name], rack_step) for name in RUNS if name != "rackwise"}
+    ratio = lambda a, b: round(walls[a] / walls[b], 3)  # noqa: E731
+    return {
+        "stagewise_elastic_vs_rackwise_wall": ratio("stackwise_elastic", "rackwise"),
+        "stagewise_elastic_vs_fixed_wall": ratio("stackwise_elastic", "stackwise_fixed"),
+        "blockwise_elastic_vs_rackwise_wall": ratio("blockwise_elastic", "rackwise"),
+        "blockwise_elastic_vs_fixed_wall": ratio("blockwise_elastic", "blockwise_fixed"),
+        "elastic_detail": {"steps_rackwise": 4 * steps, "ranks": 2, "pinned_cores": CORES,
+                           "rackwise_step_s": round(rack_step, 4), "run_wall_s": {k: round(v, 1) for k, v in walls.items()},
+                           "per_phase": per_phase, "load_after": load_average()},
+    }
+
+
+def elastic_table(r: dict) -> str:
+    """Markdown: the headline ratios, then per phase of the elastic runs the plan and its prediction."""
+    d = r["elastic_detail"]
+    lines = ["| figure | measured | target |", "|---|---|---|"]
+    for key, target, limit in (("stagewise_elastic_vs_rackwise_wall", "≤ 0.45 (ideal ≈ 0.35–0.4)", 0.45),
+                               ("stagewise_elastic_vs_fixed_wall", "≤ 0.75", 0.75),
+                               ("blockwise_elastic_vs_rackwise_wall", "(report)", None),
+                               ("blockwise_elastic_vs_fixed_wall", "(report)", None)):
+        mark = "" if limit is None else (" ✅" if r[key] <= limit else " ❌")
+        lines.append(f"| `{key}` | {r[key]:.3f}{mark} | {target} |")
+    lines += ["", f"Whole runs, seconds: {d['run_wall_s']} (rackwise step {d['rackwise_step_s']:.3f} s)", "",
+              "| run | phase | stages × dp | micro-batches | predicted s/step | measured s/step | measured / predicted |",
+              "|---|---|---|---|---|---|---|"]
+    for name in ("stackwise_elastic", "blockwise_elastic"):
+        for row in d["per_phase"][name]:
+            lines.append(f"| {name} | {row['phase']} | {row['pipeline_stages']} × {row['data_parallel']} | "
+                         f"{row['micro_batches']} | {row['predicted_step_s']:.3f} | {row['measured_step_s']:.3f} | "
+                         f"{row['measured_vs_predicted']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
+    args = parser.parse_args()
+    name = "quick" if args.quick else "latest"
+    log = lambda m: print(f"[bench {time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
+    result = measure_elastic(4 if args.quick else 10, Path(args.work_dir), log)
+    path = RESULTS_DIR / f"{name}.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(result)
+    path.write_text(json.dumps(merged, indent=1))
+    (RESULTS_DIR / f"{name}_elastic_table.md").write_text(elastic_table(result))
+    print(elastic_table(result))
+
+
+if __name__ == "__main__":
+    main()
