@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Wall-clock of whole stage-wise runs on a multi-rank pipeline: elastic vs fixed layout vs rackwise.
 
-    python benchmarks/elastic.py            # ~6 min on 2 idle cores; merges into results/latest.json
+    python benchmarks/elastic.py            # ~7 min on 2 idle cores; merges into results/latest.json
     python benchmarks/elastic.py --quick    # fewer steps, merges into results/quick.json
 
 The benchmark rack (4 stacks x 2 blocks) on 2 ranks, each pinned to its own core
 (``benchmarks/pinned.py``) so that a rank behaves like a GPU of its own: an idle rank's core is
 not lent to a busy one. Every run trains the same total number of steps: rackwise ``4 S`` steps
 on the fixed 2-stage pipeline; stackwise ``S`` steps a phase (4 phases), elastic and fixed;
-blockwise ``S / 2`` a phase (8 phases), elastic and fixed. Whole-run wall-clock (launch to exit,
-start-up and phase-end checkpoints included) gives the headline ratios; per phase, the measured
+blockwise ``S / 2`` a phase (8 phases), elastic and fixed (S = 24). Whole-run wall-clock (launch to
+exit, start-up, validation, phase changes and phase-end checkpoints included) gives the headline
+ratios; the start-up before the first step (launcher, imports, DeepSpeed and data, ~12 s here, the
+same for every run) is reported too, with the ratios of the time after it. Per phase, the measured
 median step time is set against the planner's prediction (``predicted_vs_rackwise`` x the measured
 rackwise step time).
 """
@@ -26,7 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DEFAULT_WORK_DIR, MODEL, RESULTS_DIR, launch, load_average, median, read_results, \
-    steady_step_times  # noqa: E402
+    read_scalars, steady_step_times  # noqa: E402
 
 CORES = [0, 1]
 RUNS = {  # name -> (training_architecture, phase_layout, steps per phase as a fraction of S)
@@ -36,6 +38,7 @@ RUNS = {  # name -> (training_architecture, phase_layout, steps per phase as a f
     "blockwise_elastic": ("blockwise", "elastic", 0.5),
     "blockwise_fixed": ("blockwise", "fixed", 0.5),
 }
+FULL_STEPS, QUICK_STEPS = 24, 4  # S: steps of a stackwise phase
 WARMUP = 2  # steps of each phase left out of its median (allocator and autograd caches settle)
 
 
@@ -64,16 +67,24 @@ def phase_rows(out: Path, rack_step_s: float) -> list[dict]:
     return rows
 
 
+def startup_s(out: Path, launched_at: float) -> float:
+    """Seconds from launch to the start of the first step (same work in every run)."""
+    _, first_step_s, first_step_end = read_scalars(out, "train/step_time_s")[0]
+    return first_step_end - first_step_s - launched_at
+
+
 def measure_elastic(steps: int, work: Path, log) -> dict:
-    walls, rows = {}, {}
+    walls, startups, outs = {}, {}, {}
     for name in RUNS:
-        out = work / f"elastic_{name}"
+        out = outs[name] = work / f"elastic_{name}"
         log(f"  {name} (load {load_average()})")
+        launched_at = time.time()
         walls[name] = launch(run_values(name, steps, out), n_procs=2, cores=CORES).wall_s
-        rows[name] = out
-    rack_step = median(steady_step_times(rows["rackwise"], WARMUP + 1))
-    per_phase = {name: phase_rows(rows[name], rack_step) for name in RUNS if name != "rackwise"}
+        startups[name] = startup_s(out, launched_at)
+    rack_step = median(steady_step_times(outs["rackwise"], WARMUP + 1))
+    per_phase = {name: phase_rows(outs[name], rack_step) for name in RUNS if name != "rackwise"}
     ratio = lambda a, b: round(walls[a] / walls[b], 3)  # noqa: E731
+    after = lambda a, b: round((walls[a] - startups[a]) / (walls[b] - startups[b]), 3)  # noqa: E731
     return {
         "stagewise_elastic_vs_rackwise_wall": ratio("stackwise_elastic", "rackwise"),
         "stagewise_elastic_vs_fixed_wall": ratio("stackwise_elastic", "stackwise_fixed"),
@@ -81,6 +92,12 @@ def measure_elastic(steps: int, work: Path, log) -> dict:
         "blockwise_elastic_vs_fixed_wall": ratio("blockwise_elastic", "blockwise_fixed"),
         "elastic_detail": {"steps_rackwise": 4 * steps, "ranks": 2, "pinned_cores": CORES,
                            "rackwise_step_s": round(rack_step, 4), "run_wall_s": {k: round(v, 1) for k, v in walls.items()},
+                           "startup_s": {k: round(v, 1) for k, v in startups.items()},
+                           "after_startup_ratios": {
+                               "stagewise_elastic_vs_rackwise": after("stackwise_elastic", "rackwise"),
+                               "stagewise_elastic_vs_fixed": after("stackwise_elastic", "stackwise_fixed"),
+                               "blockwise_elastic_vs_rackwise": after("blockwise_elastic", "rackwise"),
+                               "blockwise_elastic_vs_fixed": after("blockwise_elastic", "blockwise_fixed")},
                            "per_phase": per_phase, "load_after": load_average()},
     }
 
@@ -95,7 +112,8 @@ def elastic_table(r: dict) -> str:
                                ("blockwise_elastic_vs_fixed_wall", "(report)", None)):
         mark = "" if limit is None else (" ✅" if r[key] <= limit else " ❌")
         lines.append(f"| `{key}` | {r[key]:.3f}{mark} | {target} |")
-    lines += ["", f"Whole runs, seconds: {d['run_wall_s']} (rackwise step {d['rackwise_step_s']:.3f} s)", "",
+    lines += ["", f"Whole runs, seconds: {d['run_wall_s']}; start-up before the first step: {d['startup_s']}; "
+              f"ratios after start-up: {d['after_startup_ratios']} (rackwise step {d['rackwise_step_s']:.3f} s)", "",
               "| run | phase | stages × dp | micro-batches | predicted s/step | measured s/step | measured / predicted |",
               "|---|---|---|---|---|---|---|"]
     for name in ("stackwise_elastic", "blockwise_elastic"):
@@ -113,7 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     name = "quick" if args.quick else "latest"
     log = lambda m: print(f"[bench {time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
-    result = measure_elastic(4 if args.quick else 10, Path(args.work_dir), log)
+    result = measure_elastic(QUICK_STEPS if args.quick else FULL_STEPS, Path(args.work_dir), log)
     path = RESULTS_DIR / f"{name}.json"
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update(result)

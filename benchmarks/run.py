@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """StackWise-DS CPU benchmarks: every figure of DESIGN.md's "Figures to reach" that a CPU can measure.
 
-    python benchmarks/run.py            # full run (~20-25 min on 2 idle cores) -> benchmarks/results/latest.json
+    python benchmarks/run.py            # full run (~25-30 min on 2 idle cores) -> benchmarks/results/latest.json
     python benchmarks/run.py --quick    # smoke run (< 5 min)               -> benchmarks/results/quick.json
 
 Writes the JSON, two PNGs (validation loss vs FLOPs and vs training time) and a markdown
@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import DEFAULT_WORK_DIR, MODEL, RESULTS_DIR, TORCH_THREADS, load_average  # noqa: E402
+from benchmarks.elastic import FULL_STEPS, QUICK_STEPS, measure_elastic  # noqa: E402
 from benchmarks.modes import ModesPlan, measure_modes  # noqa: E402
 from benchmarks.plots import plot_modes  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
@@ -72,8 +73,10 @@ def run(kind: str, work: Path) -> dict:
                        lambda: measure_pipeline(plan["timing"], work,
                                                 throughput["detail"]["components_median_s"], log), meta)
     modes = section("modes at equal FLOPs", lambda: measure_modes(plan["modes"], work, log), meta)
+    elastic = section("elastic vs fixed phase layout, 2 pinned ranks",
+                      lambda: measure_elastic(QUICK_STEPS if kind == "quick" else FULL_STEPS, work, log), meta)
     meta["total_seconds"] = round(time.perf_counter() - start, 1)
-    return assemble(meta, throughput, pipeline, modes)
+    return {**assemble(meta, throughput, pipeline, modes), **elastic}
 
 
 def assemble(meta: dict, throughput: dict, pipeline: dict, modes: dict) -> dict:

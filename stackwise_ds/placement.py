@@ -119,8 +119,9 @@ class PhaseLayout:
 
     def same_placement(self, other: "PhaseLayout | None") -> bool:
         """Whether ``other`` places the same layers on the same ranks (costs may differ)."""
-        return other is not None and (self.kind, self.pipeline_stages, self.parts, self.live) == (
-            other.kind, other.pipeline_stages, other.parts, other.live)
+        def key(lay: PhaseLayout):
+            return lay.kind, lay.pipeline_stages, lay.data_parallel, lay.parts, lay.live
+        return other is not None and key(self) == key(other)
 
 
 def _span(layers: list[int]) -> str:

@@ -110,3 +110,55 @@ def test_reforming_leaks_no_process_groups_or_memory(blockwise_run):
     assert groups["after"] == groups["before"], groups
     rss = [p["rss_mb"] for p in phases]
     assert rss[-1] - rss[4] < 25 and rss[3] - rss[0] < 25, f"resident memory grows across phases: {rss}"
+
+
+def test_reshard_moves_an_elastic_mid_phase_checkpoint_to_the_fixed_pipeline(elastic_run, tmp_path):
+    """Step 10 is mid phase 3, saved by 2 stages x 2 replicas at block boundaries; resharded to the fixed
+    2-stage pipeline it resumes there and continues the same losses."""
+    from stackwise_ds.checkpoint import reshard
+
+    tag = f"step{3 * STEPS + 1:08d}"
+    assert state(elastic_run, tag)["layout"]["parts"] != [0, 5, 11]  # not the fixed stack split
+    out = tmp_path / "fixed"
+    reshard(elastic_run / "checkpoints" / tag, out, pipeline_stages=2, data_parallel=2)
+    run_training(4, out, *STACKWISE_4, "parallel.phase_layout=fixed")
+    continued = results(out)["phases"]
+    assert [p["name"] for p in continued] == ["stack 4/4"]
+    assert relative_close(continued[0]["losses"], results(elastic_run)["phases"][3]["losses"][1:], 1e-5)
+
+
+def test_resume_at_a_phase_boundary_keeps_copy_previous(elastic_run, tmp_path):
+    """Killed right after phase 1's last checkpoint: the re-run starts stack 2 as a copy of stack 1
+    (read from that checkpoint) exactly as the uninterrupted run did, and continues bitwise."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(elastic_run, out)
+    for tag in (out / "checkpoints").glob("step*"):
+        if int(tag.name[4:]) > 2 * STEPS:
+            shutil.rmtree(tag)
+    (out / "results.json").unlink()
+    run_training(4, out, *STACKWISE_4)
+    resumed, reference = results(out)["phases"], results(elastic_run)["phases"]
+    assert [p["name"] for p in resumed] == ["stack 3/4", "stack 4/4"]
+    assert [p["losses"] for p in resumed] == [p["losses"] for p in reference[2:]]
+    assert resumed[0]["val_loss_before"] == reference[2]["val_loss_before"]
+
+
+def test_mid_phase_resume_with_another_world_size_is_refused(elastic_run, tmp_path):
+    """Mid-phase optimizer files belong to the saved layout: 2 ranks cannot continue a 4-rank phase;
+    every rank says so, names both layouts and the reshard command, and nothing is deleted."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(elastic_run, out)
+    for tag in (out / "checkpoints").glob("step*"):
+        if int(tag.name[4:]) > 3 * STEPS + 1:
+            shutil.rmtree(tag)
+    kept = sorted(p.name for p in (out / "checkpoints").rglob("*"))
+    proc = run_training(2, out, *STACKWISE_4, expect_ok=False)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "was saved mid-phase with the layout" in line]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    assert "2 stage(s) x 2 data-parallel" in errors[0] and "tools/reshard.py" in errors[0]
+    assert sorted(p.name for p in (out / "checkpoints").rglob("*")) == kept

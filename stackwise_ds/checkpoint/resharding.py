@@ -85,7 +85,7 @@ def reshard(checkpoint: str | Path, out_dir: str | Path, pipeline_stages: int, d
     for ``pipeline_stages`` stages x ``data_parallel`` replicas; returns the new tag folder."""
     ref = resolve_checkpoint(checkpoint, tag)
     old_config = ref.config
-    new_config = new_layout_config(old_config, pipeline_stages, data_parallel, source_dp(ref), Path(out_dir))
+    new_config = new_layout_config(old_config, pipeline_stages, data_parallel, source_micro_batches(ref), Path(out_dir))
     out_ckpt = Path(out_dir) / "checkpoints"
     target = out_ckpt / ref.tag
     if target.exists() and any(target.iterdir()):
@@ -95,20 +95,22 @@ def reshard(checkpoint: str | Path, out_dir: str | Path, pipeline_stages: int, d
     copy_layer_files(ref, target)
     write_stages(source, new_config, target, pipeline_stages, data_parallel)
     new_config.to_yaml(Path(out_dir) / "config.yaml")
-    state = TrainingState(**{**asdict(ref.state), "config": new_config.to_dict()})
+    # the files now follow the fixed layout of new_config: no recorded elastic layout to match on resume
+    state = TrainingState(**{**asdict(ref.state), "config": new_config.to_dict(), "layout": {}})
     mark_complete(out_ckpt, ref.tag, state)  # last: the tag is complete only once everything is there
     return target
 
 
-def new_layout_config(config: StackWiseConfig, stages: int, dp: int, old_dp: int, out_dir: Path) -> StackWiseConfig:
-    """The run config for the new layout; the global batch stays the same when it can."""
+def new_layout_config(config: StackWiseConfig, stages: int, dp: int, samples: int, out_dir: Path) -> StackWiseConfig:
+    """The run config for the new layout (fixed: a resharded stage-wise run continues on the fixed
+    pipeline of ``stages`` stages); the global batch of ``samples`` micro-batches stays when it can."""
     if dp <= 0:
         raise CheckpointError(f"--data-parallel must be positive, got {dp}")
     raw = config.to_dict()
     raw["parallel"]["pipeline_stages"] = stages
+    raw["parallel"]["phase_layout"] = "fixed"
     raw["training"]["output_dir"] = str(out_dir)
     t = raw["training"]
-    samples = t["gradient_accumulation_steps"] * old_dp  # micro-batches per step, summed over replicas
     if samples % dp == 0:
         t["gradient_accumulation_steps"] = samples // dp
     else:
@@ -118,11 +120,14 @@ def new_layout_config(config: StackWiseConfig, stages: int, dp: int, old_dp: int
     return StackWiseConfig.from_dict(raw)  # validates that the stages divide n_stacks
 
 
-def source_dp(ref: CheckpointRef) -> int:
+def source_micro_batches(ref: CheckpointRef) -> int:
+    """Micro-batches per optimizer step of the saved layout, summed over its replicas."""
+    if ref.state.layout:  # an elastic phase's own data-parallel degree and accumulation
+        return ref.state.layout["gradient_accumulation_steps"] * ref.state.layout["data_parallel"]
     path = ref.path / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ref.path} is partial: {path.name} is missing; use another tag")
-    return int(_load(path).get("dp_world_size", 1))
+    return ref.config.training.gradient_accumulation_steps * int(_load(path).get("dp_world_size", 1))
 
 
 def copy_layer_files(ref: CheckpointRef, target: Path) -> None:
@@ -149,9 +154,10 @@ def read_source(ref: CheckpointRef, config: StackWiseConfig) -> SourceOptimizer:
         if model_state.get("param_shapes") is not None:
             read_stage_optimizer(ref, stage, model_state, names, source)
         stage += 1
-    if stage != config.pipeline_stages:
+    saved_stages = ref.state.layout.get("pipeline_stages", config.pipeline_stages)  # elastic: the phase's own
+    if stage != saved_stages:
         raise CheckpointError(f"checkpoint {ref.path} is partial: {stage} engine files (mp_rank_XX_model_states.pt) "
-                              f"for {config.pipeline_stages} pipeline stages; use another tag")
+                              f"for {saved_stages} pipeline stages; use another tag")
     return source
 
 

@@ -83,20 +83,12 @@ class ArchitectureTrainer:
         check_writable(self.output_dir)  # on every rank, before anything waits for anyone
         cfg.validate_world_size(self.world_size)
         watchdog = self._start_watchdog()
-        t = cfg.training
-        self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * (self.world_size // cfg.pipeline_stages)
-        self.user_rack, self.user_data = rack, (dataloader, val_data)
-        self.bf16 = resolve_precision(t.precision) == "bf16"
-        self.units = layer_units(cfg.model.architecture.n_stacks, cfg.model.architecture.blocks_per_stack)
-        self.pipe = self.engine = self.layout = None
         groups_before = self._count_process_groups()
-        self.weights_tag: str | None = None  # the newest checkpoint: where a new placement reads its layers
+        self._setup_run(rack, dataloader, val_data)
         state = self._resume_state()
         self._prepare_output_dir()
         self.bundle = self._load_data() if dataloader is None else None
-        self.monitor = Monitor(self.output_dir, enabled=self.rank == 0, progress_bar=t.progress_bar)
-        self.results: dict[str, Any] = {"phases": [], "losses": [], "val_history": [],
-                                        "output_dir": str(self.output_dir)}
+        self.monitor = Monitor(self.output_dir, enabled=self.rank == 0, progress_bar=cfg.training.progress_bar)
         try:
             phases = plan_phases(cfg)
             if state.phase_index >= len(phases):
@@ -118,6 +110,17 @@ class ArchitectureTrainer:
         return self.results
 
     # ------------------------------------------------------------------ setup
+
+    def _setup_run(self, rack: Rack | None, dataloader, val_data) -> None:
+        cfg, t = self.config, self.config.training
+        self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * (self.world_size // cfg.pipeline_stages)
+        self.user_rack, self.user_data = rack, (dataloader, val_data)
+        self.bf16 = resolve_precision(t.precision) == "bf16"
+        self.units = layer_units(cfg.model.architecture.n_stacks, cfg.model.architecture.blocks_per_stack)
+        self.pipe = self.engine = self.layout = None
+        self.weights_tag: str | None = None  # the newest checkpoint: where a new placement reads its layers
+        self.results: dict[str, Any] = {"phases": [], "losses": [], "val_history": [],
+                                        "output_dir": str(self.output_dir)}
 
     def _build_stage_rack(self, layout: PhaseLayout) -> Rack:
         """The configured Rack with real weights only in this rank's stage of ``layout`` (the rest on meta)."""
@@ -227,7 +230,9 @@ class ArchitectureTrainer:
             raise ckpt.CheckpointError(
                 f"checkpoint {self.checkpoint_dir / self.resume_tag} was saved mid-phase with the layout "
                 f"'{saved.describe()}' but this launch plans '{layout.describe()}' (world size {self.world_size}): "
-                "relaunch with the world size and parallel.* settings of the saved run to resume")
+                "relaunch with the world size and parallel.* settings of the saved run, or convert the tag with "
+                f"python tools/reshard.py {self.checkpoint_dir / self.resume_tag} NEW_OUTPUT_DIR --pipeline-stages P "
+                "--data-parallel D (it continues on the fixed pipeline)")
 
     # ------------------------------------------------------------------ one phase
 
