@@ -42,16 +42,3 @@ def stage_boundaries(n_stacks: int, blocks_per_stack: int, stages: int) -> list[
     blocks_per_stage = n_stacks // stages * blocks_per_stack
     n_layers = n_stacks * blocks_per_stack + 3
     return [0] + [1 + s * blocks_per_stage for s in range(1, stages)] + [n_layers]
-
-
-def stage_rack_modules(n_stacks: int, blocks_per_stack: int, stages: int, stage: int,
-                       tie_embeddings: bool) -> set[str]:
-    """Names of the Rack modules pipeline stage ``stage`` holds ("embedding", "stacks.0.blocks.1", ...).
-
-    A tied LM head is the embedding module itself, so the last stage holds "embedding" too."""
-    bounds = stage_boundaries(n_stacks, blocks_per_stack, stages)
-    units = layer_units(n_stacks, blocks_per_stack)[bounds[stage]:bounds[stage + 1]]
-    names = {unit.rack_prefix.rstrip(".") for unit in units}
-    if tie_embeddings and "lm_head" in names:
-        names.add("embedding")
-    return names

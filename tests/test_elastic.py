@@ -156,7 +156,7 @@ def test_mid_phase_resume_with_another_world_size_is_refused(elastic_run, tmp_pa
         if int(tag.name[4:]) > 3 * STEPS + 1:
             shutil.rmtree(tag)
     kept = sorted(p.name for p in (out / "checkpoints").rglob("*"))
-    proc = run_training(2, out, *STACKWISE_4, expect_ok=False)
+    proc = run_training(2, out, *STACKWISE_4, "parallel.max_rank_memory_mb=3.0", expect_ok=False)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "was saved mid-phase with the layout" in line]
     assert len(errors) == 2, proc.stderr[-3000:]

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from stackwise_ds.config import StackWiseConfig
-from stackwise_ds.layout import stage_rack_modules
+from stackwise_ds.layout import TRAIN, layer_units
+from stackwise_ds.placement import layout_for
 from stackwise_ds.model import Block, Rack, Stack, build_block, create_rack_from_config
 
 TINY = {"model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64,
@@ -59,7 +60,9 @@ def test_init_is_seeded_per_module_not_by_construction_order():
 def test_a_stage_materializes_only_its_own_modules_bit_identical_to_the_full_rack(stage, tie):
     config = tiny(tie_embeddings=tie, attention_type="mla", n_kv_heads=4)
     arch = config.model.architecture
-    local = stage_rack_modules(arch.n_stacks, arch.blocks_per_stack, 2, stage, tie)
+    units = layer_units(arch.n_stacks, arch.blocks_per_stack)
+    layout = layout_for([TRAIN] * len(units), config, 2, False, elastic=False)
+    local = layout.rack_modules(stage, units, tie)
     full = create_rack_from_config(config)
     part = create_rack_from_config(config, materialize=local.__contains__)
     stage_blocks = {f"stacks.{stage}.blocks.{b}" for b in range(arch.blocks_per_stack)}

@@ -26,11 +26,10 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..config import StackWiseConfig
+from ..config import ConfigError, StackWiseConfig
+from ..layout import layer_units
 from ..model import Rack, create_rack_from_config
 from ..parallel import distributed
-from ..config import ConfigError
-from ..layout import TRAIN, layer_units
 from ..parallel.ds_config import build_ds_config, resolve_precision
 from ..parallel.engine import build_engine, forget_process_groups
 from ..parallel.pipe import rack_to_pipeline, stage_of_rank
@@ -221,7 +220,9 @@ class ArchitectureTrainer:
         self.engine = self.pipe = None
         distributed.destroy_process_groups_except(self.groups_before)
         forget_process_groups()
-        gc.collect()
+        gc.collect()  # the old stage's modules, engine and ZeRO buffers sit in reference cycles
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def _check_resumed_layout(self, layout: PhaseLayout, state: ckpt.TrainingState) -> None:
         """Mid-phase, the optimizer shards and engine files belong to the layout that saved them."""
