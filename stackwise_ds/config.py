@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 import warnings
@@ -238,8 +239,17 @@ class StackWiseConfig:
     def from_dict(cls, raw: dict[str, Any]) -> "StackWiseConfig":
         migrated = migrate_legacy_keys(copy.deepcopy(raw or {}))
         config = _build_dataclass(cls, migrated, section="")
+        config.expand_user_paths()
         config.validate()
         return config
+
+    def expand_user_paths(self) -> None:
+        """``~`` in a path setting means the home directory, never a folder literally named '~'."""
+        t, d, p = self.training, self.data, self.parallel
+        t.output_dir = os.path.expanduser(t.output_dir)
+        d.paths = [os.path.expanduser(path) for path in d.paths]
+        d.cache_dir = None if d.cache_dir is None else os.path.expanduser(d.cache_dir)
+        p.ds_config = p.ds_config if p.ds_config == "auto" else os.path.expanduser(p.ds_config)
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "StackWiseConfig":
@@ -314,6 +324,7 @@ class StackWiseConfig:
             raise ConfigError("training.objective 'causal_lm' needs model.attention_mode 'causal' "
                               "(bidirectional attention would let each position see its own target)")
         self._validate_phases()
+        self._validate_optimization()
         self._validate_parallel()
         if d.source == "text_files" and not d.paths:
             raise ConfigError("data.source is 'text_files' but data.paths is empty: list files or directories")
@@ -343,6 +354,25 @@ class StackWiseConfig:
             raise ConfigError(f"training.stack_lr_scale has {len(t.stack_lr_scale)} values for "
                               f"{arch.n_stacks} stacks: give one multiplier per stack")
 
+    def _validate_optimization(self) -> None:
+        """Values that would train silently wrong (gradient ascent, lr above its peak, val loss 0)."""
+        t = self.training
+        _check_positive("training.lr", t.lr)
+        for key, value in (("training.warmup_steps", t.warmup_steps), ("training.weight_decay", t.weight_decay),
+                           ("training.grad_clip", t.grad_clip), ("training.eval_batches", t.eval_batches),
+                           ("training.eval_interval", t.eval_interval), ("training.save_interval", t.save_interval),
+                           ("training.log_interval", t.log_interval)):
+            if value < 0:
+                raise ConfigError(f"{key} must be >= 0, got {value}")
+        if not 0.0 <= t.min_lr_ratio <= 1.0:
+            raise ConfigError(f"training.min_lr_ratio ({t.min_lr_ratio}) must be in [0, 1]: it is the cosine "
+                              "floor as a fraction of training.lr, never above the peak")
+        if t.stack_lr_scale is not None and any(scale < 0 for scale in t.stack_lr_scale):
+            raise ConfigError(f"training.stack_lr_scale ({t.stack_lr_scale}) has a negative multiplier, which would "
+                              "ascend the loss: use multipliers >= 0 (0 keeps a stack fixed)")
+        if not all(0.0 <= beta < 1.0 for beta in t.adam_betas):
+            raise ConfigError(f"training.adam_betas ({t.adam_betas}) must each be in [0, 1)")
+
     def _validate_parallel(self) -> None:
         n_stacks, stages = self.model.architecture.n_stacks, self.pipeline_stages
         _check_positive("parallel.pipeline_stages", stages)
@@ -351,6 +381,10 @@ class StackWiseConfig:
                 f"parallel.pipeline_stages ({stages}) must divide model.architecture.n_stacks ({n_stacks}) "
                 "so that stage boundaries fall on stack boundaries: "
                 f"use one of {[s for s in range(1, n_stacks + 1) if n_stacks % s == 0]}")
+        if self.parallel.collective_timeout_s < 1:
+            raise ConfigError(f"parallel.collective_timeout_s ({self.parallel.collective_timeout_s}) must be >= 1 "
+                              "second: a shorter timeout fails healthy collectives")
+        _check_positive("parallel.peer_timeout_s", self.parallel.peer_timeout_s)
         if self.parallel.zero_stage not in (0, 1):
             raise ConfigError(f"parallel.zero_stage ({self.parallel.zero_stage}) must be 0 or 1: "
                               "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism")

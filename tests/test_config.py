@@ -141,6 +141,16 @@ def test_legacy_and_new_key_in_conflict_is_an_error():
     ({"training": {"training_architecture": "layerwise"}}, "training_architecture is 'layerwise'"),
     ({"data": {"source": "text_files"}}, "data.paths is empty"),
     ({"training": {"stack_lr_scale": [1.0]}}, "stack_lr_scale has 1 values for 2 stacks"),
+    ({"training": {"eval_batches": -1}}, r"training.eval_batches must be >= 0, got -1"),
+    ({"training": {"stack_lr_scale": [1.0, -0.5]}}, "negative multiplier, which would ascend the loss"),
+    ({"training": {"min_lr_ratio": 1.5}}, r"min_lr_ratio \(1.5\) must be in \[0, 1\]"),
+    ({"training": {"warmup_steps": -2}}, "training.warmup_steps must be >= 0"),
+    ({"training": {"weight_decay": -0.1}}, "training.weight_decay must be >= 0"),
+    ({"training": {"grad_clip": -1.0}}, "training.grad_clip must be >= 0"),
+    ({"training": {"lr": 0}}, "training.lr must be positive"),
+    ({"parallel": {"collective_timeout_s": 0.5}}, r"collective_timeout_s \(0.5\) must be >= 1 second"),
+    ({"parallel": {"phase_layout": "stretchy"}}, "parallel.phase_layout is 'stretchy' but must be one of: elastic, fixed"),
+    ({"parallel": {"max_rank_memory_mb": 0}}, "parallel.max_rank_memory_mb must be positive"),
 ])
 def test_validation_messages_say_how_to_fix(raw, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -170,3 +180,11 @@ def test_ds_config_is_filled_from_yaml_and_contradictions_fail(tmp_path):
     template.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match="has an 'optimizer' section"):
         build_ds_config(clash, 1)
+
+
+def test_user_paths_are_expanded(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    config = StackWiseConfig.from_dict({"training": {"output_dir": "~/runs/a"},
+                                        "data": {"source": "text_files", "paths": ["~/corpus"], "cache_dir": "~/c"}})
+    assert config.training.output_dir == str(tmp_path / "runs" / "a")
+    assert config.data.paths == [str(tmp_path / "corpus")] and config.data.cache_dir == str(tmp_path / "c")

@@ -373,3 +373,17 @@ def test_error_other_arguments(tmp_path):
         build_datasets(objective="seq2seq", cache_dir=str(tmp_path))
     with pytest.raises(ValueError, match="mask_prob"):
         build_datasets(objective="masked_lm", mask_prob=0.0, cache_dir=str(tmp_path))
+
+
+def test_validation_set_is_the_same_for_every_data_parallel_degree():
+    """The run's first eval_batches micro-batches, dealt to replicas and padded to equal counts (only
+    the real ones count), so a phase that changes the data-parallel degree validates on the same data."""
+    from stackwise_ds.training.data_setup import validation_set
+
+    data = id_dataset(12)
+    for dp in (1, 2, 4):
+        sets = [validation_set(data, 2, 3, rank, dp) for rank in range(dp)]
+        assert len({len(s.batches) for s in sets}) == 1  # one pipeline pass per replica, equal counts
+        real = sorted(i for s in sets for batch in s.batches[:s.real] for i in ids(batch))
+        assert real == sorted(i for batch in val_batches(data, 2, 3) for i in ids(batch))
+    assert validation_set(data, 2, 0, 0, 1) is None  # eval_batches 0: no validation

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if rank == "0":
         for phase in results["phases"]:
-            print(f"[stackwise] {phase['name']}: train loss {phase['losses'][0]:.4f} -> {phase['losses'][-1]:.4f}, "
+            losses = phase["losses"]  # empty when a resume found the phase's (shortened) budget already spent
+            trained = f"train loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps left to train"
+            print(f"[stackwise] {phase['name']}: {trained}, "
                   f"val loss {_fmt(phase.get('val_loss_before'))} -> {_fmt(phase['val_loss_after'])}", flush=True)
         print(f"[stackwise] outputs in {results['output_dir']}", flush=True)
     return 0
