@@ -5,7 +5,7 @@ import json
 import pytest
 import yaml
 
-from stackwise_ds.config import ConfigError, StackWiseConfig
+from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.parallel.ds_config import build_ds_config
 
 
@@ -188,3 +188,13 @@ def test_user_paths_are_expanded(monkeypatch, tmp_path):
                                         "data": {"source": "text_files", "paths": ["~/corpus"], "cache_dir": "~/c"}})
     assert config.training.output_dir == str(tmp_path / "runs" / "a")
     assert config.data.paths == [str(tmp_path / "corpus")] and config.data.cache_dir == str(tmp_path / "c")
+
+
+def test_malformed_override_value_and_non_object_ds_config(tmp_path):
+    with pytest.raises(ConfigError, match=r"--set training.steps_per_phase=\[1, 2: the value is not valid YAML"):
+        apply_overrides({}, ["training.steps_per_phase=[1, 2"])
+    template = tmp_path / "ds.json"
+    template.write_text("[1, 2]")
+    config = StackWiseConfig.from_dict({"parallel": {"ds_config": str(template)}})
+    with pytest.raises(ConfigError, match="holds a JSON list, not an object"):
+        build_ds_config(config, 1)

@@ -387,3 +387,24 @@ def test_validation_set_is_the_same_for_every_data_parallel_degree():
         real = sorted(i for s in sets for batch in s.batches[:s.real] for i in ids(batch))
         assert real == sorted(i for batch in val_batches(data, 2, 3) for i in ids(batch))
     assert validation_set(data, 2, 0, 0, 1) is None  # eval_batches 0: no validation
+
+
+def test_text_files_skip_fifos_and_binaries_and_report_replaced_bytes(tmp_path):
+    from stackwise_ds.data.corpus import SourceFile, read_file_documents
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "good.txt").write_text("hello")
+    (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (folder / "blob.bin").write_bytes(b"\x00\x01\x02")
+    os.mkfifo(folder / "pipe")
+    with pytest.warns(UserWarning, match=r"skipping 1 entries that are not regular files .*pipe"):
+        files = list_text_files([str(folder)])
+    assert [f.name for f in files] == ["blob.bin", "good.txt", "latin1.txt"]
+    with pytest.warns(UserWarning, match=r"skipped 1 binary file.*blob.bin; 1 file\(s\) had invalid UTF-8, 2 byte"):
+        docs = list(read_file_documents([SourceFile.stat(f) for f in files], None, user_files=True))
+    assert docs == ["hello", "caf\ufffd cr\ufffdme"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match=r"'.*empty' \(.*\) holds no regular, non-hidden file"):
+        list_text_files([str(empty)])

@@ -137,12 +137,11 @@ def test_resume_at_a_phase_boundary_keeps_copy_previous(elastic_run, tmp_path):
     for tag in (out / "checkpoints").glob("step*"):
         if int(tag.name[4:]) > 2 * STEPS:
             shutil.rmtree(tag)
-    (out / "results.json").unlink()
     run_training(4, out, *STACKWISE_4)
     resumed, reference = results(out)["phases"], results(elastic_run)["phases"]
-    assert [p["name"] for p in resumed] == ["stack 3/4", "stack 4/4"]
-    assert [p["losses"] for p in resumed] == [p["losses"] for p in reference[2:]]
-    assert resumed[0]["val_loss_before"] == reference[2]["val_loss_before"]
+    assert [p["name"] for p in resumed] == [p["name"] for p in reference]  # phases 0-1 from the history
+    assert [p["losses"] for p in resumed] == [p["losses"] for p in reference]
+    assert resumed[2]["val_loss_before"] == reference[2]["val_loss_before"]
 
 
 def test_mid_phase_resume_with_another_world_size_is_refused(elastic_run, tmp_path):

@@ -62,11 +62,14 @@ def test_sigkill_then_rerun_continues_exactly(mode, tmp_path):
              f"the step-{kill_step} checkpoint", poll_s=0.01)
     assert job.poll() is None, "the job finished before the kill: give it more steps after kill_step"
     kill_job(job)
-    assert not (crashed / "results.json").exists()
+    assert results(crashed)["complete"] is False  # the history so far, written with every checkpoint
     proc = run_training(2, crashed, *overrides)
     start = resumed_step(proc.stdout)
     assert start >= kill_step
-    assert results(crashed)["losses"] == results(reference)["losses"][start:]  # bitwise, same world size
+    # bitwise (same world size), and results.json holds the whole run: before the kill and after the resume
+    assert results(crashed)["losses"] == results(reference)["losses"]
+    assert [p["losses"] for p in results(crashed)["phases"]] == [p["losses"] for p in results(reference)["phases"]]
+    assert results(crashed)["complete"] is True
     assert state(crashed)["consumed_samples"] == state(reference)["consumed_samples"]
 
 
@@ -201,3 +204,14 @@ def test_nonfinite_loss_stops_with_step_and_phase_and_keeps_checkpoint(finished_
     assert not (checkpoints / "step00000002" / "stackwise_state.json").exists()  # nothing new published
     assert norm_file.read_bytes() == before
 
+
+
+def test_rerunning_a_finished_run_keeps_its_results_and_config(finished_run, tmp_path):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
+    before = {name: (out / name).read_text() for name in ("results.json", "config.yaml")}
+    proc = run_training(2, out, "training.max_steps=2", "training.save_interval=1", "training.eval_interval=0",
+                        "training.lr=0.5")
+    assert "already holds the finished run" in proc.stdout
+    assert {name: (out / name).read_text() for name in before} == before
+    assert len(results(out)["losses"]) == 2

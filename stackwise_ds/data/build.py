@@ -62,7 +62,10 @@ def _file_source(source: str, files: list[Path], max_files: int | None, max_byte
         "source": source, "max_bytes": max_bytes,
         "files": [[f.path, f.size, f.mtime_ns] for f in selected],
     }
-    return _Source(key, lambda: corpus.read_file_documents(selected, max_bytes))
+    user_files = source == "text_files"
+    if user_files:
+        key["reader"] = "skips-binary"  # cached data of the reader that kept binary files is stale
+    return _Source(key, lambda: corpus.read_file_documents(selected, max_bytes, user_files=user_files))
 
 
 def _resolve_source(

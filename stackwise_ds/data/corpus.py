@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,16 +50,19 @@ def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _files_under(directory: Path) -> list[Path]:
-    """Every regular, non-hidden file below ``directory``, sorted."""
+def _entries_under(directory: Path) -> list[Path]:
+    """Every non-hidden entry below ``directory`` that is not a folder, sorted."""
     return sorted(
         p for p in directory.rglob("*")
-        if p.is_file() and not _is_hidden(p, directory) and "__pycache__" not in p.parts
+        if not p.is_dir() and not _is_hidden(p, directory) and "__pycache__" not in p.parts
     )
 
 
 def list_text_files(paths: list[str]) -> list[Path]:
-    """Expand ``data.paths``: files are taken as given, directories recursively (sorted)."""
+    """Expand ``data.paths``: files are taken as given, directories recursively (sorted).
+
+    Only regular files are read: a FIFO, socket or device would block or never end, so it is
+    skipped with a warning naming it. A directory without any regular file is an error."""
     files: list[Path] = []
     for raw in paths:
         path = Path(raw).expanduser().resolve()
@@ -67,7 +71,18 @@ def list_text_files(paths: list[str]) -> list[Path]:
                 f"data.paths entry {raw!r} does not exist (resolved to {path}): "
                 "fix data.paths to list existing text files or directories"
             )
-        files.extend(_files_under(path) if path.is_dir() else [path])
+        entries = _entries_under(path) if path.is_dir() else [path]
+        regular = [p for p in entries if p.is_file()]
+        skipped = [str(p) for p in entries if not p.is_file()]
+        if skipped:
+            warnings.warn(f"data.paths: skipping {len(skipped)} entries that are not regular files "
+                          f"(FIFOs, sockets, devices): {', '.join(skipped[:5])}", stacklevel=2)
+        if path.is_dir() and not regular:
+            raise FileNotFoundError(f"data.paths entry {raw!r} ({path}) holds no regular, non-hidden file to "
+                                    "train on: put text files there or fix data.paths")
+        files.extend(regular)
+    if not files:
+        raise FileNotFoundError(f"data.paths {paths} name no regular file to train on: list text files or folders")
     return files
 
 
@@ -86,18 +101,32 @@ def select_files(files: list[Path], max_files: int | None, max_bytes: int | None
     return selected
 
 
-def read_file_documents(files: list[SourceFile], max_bytes: int | None) -> Iterator[str]:
-    """One document per file; the last one is cut so the total stays within ``max_bytes``."""
+def read_file_documents(files: list[SourceFile], max_bytes: int | None, user_files: bool = False) -> Iterator[str]:
+    """One document per file; the last one is cut so the total stays within ``max_bytes``.
+
+    Invalid UTF-8 is replaced (some stdlib test files are deliberately not UTF-8). For a user's
+    ``user_files``, binary files (a NUL byte) are skipped, and both are counted and named in one
+    warning at the end."""
     budget = max_bytes
+    binary: list[str] = []
+    replaced_files, replaced_bytes = 0, 0
     for entry in files:
         raw = Path(entry.path).read_bytes()
         if budget is not None:
             raw = raw[:budget]
             budget -= len(raw)
-        # Some stdlib test files are deliberately not utf-8; keep them, lossy.
-        yield raw.decode("utf-8", errors="replace")
+        if user_files and b"\0" in raw:
+            binary.append(entry.path)
+        else:
+            invalid = len(raw) - len(raw.decode("utf-8", errors="ignore").encode("utf-8"))
+            replaced_files, replaced_bytes = replaced_files + (invalid > 0), replaced_bytes + invalid
+            yield raw.decode("utf-8", errors="replace")
         if budget is not None and budget <= 0:
-            return
+            break
+    if user_files and (binary or replaced_files):
+        warnings.warn(f"data: skipped {len(binary)} binary file(s) (NUL bytes){': ' + ', '.join(binary[:5]) if binary else ''}; "
+                      f"{replaced_files} file(s) had invalid UTF-8, {replaced_bytes} byte(s) replaced by U+FFFD",
+                      stacklevel=2)
 
 
 def read_hf_documents(

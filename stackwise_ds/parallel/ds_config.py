@@ -41,6 +41,9 @@ def load_template(path: Path) -> dict[str, Any]:
         template = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ConfigError(f"DeepSpeed template {path} is not valid JSON: {exc}") from exc
+    if not isinstance(template, dict):
+        raise ConfigError(f"DeepSpeed template {path} holds a JSON {type(template).__name__}, not an object: "
+                          "write a DeepSpeed config object ({...}) or set parallel.ds_config to 'auto'")
     template.pop("_comment", None)
     return template
 

@@ -15,6 +15,7 @@ sample.
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import resource
@@ -85,15 +86,16 @@ class ArchitectureTrainer:
         groups_before = self._count_process_groups()
         self._setup_run(rack, dataloader, val_data)
         state = self._resume_state()
-        self._prepare_output_dir()
+        phases = plan_phases(cfg)
+        finished_before = state.phase_index >= len(phases)
+        self._prepare_output_dir(write_config=not finished_before)
         self.bundle = self._load_data() if dataloader is None else None
         self.monitor = Monitor(self.output_dir, enabled=self.rank == 0, progress_bar=cfg.training.progress_bar)
         try:
-            phases = plan_phases(cfg)
-            if state.phase_index >= len(phases):
+            if finished_before:
                 self.monitor.message(f"[stackwise] {self.checkpoint_dir} already holds the finished run "
-                                     f"({state.global_step} steps); nothing to do. Use a new training.output_dir "
-                                     "to train again.")
+                                     f"({state.global_step} steps); nothing to do, its config.yaml and results.json "
+                                     "are kept. Use a new training.output_dir to train again.")
             for phase in phases[state.phase_index:]:
                 state = self._run_phase(phase, len(phases), state)
         finally:
@@ -102,10 +104,8 @@ class ArchitectureTrainer:
         self.results["process_groups"] = {"before": groups_before, "after": self._count_process_groups()}
         if watchdog is not None:
             watchdog.stop()
-        self.results["global_step"] = state.global_step
-        self.results["finished_phases"] = state.finished_phases
-        if self.rank == 0:
-            ckpt.write_json_atomic(self.output_dir / "results.json", self.results)
+        if self.rank == 0 and not finished_before:
+            self._write_results(state, complete=True)
         return self.results
 
     # ------------------------------------------------------------------ setup
@@ -146,6 +146,7 @@ class ArchitectureTrainer:
                 "would overwrite them; choose a new training.output_dir or set training.resume=true")
         state = ckpt.load_state(self.checkpoint_dir, self.resume_tag)
         self.weights_tag = self.resume_tag
+        self._resumed_history(state.global_step)
         ckpt.check_same_architecture(state.config.get("model", {}), self.config.to_dict()["model"],
                                      self.checkpoint_dir / self.resume_tag)
         if state.training_architecture != self.config.training.training_architecture:
@@ -156,11 +157,29 @@ class ArchitectureTrainer:
         state.config = self.config.to_dict()
         return state
 
-    def _prepare_output_dir(self) -> None:
+    def _prepare_output_dir(self, write_config: bool) -> None:
         if self.rank == 0:
             self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            self.config.to_yaml(self.output_dir / "config.yaml")
+            if write_config:
+                self.config.to_yaml(self.output_dir / "config.yaml")
         distributed.barrier()
+
+    def _write_results(self, state: ckpt.TrainingState, complete: bool) -> None:
+        """Rank 0: results.json, the whole run's history so far (also at every checkpoint, so a
+        resumed run continues it instead of starting a new one)."""
+        self.results.update(global_step=state.global_step, finished_phases=state.finished_phases, complete=complete)
+        ckpt.write_json_atomic(self.output_dir / "results.json", self.results)
+
+    def _resumed_history(self, global_step: int) -> None:
+        """Take over the history of results.json up to the checkpoint being resumed (steps after it are redone)."""
+        path = self.output_dir / "results.json"
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return  # no history (a run killed before its first checkpoint, or an older version): start anew
+        self.results["losses"] = saved.get("losses", [])[:global_step]
+        self.results["val_history"] = [entry for entry in saved.get("val_history", []) if entry[0] <= global_step]
+        self.results["phases"] = [p for p in saved.get("phases", []) if p.get("end_global_step", 1e18) <= global_step]
 
     def _load_data(self):
         """The run's datasets (every rank loads them; the cache lets one tokenise while others wait)."""
@@ -252,8 +271,10 @@ class ArchitectureTrainer:
             self._load_resume_checkpoint(engine)
         self.resume_tag = None  # loaded once; later phases continue from memory or the newest tag
         state.layout = layout.to_dict()
+        start = state.global_step - state.phase_step
         record = {"index": phase.index, "name": phase.name, "kind": phase.kind, "steps": phase.steps,
-                  "start_global_step": state.global_step - state.phase_step, "layout": state.layout, "losses": []}
+                  "start_global_step": start, "layout": state.layout,
+                  "losses": list(self.results["losses"][start:])}  # steps done before a mid-phase resume
         if state.phase_step == 0:
             record["val_loss_before"] = self._validate(engine, state.global_step)
         self.monitor.start_phase(phase, n_phases, state.phase_step, state.global_step)
@@ -270,9 +291,9 @@ class ArchitectureTrainer:
                              f"{record.get('val_loss_before', float('nan')):.4f} -> {record['val_loss_after']:.4f}")
         state.finished_phases.append({k: v for k, v in record.items() if k != "losses"})
         state.phase_index, state.phase_step = phase.index + 1, 0
+        self.results["phases"].append(record)
         self._save(engine, state)
         record.update(self._resource_usage())
-        self.results["phases"].append(record)
         return state
 
     def _build_engine(self, phase: Phase):
@@ -407,6 +428,7 @@ class ArchitectureTrainer:
         distributed.barrier()  # every rank's files are on disk before the tag is published
         if self.rank == 0:
             ckpt.mark_complete(self.checkpoint_dir, tag, state)
+            self._write_results(state, complete=False)
         distributed.barrier()
         self.weights_tag = tag
         self.monitor.flush()
