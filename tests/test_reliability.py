@@ -215,3 +215,15 @@ def test_rerunning_a_finished_run_keeps_its_results_and_config(finished_run, tmp
     assert "already holds the finished run" in proc.stdout
     assert {name: (out / name).read_text() for name in before} == before
     assert len(results(out)["losses"]) == 2
+
+
+def test_resume_that_changes_a_training_setting_is_refused(finished_run, tmp_path):
+    """A changed lr would be overridden by the restored scheduler while config.yaml recorded it:
+    refused on every rank, naming the key and both values; the checkpoints stay."""
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
+    (out / "checkpoints" / "step00000002" / "stackwise_state.json").unlink()  # resume from step 1
+    proc = run_training(2, out, "training.max_steps=2", "training.save_interval=1", "training.eval_interval=0",
+                        "training.lr=0.01", expect_ok=False)
+    expect_error_on_every_rank(proc, 2, r"training.lr: checkpoint 0.001 vs config 0.01.*put the saved values back")
+    assert (out / "checkpoints" / "step00000001" / "stackwise_state.json").exists()

@@ -113,6 +113,40 @@ def check_same_architecture(saved_model: dict[str, Any], current_model: dict[str
             "point training.output_dir at a new folder, or set training.resume=false to start over there")
 
 
+# Settings a resume can honour as they are: step budgets, logging, I/O, timeouts and the layout
+# (a mid-phase resume checks the layout on its own). Any other change would train with one value
+# while the checkpoint's history was made with another.
+RESUMABLE_CHANGES = frozenset({
+    "training.output_dir", "training.max_steps", "training.steps_per_phase", "training.joint_steps",
+    "training.log_interval", "training.eval_interval", "training.eval_batches", "training.save_interval",
+    "training.resume", "training.progress_bar", "data.cache_dir", "parallel.peer_timeout_s",
+    "parallel.collective_timeout_s", "parallel.pipeline_stages", "parallel.phase_layout",
+    "parallel.max_rank_memory_mb", "parallel.ds_config", "parallel.activation_checkpoint_interval",
+})
+
+
+def check_resumable_changes(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
+    """Refuse a resume whose config changes a setting the run cannot honour, naming each one."""
+    old, new = _flatten(saved), _flatten(current)
+    changed = [f"{key}: checkpoint {old.get(key)!r} vs config {new.get(key)!r}"
+               for key in sorted(set(old) | set(new))
+               if not key.startswith("model.") and key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
+    if changed:
+        raise CheckpointError(
+            f"the config changes settings that the run in {where} cannot continue with ({'; '.join(changed[:6])}): "
+            "put the saved values back to resume, or train with the new ones in a new training.output_dir")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def unreadable_files(paths: list[Path]) -> list[str]:
     """Problems with checkpoint files this rank is about to load: missing, or failing torch's zip CRCs.
 

@@ -85,9 +85,11 @@ class ArchitectureTrainer:
         watchdog = self._start_watchdog()
         groups_before = self._count_process_groups()
         self._setup_run(rack, dataloader, val_data)
-        state = self._resume_state()
+        saved_config, state = self._resume_state()
         phases = plan_phases(cfg)
         finished_before = state.phase_index >= len(phases)
+        if saved_config is not None and not finished_before:
+            ckpt.check_resumable_changes(saved_config, cfg.to_dict(), self.checkpoint_dir / self.resume_tag)
         self._prepare_output_dir(write_config=not finished_before)
         self.bundle = self._load_data() if dataloader is None else None
         self.monitor = Monitor(self.output_dir, enabled=self.rank == 0, progress_bar=cfg.training.progress_bar)
@@ -134,12 +136,13 @@ class ArchitectureTrainer:
         return PeerWatchdog(self.output_dir / ".heartbeat" / run_id, self.rank, self.world_size,
                             timeout_s=self.config.parallel.peer_timeout_s).start()
 
-    def _resume_state(self) -> ckpt.TrainingState:
+    def _resume_state(self) -> tuple[dict | None, ckpt.TrainingState]:
+        """(the saved config, or None when starting fresh; the state to continue from)."""
         fresh = ckpt.TrainingState(training_architecture=self.config.training.training_architecture,
                                    config=self.config.to_dict())
         self.resume_tag = ckpt.find_resume_tag(self.checkpoint_dir)
         if self.resume_tag is None:
-            return fresh
+            return None, fresh
         if not self.config.training.resume:
             raise ckpt.CheckpointError(
                 f"{self.checkpoint_dir} already holds checkpoints and training.resume is false: starting over "
@@ -154,8 +157,8 @@ class ArchitectureTrainer:
                 f"checkpoint {self.checkpoint_dir / self.resume_tag} comes from a "
                 f"{state.training_architecture} run but the config asks for "
                 f"{self.config.training.training_architecture}: use a new training.output_dir")
-        state.config = self.config.to_dict()
-        return state
+        saved_config, state.config = state.config, self.config.to_dict()
+        return saved_config, state
 
     def _prepare_output_dir(self, write_config: bool) -> None:
         if self.rank == 0:
