@@ -198,8 +198,8 @@ def elastic_layout(roles: list[str], costs: list[LayerCost], res: Resources) -> 
     if not candidates:
         raise LayoutError(
             f"no placement of this phase's {len(live)} live layers on {res.world_size} rank(s) fits "
-            f"parallel.max_rank_memory_mb={res.max_rank_memory_mb}: the smallest estimate is "
-            f"{max(smallest.stage_memory_mb):.1f} MB per rank ({smallest.pipeline_stages} stage(s)); raise the bound, "
+            f"parallel.max_rank_memory_mb={res.max_rank_memory_mb}: an even split over {smallest.pipeline_stages} "
+            f"stage(s) needs about {max(smallest.stage_memory_mb):.1f} MB on its fullest rank; raise the bound, "
             "launch more ranks, lower training.micro_batch_size, or set parallel.phase_layout=fixed")
     return min(candidates, key=lambda lay: (lay.predicted_step_flops, lay.pipeline_stages))
 
