@@ -83,6 +83,13 @@ class RackPipelineModule(PipelineModule):
         stage_id = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage_id], stop=self.parts[stage_id + 1])
 
+    def _synchronize_tied_weights(self) -> None:
+        # DeepSpeed broadcasts the tied Parameter with autograd on: c10d::broadcast_ then sits in the
+        # weight's history and torch warns in every backward ("may lead to silently incorrect
+        # behavior"). A copy between ranks is not part of the model's function: no autograd.
+        with torch.no_grad():
+            super()._synchronize_tied_weights()
+
     def local_units(self) -> dict[int, LayerUnit]:
         """Pipeline-layer index -> unit, for the layers this stage holds."""
         return {i: self.units[i] for i in range(self._local_start, self._local_stop)}
