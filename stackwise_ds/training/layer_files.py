@@ -40,16 +40,23 @@ def load_layers(pipe, tag_dir: Path, sources: dict[int, int] | None = None) -> N
     sources = sources or {}
     modules = local_layer_modules(pipe)
     files = {layer: layer_path(tag_dir, sources.get(layer, layer)) for layer in modules}
-    problems = distributed.all_gather_objects(ckpt.unreadable_files(sorted(set(files.values()))))
+    verify_on_every_rank(sorted(set(files.values())), tag_dir)
+    with torch.no_grad():
+        for layer, module in modules.items():
+            device = next(module.parameters()).device
+            module.load_state_dict(torch.load(files[layer], map_location=device, weights_only=True))
+
+
+def verify_on_every_rank(files: list[Path], tag_dir: Path) -> None:
+    """Collective: check the files this rank is about to load and fail on every rank alike, naming
+    each rank's problems, before any rank starts loading (a rank failing half-way through a load
+    would leave its peers waiting in a collective)."""
+    problems = distributed.all_gather_objects(ckpt.unreadable_files(files))
     failed = [f"rank {rank}: {', '.join(texts)}" for rank, texts in enumerate(problems) if texts]
     if failed:
         raise ckpt.CheckpointError(
             f"checkpoint {tag_dir} cannot be loaded ({'; '.join(failed)[:800]}): it is corrupt or incomplete; "
             "delete that folder to resume from an earlier checkpoint, or use a new training.output_dir")
-    with torch.no_grad():
-        for layer, module in modules.items():
-            device = next(module.parameters()).device
-            module.load_state_dict(torch.load(files[layer], map_location=device, weights_only=True))
 
 
 def save_unplaced_layers(tag_dir: Path, unplaced: list[int], units, rack: Rack | None, model, seed: int,

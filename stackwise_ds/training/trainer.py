@@ -39,7 +39,7 @@ from ..parallel.watchdog import PeerWatchdog
 from ..placement import ELASTIC, PhaseLayout, layout_for
 from . import checkpointing as ckpt
 from .errors import NonFiniteLossError
-from .layer_files import load_layers, save_unplaced_layers
+from .layer_files import load_layers, save_unplaced_layers, verify_on_every_rank
 from .lr import warmup_cosine
 from .monitor import Monitor
 from .optim import make_optimizer
@@ -322,12 +322,7 @@ class ArchitectureTrainer:
         reported on all of them (no rank left waiting)."""
         where = self.checkpoint_dir / self.resume_tag
         self.monitor.message(f"[stackwise] resuming from {where}")
-        problems = distributed.all_gather_objects(ckpt.unreadable_files(self._files_to_load(engine, where)))
-        failed = [f"rank {rank}: {', '.join(texts)}" for rank, texts in enumerate(problems) if texts]
-        if failed:
-            raise ckpt.CheckpointError(
-                f"checkpoint {where} cannot be loaded ({'; '.join(failed)[:800]}): it is corrupt or incomplete; "
-                "delete that folder to resume from an earlier checkpoint, or use a new training.output_dir")
+        verify_on_every_rank(self._files_to_load(engine, where), where)
         engine.load_checkpoint(str(self.checkpoint_dir), tag=self.resume_tag)
 
     def _files_to_load(self, engine, where: Path) -> list[Path]:
