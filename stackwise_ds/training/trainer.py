@@ -180,7 +180,9 @@ class ArchitectureTrainer:
             saved = json.loads(path.read_text())
         except (OSError, ValueError):
             return  # no history (a run killed before its first checkpoint, or an older version): start anew
-        self.results["losses"] = saved.get("losses", [])[:global_step]
+        if len(saved.get("losses", [])) < global_step:
+            return  # a history older than the checkpoint (written by an older version): not continued
+        self.results["losses"] = saved["losses"][:global_step]
         self.results["val_history"] = [entry for entry in saved.get("val_history", []) if entry[0] <= global_step]
         self.results["phases"] = [p for p in saved.get("phases", []) if p.get("end_global_step", 1e18) <= global_step]
 
@@ -424,9 +426,9 @@ class ArchitectureTrainer:
         engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
         self._save_unplaced_layers(self.checkpoint_dir / tag)
         distributed.barrier()  # every rank's files are on disk before the tag is published
-        if self.rank == 0:
-            ckpt.mark_complete(self.checkpoint_dir, tag, state)
+        if self.rank == 0:  # history first: a published tag never has an older results.json beside it
             self._write_results(state, complete=False)
+            ckpt.mark_complete(self.checkpoint_dir, tag, state)
         distributed.barrier()
         self.weights_tag = tag
         self.monitor.flush()
