@@ -27,6 +27,8 @@ import yaml
 TRAINING_ARCHITECTURES = ("rackwise", "stackwise", "blockwise")
 OBJECTIVES = ("causal_lm", "masked_lm")
 NEW_UNIT_INITS = ("fresh", "copy_previous")
+PREFIX_FROZEN, PREFIX_TRAIN = "frozen", "train"
+PREFIXES = (PREFIX_FROZEN, PREFIX_TRAIN)
 PRECISIONS = ("auto", "fp32", "bf16")
 DATA_SOURCES = ("stdlib", "text_files", "hf")
 NONFINITE_POLICIES = ("stop",)
@@ -136,6 +138,8 @@ class TrainingConfig:
     """Steps of a closing end-to-end phase after the last stackwise/blockwise phase (0 = none)."""
     new_unit_init: str = "fresh"
     """How a stack/block starts its phase: 'fresh' (its own init) or 'copy_previous' (weights of the one before)."""
+    prefix: str = "frozen"
+    """Stackwise/blockwise: the units before the active one are 'frozen' (forward only) or 'train' (progressive stacking: in phase k units 0..k all train; AdamW moments restart at every phase)."""
     micro_batch_size: int = 8
     """Sequences per micro-batch on each data-parallel replica."""
     gradient_accumulation_steps: int = 2
@@ -286,6 +290,7 @@ class StackWiseConfig:
         _check_choice("training.training_architecture", t.training_architecture, TRAINING_ARCHITECTURES)
         _check_choice("training.objective", t.objective, OBJECTIVES)
         _check_choice("training.new_unit_init", t.new_unit_init, NEW_UNIT_INITS)
+        _check_choice("training.prefix", t.prefix, PREFIXES)
         _check_choice("training.precision", t.precision, PRECISIONS)
         _check_choice("training.nonfinite_policy", t.nonfinite_policy, NONFINITE_POLICIES)
         _check_choice("data.source", d.source, DATA_SOURCES)

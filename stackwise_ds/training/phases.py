@@ -2,17 +2,18 @@
 
 A phase trains one unit: the whole rack (``rackwise``), one stack (``stackwise``),
 one block (``blockwise``), or the whole rack again in a closing ``joint`` phase.
-During a phase, units before the active one are FROZEN (forward only, no grad),
-units after it are DORMANT (identity, no compute), and the active unit, the final
-norm and the LM head TRAIN. These roles are plain strings so the parallel layer can
-map them onto pipeline stages without importing training code.
+During a phase, units before the active one are FROZEN (forward only, no grad) with
+``training.prefix: frozen``, or keep training with ``prefix: train`` (progressive
+stacking); units after it are DORMANT (identity, no compute), and the active unit, the
+final norm and the LM head TRAIN. These roles are plain strings so the parallel layer
+can map them onto pipeline stages without importing training code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StackWiseConfig
+from ..config import PREFIX_TRAIN, StackWiseConfig
 from ..layout import DORMANT, FROZEN, TRAIN, LayerUnit  # noqa: F401 - re-exported
 
 
@@ -24,6 +25,7 @@ class Phase:
     n_stacks: int
     blocks_per_stack: int
     unit: int | None = None  # active stack (kind "stack") or global block index (kind "block")
+    prefix_trains: bool = False  # units before the active one train too (training.prefix: train)
 
     @property
     def name(self) -> str:
@@ -45,16 +47,17 @@ class Phase:
             return TRAIN
         position = stack_id if self.kind == "stack" else stack_id * self.blocks_per_stack + block_id
         if position < self.unit:
-            return FROZEN
+            return TRAIN if self.prefix_trains else FROZEN
         return TRAIN if position == self.unit else DORMANT
 
     @property
     def embedding_role(self) -> str:
-        """The embedding trains with the first unit; afterwards its lookup is frozen compute.
+        """The embedding trains with the first unit (and with every unit when the prefix trains);
+        otherwise its lookup is frozen compute afterwards.
 
         A tied embedding still learns through the LM head, which always trains.
         """
-        return TRAIN if self.trains_everything or self.unit == 0 else FROZEN
+        return TRAIN if self.trains_everything or self.unit == 0 or self.prefix_trains else FROZEN
 
     @property
     def stage_wise(self) -> bool:
@@ -82,7 +85,8 @@ def plan_phases(config: StackWiseConfig) -> list[Phase]:
     kind = "stack" if t.training_architecture == "stackwise" else "block"
     n = config.n_phases
     steps = t.steps_per_phase if isinstance(t.steps_per_phase, list) else [t.steps_per_phase] * n
-    phases = [Phase(i, kind, steps[i], unit=i, **shape) for i in range(n)]
+    prefix_trains = t.prefix == PREFIX_TRAIN
+    phases = [Phase(i, kind, steps[i], unit=i, prefix_trains=prefix_trains, **shape) for i in range(n)]
     if t.joint_steps > 0:
         phases.append(Phase(n, "joint", t.joint_steps, **shape))
     return phases
