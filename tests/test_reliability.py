@@ -153,7 +153,7 @@ def test_output_dir_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
     proc = run_training(2, blocker / "run", expect_ok=False)
-    expect_error_on_every_rank(proc, 2, "is not writable .* choose a directory you can write to")
+    expect_error_on_every_rank(proc, 2, "is not writable .* choose a training.output_dir you can write to")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,11 @@ grace period in which its own error, if any, gets printed) instead of blocking i
 collective. The ``deepspeed`` launcher already stops every rank when
 one exits non-zero; then the SIGTERM handler names the rank that died, which the
 launcher's own log does not.
+
+The watchdog also watches the ``deepspeed`` launcher processes above its rank (the runner and
+``deepspeed.launcher.launch``). A signal to the runner alone (what ``timeout deepspeed ...``
+sends) kills the runner without stopping the ranks; without this check they would train on,
+orphaned, and a re-run would start a second writer. A rank whose launcher is gone exits.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ class PeerWatchdog:
         self.host = socket.gethostname()
         self._stop = threading.Event()
         self._started_at = time.time()
+        self.launchers = launcher_pids()
 
     # ---- lifecycle
 
@@ -95,6 +101,11 @@ class PeerWatchdog:
                 self._beat()
             except OSError:
                 pass  # a full or vanished disk must not kill training by itself
+            gone = [pid for pid in self.launchers if not _alive(pid)]
+            if gone:
+                exit_now(self.rank, f"the deepspeed launcher (pid {', '.join(map(str, gone))}) is gone, stopped by "
+                         "a signal or killed: stopping this rank too, so that no orphaned rank keeps training "
+                         "and writing", code=128 + signal.SIGTERM)
             problems = self.failed_peers()
             if problems:  # give this rank's own error, if it is about to hit one, the chance to print
                 exit_after_grace(self.rank, f"stopping because a peer failed: {'; '.join(problems)}",
@@ -130,6 +141,30 @@ def install_startup_sigterm_handler(rank: int) -> None:
     """Until the watchdog takes over: on SIGTERM, keep going for a grace period, then exit."""
     signal.signal(signal.SIGTERM, lambda signum, frame: exit_after_grace(
         rank, "stopping on SIGTERM (another rank failed, or the job was stopped)"))
+
+
+def launcher_pids() -> list[int]:
+    """The ``deepspeed`` launcher processes above this rank: ``deepspeed.launcher.launch`` (the
+    parent) and the ``deepspeed`` runner above it; empty when not started by the launcher."""
+    parent = os.getppid()
+    if "deepspeed.launcher.launch" not in _cmdline(parent):
+        return []
+    runner = _parent_of(parent)
+    return [parent] + ([runner] if runner and "deepspeed" in _cmdline(runner) else [])
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _alive(pid: int) -> bool:

@@ -43,20 +43,25 @@ from .layer_files import load_layers, save_unplaced_layers, verify_on_every_rank
 from .lr import warmup_cosine
 from .monitor import Monitor
 from .optim import make_optimizer
+from .output_lock import OutputDirLock
 from .phases import Phase, plan_phases
 from .unit_copy import copy_previous_unit, unit_layer_pairs
 
 
 def check_writable(directory: Path) -> None:
-    """Fail early, with the fix, when ``directory`` cannot hold this run's outputs."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".write_probe_{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise PermissionError(f"training.output_dir {directory} is not writable ({exc.strerror}): "
-                              "choose a directory you can write to") from exc
+    """Fail early, with the fix, when ``directory`` (or its existing checkpoints/, found otherwise only
+    at the first save) cannot hold this run's outputs."""
+    for where in (directory, directory / "checkpoints"):
+        if where != directory and not where.is_dir():
+            continue
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            probe = where / f".write_probe_{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise PermissionError(f"{where} (under training.output_dir) is not writable ({exc.strerror}): "
+                                  "make it writable (chmod u+w) or choose a training.output_dir you can write to") from exc
 
 
 class ArchitectureTrainer:
@@ -78,9 +83,33 @@ class ArchitectureTrainer:
         long enough; without one, the data named by ``config.data`` is built. ``val_data``
         yields validation micro-batches (default: the held-out split of ``config.data``).
         """
-        cfg = self.config
-        self.rank, self.world_size = distributed.init_distributed(int(cfg.parallel.collective_timeout_s))
+        self.rank, self.world_size = distributed.init_distributed(int(self.config.parallel.collective_timeout_s))
         check_writable(self.output_dir)  # on every rank, before anything waits for anyone
+        lock = self._lock_output_dir()
+        try:
+            return self._train_locked(rack, dataloader, val_data)
+        finally:
+            lock.release()
+
+    def _lock_output_dir(self) -> OutputDirLock:
+        """Rank 0 takes the output dir's lock; a refusal is raised on every rank, naming the holder."""
+        lock, outcome = OutputDirLock(self.output_dir), None
+        if self.rank == 0:
+            try:
+                outcome = ("notice", lock.acquire())
+            except ckpt.CheckpointError as exc:
+                outcome = ("refused", str(exc))
+        if self.world_size > 1:
+            outcome = distributed.broadcast_object(outcome)
+        kind, text = outcome
+        if kind == "refused":
+            raise ckpt.CheckpointError(text)
+        if text and self.rank == 0:
+            print(text, flush=True)
+        return lock
+
+    def _train_locked(self, rack: Rack | None, dataloader: Iterable | None, val_data: Iterable | None) -> dict:
+        cfg = self.config
         cfg.validate_world_size(self.world_size)
         watchdog = self._start_watchdog()
         groups_before = self._count_process_groups()
