@@ -198,3 +198,17 @@ def test_malformed_override_value_and_non_object_ds_config(tmp_path):
     config = StackWiseConfig.from_dict({"parallel": {"ds_config": str(template)}})
     with pytest.raises(ConfigError, match="holds a JSON list, not an object"):
         build_ds_config(config, 1)
+
+
+def test_resume_of_a_checkpoint_older_than_a_setting_compares_with_the_default(tmp_path):
+    """A checkpoint written before ``training.prefix`` existed resumes with the default and
+    refuses any other value, naming the default it was trained with."""
+    from stackwise_ds.training.checkpointing import CheckpointError, check_resumable_changes
+
+    saved = StackWiseConfig().to_dict()
+    del saved["training"]["prefix"]
+    current = StackWiseConfig().to_dict()
+    check_resumable_changes(saved, current, tmp_path)
+    current["training"]["prefix"] = "train"
+    with pytest.raises(CheckpointError, match="training.prefix: checkpoint 'frozen' vs config 'train'"):
+        check_resumable_changes(saved, current, tmp_path)

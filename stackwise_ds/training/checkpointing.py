@@ -127,7 +127,11 @@ RESUMABLE_CHANGES = frozenset({
 
 def check_resumable_changes(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     """Refuse a resume whose config changes a setting the run cannot honour, naming each one."""
-    old, new = _flatten(saved), _flatten(current)
+    from ..config import StackWiseConfig
+
+    # a key the saved config lacks (written before the setting existed) had its default value
+    old = {**_flatten(StackWiseConfig().to_dict()), **_flatten(saved)}
+    new = _flatten(current)
     changed = [f"{key}: checkpoint {old.get(key)!r} vs config {new.get(key)!r}"
                for key in sorted(set(old) | set(new))
                if not key.startswith("model.") and key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
