@@ -38,9 +38,9 @@ def plot_modes(modes: dict, prefix: Path) -> list[str]:
     return written
 
 
-def _plot_mode(ax, mode: str, curves: list[list[dict]], x_key: str, scale: float) -> None:
+def _plot_mode(ax, mode: str, curves: list[list[dict]], x_key: str, scale: float, color=None) -> None:
     """Thin line per seed, thick line for the mean over seeds (evaluations align across seeds)."""
-    color = COLORS.get(mode)
+    color = color or COLORS.get(mode)
     for curve in curves:
         ax.plot([p[x_key] * scale for p in curve], [p["val_loss"] for p in curve], color=color, alpha=0.25, lw=0.8)
     n = min(len(c) for c in curves)
@@ -53,3 +53,36 @@ def _upper_limit(per_mode: dict) -> float:
     """Cut the y axis above the first evaluation after step 0, so the untrained loss does not squash the rest."""
     later = [p["val_loss"] for d in per_mode.values() for c in d["curves"] for p in c if p["step"] > 0]
     return max(later) + 0.1 if later else None
+
+
+def plot_quality(quality: dict, prefix: Path) -> list[str]:
+    """Validation loss against wall-clock and against training FLOPs, one colour per mode: a thin
+    line per seed (the spread) and a thick seed-mean line; returns the two PNG paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    detail, budget = quality["detail"], quality["budget"]
+    palette = plt.get_cmap("tab10")
+    written = []
+    for x_key, x_label, scale, suffix in (("wall_s", "wall-clock since launch (s), 2 pinned ranks", 1.0, "wall"),
+                                          ("flops", "training FLOPs (TFLOP)", 1e-12, "flops")):
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
+        for i, (mode, d) in enumerate(detail.items()):
+            _plot_mode(ax, mode, d["curves"], x_key, scale, color=palette(i))
+        if x_key == "wall_s":
+            ax.axvline(budget["wall_s"], color="grey", lw=0.8, ls=":")
+        ax.axhline(budget["rackwise_final_mean_val_loss"], color="grey", lw=0.8, ls="--")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("validation loss (nats/byte)")
+        ax.set_title(f"equal wall-clock budget, {len(budget['seeds'])} seed(s) per mode")
+        ax.set_ylim(top=_upper_limit(detail))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = prefix.with_name(f"{prefix.name}_val_loss_vs_{suffix}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(str(path))
+    return written

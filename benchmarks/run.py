@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """StackWise-DS CPU benchmarks: every figure of DESIGN.md's "Figures to reach" that a CPU can measure.
 
-    python benchmarks/run.py            # full run (~25-30 min on 2 idle cores) -> benchmarks/results/latest.json
+    python benchmarks/run.py            # full run (~60-65 min on 2 idle cores) -> benchmarks/results/latest.json
     python benchmarks/run.py --quick    # smoke run (< 5 min)               -> benchmarks/results/quick.json
 
 Writes the JSON, two PNGs (validation loss vs FLOPs and vs training time) and a markdown
@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import DEFAULT_WORK_DIR, MODEL, RESULTS_DIR, TORCH_THREADS, load_average  # noqa: E402
 from benchmarks.elastic import FULL_STEPS, QUICK_STEPS, measure_elastic  # noqa: E402
 from benchmarks.modes import ModesPlan, measure_modes  # noqa: E402
-from benchmarks.plots import plot_modes  # noqa: E402
+from benchmarks.plots import plot_modes, plot_quality  # noqa: E402
+from benchmarks.quality import PLANS as QUALITY_PLANS, measure_quality, quality_table  # noqa: E402
 from benchmarks.report import markdown_table  # noqa: E402
 from benchmarks.timing import TimingPlan, measure_pipeline, measure_throughput  # noqa: E402
 
@@ -75,8 +76,10 @@ def run(kind: str, work: Path) -> dict:
     modes = section("modes at equal FLOPs", lambda: measure_modes(plan["modes"], work, log), meta)
     elastic = section("elastic vs fixed phase layout, 2 pinned ranks",
                       lambda: measure_elastic(QUICK_STEPS if kind == "quick" else FULL_STEPS, work, log), meta)
+    quality = section("quality at equal wall-clock, 2 pinned ranks",
+                      lambda: measure_quality(QUALITY_PLANS[kind], work, log), meta)
     meta["total_seconds"] = round(time.perf_counter() - start, 1)
-    return {**assemble(meta, throughput, pipeline, modes), **elastic}
+    return {**assemble(meta, throughput, pipeline, modes), **elastic, "quality": quality}
 
 
 def assemble(meta: dict, throughput: dict, pipeline: dict, modes: dict) -> dict:
@@ -110,6 +113,9 @@ def main() -> None:
     result = run(kind, Path(args.work_dir))
     result["plots"] = [str(Path(p).relative_to(RESULTS_DIR.parents[1]))
                        for p in plot_modes(result, RESULTS_DIR / name)]
+    result["quality"]["plots"] = [str(Path(p).relative_to(RESULTS_DIR.parents[1]))
+                                  for p in plot_quality(result["quality"], RESULTS_DIR / f"{name}_quality")]
+    (RESULTS_DIR / f"{name}_quality_table.md").write_text(quality_table(result["quality"]))
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS_DIR / f"{name}_table.md").write_text(markdown_table(result))
     log(f"wrote {RESULTS_DIR / f'{name}.json'} in {result['meta']['total_seconds']:.0f} s")
