@@ -9,6 +9,7 @@ import torch
 from ..config import StackWiseConfig
 from ..data import ByteTokenizer
 from ..model import Rack
+from ..model.rack import DecodeCache
 from .consolidation import load_rack_with_config
 
 
@@ -26,23 +27,60 @@ def check_causal(config: StackWiseConfig) -> None:
 @torch.no_grad()
 def sample(rack: Rack, input_ids: torch.Tensor, max_new_tokens: int, max_seq_len: int, temperature: float = 1.0,
            top_k: int | None = None, generator: torch.Generator | None = None,
-           stop_id: int | None = None) -> torch.Tensor:
+           stop_id: int | None = None, use_cache: bool = True) -> torch.Tensor:
     """Append up to ``max_new_tokens`` sampled ids to ``input_ids`` [1, T]; temperature 0 means greedy.
 
-    There is no KV cache: each step re-runs the last ``max_seq_len`` tokens (fine for small racks).
+    Each step conditions on the last ``max_seq_len`` tokens. With ``use_cache`` the prompt is run once
+    and each new token costs one position (``CachedLogits``); without, every step re-runs the window.
+    Both give the same logits up to float rounding.
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
     if top_k is not None and top_k <= 0:
         raise ValueError(f"top_k must be positive, got {top_k}")
+    next_logits = CachedLogits(rack, max_seq_len) if use_cache else UncachedLogits(rack, max_seq_len)
     ids = input_ids
     for _ in range(max_new_tokens):
-        logits = rack(ids[:, -max_seq_len:])[:, -1].float()  # [1, V]
+        logits = next_logits(ids)  # [1, V]
         next_id = pick(logits, temperature, top_k, generator)
         ids = torch.cat([ids, next_id], dim=1)
         if stop_id is not None and int(next_id) == stop_id:
             break
     return ids
+
+
+class UncachedLogits:
+    """Next-token logits [B, V] of ``ids`` [B, T]: a full forward of the last ``max_seq_len`` tokens each call."""
+
+    def __init__(self, rack: Rack, max_seq_len: int):
+        self.rack, self.max_seq_len = rack, max_seq_len
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.rack(ids[:, -self.max_seq_len:])[:, -1].float()
+
+
+class CachedLogits(UncachedLogits):
+    """The same logits from a decode cache: ``ids`` must extend the previous call's ids.
+
+    The first call prefills the window; later calls run only the tokens added since. Once ``ids``
+    is longer than ``max_seq_len`` the window slides: every cached state has seen the token that just
+    left it, so the window is prefilled afresh at each such step (as costly as the uncached path,
+    but exactly its semantics: the model conditions on the last ``max_seq_len`` tokens only).
+    """
+
+    def __init__(self, rack: Rack, max_seq_len: int):
+        super().__init__(rack, max_seq_len)
+        self.cache: DecodeCache | None = None
+        self.prefills = 0  # windows run from an empty cache (1 until the window slides)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.cache is None or ids.shape[1] > self.max_seq_len:
+            self.cache, self.prefills = self.rack.new_cache(), self.prefills + 1
+            return self.rack.decode(ids[:, -self.max_seq_len:], self.cache)[:, -1].float()
+        if ids.shape[1] <= self.cache.length:
+            raise ValueError(f"ids ({ids.shape[1]} tokens) must extend the {self.cache.length} already decoded: "
+                             "use a new CachedLogits for a new sequence")
+        return self.rack.decode(ids[:, self.cache.length:], self.cache)[:, -1].float()
 
 
 def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator) -> torch.Tensor:

@@ -129,6 +129,12 @@ class RotaryEmbedding(nn.Module):
         check_seq_len(seq_len, self.max_seq_len)
         return self.cos_cached[:seq_len].to(dtype), self.sin_cached[:seq_len].to(dtype)
 
+    def window(self, start: int, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions start..start+seq_len-1 (incremental decoding), each [seq_len, dim]."""
+        check_seq_len(start + seq_len, self.max_seq_len)
+        end = start + seq_len
+        return self.cos_cached[start:end].to(dtype), self.sin_cached[start:end].to(dtype)
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -143,6 +149,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     """[B, Hkv, T, d] -> [B, Hkv * n_rep, T, d]; kv head j serves query heads j*n_rep..(j+1)*n_rep-1 (as Llama)."""
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+# ---------------------------------------------------------------------------- incremental decoding
+#
+# ``decode(x, cache, start_pos)`` is the inference-only path of every attention module: x [B, T, D] holds
+# the tokens at positions start_pos..start_pos+T-1, ``cache`` (a dict, one per layer, empty at the start)
+# holds what the earlier positions left behind and is updated in place. Training never calls it: the
+# plain forward stays as it is.
+
+LayerCache = dict  # str -> torch.Tensor; the keys belong to the attention module that fills it
+
+
+def check_decodable(module: nn.Module) -> None:
+    if not module.causal:
+        raise ValueError(f"{type(module).__name__} is bidirectional: every position sees later ones, so it cannot "
+                         "decode token by token; use a causal rack (model.attention_mode: causal)")
+
+
+def append_cache(cache: LayerCache, name: str, new: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """cache[name] = cat(cache[name], new) along ``dim`` (the sequence axis); returns the whole tensor."""
+    full = new if name not in cache else torch.cat((cache[name], new), dim=dim)
+    cache[name] = full
+    return full
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int,
+                     scale: float | None = None) -> torch.Tensor:
+    """SDPA of T new queries (positions start_pos..) against all S = start_pos + T cached keys, causally.
+
+    q [B, H, T, dq], k [B, H, S, dq], v [B, H, S, dv] -> [B, H, T, dv]. Without earlier positions this is
+    the training forward's is_causal call; one new query sees every key, so it needs no mask.
+    """
+    n_new = q.shape[2]
+    if start_pos == 0 or n_new == 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=n_new > 1, scale=scale)
+    # query i sits at position start_pos + i and sees keys 0..start_pos + i: [T, S] boolean mask
+    mask = torch.ones(n_new, k.shape[2], dtype=torch.bool, device=q.device).tril(diagonal=start_pos)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
 def split_heads(x: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -193,6 +237,17 @@ class MultiHeadAttention(nn.Module):
         n_rep = self.n_heads // self.n_kv_heads
         y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=self.causal,
                                            dropout_p=self.dropout if self.training else 0.0)
+        return self.o_proj(merge_heads(y))
+
+    def decode(self, x: torch.Tensor, cache: LayerCache, start_pos: int) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        """Inference forward of positions start_pos.. with a K/V cache (keys cached after RoPE)."""
+        check_decodable(self)
+        cos, sin = self.rotary.window(start_pos, x.shape[1], x.dtype)
+        q = apply_rope(split_heads(self.q_proj(x), self.n_heads), cos, sin)  # [B, H, T, hd]
+        k = append_cache(cache, "k", apply_rope(split_heads(self.k_proj(x), self.n_kv_heads), cos, sin))
+        v = append_cache(cache, "v", split_heads(self.v_proj(x), self.n_kv_heads))  # [B, Hkv, S, hd]
+        n_rep = self.n_heads // self.n_kv_heads
+        y = causal_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), start_pos)
         return self.o_proj(merge_heads(y))
 
 
@@ -257,6 +312,25 @@ class MultiHeadLatentAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(merge_heads(y))  # [B, T, H * hd] -> [B, T, D]
 
+    def decode(self, x: torch.Tensor, cache: LayerCache, start_pos: int) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        """Inference forward of positions start_pos.. caching only the normed latent and the RoPE key.
+
+        The cache holds c_kv [B, S, kv_lora_rank] and k_pe [B, 1, S, r] (MLA's memory saving); per-head
+        K/V are re-expanded from it at each call, row by row exactly as the full forward does.
+        """
+        check_decodable(self)
+        cos, sin = self.rotary.window(start_pos, x.shape[1], x.dtype)
+        q_nope, q_pe = self.queries(x).split([self.head_dim, self.rope_head_dim], dim=-1)
+        q = torch.cat((q_nope, apply_rope(q_pe, cos, sin)), dim=-1)  # [B, H, T, hd + r]
+
+        c_kv, k_pe = self.kv_a_proj(x).split([self.kv_lora_rank, self.rope_head_dim], dim=-1)
+        c_kv = append_cache(cache, "c_kv", self.kv_a_norm(c_kv), dim=1)  # [B, S, kv_lora_rank]
+        k_pe = append_cache(cache, "k_pe", apply_rope(k_pe.unsqueeze(1), cos, sin))  # [B, 1, S, r]
+        k_nope, v = split_heads(self.kv_b_proj(c_kv), self.n_heads).split([self.head_dim, self.head_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe.expand(-1, self.n_heads, -1, -1)), dim=-1)  # [B, H, S, hd + r]
+        y = causal_attention(q, k, v, start_pos, scale=self.softmax_scale)
+        return self.o_proj(merge_heads(y))
+
 
 # ---------------------------------------------------------------------------- kernel (linear) attention
 
@@ -309,14 +383,19 @@ class KernelAttention(nn.Module):
         add_qkvo_projections(self, d_model, n_heads, self.n_kv_heads, self.head_dim)
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
-        compute_dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 sums over T would drift
-        cos, sin = self.rotary(x.shape[1], compute_dtype)
-        n_rep = self.n_heads // self.n_kv_heads
+    def features(self, x: torch.Tensor, cos: torch.Tensor,
+                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """phi(q), phi(k), their RoPE rotations and v, each [B, H, T, d] in cos's (compute) dtype."""
+        compute_dtype, n_rep = cos.dtype, self.n_heads // self.n_kv_heads
         q = self.phi(split_heads(self.q_proj(x), self.n_heads).to(compute_dtype))  # [B, H, T, d]
         k = self.phi(repeat_kv(split_heads(self.k_proj(x), self.n_kv_heads), n_rep).to(compute_dtype))
         v = repeat_kv(split_heads(self.v_proj(x), self.n_kv_heads), n_rep).to(compute_dtype)
-        q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return q, k, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)  # bf16 sums over T would drift
+        cos, sin = self.rotary(x.shape[1], compute_dtype)
+        q, k, q_rot, k_rot, v = self.features(x, cos, sin)
         with torch.autocast(device_type=x.device.type, enabled=False):  # autocast would redo the sums in bf16
             if self.causal:
                 num, den = self.causal_terms(q, k, q_rot, k_rot, v)
@@ -325,6 +404,35 @@ class KernelAttention(nn.Module):
                 den = (q * k.sum(dim=2, keepdim=True)).sum(-1)  # phi(q_i) . z, [B, H, T]
             y = num / (den.unsqueeze(-1) + self.eps)
         return self.o_proj(merge_heads(y.to(x.dtype)))
+
+    def decode(self, x: torch.Tensor, cache: LayerCache, start_pos: int) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        """Inference forward of positions start_pos.. from the recurrent state the earlier positions left.
+
+        The cache holds kv = sum_j R_j phi(k_j) v_j^T [B, H, d, d] and z = sum_j phi(k_j) [B, H, d], in the
+        compute dtype: the same running sums the chunked scan carries across chunks, so its size does
+        not grow with the sequence.
+        """
+        check_decodable(self)
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        cos, sin = self.rotary.window(start_pos, x.shape[1], compute_dtype)
+        q, k, q_rot, k_rot, v = self.features(x, cos, sin)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            num, den = self.decode_terms(q, k, q_rot, k_rot, v, cache)
+            y = num / (den.unsqueeze(-1) + self.eps)
+        return self.o_proj(merge_heads(y.to(x.dtype)))
+
+    def decode_terms(self, q: torch.Tensor, k: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor,
+                     v: torch.Tensor, cache: LayerCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """Numerator [B, H, T, d] and denominator [B, H, T] of T new positions given the cached state."""
+        if q.shape[2] == 1:  # one token: fold it into the state, then read the state (j <= i includes i)
+            kv, z = update_kernel_state(cache, k, k_rot, v)
+            return q_rot @ kv, (q * z.unsqueeze(2)).sum(-1)
+        num, den = self.causal_terms(q, k, q_rot, k_rot, v)  # the new positions among themselves
+        if "kv" in cache:  # plus everything before them, as the scan adds the state entering a chunk
+            num = num + q_rot @ cache["kv"]
+            den = den + (q * cache["z"].unsqueeze(2)).sum(-1)
+        update_kernel_state(cache, k, k_rot, v)
+        return num, den
 
     def causal_terms(self, q: torch.Tensor, k: torch.Tensor, q_rot: torch.Tensor, k_rot: torch.Tensor,
                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,6 +463,16 @@ class KernelAttention(nn.Module):
         num = num.reshape(batch, heads, n_chunks * size, -1)[:, :, :seq_len]
         den = den.reshape(batch, heads, n_chunks * size)[:, :, :seq_len]
         return num, den
+
+
+def update_kernel_state(cache: LayerCache, k: torch.Tensor, k_rot: torch.Tensor,
+                        v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Add T positions (k, k_rot, v [B, H, T, d]) to cache["kv"] [B, H, d, d] and cache["z"] [B, H, d]."""
+    kv, z = k_rot.transpose(-2, -1) @ v, k.sum(dim=2)
+    if "kv" in cache:
+        kv, z = cache["kv"] + kv, cache["z"] + z
+    cache["kv"], cache["z"] = kv, z
+    return kv, z
 
 
 def exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:

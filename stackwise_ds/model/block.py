@@ -84,3 +84,8 @@ class Block(nn.Module):
         x = x + self.drop(self.attn(self.attn_norm(x)))
         x = x + self.drop(self.ffn(self.ffn_norm(x)))
         return x
+
+    def decode(self, x: torch.Tensor, cache: dict, start_pos: int) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
+        """Inference forward of positions start_pos.. with this block's attention cache (see attention.py)."""
+        x = x + self.drop(self.attn.decode(self.attn_norm(x), cache, start_pos))
+        return x + self.drop(self.ffn(self.ffn_norm(x)))

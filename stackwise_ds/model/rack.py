@@ -12,6 +12,7 @@ weights to the full rack built in one process.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
@@ -50,6 +51,16 @@ def module_seed(seed: int, *position: int) -> int:
     return value % (2**63 - 1)
 
 
+@dataclass
+class DecodeCache:
+    """What incremental decoding keeps between calls of ``Rack.decode``."""
+
+    layers: list[dict] = field(default_factory=list)
+    """One attention cache per block, in rack order (K/V, MLA latent, or kernel state; see attention.py)."""
+    length: int = 0
+    """Positions already decoded: the next call's tokens start at this position."""
+
+
 class Rack(nn.Module):
     def __init__(self, stacks: Iterable[Stack], vocab_size: int, d_model: int, tie_embeddings: bool = True,
                  norm_eps: float = 1e-5, init_std: float = 0.02, seed: int = 0,
@@ -74,6 +85,27 @@ class Rack(nn.Module):
         x = self.embedding(input_ids)
         for stack in self.stacks:
             x = stack(x)
+        return self.lm_head(self.norm(x))
+
+    def new_cache(self) -> DecodeCache:
+        """An empty cache for ``decode`` (one per sequence batch being generated)."""
+        return DecodeCache([{} for _ in self.blocks])
+
+    def decode(self, input_ids: torch.Tensor, cache: DecodeCache) -> torch.Tensor:  # [B, T] -> [B, T, V]
+        """Inference forward of the next T tokens after the ``cache.length`` already decoded.
+
+        Logits equal ``forward`` on the whole sequence so far, restricted to the new positions
+        (causal racks only); the cache is updated in place. Prefill with the prompt, then feed one token
+        at a time. Training never calls this: ``forward`` is the pipeline's path.
+        """
+        if len(cache.layers) != len(self.blocks):
+            raise ValueError(f"the cache holds {len(cache.layers)} layers but this rack has {len(self.blocks)} "
+                             "blocks: build it with this rack's new_cache()")
+        x = self.embedding(input_ids)
+        caches = iter(cache.layers)
+        for stack in self.stacks:
+            x = stack.decode(x, [next(caches) for _ in stack.blocks], cache.length)
+        cache.length += input_ids.shape[1]
         return self.lm_head(self.norm(x))
 
     def get_parameter_count(self, trainable_only: bool = False) -> int:

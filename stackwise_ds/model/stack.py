@@ -23,6 +23,15 @@ class Stack(nn.Module):
             x = block(x)
         return x
 
+    def decode(self, x: torch.Tensor, caches: list[dict], start_pos: int) -> torch.Tensor:  # [B, T, D]
+        """Inference forward of positions start_pos..; ``caches`` holds one attention cache per block."""
+        if len(caches) != len(self.blocks):
+            raise ValueError(f"stack {self.stack_id} has {len(self.blocks)} blocks but got {len(caches)} caches: "
+                             "build the cache with Rack.new_cache()")
+        for block, cache in zip(self.blocks, caches):
+            x = block.decode(x, cache, start_pos)
+        return x
+
     def freeze(self) -> "Stack":
         for block in self.blocks:
             set_block_trainable(block, False)
