@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from launch_utils import results, run_training, scalars, state
+from launch_utils import relative_close, results, run_training, scalars, state
 from stackwise_ds.config import StackWiseConfig
 from stackwise_ds.config import apply_overrides
 from stackwise_ds.model import create_rack_from_config
@@ -151,3 +151,13 @@ def test_stackwise_resume_mid_phase(stackwise_run, tmp_path):
     assert [p["name"] for p in resumed] == ["stack 1/2", "stack 2/2"]
     assert [p["losses"] for p in resumed] == [p["losses"] for p in results(stackwise_run)["phases"]]
     assert results(out)["losses"] == results(stackwise_run)["losses"]
+
+
+def test_activation_checkpointing_gives_the_same_stackwise_run(stackwise_run, tmp_path):
+    """parallel.activation_checkpoint_interval=1 (blocks only: the embedding's stage has no input
+    requiring grad) recomputes the same forward: same losses as the run without it, frozen and
+    relay stages included."""
+    run_training(2, tmp_path, "training.training_architecture=stackwise", f"training.steps_per_phase={STEPS}",
+                 "training.save_interval=2", "model.tie_embeddings=false", "parallel.phase_layout=fixed",
+                 "parallel.activation_checkpoint_interval=1")
+    assert relative_close(results(tmp_path)["losses"], results(stackwise_run)["losses"], 1e-6)

@@ -24,7 +24,7 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
 from ..layout import TIED_KEY, LayerUnit, layer_units
-from ..model import Rack
+from ..model import Block, Rack
 from ..placement import PhaseLayout
 
 PARTITION_PREFIX = "stacks:"
@@ -133,6 +133,9 @@ def rack_to_pipeline(rack: Rack, layout: PhaseLayout, world_size: int,
         layers=layers, topology=pipeline_topology(stages, world_size), loss_fn=lm_loss,
         partition_method=PARTITION_PREFIX + ",".join(map(str, layout.parts)),
         activation_checkpoint_interval=activation_checkpoint_interval, units=units,
+        # Only blocks: DeepSpeed's reentrant checkpoint of the embedding (token ids in, nothing
+        # requiring grad) would return an output without grad_fn and cut the first stage's backward.
+        checkpointable_layers=[Block.__name__],
     )
 
 
