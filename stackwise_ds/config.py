@@ -27,6 +27,8 @@ import yaml
 TRAINING_ARCHITECTURES = ("rackwise", "stackwise", "blockwise")
 OBJECTIVES = ("causal_lm", "masked_lm")
 NEW_UNIT_INITS = ("fresh", "copy_previous")
+INIT_GROWTH_STACK, INIT_GROWTH_FRESH = "stack", "fresh"
+INIT_GROWTHS = (INIT_GROWTH_STACK, INIT_GROWTH_FRESH)
 PREFIX_FROZEN, PREFIX_TRAIN = "frozen", "train"
 PREFIXES = (PREFIX_FROZEN, PREFIX_TRAIN)
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -170,6 +172,10 @@ class TrainingConfig:
     """Checkpoint every this many steps (0 = only at phase ends)."""
     resume: bool = True
     """Continue from the latest checkpoint in output_dir when there is one."""
+    init_from: Optional[str] = None
+    """Start a fresh run from these weights: a run dir, its checkpoints/ or a tag folder, a consolidated .safetensors, or a local Hugging Face Llama folder (None = seeded init; a checkpoint in output_dir resumes instead)."""
+    init_growth: str = "stack"
+    """With init_from and more stacks than the source: 'stack' (stack i starts as source stack i mod n, G_stack) or 'fresh' (the new stacks get their seeded init)."""
     progress_bar: bool = True
     """tqdm bar on rank 0 (phase, step, loss, tokens/s); plain lines when false."""
     nonfinite_policy: str = "stop"
@@ -205,6 +211,8 @@ class DataConfig:
     """Stop reading the source after this many bytes."""
     cache_dir: Optional[str] = None
     """Tokenised-data cache (None = ~/.cache/stackwise_ds/data or $STACKWISE_DS_CACHE)."""
+    tokenizer: str = "byte"
+    """'byte' (utf-8 bytes, 258 ids), 'bpe' (byte-level BPE of model.vocab_size ids trained on the run's training split) or a path to a local tokenizer.json or a save_pretrained tokenizer folder."""
 
 
 # --------------------------------------------------------------------------- parallel
@@ -251,8 +259,10 @@ class StackWiseConfig:
         """``~`` in a path setting means the home directory, never a folder literally named '~'."""
         t, d, p = self.training, self.data, self.parallel
         t.output_dir = os.path.expanduser(t.output_dir)
+        t.init_from = None if t.init_from is None else os.path.expanduser(t.init_from)
         d.paths = [os.path.expanduser(path) for path in d.paths]
         d.cache_dir = None if d.cache_dir is None else os.path.expanduser(d.cache_dir)
+        d.tokenizer = d.tokenizer if d.tokenizer in ("byte", "bpe") else os.path.expanduser(d.tokenizer)
         p.ds_config = p.ds_config if p.ds_config == "auto" else os.path.expanduser(p.ds_config)
 
     @classmethod
@@ -291,6 +301,10 @@ class StackWiseConfig:
         _check_choice("training.objective", t.objective, OBJECTIVES)
         _check_choice("training.new_unit_init", t.new_unit_init, NEW_UNIT_INITS)
         _check_choice("training.prefix", t.prefix, PREFIXES)
+        _check_choice("training.init_growth", t.init_growth, INIT_GROWTHS)
+        if t.init_from is not None and not t.init_from.strip():
+            raise ConfigError("training.init_from is an empty string: give a run dir, checkpoint, .safetensors file "
+                              "or Hugging Face folder, or null for a seeded init")
         _check_choice("training.precision", t.precision, PRECISIONS)
         _check_choice("training.nonfinite_policy", t.nonfinite_policy, NONFINITE_POLICIES)
         _check_choice("data.source", d.source, DATA_SOURCES)

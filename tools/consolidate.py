@@ -3,8 +3,8 @@
 
     python tools/consolidate.py runs/default/checkpoints model.safetensors [--tag step00000300]
 
-The resolved run config travels in the file's metadata; load it with
-``stackwise_ds.checkpoint.load_rack("model.safetensors")``.
+The resolved run config and the run's tokenizer (the tag's tokenizer.json) travel in the file's
+metadata; load it with ``stackwise_ds.checkpoint.load_rack("model.safetensors")``.
 """
 
 import argparse

@@ -1,8 +1,11 @@
 #!/usr/bin/env python
-"""Export a causal mha/gqa rack as a Hugging Face LlamaForCausalLM folder (config.json + model.safetensors).
+"""Export a causal mha/gqa rack as a Hugging Face LlamaForCausalLM folder (config.json, model.safetensors,
+and the run's tokenizer: tokenizer.json, tokenizer_config.json, generation_config.json).
 
     python tools/export_hf.py runs/default/checkpoints hf_model/      # or a consolidated .safetensors
-    python -c "from transformers import LlamaForCausalLM; LlamaForCausalLM.from_pretrained('hf_model')"
+    python -c "from transformers import AutoTokenizer, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained('hf_model'); model = LlamaForCausalLM.from_pretrained('hf_model')
+    print(tok.decode(model.generate(**tok('def main(', return_tensors='pt'), max_new_tokens=50)[0]))"
 
 MLA, kernel attention and bidirectional racks have no Llama equivalent and are refused.
 """

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
-"""Sample text from a trained causal rack (byte-level tokens).
+"""Sample text from a trained causal rack, in the tokenizer it was trained with.
 
     python tools/generate.py runs/default --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 50
 
 CHECKPOINT is a checkpoint (<output_dir>, checkpoints/ or a tag folder) or a consolidated
-.safetensors file. --temperature 0 samples greedily. Bidirectional (masked-LM) racks are refused.
+.safetensors file; the tokenizer comes from the tag's tokenizer.json or the file's metadata.
+--temperature 0 samples greedily. Bidirectional (masked-LM) racks are refused.
 """
 
 import argparse
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="checkpoint folder or consolidated .safetensors file")
     parser.add_argument("--prompt", required=True, help="text to continue")
-    parser.add_argument("--max-new-tokens", type=int, default=200, help="bytes to generate at most (default 200)")
+    parser.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
     parser.add_argument("--temperature", type=float, default=0.8, help="softmax temperature; 0 = greedy")
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")

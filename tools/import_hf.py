@@ -4,7 +4,8 @@
     python tools/import_hf.py path/to/llama_dir rack.safetensors [--n-stacks 4]
 
 The model's layers are split into --n-stacks stacks of equal size (it must divide the layer count).
-Nothing is downloaded: pass a folder that is already on disk.
+The folder's tokenizer.json (if any) travels in the output's metadata, so tools/generate.py and a
+later export use it. Nothing is downloaded: pass a folder that is already on disk.
 """
 
 import argparse

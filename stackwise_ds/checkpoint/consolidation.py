@@ -1,7 +1,9 @@
 """One safetensors file per model: every pipeline layer file merged under the Rack's stable names.
 
-The file's metadata holds the resolved run config (``{"stackwise_config": json}``), so a
-consolidated file is self-describing: :func:`load_rack` rebuilds the Rack from it alone. A tied
+The file's metadata holds the resolved run config (``{"stackwise_config": json}``) and the run's
+tokenizer (``stackwise_tokenizer``: a ``tokenizers`` JSON string, with its eos/mask token names), so a
+consolidated file is self-describing: :func:`load_rack` rebuilds the Rack from it alone and
+:func:`load_run_tokenizer` its tokenizer. A tied
 LM head is stored once, as ``embedding.weight``; loading re-ties it (one Parameter for both).
 """
 
@@ -14,12 +16,16 @@ from pathlib import Path
 import torch
 
 from ..config import StackWiseConfig
+from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer_json
 from ..model import Rack, create_rack_from_config
 from ..training.checkpointing import CheckpointError
 from .layers import check_architecture, check_shapes, read_rack_state
 from .locate import resolve_checkpoint
 
 CONFIG_KEY = "stackwise_config"
+TOKENIZER_KEY = "stackwise_tokenizer"  # the tokenizers JSON; the two keys below name its specials
+TOKENIZER_EOS_KEY = "stackwise_tokenizer_eos"
+TOKENIZER_MASK_KEY = "stackwise_tokenizer_mask"
 RackState = OrderedDict[str, torch.Tensor]  # Rack parameter name -> tensor (a tied head only as embedding.weight)
 
 
@@ -27,10 +33,36 @@ def consolidate(checkpoint: str | Path, out: str | Path, tag: str | None = None)
     """Write the weights of ``checkpoint`` (any number of stages) to ``out`` (.safetensors)."""
     ref = resolve_checkpoint(checkpoint, tag)
     state = read_rack_state(ref)
-    return save_consolidated(state, ref.config, out)
+    return save_consolidated(state, ref.config, out, tag_tokenizer(ref.path, ref.config))
 
 
-def save_consolidated(state: dict[str, torch.Tensor], config: StackWiseConfig, out: str | Path) -> Path:
+def tokenizer_metadata(tokenizer: Tokenizer | None) -> dict[str, str]:
+    """safetensors metadata entries that carry ``tokenizer`` (none for None)."""
+    if tokenizer is None:
+        return {}
+    entries = {TOKENIZER_KEY: tokenizer.to_json(), TOKENIZER_EOS_KEY: tokenizer.eos_token}
+    if tokenizer.mask_token is not None:
+        entries[TOKENIZER_MASK_KEY] = tokenizer.mask_token
+    return entries
+
+
+def tag_tokenizer(tag_dir: Path, config: StackWiseConfig) -> Tokenizer | None:
+    """The tokenizer saved in a checkpoint tag; the byte tokenizer for a byte run saved without one
+    (older versions); None when unknown."""
+    path = Path(tag_dir) / TOKENIZER_FILE
+    if path.is_file():
+        return load_tokenizer_json(path.read_text(encoding="utf-8"), str(path))
+    return _byte_fallback(config)
+
+
+def _byte_fallback(config: StackWiseConfig) -> Tokenizer | None:
+    if config.data.tokenizer == "byte" and config.model.vocab_size >= ByteTokenizer().vocab_size:
+        return ByteTokenizer()
+    return None
+
+
+def save_consolidated(state: dict[str, torch.Tensor], config: StackWiseConfig, out: str | Path,
+                      tokenizer: Tokenizer | None = None) -> Path:
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -41,8 +73,38 @@ def save_consolidated(state: dict[str, torch.Tensor], config: StackWiseConfig, o
         state = {name: t for name, t in state.items() if name != "lm_head.weight"}
     check_shapes(state, config, str(out))
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
-    save_file(tensors, str(out), metadata={CONFIG_KEY: json.dumps(config.to_dict())})
+    save_file(tensors, str(out), metadata={CONFIG_KEY: json.dumps(config.to_dict()), **tokenizer_metadata(tokenizer)})
     return out
+
+
+def consolidated_tokenizer(path: Path, config: StackWiseConfig) -> Tokenizer | None:
+    """The tokenizer in a consolidated file's metadata (see :func:`tag_tokenizer` for the fallback)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if TOKENIZER_KEY in metadata:
+        return load_tokenizer_json(metadata[TOKENIZER_KEY], str(path), metadata.get(TOKENIZER_EOS_KEY),
+                                   metadata.get(TOKENIZER_MASK_KEY))
+    return _byte_fallback(config)
+
+
+def find_run_tokenizer(source: str | Path, tag: str | None, config: StackWiseConfig) -> Tokenizer | None:
+    """The tokenizer a checkpoint (its tag folder) or a consolidated file was trained with; None if unknown."""
+    if Path(source).suffix == ".safetensors":
+        return consolidated_tokenizer(Path(source), config)
+    return tag_tokenizer(resolve_checkpoint(source, tag).path, config)
+
+
+def load_run_tokenizer(source: str | Path, tag: str | None = None, config: StackWiseConfig | None = None) -> Tokenizer:
+    """:func:`find_run_tokenizer`, refusing a source that carries none."""
+    config = config or load_rack_state(source, tag)[1]
+    tokenizer = find_run_tokenizer(source, tag, config)
+    if tokenizer is None:
+        raise CheckpointError(f"{source} carries no tokenizer (data.tokenizer was {config.data.tokenizer!r}): copy "
+                              f"the run's <output_dir>/{TOKENIZER_FILE} into the checkpoint tag folder, then "
+                              "consolidate/export again")
+    return tokenizer
 
 
 def read_consolidated(path: str | Path) -> tuple[RackState, StackWiseConfig]:

@@ -1,4 +1,4 @@
-"""Sample text from a trained causal rack with the byte-level tokenizer."""
+"""Sample text from a trained causal rack with the tokenizer it was trained with."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from pathlib import Path
 import torch
 
 from ..config import StackWiseConfig
-from ..data import ByteTokenizer
 from ..model import Rack
 from ..model.rack import DecodeCache
 from .consolidation import load_rack_with_config
@@ -95,13 +94,16 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator)
 
 def generate_text(source: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int | None = 50, seed: int = 0, tag: str | None = None) -> str:
-    """Prompt + sampled continuation from a checkpoint or consolidated file (byte tokenizer)."""
+    """Prompt + sampled continuation from a checkpoint or consolidated file, in the run's tokenizer
+    (the checkpoint tag's tokenizer.json, or the consolidated file's metadata)."""
+    from .consolidation import load_run_tokenizer
+
     rack, config = load_rack_with_config(source, tag)
     check_causal(config)
-    tokenizer = ByteTokenizer()
+    tokenizer = load_run_tokenizer(source, tag, config)
     if config.model.vocab_size < tokenizer.vocab_size:
-        raise GenerationError(f"the rack's vocabulary ({config.model.vocab_size}) is smaller than the byte "
-                              f"tokenizer's ({tokenizer.vocab_size}): it was not trained on byte tokens")
+        raise GenerationError(f"the rack's vocabulary ({config.model.vocab_size}) is smaller than its "
+                              f"tokenizer's ({tokenizer.vocab_size}): it was not trained with this tokenizer")
     ids = torch.tensor([tokenizer.encode(prompt) or [tokenizer.eos_id]], dtype=torch.long)
     generator = torch.Generator().manual_seed(seed)
     out = sample(rack, ids, max_new_tokens, config.model.max_seq_len, temperature, top_k, generator,

@@ -13,21 +13,28 @@ A causal Rack with softmax attention (mha/gqa) is a Llama: same pre-norm Block, 
 
 with l = i * blocks_per_stack + j. MLA, kernel attention and bidirectional attention have no
 Llama equivalent and are refused. Nothing here downloads anything.
+
+The run's tokenizer travels both ways: the export writes tokenizer.json + tokenizer_config.json
+(``AutoTokenizer.from_pretrained`` loads them as a ``PreTrainedTokenizerFast``, the byte tokenizer
+included, with the same ids) and the end-of-document id into config/generation_config; the import
+keeps the folder's tokenizer in the consolidated file's metadata.
 """
 
 from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
 from ..config import ConfigError, StackWiseConfig
-from ..data import ByteTokenizer
+from ..data import TOKENIZER_FILE, Tokenizer, TokenizerError
+from ..data.tokenizer import load_tokenizer_file
 from ..training.checkpointing import CheckpointError
-from .consolidation import load_rack_state, save_consolidated
+from .consolidation import find_run_tokenizer, load_rack_state, save_consolidated
 
 BLOCK_NAMES = {  # Rack name inside a block -> Llama name inside a decoder layer
     "attn_norm.weight": "input_layernorm.weight",
@@ -64,8 +71,8 @@ def check_llama_compatible(config: StackWiseConfig) -> None:
                           "causally only; a bidirectional (masked-LM) rack has no Llama equivalent")
 
 
-def llama_config(config: StackWiseConfig):
-    """The ``transformers.LlamaConfig`` of a compatible rack."""
+def llama_config(config: StackWiseConfig, eos_id: int | None = None):
+    """The ``transformers.LlamaConfig`` of a compatible rack whose tokenizer ends documents with ``eos_id``."""
     from transformers import LlamaConfig
 
     m = config.model
@@ -76,7 +83,7 @@ def llama_config(config: StackWiseConfig):
         hidden_act="silu", max_position_embeddings=m.max_seq_len, initializer_range=m.init_std,
         rms_norm_eps=m.norm_eps, tie_word_embeddings=m.tie_embeddings, attention_bias=False, mlp_bias=False,
         attention_dropout=0.0, bos_token_id=None, pad_token_id=None,
-        eos_token_id=ByteTokenizer.eos_id if m.vocab_size > ByteTokenizer.eos_id else None,
+        eos_token_id=eos_id,
         architectures=["LlamaForCausalLM"],
     )
     if "rope_parameters" in inspect.signature(LlamaConfig.__init__).parameters:  # transformers >= 5
@@ -98,25 +105,51 @@ def rack_to_llama_names(config: StackWiseConfig) -> dict[str, str]:
 
 
 def export_hf(source: str | Path, out_dir: str | Path, tag: str | None = None) -> Path:
-    """Write ``out_dir`` (config.json + model.safetensors) loadable by ``LlamaForCausalLM.from_pretrained``."""
+    """Write ``out_dir`` (config.json + model.safetensors + the run's tokenizer) loadable by
+    ``LlamaForCausalLM.from_pretrained`` and ``AutoTokenizer.from_pretrained``."""
     from safetensors.torch import save_file
 
     state, config = load_rack_state(source, tag)
     check_llama_compatible(config)
+    tokenizer = find_run_tokenizer(source, tag, config)
+    if tokenizer is None:
+        warnings.warn(f"{source} carries no tokenizer: the export has none (copy the run's tokenizer.json into the "
+                      "checkpoint tag folder and export again to get one)", stacklevel=2)
     names = rack_to_llama_names(config)
     tensors = {names[n]: t.detach().contiguous().float() for n, t in state.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    llama_config(config).save_pretrained(str(out_dir))
+    eos_id = None if tokenizer is None else tokenizer.eos_id
+    llama_config(config, eos_id).save_pretrained(str(out_dir))
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer is not None:
+        save_hf_tokenizer(tokenizer, out_dir, config.model.max_seq_len)
     return out_dir
+
+
+def save_hf_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None:
+    """tokenizer.json, tokenizer_config.json (a PreTrainedTokenizerFast with eos, no cleanup of spaces,
+    so decoding returns exactly the text) and generation_config.json (generation stops at eos)."""
+    from transformers import GenerationConfig
+
+    tokenizer.save(out_dir / TOKENIZER_FILE)
+    specials = {"eos_token": tokenizer.eos_token, "pad_token": tokenizer.eos_token}
+    if tokenizer.mask_token is not None:
+        specials["mask_token"] = tokenizer.mask_token
+    tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
+                        "clean_up_tokenization_spaces": False, "add_bos_token": False, "add_eos_token": False,
+                        **specials}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (out_dir / "special_tokens_map.json").write_text(json.dumps(specials, indent=2))
+    GenerationConfig(eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.eos_id).save_pretrained(str(out_dir))
 
 
 # ----------------------------------------------------------------------------- import
 
 
 def import_hf(hf_dir: str | Path, out: str | Path, n_stacks: int = 1) -> Path:
-    """Convert a local Llama-architecture model folder into a consolidated StackWise safetensors file."""
+    """Convert a local Llama-architecture model folder into a consolidated StackWise safetensors file
+    (carrying the folder's tokenizer, when it has a tokenizer.json)."""
     hf_dir = Path(hf_dir)
     raw = read_hf_config(hf_dir)
     config = config_from_llama(raw, n_stacks)
@@ -132,7 +165,24 @@ def import_hf(hf_dir: str | Path, out: str | Path, n_stacks: int = 1) -> Path:
         state[names[name]] = tensor
     if config.model.tie_embeddings:
         state.pop("lm_head.weight", None)
-    return save_consolidated(state, config, out)
+    return save_consolidated(state, config, out, read_hf_tokenizer(hf_dir, config.model.vocab_size))
+
+
+def read_hf_tokenizer(hf_dir: Path, vocab_size: int) -> Tokenizer | None:
+    """The tokenizer of a save_pretrained folder; None (with a warning) when it has none that fits."""
+    if not (hf_dir / TOKENIZER_FILE).is_file():
+        warnings.warn(f"{hf_dir} has no {TOKENIZER_FILE}: the imported model carries no tokenizer", stacklevel=3)
+        return None
+    try:
+        tokenizer = load_tokenizer_file(hf_dir)
+    except TokenizerError as exc:
+        warnings.warn(f"the tokenizer of {hf_dir} is not kept: {exc}", stacklevel=3)
+        return None
+    if tokenizer.vocab_size > vocab_size:
+        warnings.warn(f"the tokenizer of {hf_dir} has {tokenizer.vocab_size} tokens, more than the model's "
+                      f"vocab_size {vocab_size}: it is not kept", stacklevel=3)
+        return None
+    return tokenizer
 
 
 def read_hf_config(hf_dir: Path) -> dict:

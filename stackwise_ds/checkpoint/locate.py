@@ -16,6 +16,8 @@ from ..training.checkpointing import (LATEST_FILE, STATE_FILE, CheckpointError, 
                                       load_state)
 
 LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
+# <output_dir>/initial_weights: training.init_from's source as layer files; never a checkpoint tag
+INITIAL_WEIGHTS_DIR = "initial_weights"
 
 
 @dataclass
@@ -46,8 +48,8 @@ def config_of(state: TrainingState, where: Path) -> StackWiseConfig:
 
 
 def is_tag_dir(path: Path) -> bool:
-    """A folder DeepSpeed or the trainer saved one tag into."""
-    return path.is_dir() and ((path / STATE_FILE).is_file() or any(LAYER_FILE_RE.match(p.name) for p in path.iterdir()))
+    """A folder DeepSpeed or the trainer saved one tag into (not the initial weights of init_from)."""
+    return path.is_dir() and path.name != INITIAL_WEIGHTS_DIR and ((path / STATE_FILE).is_file() or any(LAYER_FILE_RE.match(p.name) for p in path.iterdir()))
 
 
 def list_tags(checkpoint_dir: Path) -> list[tuple[str, bool]]:

@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from ..config import StackWiseConfig
+from ..data.tokenizer import TOKENIZER_FILE
 from ..parallel.engine import equal_group_splits
 from ..training.checkpointing import CheckpointError, TrainingState, mark_complete
 from .layers import (TIED_PREFIX, file_layers, pipe_name, pipe_to_rack_names, rack_name, rack_shapes, stage_layers,
@@ -136,7 +137,7 @@ def copy_layer_files(ref: CheckpointRef, target: Path) -> None:
             raise CheckpointError(f"checkpoint {ref.path} is partial: {ref.layer_file(layer).name} is missing; "
                                   "use another tag")
     for path in sorted(ref.path.iterdir()):
-        if LAYER_FILE_RE.match(path.name):
+        if LAYER_FILE_RE.match(path.name) or path.name == TOKENIZER_FILE:  # the tokenizer travels with the tag
             shutil.copy2(path, target / path.name)
 
 

@@ -1,4 +1,4 @@
-"""Data for StackWise-DS: byte tokenizer, text sources, packed fixed-length windows,
+"""Data for StackWise-DS: tokenizers (byte, trained BPE, local Hugging Face), text sources, packed fixed-length windows,
 seeded train/val split, on-disk cache and a deterministic, resumable batch stream.
 
 Typical use by the trainer::
@@ -15,11 +15,13 @@ from .cache import default_cache_dir
 from .corpus import KNOWN_SOURCES, list_stdlib_files, list_text_files
 from .packing import IGNORE_INDEX, OBJECTIVES, PackedDataset, split_windows
 from .stream import TrainBatchStream, check_enough_data, val_batches
-from .tokenizer import ByteTokenizer
+from .tokenizer import (TOKENIZER_FILE, TOKENIZER_KINDS, ByteTokenizer, HFTokenizer, Tokenizer, TokenizerError,
+                        load_tokenizer_json, make_tokenizer)
 
 __all__ = [
-    "IGNORE_INDEX", "KNOWN_SOURCES", "OBJECTIVES",
-    "ByteTokenizer", "DataBundle", "PackedDataset", "TrainBatchStream",
+    "IGNORE_INDEX", "KNOWN_SOURCES", "OBJECTIVES", "TOKENIZER_FILE", "TOKENIZER_KINDS",
+    "ByteTokenizer", "DataBundle", "HFTokenizer", "Tokenizer", "TokenizerError",
+    "load_tokenizer_json", "make_tokenizer", "PackedDataset", "TrainBatchStream",
     "build_datasets", "check_enough_data", "default_cache_dir",
     "list_stdlib_files", "list_text_files", "split_windows", "val_batches",
 ]

@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 
 from . import cache, corpus
-from .packing import OBJECTIVES, PackedDataset, split_windows, tokenize_documents, write_windows
-from .tokenizer import ByteTokenizer
+from .packing import (OBJECTIVES, PackedDataset, split_windows, text_dataset, tokenize_documents, tokenize_texts,
+                      write_windows)
+from .tokenizer import (BPE_VERSION, TOKENIZER_FILE, Tokenizer, TokenizerError, check_bpe_vocab, load_tokenizer_json,
+                        make_tokenizer, token_dtype)
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +23,7 @@ log = logging.getLogger(__name__)
 class DataBundle:
     train: PackedDataset
     val: PackedDataset
-    tokenizer: ByteTokenizer
+    tokenizer: Tokenizer
     cache_hit: bool  # True when the packed windows were loaded, not tokenised, this call
     n_tokens: int  # tokens in the packed stream incl. one eos per document
     cache_path: Path  # the cache entry directory holding windows.npy / meta.json
@@ -85,22 +87,92 @@ def _resolve_source(
     return _Source(key, lambda: corpus.read_hf_documents(hf_name, hf_config, hf_split, text_field, max_files, max_bytes))
 
 
-def _pack_into(out_dir: Path, scratch: Path, src: _Source, tokenizer: ByteTokenizer, seq_len: int, entry: str) -> dict[str, Any]:
-    """Cache builder: tokenise ``src`` and write windows.npy into ``out_dir``; return meta."""
-    tokenized = tokenize_documents(src.documents, tokenizer, scratch, fingerprint=entry)
-    if len(tokenized) == 0:
+def _check_not_empty(n_rows: int, src: _Source) -> None:
+    if n_rows == 0:
         raise ValueError(
             f"dataset is empty: source {src.key_inputs['source']!r} produced no text "
             "(check data.paths / data.hf_name / data.text_field, or raise data.max_files / data.max_bytes)"
         )
-    n_tokens, n_windows = write_windows(tokenized, seq_len, out_dir / cache.WINDOWS_FILE)
+
+
+def _check_packed(n_windows: int, n_tokens: int, seq_len: int) -> None:
     if n_windows == 0:
         raise ValueError(
             f"dataset is empty after packing: {n_tokens} tokens do not fill one sequence of "
             f"seq_len + 1 = {seq_len + 1} tokens: add data or shorten data.seq_len"
         )
-    log.info("packed %d documents, %d tokens into %d windows of %d", len(tokenized), n_tokens, n_windows, seq_len + 1)
+
+
+def _pack_into(out_dir: Path, scratch: Path, src: _Source, tokenizer: Tokenizer, seq_len: int,
+               entry: str) -> dict[str, Any]:
+    """Cache builder: tokenise ``src`` and write windows.npy and tokenizer.json into ``out_dir``; return meta."""
+    tokenized = tokenize_documents(src.documents, tokenizer, scratch, fingerprint=entry)
+    _check_not_empty(len(tokenized), src)
+    dtype = token_dtype(tokenizer.vocab_size)
+    n_tokens, n_windows = write_windows(tokenized, seq_len, out_dir / cache.WINDOWS_FILE, dtype)
+    _check_packed(n_windows, n_tokens, seq_len)
+    tokenizer.save(out_dir / TOKENIZER_FILE)
+    log.info("packed %d documents, %d tokens into %d windows of %d", len(tokenized), n_tokens, n_windows,
+             seq_len + 1)
     return {"n_documents": len(tokenized), "n_tokens": n_tokens, "n_windows": n_windows, "seq_len": seq_len}
+
+
+def piece_chars(seq_len: int) -> int:
+    """Characters per piece of text the BPE split deals out (a few windows' worth of tokens)."""
+    return 16 * (seq_len + 1)
+
+
+def document_pieces(documents: Callable[[], Iterator[str]], size: int) -> Iterator[dict]:
+    """Every document cut into pieces of at most ``size`` characters, at a line end where one is near."""
+    for text in documents():
+        start = 0
+        while start < len(text):
+            end = min(start + size, len(text))
+            if end < len(text):
+                cut = text.rfind("\n", start + size // 2, end)
+                end = cut + 1 if cut >= 0 else end
+            yield {"text": text[start:end], "ends_doc": end == len(text)}
+            start = end
+
+
+def _pack_bpe_into(out_dir: Path, scratch: Path, src: _Source, vocab_size: int, seq_len: int, val_fraction: float,
+                   seed: int, entry: str) -> dict[str, Any]:
+    """Cache builder for data.tokenizer 'bpe': the text is cut into pieces, split into train/val pieces
+    by ``seed``, the BPE is trained on the training pieces only, and each split is packed on its own:
+    windows.npy holds the training windows, then the validation ones (meta ``n_train_windows``)."""
+    texts = text_dataset(lambda: document_pieces(src.documents, piece_chars(seq_len)), scratch, entry)
+    _check_not_empty(len(texts), src)
+    train_rows, val_rows = split_windows(len(texts), val_fraction, seed)  # rows are pieces here, not windows
+    train_texts, val_texts = texts.select(train_rows), texts.select(val_rows)
+
+    def training_texts() -> Iterator[str]:
+        for batch in train_texts.iter(batch_size=1024):
+            yield from batch["text"]
+
+    tokenizer = make_tokenizer("bpe", vocab_size, training_texts)
+    parts = [tokenize_texts(train_texts, tokenizer, f"{entry}-train"),
+             tokenize_texts(val_texts, tokenizer, f"{entry}-val")]
+    n_tokens, (n_train, n_val) = write_windows(parts, seq_len, out_dir / cache.WINDOWS_FILE, token_dtype(vocab_size))
+    _check_packed(n_train, n_tokens, seq_len)
+    tokenizer.save(out_dir / TOKENIZER_FILE)
+    log.info("trained a %d-token BPE on %d of %d text pieces; packed %d tokens into %d + %d windows",
+             tokenizer.vocab_size, len(train_rows), len(texts), n_tokens, n_train, n_val)
+    return {"n_documents": len(texts), "n_tokens": n_tokens, "n_windows": n_train + n_val, "seq_len": seq_len,
+            "n_train_windows": n_train}
+
+
+def _tokenizer_key(spec: str, vocab_size: int | None, seq_len: int, val_fraction: float, seed: int):
+    """(the tokenizer, or None for a BPE trained during the build; its data-cache key inputs)."""
+    if spec != "bpe":
+        tokenizer = make_tokenizer(spec, vocab_size)
+        return tokenizer, {"tokenizer": tokenizer.name}
+    if vocab_size is None:
+        raise TokenizerError("data.tokenizer 'bpe' needs the vocabulary size to train to: pass vocab_size "
+                             "(model.vocab_size)")
+    check_bpe_vocab(vocab_size)  # before any text is read
+    # The BPE sees only the training split, so the split (seed, val_fraction) is part of its key.
+    return None, {"tokenizer": BPE_VERSION, "vocab_size": vocab_size, "val_fraction": val_fraction, "seed": seed,
+                  "piece_chars": piece_chars(seq_len)}
 
 
 def build_datasets(
@@ -109,28 +181,45 @@ def build_datasets(
     seq_len: int = 256, val_fraction: float = 0.01, seed: int = 0,
     objective: str = "causal_lm", mask_prob: float = 0.15,
     max_files: int | None = None, max_bytes: int | None = None,
-    cache_dir: str | None = None,
+    cache_dir: str | None = None, tokenizer: str = "byte", vocab_size: int | None = None,
 ) -> DataBundle:
     """Packed, split, cached datasets for the trainer. Safe to call from every rank at once.
 
     ``max_files`` caps files (stdlib/text_files) or documents (hf); ``max_bytes`` caps the raw
     text read. The cache is keyed by the source content fingerprint, tokenizer and seq_len;
     seed/val_fraction/objective are applied on load, so changing them reuses the cache.
+    ``tokenizer`` is data.tokenizer ('byte', 'bpe' or a tokenizer.json / folder path) and
+    ``vocab_size`` model.vocab_size: a 'bpe' is trained to it inside the (locked, one-process)
+    cache build, on the training split only, so its key also holds seed and val_fraction.
     """
     _validate_args(source, paths, hf_name, seq_len, val_fraction, objective, mask_prob, max_files, max_bytes)
-    tokenizer = ByteTokenizer()
+    tok, tok_key = _tokenizer_key(tokenizer, vocab_size, seq_len, val_fraction, seed)
     src = _resolve_source(source, paths, hf_name, hf_config, hf_split, text_field, max_files, max_bytes)
-    key_inputs = {**src.key_inputs, "tokenizer": tokenizer.name, "seq_len": seq_len}
+    key_inputs = {**src.key_inputs, **tok_key, "seq_len": seq_len}
     root = Path(cache_dir).expanduser() if cache_dir else cache.default_cache_dir()
     entry_name = cache.entry_name(key_inputs)
-    entry, meta, hit = cache.load_or_build(
-        root, key_inputs, lambda out, scratch: _pack_into(out, scratch, src, tokenizer, seq_len, entry_name),
-    )
+
+    def build(out: Path, scratch: Path) -> dict[str, Any]:
+        if tok is None:
+            return _pack_bpe_into(out, scratch, src, vocab_size, seq_len, val_fraction, seed, entry_name)
+        return _pack_into(out, scratch, src, tok, seq_len, entry_name)
+
+    entry, meta, hit = cache.load_or_build(root, key_inputs, build)
     log.info("packed data %s from %s", "loaded" if hit else "built", entry)
-    windows = np.load(entry / cache.WINDOWS_FILE, mmap_mode="r")  # uint16 [N, seq_len + 1]
-    train_rows, val_rows = split_windows(len(windows), val_fraction, seed)
+    if tok is None:
+        tok = load_tokenizer_json((entry / TOKENIZER_FILE).read_text(encoding="utf-8"), str(entry / TOKENIZER_FILE))
+    windows = np.load(entry / cache.WINDOWS_FILE, mmap_mode="r")  # uint16 (uint32 > 65536 ids) [N, seq_len + 1]
+    train_rows, val_rows = _split(meta, len(windows), val_fraction, seed)
 
     def split_dataset(rows: np.ndarray) -> PackedDataset:
-        return PackedDataset(windows, rows, objective=objective, mask_prob=mask_prob, seed=seed, tokenizer=tokenizer)
+        return PackedDataset(windows, rows, objective=objective, mask_prob=mask_prob, seed=seed, tokenizer=tok)
 
-    return DataBundle(split_dataset(train_rows), split_dataset(val_rows), tokenizer, hit, int(meta["n_tokens"]), entry)
+    return DataBundle(split_dataset(train_rows), split_dataset(val_rows), tok, hit, int(meta["n_tokens"]), entry)
+
+
+def _split(meta: dict[str, Any], n_windows: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, val rows): stored by a BPE build (split before training), else a seeded window split."""
+    if "n_train_windows" in meta:
+        n_train = int(meta["n_train_windows"])
+        return np.arange(n_train), np.arange(n_train, n_windows)
+    return split_windows(n_windows, val_fraction, seed)

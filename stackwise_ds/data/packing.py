@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .tokenizer import N_BYTE_IDS, ByteTokenizer
+from .tokenizer import ByteTokenizer, Tokenizer, token_dtype
 
 OBJECTIVES = ("causal_lm", "masked_lm")
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss default ignore_index
-WINDOW_DTYPE = np.uint16  # vocab_size 258 fits; half the size of int32 on disk
+WINDOW_DTYPE = np.uint16  # byte ids (258) fit; half the size of int32 on disk (uint32 above 65536 ids)
 
 # Distinct tags so the split, the masks and the batch order draw independent random streams
 # from the same user seed.
@@ -28,7 +28,7 @@ MASK_TAG = 0x3A5C
 
 
 def tokenize_documents(
-    documents: Callable[[], Iterator[str]], tokenizer: ByteTokenizer, scratch_dir: Path, fingerprint: str,
+    documents: Callable[[], Iterator[str]], tokenizer: Tokenizer, scratch_dir: Path, fingerprint: str,
 ):
     """Tokenise with ``datasets`` (Arrow on disk, so corpora larger than RAM work).
 
@@ -37,29 +37,39 @@ def tokenize_documents(
     ``fingerprint`` replaces datasets' own hashing of the generator, which cannot see file
     contents; ``scratch_dir`` is private to this build, so nothing stale can be picked up.
     """
+    texts = text_dataset(lambda: ({"text": text, "ends_doc": True} for text in documents()), scratch_dir, fingerprint)
+    return tokenize_texts(texts, tokenizer, f"{fingerprint}-tok")
+
+
+def text_dataset(rows: Callable[[], Iterator[dict]], scratch_dir: Path, fingerprint: str):
+    """An on-disk Arrow dataset of ``{"text": str, "ends_doc": bool}`` rows (a document or a piece of one)."""
     import datasets
 
-    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("uint16"))})
-    eos = np.array([tokenizer.eos_id], dtype=np.uint16)
+    features = datasets.Features({"text": datasets.Value("string"), "ends_doc": datasets.Value("bool")})
+    return datasets.Dataset.from_generator(rows, features=features, cache_dir=str(scratch_dir),
+                                           fingerprint=f"{fingerprint}-text")
 
-    def generate_texts():
-        for text in documents():
-            yield {"text": text}
 
-    def encode_batch(batch: dict[str, list[str]]) -> dict[str, list[np.ndarray]]:
+def tokenize_texts(texts, tokenizer: Tokenizer, fingerprint: str):
+    """``input_ids`` per non-empty row: its tokens, then ``eos_id`` where the row ends a document."""
+    import datasets
+
+    dtype = token_dtype(tokenizer.vocab_size)
+    features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value(np.dtype(dtype).name))})
+    eos = np.array([tokenizer.eos_id], dtype=dtype)
+    none = np.array([], dtype=dtype)
+
+    def encode_batch(batch: dict[str, list]) -> dict[str, list[np.ndarray]]:
         # Empty documents contribute nothing (not even an eos): returning fewer rows than
-        # given is allowed because the input column is removed.
+        # given is allowed because the input columns are removed.
         return {"input_ids": [
-            np.concatenate([tokenizer.encode_to_array(text), eos]) for text in batch["text"] if text
+            np.concatenate([tokenizer.encode_to_array(text).astype(dtype), eos if ends else none])
+            for text, ends in zip(batch["text"], batch["ends_doc"]) if text
         ]}
 
-    texts = datasets.Dataset.from_generator(
-        generate_texts, features=datasets.Features({"text": datasets.Value("string")}),
-        cache_dir=str(scratch_dir), fingerprint=f"{fingerprint}-text",
-    )
     return texts.map(
-        encode_batch, batched=True, num_proc=1, remove_columns=["text"], features=features,
-        new_fingerprint=f"{fingerprint}-tok", desc="tokenising",
+        encode_batch, batched=True, num_proc=1, remove_columns=texts.column_names, features=features,
+        new_fingerprint=fingerprint, desc="tokenising",
     )
 
 
@@ -69,18 +79,31 @@ def _token_chunks(tokenized) -> Iterator[np.ndarray]:
         yield chunk.flatten().to_numpy(zero_copy_only=False)
 
 
-def write_windows(tokenized, seq_len: int, out_path: Path) -> tuple[int, int]:
-    """Pack the token stream into ``out_path`` (.npy, uint16 [n_windows, seq_len + 1]).
+def write_windows(tokenized, seq_len: int, out_path: Path, dtype=WINDOW_DTYPE) -> tuple[int, int]:
+    """Pack the token stream into ``out_path`` (.npy, ``dtype`` [n_windows, seq_len + 1]).
 
     Streams chunk by chunk into a memory-mapped file, so memory stays flat.
     Returns ``(n_tokens, n_windows)``; n_tokens counts every token incl. eos, before the
-    incomplete tail window is dropped.
+    incomplete tail window is dropped. ``tokenized`` may be a list of token datasets: each is
+    packed on its own (no window mixes two), one after the other; n_windows is then a list.
     """
-    n_tokens = sum(len(chunk) for chunk in _token_chunks(tokenized))
+    parts = tokenized if isinstance(tokenized, list) else [tokenized]
     window_len = seq_len + 1
-    n_windows = n_tokens // window_len
-    windows = np.lib.format.open_memmap(out_path, mode="w+", dtype=WINDOW_DTYPE, shape=(n_windows, window_len))
-    flat = windows.reshape(-1)  # view: writes land in the file
+    part_tokens = [sum(len(chunk) for chunk in _token_chunks(part)) for part in parts]
+    part_windows = [n // window_len for n in part_tokens]
+    windows = np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype, shape=(sum(part_windows), window_len))
+    start = 0
+    for part, n_windows in zip(parts, part_windows):
+        _fill(windows[start:start + n_windows].reshape(-1), part)  # a view: writes land in the file
+        start += n_windows
+    windows.flush()
+    del windows
+    n_windows_out = part_windows if isinstance(tokenized, list) else part_windows[0]
+    return sum(part_tokens), n_windows_out
+
+
+def _fill(flat: np.ndarray, tokenized) -> None:
+    """Copy the head of ``tokenized``'s token stream into ``flat`` until it is full."""
     filled = 0
     for chunk in _token_chunks(tokenized):
         take = min(len(chunk), flat.size - filled)
@@ -88,9 +111,6 @@ def write_windows(tokenized, seq_len: int, out_path: Path) -> tuple[int, int]:
         filled += take
         if filled == flat.size:
             break
-    windows.flush()
-    del flat, windows
-    return n_tokens, n_windows
 
 
 def count_val_windows(n_windows: int, val_fraction: float) -> int:
@@ -130,7 +150,7 @@ class PackedDataset(Dataset):
 
     def __init__(
         self, windows: np.ndarray, rows: np.ndarray, *, objective: str = "causal_lm",
-        mask_prob: float = 0.15, seed: int = 0, tokenizer: ByteTokenizer | None = None,
+        mask_prob: float = 0.15, seed: int = 0, tokenizer: Tokenizer | None = None,
     ) -> None:
         if objective not in OBJECTIVES:
             raise ValueError(f"unknown objective {objective!r}: set data.objective to one of {OBJECTIVES}")
@@ -142,6 +162,9 @@ class PackedDataset(Dataset):
         self.mask_prob = mask_prob
         self.seed = seed
         self.tokenizer = tokenizer or ByteTokenizer()
+        if objective == "masked_lm" and self.tokenizer.mask_id is None:
+            raise ValueError(f"{self.tokenizer!r} has no mask token, which training.objective 'masked_lm' needs: "
+                             "use data.tokenizer 'byte' or 'bpe', or a tokenizer with a mask special token")
 
     @property
     def seq_len(self) -> int:
@@ -164,13 +187,13 @@ class PackedDataset(Dataset):
         return self._mask(window[:-1], row=int(self.rows[index]))
 
     def _mask(self, tokens: torch.Tensor, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """BERT-style corruption: of the chosen positions 80% -> mask_id, 10% random byte, 10% kept."""
+        """BERT-style corruption: of the chosen positions 80% -> mask_id, 10% random token, 10% kept."""
         gen = torch.Generator().manual_seed(mask_seed(self.seed, row))
         chosen = torch.rand(tokens.shape, generator=gen) < self.mask_prob
         if not chosen.any():  # every sample must contribute to the loss
             chosen[torch.randint(len(tokens), (1,), generator=gen)] = True
         action = torch.rand(tokens.shape, generator=gen)
-        random_bytes = torch.randint(N_BYTE_IDS, tokens.shape, generator=gen)
+        random_bytes = torch.randint(*self.tokenizer.text_id_range, tokens.shape, generator=gen)
         inputs = tokens.clone()
         inputs[chosen & (action < 0.8)] = self.tokenizer.mask_id
         swap = chosen & (action >= 0.8) & (action < 0.9)

@@ -119,7 +119,7 @@ def check_same_architecture(saved_model: dict[str, Any], current_model: dict[str
 RESUMABLE_CHANGES = frozenset({
     "training.output_dir", "training.max_steps", "training.steps_per_phase", "training.joint_steps",
     "training.log_interval", "training.eval_interval", "training.eval_batches", "training.save_interval",
-    "training.resume", "training.progress_bar", "data.cache_dir", "parallel.peer_timeout_s",
+    "training.resume", "training.progress_bar", "training.init_from", "training.init_growth", "data.cache_dir", "parallel.peer_timeout_s",
     "parallel.collective_timeout_s", "parallel.pipeline_stages", "parallel.phase_layout",
     "parallel.max_rank_memory_mb", "parallel.ds_config", "parallel.activation_checkpoint_interval",
 })

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import ConfigError, StackWiseConfig
-from ..data import TrainBatchStream, build_datasets, check_enough_data, val_batches
+from ..data import (TOKENIZER_FILE, Tokenizer, TrainBatchStream, build_datasets, check_enough_data, make_tokenizer,
+                    val_batches)
 
 
 class RunData:
@@ -22,11 +24,35 @@ class RunData:
 
 
 def load_bundle(config: StackWiseConfig):
+    """The run's datasets (with their tokenizer)."""
     d, t = config.data, config.training
-    return build_datasets(source=d.source, paths=d.paths, hf_name=d.hf_name, hf_config=d.hf_config,
-                          hf_split=d.hf_split, text_field=d.text_field, seq_len=d.seq_len,
-                          val_fraction=d.val_fraction, seed=t.seed, objective=t.objective, mask_prob=d.mask_prob,
-                          max_files=d.max_files, max_bytes=d.max_bytes, cache_dir=d.cache_dir)
+    bundle = build_datasets(source=d.source, paths=d.paths, hf_name=d.hf_name, hf_config=d.hf_config,
+                            hf_split=d.hf_split, text_field=d.text_field, seq_len=d.seq_len,
+                            val_fraction=d.val_fraction, seed=t.seed, objective=t.objective, mask_prob=d.mask_prob,
+                            max_files=d.max_files, max_bytes=d.max_bytes, cache_dir=d.cache_dir,
+                            tokenizer=d.tokenizer, vocab_size=config.model.vocab_size)
+    return bundle
+
+
+def run_tokenizer(config: StackWiseConfig, bundle) -> Tokenizer | None:
+    """The tokenizer of the run's data; None when unknown (a user's dataloader with a 'bpe' config,
+    or a vocabulary too small for the configured tokenizer)."""
+    if bundle is not None:
+        return bundle.tokenizer
+    if config.data.tokenizer == "bpe":
+        return None
+    try:
+        tokenizer = make_tokenizer(config.data.tokenizer)
+    except ValueError:
+        return None
+    return tokenizer if tokenizer.vocab_size <= config.model.vocab_size else None
+
+
+def save_tokenizer(config: StackWiseConfig, bundle, directory: Path) -> None:
+    """Put the run's tokenizer.json into ``directory`` (a checkpoint tag), so tools need nothing else."""
+    tokenizer = run_tokenizer(config, bundle)
+    if tokenizer is not None:
+        tokenizer.save(Path(directory) / TOKENIZER_FILE)
 
 
 def check_run_data(config: StackWiseConfig, bundle, global_batch: int) -> None:

@@ -10,6 +10,8 @@ written from their initial weights, so every tag holds the whole Rack for the ch
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -60,15 +62,31 @@ def verify_on_every_rank(files: list[Path], tag_dir: Path) -> None:
 
 
 def save_unplaced_layers(tag_dir: Path, unplaced: list[int], units, rack: Rack | None, model, seed: int,
-                         rank: int, world_size: int) -> None:
+                         rank: int, world_size: int, source_dir: Path | None = None) -> None:
     """Write the files of the blocks a phase does not place, spread over the ranks.
 
-    They hold the weights the unit starts its own phase from: the given Rack's when this rank has
-    them materialized, else the seeded initialisation (bit-identical to a full build)."""
+    They hold the weights the unit starts its own phase from: the file of ``source_dir`` (the newest
+    checkpoint, or the initial weights of ``training.init_from``: a layer not placed yet has never
+    changed), else the given Rack's when this rank has them materialized, else the seeded
+    initialisation (bit-identical to a full build)."""
     for layer in unplaced[rank::world_size]:
+        if source_dir is not None:
+            copy_layer_file(source_dir, tag_dir, layer)
+            continue
         unit = units[layer]
         block = rack.stacks[unit.stack_id].blocks[unit.block_id] if rack is not None else None
         if block is None or any(p.is_meta for p in block.parameters()):
             block = build_block(model, unit.stack_id, unit.block_id, seed)
         tag_dir.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.detach().clone().cpu() for k, v in block.state_dict().items()}, layer_path(tag_dir, layer))
+
+
+def copy_layer_file(source_dir: Path, tag_dir: Path, layer: int) -> None:
+    """Copy one layer file (a no-op when a tag is re-saved over itself)."""
+    src, dst = layer_path(source_dir, layer), layer_path(tag_dir, layer)
+    if src.resolve() == dst.resolve():
+        return
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)

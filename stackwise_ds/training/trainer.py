@@ -149,6 +149,7 @@ class ArchitectureTrainer:
         self.units = layer_units(cfg.model.architecture.n_stacks, cfg.model.architecture.blocks_per_stack)
         self.pipe = self.engine = self.layout = None
         self.weights_tag: str | None = None  # the newest checkpoint: where a new placement reads its layers
+        self.init_dir: Path | None = None  # training.init_from's layer files, the weights before any checkpoint
         self.results: dict[str, Any] = {"phases": [], "losses": [], "val_history": [],
                                         "output_dir": str(self.output_dir)}
 
@@ -171,7 +172,12 @@ class ArchitectureTrainer:
                                    config=self.config.to_dict())
         self.resume_tag = ckpt.find_resume_tag(self.checkpoint_dir)
         if self.resume_tag is None:
+            self._prepare_initial_weights()
             return None, fresh
+        if self.config.training.init_from is not None and self.rank == 0:
+            print(f"[stackwise] {self.checkpoint_dir} holds checkpoint {self.resume_tag}: resume wins, "
+                  f"training.init_from ({self.config.training.init_from}) is ignored (it only starts a fresh run)",
+                  flush=True)
         if not self.config.training.resume:
             raise ckpt.CheckpointError(
                 f"{self.checkpoint_dir} already holds checkpoints and training.resume is false: starting over "
@@ -188,6 +194,18 @@ class ArchitectureTrainer:
                 f"{self.config.training.training_architecture}: use a new training.output_dir")
         saved_config, state.config = state.config, self.config.to_dict()
         return saved_config, state
+
+    def _prepare_initial_weights(self) -> None:
+        """A fresh run with training.init_from: the source as layer files of output_dir/initial_weights
+        (each rank converts a share), read by the first placement like a checkpoint tag."""
+        if self.config.training.init_from is not None:
+            from .init_weights import prepare_initial_weights
+
+            self.init_dir = prepare_initial_weights(self.config, self.output_dir, self.rank, self.world_size)
+
+    def _weights_dir(self) -> Path | None:
+        """Where a placement reads its layers: the newest checkpoint, else init_from's initial weights."""
+        return self.checkpoint_dir / self.weights_tag if self.weights_tag is not None else self.init_dir
 
     def _prepare_output_dir(self, write_config: bool) -> None:
         if self.rank == 0:
@@ -217,10 +235,13 @@ class ArchitectureTrainer:
 
     def _load_data(self):
         """The run's datasets (every rank loads them; the cache lets one tokenise while others wait)."""
+        from ..data import TOKENIZER_FILE
         from .data_setup import check_run_data, load_bundle
 
         bundle = load_bundle(self.config)
         check_run_data(self.config, bundle, self.global_batch)
+        if self.rank == 0:  # <output_dir>/tokenizer.json: the run's tokens, for tools and users
+            bundle.tokenizer.save(self.output_dir / TOKENIZER_FILE)
         return bundle
 
     def _replica_data(self, layout: PhaseLayout):
@@ -257,9 +278,9 @@ class ArchitectureTrainer:
         self.layout = layout
         self.ds_config = build_ds_config(cfg, layout.data_parallel, layout.gradient_accumulation_steps)
         self.train_source, self.val_source = self._replica_data(layout)
-        if self.weights_tag is not None:
+        if self._weights_dir() is not None:
             copies = unit_layer_pairs(self.units, phase) if self._starts_with_copy(phase, state) else []
-            load_layers(self.pipe, self.checkpoint_dir / self.weights_tag, {dst: src for src, dst in copies})
+            load_layers(self.pipe, self._weights_dir(), {dst: src for src, dst in copies})
 
     def _starts_with_copy(self, phase: Phase, state: ckpt.TrainingState) -> bool:
         return state.phase_step == 0 and self.config.training.new_unit_init == "copy_previous"
@@ -457,6 +478,9 @@ class ArchitectureTrainer:
         distributed.barrier()  # every rank's files are on disk before the tag is published
         if self.rank == 0:  # history first: a published tag never has an older results.json beside it
             self._write_results(state, complete=False)
+            from .data_setup import save_tokenizer  # tools find the tokenizer in the tag folder
+
+            save_tokenizer(self.config, self.bundle, self.checkpoint_dir / tag)
             ckpt.mark_complete(self.checkpoint_dir, tag, state)
         distributed.barrier()
         self.weights_tag = tag
@@ -467,7 +491,7 @@ class ArchitectureTrainer:
         unplaced = [i for i, unit in enumerate(self.units)
                     if i not in self.layout.live and not (tied and unit.kind == "head")]
         save_unplaced_layers(tag_dir, unplaced, self.units, self.user_rack, self.config.model,
-                             self.config.training.seed, self.rank, self.world_size)
+                             self.config.training.seed, self.rank, self.world_size, self._weights_dir())
 
 
 def _as_validation_set(batches):

@@ -1,0 +1,273 @@
+"""``training.init_from``: start a fresh run from existing weights, growing the rack in depth if asked.
+
+The source (a run, checkpoint folder or tag; a consolidated ``.safetensors``; a local Hugging Face
+Llama folder) is turned into per-layer files of ``<output_dir>/initial_weights`` in the checkpoint
+layer format, each rank converting a share of the layers and reading only their tensors. The
+trainer's first placement then loads its layers from there exactly as from a checkpoint tag, and
+layers a stage-wise phase does not place are copied from there at every save, so a stackwise run
+keeps the source's later stacks. The folder is never taken for a checkpoint (``locate.is_tag_dir``).
+
+Growth (target stacks T > source stacks n, same blocks per stack): ``init_growth: stack`` fills
+target stack i from source stack i mod n (G_stack); ``fresh`` gives stacks n..T-1 their seeded
+init. Embedding, final norm and LM head always come from the source.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..checkpoint.layers import file_layers, layer_key, rack_name, rack_shapes, read_layer_file, unit_keys, units_of
+from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, is_tag_dir, resolve_checkpoint
+from ..config import INIT_GROWTH_STACK, ConfigError, ModelConfig, StackWiseConfig
+from ..model import build_block
+from .checkpointing import CheckpointError
+from .layer_files import layer_path
+
+RESTACK_HINT = "regroup the source's blocks with python tools/restack.py SOURCE OUT.safetensors --n-stacks N"
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class CheckpointSource:
+    """A run, its checkpoints/ folder or one tag: one file per pipeline layer."""
+
+    def __init__(self, path: str):
+        self.ref = resolve_checkpoint(path)
+        self.config, self.where = self.ref.config, str(self.ref.path)
+        self._cached: tuple[int, dict] | None = None  # (layer, its file): a layer's tensors come in a row
+
+    def tensor(self, name: str) -> torch.Tensor:
+        units = units_of(self.config)
+        layer = next(i for i, unit in enumerate(units) if name.startswith(unit.rack_prefix))
+        if self._cached is None or self._cached[0] != layer:
+            self._cached = (layer, read_layer_file(self.ref, layer))
+        return _present(self._cached[1].get(layer_key(units[layer], name)), name, self.ref.layer_file(layer))
+
+
+class ConsolidatedSource:
+    """A .safetensors file of tools/consolidate.py, import_hf.py or restack.py (config in its metadata)."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+
+        from ..checkpoint.consolidation import CONFIG_KEY
+
+        self.path, self.where = path, path
+        with safe_open(path, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        if CONFIG_KEY not in metadata:
+            raise CheckpointError(f"training.init_from {path} has no '{CONFIG_KEY}' metadata, so its rack is unknown: "
+                                  "write it with tools/consolidate.py, import_hf.py or restack.py")
+        self.config = StackWiseConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+
+    def tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.path, framework="pt") as handle:  # reads this one tensor only
+            return _present(handle.get_tensor(name) if name in handle.keys() else None, name, self.path)
+
+
+class HFSource:
+    """A local save_pretrained folder of a LlamaForCausalLM, its layers cut into stacks of ``blocks_per_stack``."""
+
+    def __init__(self, path: str, blocks_per_stack: int):
+        from ..checkpoint.hf import config_from_llama, rack_to_llama_names, read_hf_config
+
+        self.dir, self.where = Path(path), path
+        raw = read_hf_config(self.dir)
+        n_layers = raw.get("num_hidden_layers", 0)
+        if n_layers % blocks_per_stack:
+            raise ConfigError(f"training.init_from {path}: its {n_layers} layers do not split into stacks of "
+                              f"model.architecture.blocks_per_stack ({blocks_per_stack}) blocks: use a "
+                              f"blocks_per_stack that divides {n_layers}")
+        self.config = config_from_llama(raw, n_layers // blocks_per_stack)
+        self.names = rack_to_llama_names(self.config)
+        self.files = _hf_weight_files(self.dir)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        theirs = self.names[name]
+        file = self.files.get(theirs, self.files.get(None))
+        if file is None:
+            return _present(None, theirs, self.dir)
+        if file.suffix == ".bin":
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            return _present(state.get(theirs), theirs, file)
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt") as handle:
+            return _present(handle.get_tensor(theirs) if theirs in handle.keys() else None, theirs, file)
+
+
+def _hf_weight_files(hf_dir: Path) -> dict[str | None, Path]:
+    """HF tensor name -> the file holding it (key None: one file holds them all)."""
+    single, index = hf_dir / "model.safetensors", hf_dir / "model.safetensors.index.json"
+    if single.is_file():
+        return {None: single}
+    if index.is_file():
+        return {name: hf_dir / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+    if (hf_dir / "pytorch_model.bin").is_file():
+        return {None: hf_dir / "pytorch_model.bin"}
+    raise CheckpointError(f"training.init_from {hf_dir} holds no weights (model.safetensors, its index, or "
+                          "pytorch_model.bin): save the model with save_pretrained() first")
+
+
+def _present(tensor: torch.Tensor | None, name: str, where) -> torch.Tensor:
+    if tensor is None:
+        raise CheckpointError(f"training.init_from: tensor '{name}' is missing from {where}: the file is "
+                              "incomplete or was written for another architecture")
+    return tensor
+
+
+def open_source(path: str, target: StackWiseConfig):
+    """The weights at ``path``, whichever of the accepted forms it is."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"training.init_from {path} does not exist: give a run dir, its checkpoints/ folder "
+                              "or a tag, a consolidated .safetensors file, or a local Hugging Face Llama folder")
+    if p.suffix == ".safetensors":
+        return ConsolidatedSource(path)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "checkpoints").is_dir() and not is_tag_dir(p):
+        return HFSource(path, target.model.architecture.blocks_per_stack)
+    return CheckpointSource(path)
+
+
+# ----------------------------------------------------------------------------- what goes where
+
+
+def source_stack(stack: int, n_source: int, growth: str) -> int | None:
+    """The source stack target ``stack`` starts from; None: its own seeded init (growth 'fresh')."""
+    if stack < n_source:
+        return stack
+    return stack % n_source if growth == INIT_GROWTH_STACK else None
+
+
+def source_name(target_name: str, n_source: int, growth: str) -> str | None:
+    """Rack name of the source tensor for a target tensor (None for a fresh block)."""
+    if not target_name.startswith("stacks."):
+        return target_name
+    _, stack, rest = target_name.split(".", 2)
+    src = source_stack(int(stack), n_source, growth)
+    return None if src is None else f"stacks.{src}.{rest}"
+
+
+def _architecture(model: ModelConfig) -> dict:
+    """What fixes the rack's function apart from depth (gqa with n_kv_heads = n_heads is mha)."""
+    n_kv = model.n_kv_heads or model.n_heads
+    kind = "mha" if model.attention_type == "gqa" and n_kv == model.n_heads else model.attention_type
+    arch = dict(vocab_size=model.vocab_size, d_model=model.d_model, n_heads=model.n_heads, n_kv_heads=n_kv,
+                d_ff=model.resolved_d_ff, attention_type=kind, attention_mode=model.attention_mode,
+                rope_theta=model.rope_theta, norm_eps=model.norm_eps, tie_embeddings=model.tie_embeddings)
+    if kind in ("mla", "kernel"):
+        arch[kind] = dataclasses.asdict(getattr(model, kind))
+    return arch
+
+
+def check_compatible(source: StackWiseConfig, target: StackWiseConfig, where: str, growth: str) -> None:
+    """Refuse a source whose blocks cannot fill the target rack, before anything is read."""
+    check_depth(source, target, where)
+    theirs, ours = _architecture(source.model), _architecture(target.model)
+    keys = [f"model.{k}: source {theirs.get(k)!r} vs config {ours.get(k)!r}"
+            for k in ours if theirs.get(k) != ours.get(k)]
+    src_shapes, n_src = rack_shapes(source), source.model.architecture.n_stacks
+    tensors = []
+    for name, shape in rack_shapes(target).items():
+        src = source_name(name, n_src, growth)
+        if src is not None and tuple(src_shapes.get(src, ())) != tuple(shape):
+            got = tuple(src_shapes[src]) if src in src_shapes else "absent"
+            tensors.append(f"{name}: source {got} vs target {tuple(shape)}")
+    if keys or tensors:
+        raise ConfigError(f"training.init_from {where} does not fit this rack ({'; '.join(keys[:6])}"
+                          f"{'; tensors ' + '; '.join(tensors[:3]) if tensors else ''}): set these model.* keys "
+                          "to the source's values")
+
+
+def check_depth(source: StackWiseConfig, target: StackWiseConfig, where: str) -> None:
+    """Same blocks per stack, and at least as many stacks as the source."""
+    s, t = source.model.architecture, target.model.architecture
+    shapes = f"the source has {s.n_stacks} stacks x {s.blocks_per_stack} blocks, the config {t.n_stacks} x " \
+             f"{t.blocks_per_stack}"
+    if s.blocks_per_stack != t.blocks_per_stack:
+        raise ConfigError(f"training.init_from {where}: {shapes}; growth keeps the blocks per stack: set "
+                          f"model.architecture.blocks_per_stack={s.blocks_per_stack}, or {RESTACK_HINT}")
+    if t.n_stacks < s.n_stacks:
+        raise ConfigError(f"training.init_from {where}: {shapes}; a rack can only grow from its source: set "
+                          f"model.architecture.n_stacks >= {s.n_stacks}, or {RESTACK_HINT}")
+
+
+# ----------------------------------------------------------------------------- conversion
+
+
+def layer_state(source, target: StackWiseConfig, layer: int, growth: str) -> dict[str, torch.Tensor]:
+    """The layer file of target pipeline layer ``layer`` (module keys -> fp32 tensors)."""
+    unit = units_of(target)[layer]
+    n_src = source.config.model.architecture.n_stacks
+    if unit.kind == "block" and source_stack(unit.stack_id, n_src, growth) is None:
+        block = build_block(target.model, unit.stack_id, unit.block_id, target.training.seed)
+        return {k: v.detach().clone() for k, v in block.state_dict().items()}
+    shapes, state = rack_shapes(target), {}
+    for key in unit_keys(target, unit):
+        name = rack_name(unit, key)
+        tensor = source.tensor(source_name(name, n_src, growth))
+        if tuple(tensor.shape) != tuple(shapes[name]):
+            raise ConfigError(f"training.init_from {source.where}: tensor {source_name(name, n_src, growth)} has "
+                              f"shape {tuple(tensor.shape)} but {name} of this rack needs {tuple(shapes[name])}")
+        state[key] = tensor.detach().to(torch.float32).clone()
+    return state
+
+
+def write_initial_weights(source, target: StackWiseConfig, out_dir: Path, rank: int = 0,
+                          world_size: int = 1) -> list[int]:
+    """This rank's share of the layer files of ``out_dir``; returns the layers written."""
+    growth = target.training.init_growth
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mine = file_layers(target)[rank::world_size]
+    for layer in mine:
+        final = layer_path(out_dir, layer)
+        tmp = final.with_name(final.name + f".tmp{rank}")
+        torch.save(layer_state(source, target, layer, growth), tmp)
+        os.replace(tmp, final)  # a kill mid-write never leaves a half file under the final name
+    return mine
+
+
+def describe_growth(source: StackWiseConfig, target: StackWiseConfig) -> str:
+    n_src, n_tgt = source.model.architecture.n_stacks, target.model.architecture.n_stacks
+    growth = target.training.init_growth
+    plan = ", ".join(f"{i}<-{'init' if source_stack(i, n_src, growth) is None else source_stack(i, n_src, growth)}"
+                     for i in range(n_tgt))
+    return f"{n_src} -> {n_tgt} stacks (target<-source: {plan})"
+
+
+def initial_weights(target: StackWiseConfig, out_dir: Path, rank: int = 0, world_size: int = 1) -> str:
+    """Check the source of ``training.init_from`` and write this rank's share of ``out_dir``; returns a summary."""
+    source = open_source(target.training.init_from, target)
+    check_compatible(source.config, target, source.where, target.training.init_growth)
+    write_initial_weights(source, target, out_dir, rank, world_size)
+    return f"initial weights from {source.where}: {describe_growth(source.config, target)}"
+
+
+def prepare_initial_weights(config: StackWiseConfig, output_dir: Path, rank: int, world_size: int) -> Path:
+    """Collective: every rank writes its share of ``output_dir/initial_weights``; a failure on any rank is
+    raised on every rank (no rank left waiting), naming each rank's problem."""
+    from ..parallel import distributed
+
+    out_dir = output_dir / INITIAL_WEIGHTS_DIR
+    try:
+        summary, problem = initial_weights(config, out_dir, rank, world_size), None
+    except (ConfigError, CheckpointError, OSError, ValueError) as exc:
+        summary, problem = None, f"{type(exc).__name__}: {exc}"
+    problems = distributed.all_gather_objects(problem) if world_size > 1 else [problem]
+    failed = [(r, text) for r, text in enumerate(problems) if text]
+    if failed:
+        text = failed[0][1].split(": ", 1)[1]
+        others = "" if len(failed) == 1 else f" (and on ranks {[r for r, _ in failed[1:]]})"
+        raise ConfigError(f"{text}{others}")
+    distributed.barrier()
+    if rank == 0:
+        print(f"[stackwise] training.init_from: {summary}, in {out_dir}", flush=True)
+    return out_dir
