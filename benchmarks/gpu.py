@@ -4,7 +4,7 @@
     python benchmarks/gpu.py                   # -> benchmarks/results/gpu.json
     python benchmarks/gpu.py --steps 60 --micro-batch-size 16 --grad-accum 4
 
-Trains the ~127M rack of ``launch/rackwise_125m_gpu.yaml`` end to end with the real trainer
+Trains the ~124M rack (32k BPE vocabulary) of ``launch/rackwise_125m_gpu.yaml`` end to end with the real trainer
 (``launch/train.py``, one process, ``parallel.pipeline_stages=1``, bf16 with fp32 master
 weights), drops the warm-up steps, and turns the median ``train/step_time_s`` into tokens/s
 and MFU = (6·N + 12·L·T·d) · tokens/s / peak, the peak being dense bf16 without sparsity
