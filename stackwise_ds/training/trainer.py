@@ -19,6 +19,7 @@ import json
 import math
 import os
 import resource
+import socket
 import time
 import uuid
 from functools import partial
@@ -64,6 +65,33 @@ def check_writable(directory: Path) -> None:
                                   "make it writable (chmod u+w) or choose a training.output_dir you can write to") from exc
 
 
+def check_shared_output_dir(directory: Path, rank: int) -> None:
+    """Collective: every rank must see the files rank 0 writes in ``directory``.
+
+    Checkpoints are written by every rank into one folder and resumed from it, so on several
+    nodes the output dir must be on a filesystem they all mount; otherwise each node would keep
+    a part of every checkpoint. Fails on every rank, naming the ranks and hosts that miss it."""
+    token = distributed.broadcast_object(uuid.uuid4().hex if rank == 0 else None)
+    probe = directory / f".shared_probe_{token}"
+    if rank == 0:
+        probe.write_text(token)
+    distributed.barrier()
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(distributed.all_gather_objects(
+        (seen, socket.gethostname()))) if not ok]
+    distributed.barrier()  # everyone has looked before the probe goes
+    if rank == 0:
+        probe.unlink(missing_ok=True)
+    if blind:
+        raise PermissionError(
+            f"training.output_dir {directory} is not shared between the nodes: {', '.join(blind)} cannot see "
+            "the files rank 0 writes there, so no checkpoint would be whole; put training.output_dir on a "
+            "filesystem every node mounts (NFS, Lustre, ...) at the same path")
+
+
 class ArchitectureTrainer:
     def __init__(self, config: StackWiseConfig | dict[str, Any]):
         self.config = config if isinstance(config, StackWiseConfig) else StackWiseConfig.from_dict(config)
@@ -85,6 +113,8 @@ class ArchitectureTrainer:
         """
         self.rank, self.world_size = distributed.init_distributed(int(self.config.parallel.collective_timeout_s))
         check_writable(self.output_dir)  # on every rank, before anything waits for anyone
+        if self.world_size > 1:
+            check_shared_output_dir(self.output_dir, self.rank)
         lock = self._lock_output_dir()
         try:
             return self._train_locked(rack, dataloader, val_data)
