@@ -82,6 +82,10 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Callable
 
+from .compat import check_deepspeed
+
+check_deepspeed()  # before the imports below: a DeepSpeed lacking the internals used here fails now, saying so
+
 import torch
 import torch.distributed as torch_dist
 from deepspeed import comm as dist
