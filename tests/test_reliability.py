@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import shutil
 import subprocess
 import time
 
@@ -170,16 +171,23 @@ def test_checkpoint_of_another_architecture_is_refused(finished_run, tmp_path):
     expect_error_on_every_rank(proc, 2, r"another architecture \(model.d_model: checkpoint 64 vs config 32")
 
 
-def test_corrupt_checkpoint_is_reported_on_every_rank_and_kept(finished_run, tmp_path):
+@pytest.mark.parametrize("damage, fragment", [
+    ("truncated", "layer_01-model_states.pt is (corrupt|unreadable)"),
+    ("other_layer", "layer_01-model_states.pt holds the weights of pipeline layer 2 .* copied over another"),
+])
+def test_corrupt_checkpoint_is_reported_on_every_rank_and_kept(damage, fragment, finished_run, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
     (out / "checkpoints" / "latest").write_text("step00000001")
     (out / "checkpoints" / "step00000002" / "stackwise_state.json").unlink()  # step 2 never completed
     layer = out / "checkpoints" / "step00000001" / "layer_01-model_states.pt"
-    layer.write_bytes(layer.read_bytes()[:100])  # truncated on disk
+    if damage == "truncated":
+        layer.write_bytes(layer.read_bytes()[:100])  # cut short on disk
+    else:  # a block file of the same shapes copied over it: loads fine, trains the wrong weights
+        shutil.copyfile(layer.with_name("layer_02-model_states.pt"), layer)
     proc = run_training(2, out, "training.max_steps=4", "training.save_interval=1", "training.eval_interval=0",
                         expect_ok=False)
-    expect_error_on_every_rank(proc, 2, "step00000001 cannot be loaded .* delete that folder")
+    expect_error_on_every_rank(proc, 2, f"step00000001 cannot be loaded .*{fragment}.* delete that folder")
     assert layer.exists() and (out / "checkpoints" / "step00000001" / "stackwise_state.json").exists()
 
 

@@ -327,6 +327,18 @@ def test_missing_layer_file_is_a_partial_checkpoint(pp2_run, tmp_path):
         consolidate(checkpoints, tmp_path / "m.safetensors")
 
 
+def test_truncated_layer_file_is_reported_by_inspect_consolidate_and_generate(pp2_run, tmp_path):
+    checkpoints = copy_tag(pp2_run, tmp_path)
+    layer_file = checkpoints / TAG / "layer_02-model_states.pt"
+    layer_file.write_bytes(layer_file.read_bytes()[:-200])  # a copy cut short
+    rows = run_tool("inspect_checkpoint", checkpoints).stdout.splitlines()
+    assert any(row.startswith("2 ") and "CORRUPT" in row for row in rows), rows
+    for tool, extra in (("consolidate", [tmp_path / "m.safetensors"]), ("generate", ["--prompt", "x"])):
+        result = run_tool(tool, checkpoints, *extra, expect_ok=False)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert re.search(r"is corrupt: layer_02-model_states.pt is (corrupt|unreadable)", result.stderr), result.stderr
+
+
 def test_checkpoint_of_another_architecture_is_refused(pp2_run, tmp_path):
     other = StackWiseConfig.from_dict({**TIED_GQA, "model": {**TIED_GQA["model"], "d_model": 64}})
     with pytest.raises(CheckpointError, match="another architecture.*model.d_model: checkpoint 32 vs config 64"):

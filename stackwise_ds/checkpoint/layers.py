@@ -20,7 +20,7 @@ import torch
 
 from ..config import StackWiseConfig
 from ..layout import TIED_KEY, LayerUnit, layer_units, stage_boundaries
-from ..training.checkpointing import CheckpointError
+from ..training.checkpointing import CheckpointError, unreadable_files
 from .locate import CheckpointRef
 
 TIED_PREFIX = f"tied_modules.{TIED_KEY}."
@@ -101,6 +101,10 @@ def read_layer_file(ref: CheckpointRef, layer: int) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"checkpoint {ref.path} is partial: {path.name} (pipeline layer {layer}) is missing although "
             f"{ref.path.name} is marked complete; the files were moved or deleted: use another tag")
+    problems = unreadable_files([path])  # a truncated or bit-flipped file: say so, not a zip traceback
+    if problems:
+        raise CheckpointError(f"checkpoint {ref.path} is corrupt: {problems[0]} (pipeline layer {layer}); "
+                              "use another tag (tools/inspect_checkpoint.py lists them)")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..config import StackWiseConfig
 from ..layout import LayerUnit
 from ..placement import PhaseLayout
-from ..training.checkpointing import STATE_FILE
+from ..training.checkpointing import STATE_FILE, unreadable_files
 from ..training.phases import TRAIN, Phase, plan_phases
 from .layers import file_layers, rack_shapes, stage_layers, units_of
 from .locate import CheckpointRef, list_tags, read_latest, resolve_checkpoint, split_path
@@ -78,7 +78,7 @@ def units_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
     if ref.state.layout:  # the placement of the phase that saved this tag ('-': not placed, dormant)
         saved = PhaseLayout.from_dict(ref.state.layout)
         stage_of = {layer: str(saved.stage_of(layer)) if layer in saved.live else "-" for layer in stage_of}
-    present = {layer for layer in file_layers(config) if ref.layer_file(layer).is_file()}
+    status = {layer: _file_status(ref.layer_file(layer)) for layer in file_layers(config)}
     done = {r.get("index") for r in ref.state.finished_phases}
     current = ref.state.phase_index if ref.state.phase_step > 0 else None
     rows = [("layer", "unit", "params", "stage", "file", "trained in phases (* = in progress)")]
@@ -88,13 +88,20 @@ def units_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
         trained = [f"{p.index}" + ("*" if p.index == current else "") for p in phases
                    if unit_trains(unit, p) and (p.index in done or p.index == current)]
         rows.append((str(layer), unit_label(unit), "(tied)" if tied_head else f"{count:,}",
-                     stage_of[layer], "-" if tied_head else ("ok" if layer in present else "MISSING"),
+                     stage_of[layer], "-" if tied_head else status.get(layer, "MISSING"),
                      ", ".join(trained) or "none yet"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     if config.model.tie_embeddings:
         lines.append("(a tied embedding also learns through the LM head in every phase)")
     return "\n".join(lines)
+
+
+def _file_status(path: Path) -> str:
+    """'ok', 'MISSING' or 'CORRUPT' (every zip CRC checked: a truncated file is not 'ok')."""
+    if not path.is_file():
+        return "MISSING"
+    return "CORRUPT" if unreadable_files([path]) else "ok"
 
 
 def unit_trains(unit: LayerUnit, phase: Phase) -> bool:

@@ -164,9 +164,27 @@ def unreadable_files(paths: list[Path]) -> list[str]:
             continue
         try:
             with zipfile.ZipFile(path) as archive:
-                bad = archive.testzip()
+                bad, names = archive.testzip(), archive.namelist()
             if bad is not None:
                 problems.append(f"{path.name} is corrupt (bad CRC in {bad})")
+            elif (other := saved_as_other_layer(path.name, names)) is not None:
+                problems.append(f"{path.name} holds the weights of pipeline layer {other} (torch.save recorded "
+                                "that file name in it): a file was copied over another; put the right file back")
         except (zipfile.BadZipFile, OSError) as exc:
             problems.append(f"{path.name} is unreadable ({exc})")
     return problems
+
+
+_LAYER_NAME = re.compile(r"^layer_(\d+)-model_states")
+
+
+def saved_as_other_layer(file_name: str, archive_names: list[str]) -> int | None:
+    """The layer index a layer file was saved for, when it is not the one its name says.
+
+    ``torch.save`` roots its archive at the name of the file it wrote (``layer_03-model_states/``),
+    so a copy of layer 3's file renamed to ``layer_04-...`` still says 3 inside."""
+    wanted, root = _LAYER_NAME.match(file_name), archive_names[0].split("/", 1)[0] if archive_names else ""
+    saved = _LAYER_NAME.match(root)
+    if wanted is None or saved is None or int(saved.group(1)) == int(wanted.group(1)):
+        return None
+    return int(saved.group(1))
