@@ -79,7 +79,7 @@ class QualityPlan:
     seeds: tuple[int, ...]
 
 
-PLANS = {"full": QualityPlan(rack_steps=480, seeds=(0, 1, 2)), "quick": QualityPlan(rack_steps=24, seeds=(0,))}
+PLANS = {"full": QualityPlan(rack_steps=280, seeds=(0, 1, 2)), "quick": QualityPlan(rack_steps=24, seeds=(0,))}
 
 
 # ----------------------------------------------------------------------------- step budgets
