@@ -2,7 +2,7 @@
 """StackWise-DS CPU benchmarks: every figure of DESIGN.md's "Figures to reach" that a CPU can measure.
 
     python benchmarks/run.py            # full run (~60-65 min on 2 idle cores) -> benchmarks/results/latest.json
-    python benchmarks/run.py --quick    # smoke run (< 5 min)               -> benchmarks/results/quick.json
+    python benchmarks/run.py --quick    # smoke run (~10 min)               -> benchmarks/results/quick.json
 
 Writes the JSON, two PNGs (validation loss vs FLOPs and vs training time) and a markdown
 table next to it. Real training runs go through ``launch/train.py`` (the trainer, with
@@ -104,7 +104,7 @@ def _pp2_rss(pipeline: dict) -> dict[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="StackWise-DS CPU benchmarks")
-    parser.add_argument("--quick", action="store_true", help="smoke run under 5 minutes -> results/quick.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run, about 10 minutes -> results/quick.json")
     parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR), help="scratch training outputs")
     args = parser.parse_args()
     kind = "quick" if args.quick else "full"
