@@ -8,6 +8,7 @@ the same model on exactly the same batches.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
@@ -198,3 +200,27 @@ def _tensor_bytes(obj) -> int:
 
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
+
+
+# ----------------------------------------------------------------------------- standalone sections
+
+def section_cli(description: str) -> tuple[argparse.Namespace, str, Callable[[str], None]]:
+    """(--quick/--work-dir arguments, results name 'quick' or 'latest', a timestamped logger) of a
+    benchmark section run on its own (elastic.py, quality.py)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
+    args = parser.parse_args()
+    return args, "quick" if args.quick else "latest", lambda m: print(f"[bench {time.strftime('%H:%M:%S')}] {m}",
+                                                                       flush=True)
+
+
+def merge_results(name: str, update: dict, table_suffix: str, table: str) -> None:
+    """Merge ``update`` into results/{name}.json (keeping the other sections), write its markdown table."""
+    path = RESULTS_DIR / f"{name}.json"
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(update)
+    path.write_text(json.dumps(merged, indent=1))
+    (RESULTS_DIR / f"{name}_{table_suffix}_table.md").write_text(table)
+    print(table)
+

@@ -18,8 +18,6 @@ rackwise step time).
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import sys
 import time
@@ -27,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DEFAULT_WORK_DIR, MODEL, RESULTS_DIR, launch, load_average, median, read_results, \
-    read_scalars, steady_step_times  # noqa: E402
+from benchmarks.common import MODEL, launch, load_average, median, merge_results, read_results, read_scalars, \
+    section_cli, steady_step_times  # noqa: E402
 
 CORES = [0, 1]
 RUNS = {  # name -> (training_architecture, phase_layout, steps per phase as a fraction of S)
@@ -125,19 +123,9 @@ def elastic_table(r: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
-    args = parser.parse_args()
-    name = "quick" if args.quick else "latest"
-    log = lambda m: print(f"[bench {time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
+    args, name, log = section_cli(__doc__.splitlines()[0])
     result = measure_elastic(QUICK_STEPS if args.quick else FULL_STEPS, Path(args.work_dir), log)
-    path = RESULTS_DIR / f"{name}.json"
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged.update(result)
-    path.write_text(json.dumps(merged, indent=1))
-    (RESULTS_DIR / f"{name}_elastic_table.md").write_text(elastic_table(result))
-    print(elastic_table(result))
+    merge_results(name, result, "elastic", elastic_table(result))
 
 
 if __name__ == "__main__":

@@ -24,17 +24,8 @@ def plot_modes(modes: dict, prefix: Path) -> list[str]:
             _plot_mode(ax, mode, detail["curves"], x_key, scale)
         ax.axvline(modes["modes_detail"]["budget_flops"] * scale if x_key == "flops" else float("nan"),
                    color="grey", lw=0.8, ls=":")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("validation loss (nats/byte)")
-        ax.set_title(f"equal FLOP budget, mean of {len(modes['modes_detail']['seeds'])} seed(s)")
-        ax.set_ylim(top=_upper_limit(per_mode))
-        ax.grid(alpha=0.3)
-        ax.legend()
-        path = prefix.with_name(f"{prefix.name}_val_loss_vs_{suffix}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        title = f"equal FLOP budget, mean of {len(modes['modes_detail']['seeds'])} seed(s)"
+        written.append(_finish(fig, ax, x_label, title, _upper_limit(per_mode), prefix, suffix))
     return written
 
 
@@ -74,15 +65,24 @@ def plot_quality(quality: dict, prefix: Path) -> list[str]:
         if x_key == "wall_s":
             ax.axvline(budget["wall_s"], color="grey", lw=0.8, ls=":")
         ax.axhline(budget["rackwise_final_mean_val_loss"], color="grey", lw=0.8, ls="--")
-        ax.set_xlabel(x_label)
-        ax.set_ylabel("validation loss (nats/byte)")
-        ax.set_title(f"equal wall-clock budget, {len(budget['seeds'])} seed(s) per mode")
-        ax.set_ylim(top=_upper_limit(detail))
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        path = prefix.with_name(f"{prefix.name}_val_loss_vs_{suffix}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(str(path))
+        title = f"equal wall-clock budget, {len(budget['seeds'])} seed(s) per mode"
+        written.append(_finish(fig, ax, x_label, title, _upper_limit(detail), prefix, suffix, legend_size=8))
     return written
+
+
+def _finish(fig, ax, x_label: str, title: str, y_top: float | None, prefix: Path, suffix: str,
+            legend_size: float | None = None) -> str:
+    """Labels, grid and legend of a validation-loss plot; saves ``{prefix}_val_loss_vs_{suffix}.png``."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("validation loss (nats/byte)")
+    ax.set_title(title)
+    ax.set_ylim(top=y_top)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size)
+    path = prefix.with_name(f"{prefix.name}_val_loss_vs_{suffix}.png")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)

@@ -34,8 +34,6 @@ over all modes. The learning rate is the default for every mode: nothing is tune
 
 from __future__ import annotations
 
-import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -45,7 +43,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import DEFAULT_WORK_DIR, RESULTS_DIR, build_config, launch, load_average, read_scalars  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, build_config, launch, load_average, merge_results,  # noqa: E402
+                               read_scalars, section_cli)
 from benchmarks.flops import step_flops_schedule  # noqa: E402
 
 CORES = [0, 1]
@@ -233,12 +232,7 @@ def quality_table(q: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
-    args = parser.parse_args()
-    name = "quick" if args.quick else "latest"
-    log = lambda m: print(f"[bench {time.strftime('%H:%M:%S')}] {m}", flush=True)  # noqa: E731
+    args, name, log = section_cli(__doc__.splitlines()[0])
     start = time.perf_counter()
     quality = measure_quality(PLANS["quick" if args.quick else "full"], Path(args.work_dir), log)
     quality["budget"]["study_seconds"] = round(time.perf_counter() - start, 1)
@@ -246,12 +240,7 @@ def main() -> None:
 
     quality["plots"] = [str(Path(p).relative_to(RESULTS_DIR.parents[1]))
                         for p in plot_quality(quality, RESULTS_DIR / f"{name}_quality")]
-    path = RESULTS_DIR / f"{name}.json"
-    merged = json.loads(path.read_text()) if path.exists() else {}
-    merged["quality"] = quality
-    path.write_text(json.dumps(merged, indent=1))
-    (RESULTS_DIR / f"{name}_quality_table.md").write_text(quality_table(quality))
-    print(quality_table(quality))
+    merge_results(name, {"quality": quality}, "quality", quality_table(quality))
 
 
 if __name__ == "__main__":

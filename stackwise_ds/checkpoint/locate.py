@@ -12,10 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import StackWiseConfig
-from ..training.checkpointing import (LATEST_FILE, STATE_FILE, CheckpointError, TrainingState, find_resume_tag,
-                                      load_state)
+from ..training.checkpointing import (LATEST_FILE, LAYER_FILE_RE, STATE_FILE, CheckpointError, TrainingState,
+                                      find_resume_tag, layer_file_name, load_state)
 
-LAYER_FILE_RE = re.compile(r"^layer_(\d+)-model_states\.pt$")
 # <output_dir>/initial_weights: training.init_from's source as layer files; never a checkpoint tag
 INITIAL_WEIGHTS_DIR = "initial_weights"
 
@@ -37,7 +36,7 @@ class CheckpointRef:
         return config_of(self.state, self.path)
 
     def layer_file(self, index: int) -> Path:
-        return self.path / f"layer_{index:02d}-model_states.pt"
+        return self.path / layer_file_name(index)
 
 
 def config_of(state: TrainingState, where: Path) -> StackWiseConfig:

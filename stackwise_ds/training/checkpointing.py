@@ -175,7 +175,14 @@ def unreadable_files(paths: list[Path]) -> list[str]:
     return problems
 
 
-_LAYER_NAME = re.compile(r"^layer_(\d+)-model_states")
+# DeepSpeed's per-layer file name; the stem is also the root torch.save gives the file's archive
+LAYER_FILE_STEM = re.compile(r"^layer_(\d+)-model_states")
+LAYER_FILE_RE = re.compile(LAYER_FILE_STEM.pattern + r"\.pt$")
+
+
+def layer_file_name(layer: int) -> str:
+    """``layer_03-model_states.pt``: the file DeepSpeed saves pipeline layer ``layer`` into."""
+    return f"layer_{layer:02d}-model_states.pt"
 
 
 def saved_as_other_layer(file_name: str, archive_names: list[str]) -> int | None:
@@ -183,8 +190,8 @@ def saved_as_other_layer(file_name: str, archive_names: list[str]) -> int | None
 
     ``torch.save`` roots its archive at the name of the file it wrote (``layer_03-model_states/``),
     so a copy of layer 3's file renamed to ``layer_04-...`` still says 3 inside."""
-    wanted, root = _LAYER_NAME.match(file_name), archive_names[0].split("/", 1)[0] if archive_names else ""
-    saved = _LAYER_NAME.match(root)
+    wanted, root = LAYER_FILE_STEM.match(file_name), archive_names[0].split("/", 1)[0] if archive_names else ""
+    saved = LAYER_FILE_STEM.match(root)
     if wanted is None or saved is None or int(saved.group(1)) == int(wanted.group(1)):
         return None
     return int(saved.group(1))

@@ -22,7 +22,7 @@ from . import checkpointing as ckpt
 
 
 def layer_path(tag_dir: Path, layer: int) -> Path:
-    return tag_dir / f"layer_{layer:02d}-model_states.pt"
+    return tag_dir / ckpt.layer_file_name(layer)
 
 
 def local_layer_modules(pipe) -> dict[int, torch.nn.Module]:

@@ -40,7 +40,7 @@ from ..parallel.watchdog import PeerWatchdog
 from ..placement import ELASTIC, PhaseLayout, layout_for
 from . import checkpointing as ckpt
 from .errors import NonFiniteLossError
-from .layer_files import load_layers, save_unplaced_layers, verify_on_every_rank
+from .layer_files import layer_path, load_layers, save_unplaced_layers, verify_on_every_rank
 from .lr import warmup_cosine
 from .monitor import Monitor
 from .optim import make_optimizer
@@ -410,7 +410,7 @@ class ArchitectureTrainer:
     def _files_to_load(self, engine, where: Path) -> list[Path]:
         """The DeepSpeed files this rank reads: its layers (a tied head has none), its engine and optimizer state."""
         stage, tied = self.pipe.stage_id, self.config.model.tie_embeddings
-        files = [where / f"layer_{index:02d}-model_states.pt" for index, unit in self.pipe.local_units().items()
+        files = [layer_path(where, index) for index, unit in self.pipe.local_units().items()
                  if not (unit.kind == "head" and tied) and index in self.layout.live]
         files.append(where / f"mp_rank_{stage:02d}_model_states.pt")
         if engine.optimizer is not None and self.config.parallel.zero_stage == 1:
