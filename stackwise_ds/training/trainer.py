@@ -40,7 +40,7 @@ from ..parallel.watchdog import PeerWatchdog
 from ..placement import ELASTIC, PhaseLayout, layout_for
 from . import checkpointing as ckpt
 from .errors import NonFiniteLossError
-from .layer_files import layer_path, load_layers, save_unplaced_layers, verify_on_every_rank
+from .layer_files import load_layers, save_unplaced_layers, verify_on_every_rank
 from .lr import warmup_cosine
 from .monitor import Monitor
 from .optim import make_optimizer
@@ -408,11 +408,12 @@ class ArchitectureTrainer:
         engine.load_checkpoint(str(self.checkpoint_dir), tag=self.resume_tag)
 
     def _files_to_load(self, engine, where: Path) -> list[Path]:
-        """The DeepSpeed files this rank reads: its layers (a tied head has none), its engine and optimizer state."""
-        stage, tied = self.pipe.stage_id, self.config.model.tie_embeddings
-        files = [layer_path(where, index) for index, unit in self.pipe.local_units().items()
-                 if not (unit.kind == "head" and tied) and index in self.layout.live]
-        files.append(where / f"mp_rank_{stage:02d}_model_states.pt")
+        """The DeepSpeed files this rank reads besides its layer files: its engine and optimizer state.
+
+        The layer files were verified (CRCs, the right layer) by the placement that just loaded them
+        from this same tag (``_place`` runs first on a resume: no layout is placed yet)."""
+        stage = self.pipe.stage_id
+        files = [where / f"mp_rank_{stage:02d}_model_states.pt"]
         if engine.optimizer is not None and self.config.parallel.zero_stage == 1:
             dp_rank = self.pipe._grid.get_data_parallel_id()
             files.append(where / f"zero_pp_rank_{dp_rank}_mp_rank_{stage:02d}_optim_states.pt")
