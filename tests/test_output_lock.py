@@ -61,6 +61,7 @@ def test_sigterm_to_the_runner_alone_stops_every_rank_then_a_rerun_takes_over(ru
     job.wait(timeout=30)
     wait_for(lambda: not any(_alive(pid) for pid in ranks), 30, "the ranks to stop after the runner died")
     assert "deepspeed launcher (pid" in log.read_text() and "is gone" in log.read_text()
+    assert json.loads((out / ".lock").read_text())["pid"] == ranks[0], "a stopped job must leave its lock record"
     latest = int((out / "checkpoints" / "latest").read_text().strip().removeprefix("step"))
     # the dead job's lock record is taken over, and the run resumes from its newest checkpoint
     proc = run_training(2, out, "training.max_steps=%d" % (latest + 2), "training.save_interval=2",

@@ -4,7 +4,8 @@ Global rank 0 takes a non-blocking ``flock`` on the file and writes who holds it
 start time). A second job on the same output dir is refused on every one of its ranks, naming
 the holder, before it reads or writes anything. The kernel drops a ``flock`` when its process
 dies, so a job killed without cleaning up leaves a stale file, not a stale lock: the next job
-takes it over and says whose it was. ``flock`` is reliable on local filesystems and NFSv4; on a
+takes it over and says whose it was. Only a clean end clears the record: a job that stopped on an
+error or a signal leaves it, so the next job says which job ended without finishing. ``flock`` is reliable on local filesystems and NFSv4; on a
 filesystem without working locks the lock always succeeds (a second writer is then not detected).
 """
 
@@ -47,15 +48,16 @@ class OutputDirLock:
         self._file = lock_file
         if previous:
             return (f"[stackwise] taking over the lock of {self.path.parent} left by a job that is no longer running "
-                    f"({_describe(previous)})")
+                    f"({_describe(previous)}): it stopped without finishing cleanly (an error, a signal or a kill)")
         return None
 
-    def release(self) -> None:
-        """Clear the record (a clean end leaves nothing to take over) and drop the lock."""
+    def release(self, clean_end: bool = True) -> None:
+        """Drop the lock; a clean end also clears the record (it leaves nothing to take over)."""
         if self._file is None:
             return
-        self._file.seek(0)
-        self._file.truncate()
+        if clean_end:
+            self._file.seek(0)
+            self._file.truncate()
         self._file.close()  # closing the descriptor releases the flock
         self._file = None
 

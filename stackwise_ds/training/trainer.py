@@ -117,9 +117,12 @@ class ArchitectureTrainer:
             check_shared_output_dir(self.output_dir, self.rank)
         lock = self._lock_output_dir()
         try:
-            return self._train_locked(rack, dataloader, val_data)
-        finally:
-            lock.release()
+            results = self._train_locked(rack, dataloader, val_data)
+        except BaseException:
+            lock.release(clean_end=False)  # the record stays: the next job says this one did not finish
+            raise
+        lock.release()
+        return results
 
     def _lock_output_dir(self) -> OutputDirLock:
         """Rank 0 takes the output dir's lock; a refusal is raised on every rank, naming the holder."""
