@@ -38,10 +38,10 @@ def train_command(n_procs: int, output_dir: Path, overrides: list[str]) -> list[
 
 
 def run_training(n_procs: int, output_dir: Path, *overrides: str, expect_ok: bool = True,
-                 timeout: int = 400) -> subprocess.CompletedProcess:
+                 timeout: int = 400, env: dict | None = None) -> subprocess.CompletedProcess:
     command = train_command(n_procs, output_dir, list(overrides))
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     if expect_ok and result.returncode != 0:
         raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     if n_procs > 1:  # no run may leave DeepSpeed's ~70 MB per-rank shared-memory buffers in /dev/shm (RAM)

@@ -46,6 +46,7 @@ from .monitor import Monitor
 from .optim import make_optimizer
 from .output_lock import OutputDirLock
 from .phases import Phase, plan_phases
+from .save_errors import reporting_write_failures
 from .unit_copy import copy_previous_unit, unit_layer_pairs
 
 
@@ -507,15 +508,16 @@ class ArchitectureTrainer:
         if self.rank == 0:  # re-saving a tag (a resume from before it): never a marker over half-new files
             ckpt.unmark(self.checkpoint_dir, tag)
         distributed.barrier()
-        engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
-        self._save_unplaced_layers(self.checkpoint_dir / tag)
-        distributed.barrier()  # every rank's files are on disk before the tag is published
-        if self.rank == 0:  # history first: a published tag never has an older results.json beside it
-            self._write_results(state, complete=False)
-            from .data_setup import save_tokenizer  # tools find the tokenizer in the tag folder
+        with reporting_write_failures(self.checkpoint_dir, tag, self.rank):  # a full disk: a clear error
+            engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
+            self._save_unplaced_layers(self.checkpoint_dir / tag)
+            distributed.barrier()  # every rank's files are on disk before the tag is published
+            if self.rank == 0:  # history first: a published tag never has an older results.json beside it
+                self._write_results(state, complete=False)
+                from .data_setup import save_tokenizer  # tools find the tokenizer in the tag folder
 
-            save_tokenizer(self.config, self.bundle, self.checkpoint_dir / tag)
-            ckpt.mark_complete(self.checkpoint_dir, tag, state)
+                save_tokenizer(self.config, self.bundle, self.checkpoint_dir / tag)
+                ckpt.mark_complete(self.checkpoint_dir, tag, state)
         distributed.barrier()
         self.weights_tag = tag
         self.monitor.flush()

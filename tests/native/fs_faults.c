@@ -1,0 +1,61 @@
+/* LD_PRELOAD shim for tests, making one folder behave like a full or a read-only filesystem:
+ * - writes to any file whose path contains $FULL_DISK_PATH fail with ENOSPC (a full disk);
+ * - opening for writing any path that contains $READONLY_PATH fails with EROFS (a read-only mount).
+ * Everything else works normally. Python's file objects and torch's zip writer (libstdc++
+ * streams) both end in these libc calls. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+static int is_full(int fd) {
+    const char *needle = getenv("FULL_DISK_PATH");
+    char link[64], path[4096];
+    if (needle == NULL || *needle == '\0' || fd < 3) return 0;
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t n = readlink(link, path, sizeof path - 1);
+    if (n <= 0) return 0;
+    path[n] = '\0';
+    return strstr(path, needle) != NULL;
+}
+
+#define REAL(name) static __typeof__(name) *real; if (!real) real = dlsym(RTLD_NEXT, #name)
+#define FAIL_IF_FULL(fd) if (is_full(fd)) { errno = ENOSPC; return -1; }
+
+ssize_t write(int fd, const void *buf, size_t count) {
+    REAL(write); FAIL_IF_FULL(fd); return real(fd, buf, count);
+}
+ssize_t writev(int fd, const struct iovec *iov, int iovcnt) {
+    REAL(writev); FAIL_IF_FULL(fd); return real(fd, iov, iovcnt);
+}
+ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset) {
+    REAL(pwrite); FAIL_IF_FULL(fd); return real(fd, buf, count, offset);
+}
+ssize_t pwrite64(int fd, const void *buf, size_t count, off64_t offset) {
+    REAL(pwrite64); FAIL_IF_FULL(fd); return real(fd, buf, count, offset);
+}
+
+static int is_readonly(const char *path, int flags) {
+    const char *needle = getenv("READONLY_PATH");
+    if (needle == NULL || *needle == '\0' || path == NULL) return 0;
+    return (flags & (O_WRONLY | O_RDWR | O_CREAT | O_TRUNC)) && strstr(path, needle) != NULL;
+}
+
+#define OPEN_LIKE(name, ...) { \
+    va_list args; mode_t mode = 0; \
+    va_start(args, flags); if (flags & (O_CREAT | O_TMPFILE)) mode = va_arg(args, mode_t); va_end(args); \
+    REAL(name); \
+    if (is_readonly(path, flags)) { errno = EROFS; return -1; } \
+    return real(__VA_ARGS__, flags, mode); }
+
+int open(const char *path, int flags, ...) OPEN_LIKE(open, path)
+int open64(const char *path, int flags, ...) OPEN_LIKE(open64, path)
+int openat(int dirfd, const char *path, int flags, ...) OPEN_LIKE(openat, dirfd, path)
+int openat64(int dirfd, const char *path, int flags, ...) OPEN_LIKE(openat64, dirfd, path)
