@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """StackWise-DS CPU benchmarks: every figure of DESIGN.md's "Figures to reach" that a CPU can measure.
 
-    python benchmarks/run.py            # full run (~60-65 min on 2 idle cores) -> benchmarks/results/latest.json
+    python benchmarks/run.py            # full run (~80 min on 2 idle cores) -> benchmarks/results/latest.json
     python benchmarks/run.py --quick    # smoke run (~10 min)               -> benchmarks/results/quick.json
 
 Writes the JSON, two PNGs (validation loss vs FLOPs and vs training time) and a markdown
