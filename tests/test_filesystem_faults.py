@@ -32,8 +32,9 @@ def test_a_full_disk_while_saving_names_the_folder_and_keeps_the_previous_checkp
     full = {"LD_PRELOAD": str(build_fault_shim(tmp_path)), "FULL_DISK_PATH": str(checkpoints / "step00000006")}
     proc = run_training(2, out, "training.save_interval=3", expect_ok=False, env=full)
 
-    expect_error_on_every_rank(proc, 2, rf"could not save checkpoint step00000006 in {re.escape(str(checkpoints))}: rank \d failed "
-                                        r"to write its files \(.*No space left on device")
+    saving_failed = rf"could not save checkpoint step00000006 in {re.escape(str(checkpoints))}: "
+    expect_error_on_every_rank(proc, 2, saving_failed + r"rank \d failed to write its files "
+                                                        r"\(.*No space left on device")
     text = proc.stdout + proc.stderr
     assert "the previous checkpoint step00000003 is kept and `latest` still names it" in text
     assert "unexpected pos" not in text, "torch's opaque zip-writer error reached the user"
@@ -51,6 +52,7 @@ def test_a_read_only_checkpoints_folder_is_refused_at_start_on_every_rank(tmp_pa
     (out / "checkpoints").mkdir(parents=True)  # e.g. left read-only by an archive step
     read_only = {"LD_PRELOAD": str(build_fault_shim(tmp_path)), "READONLY_PATH": str(out / "checkpoints")}
     proc = run_training(2, out, expect_ok=False, env=read_only)
-    expect_error_on_every_rank(proc, 2, rf"{re.escape(str(out / 'checkpoints'))} \(under training.output_dir\) is not writable "
-                                        r"\(Read-only file system\): make it writable")
+    folder = re.escape(str(out / "checkpoints"))
+    expect_error_on_every_rank(proc, 2, folder + r" \(under training.output_dir\) is not writable "
+                                                 r"\(Read-only file system\): make it writable")
     assert "[stackwise] phase" not in proc.stdout, "training started before the check"

@@ -5,8 +5,9 @@ start time). A second job on the same output dir is refused on every one of its 
 the holder, before it reads or writes anything. The kernel drops a ``flock`` when its process
 dies, so a job killed without cleaning up leaves a stale file, not a stale lock: the next job
 takes it over and says whose it was. Only a clean end clears the record: a job that stopped on an
-error or a signal leaves it, so the next job says which job ended without finishing. ``flock`` is reliable on local filesystems and NFSv4; on a
-filesystem without working locks the lock always succeeds (a second writer is then not detected).
+error or a signal leaves it, so the next job says which job ended without finishing. ``flock`` is
+reliable on local filesystems and NFSv4; on a filesystem without working locks the lock always
+succeeds (a second writer is then not detected).
 """
 
 from __future__ import annotations
