@@ -185,7 +185,7 @@ def first_reach(curve: list[tuple[float, float]], target: float) -> float | None
 
 
 def summarise(runs: dict[str, list[dict]], plan: QualityPlan, budget_s: float, best: str) -> dict:
-    rack_curve = mean_curve(runs["rackwise"])
+    rack_curve, parameters = mean_curve(runs["rackwise"]), parameter_count()
     target = rack_curve[-1][1]
     rack_time = first_reach(rack_curve, target)
     at_wall, to_target, reach_s = {}, {}, {}
@@ -202,8 +202,8 @@ def summarise(runs: dict[str, list[dict]], plan: QualityPlan, budget_s: float, b
                    "rackwise_final_mean_val_loss": round(target, 4), "rackwise_time_to_it_s": round(rack_time, 1),
                    "rackwise_last_quarter_gain": round(last_quarter_gain(rack_curve), 4),
                    "rackwise_last_quarter_share_of_drop": round(last_quarter_share_of_drop(rack_curve), 4),
-                   "parameters": parameter_count(), "rackwise_tokens_per_parameter":
-                       round(plan.rack_steps * tokens_per_rackwise_step() / parameter_count()),
+                   "parameters": parameters, "rackwise_tokens_per_parameter":
+                       round(plan.rack_steps * tokens_per_rackwise_step() / parameters),
                    "ranks": len(CORES), "pinned_cores": CORES, "model": MODEL, "modes": MODES,
                    "joint_fraction": JOINT_FRACTION, "best_stagewise": best},
         "detail": {mode: {"steps": mode_runs[0]["steps"],
@@ -214,18 +214,21 @@ def summarise(runs: dict[str, list[dict]], plan: QualityPlan, budget_s: float, b
     }
 
 
-def last_quarter_gain(curve: list[tuple[float, float]]) -> float:
-    """How much rackwise's loss still fell over the last quarter of its run (relative): ~0 = flattened."""
+def last_quarter_drop(curve: list[tuple[float, float]]) -> float:
+    """How far the loss fell from the last evaluation at 3/4 of the run's wall-clock to the end."""
     end_wall, end_loss = curve[-1]
     earlier = [loss for wall, loss in curve if wall <= 0.75 * end_wall]
-    return (earlier[-1] - end_loss) / end_loss if earlier else float("nan")
+    return earlier[-1] - end_loss if earlier else float("nan")
+
+
+def last_quarter_gain(curve: list[tuple[float, float]]) -> float:
+    """How much rackwise's loss still fell over the last quarter of its run (relative): ~0 = flattened."""
+    return last_quarter_drop(curve) / curve[-1][1]
 
 
 def last_quarter_share_of_drop(curve: list[tuple[float, float]]) -> float:
     """The part of rackwise's whole loss drop (first evaluation to last) made in its last quarter."""
-    end_wall, end_loss = curve[-1]
-    earlier = [loss for wall, loss in curve if wall <= 0.75 * end_wall]
-    return (earlier[-1] - end_loss) / (curve[0][1] - end_loss) if earlier else float("nan")
+    return last_quarter_drop(curve) / (curve[0][1] - curve[-1][1])
 
 
 def parameter_count() -> int:

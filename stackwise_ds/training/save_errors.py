@@ -34,19 +34,27 @@ def is_write_failure(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(marker in str(exc) for marker in TORCH_WRITE_FAILURES)
 
 
-def probe_write(directory: Path) -> str:
-    """What the filesystem says to a 1 MiB write in ``directory`` now: its error, or the free space."""
+def write_probe(directory: Path, n_bytes: int) -> None:
+    """Write ``n_bytes`` to a synced probe file in ``directory`` and remove it; raises the OSError if that fails."""
     probe = directory / f".write_probe_{os.getpid()}"
     try:
         with open(probe, "wb") as handle:
-            handle.write(b"\0" * PROBE_BYTES)
+            handle.write(b"\0" * n_bytes)
             handle.flush()
             os.fsync(handle.fileno())
-    except OSError as exc:
-        return exc.strerror or str(exc)
-    finally:
+    except OSError:
         with contextlib.suppress(OSError):
             probe.unlink()
+        raise
+    probe.unlink()
+
+
+def filesystem_says(directory: Path) -> str:
+    """What the filesystem says to a 1 MiB write in ``directory`` now: its error, or the free space."""
+    try:
+        write_probe(directory, PROBE_BYTES)
+    except OSError as exc:
+        return exc.strerror or str(exc)
     return f"a 1 MiB test write now succeeds; {shutil.disk_usage(directory).free / 2**20:.0f} MiB free"
 
 
@@ -68,7 +76,7 @@ def describe_failure(checkpoint_dir: Path, tag: str, rank: int, exc: BaseExcepti
     kept = (f"the previous checkpoint {previous} is kept and `latest` still names it, so re-running the same "
             "command resumes from it" if previous else "no earlier checkpoint exists, so a re-run starts over")
     return (f"could not save checkpoint {tag} in {checkpoint_dir}: rank {rank} failed to write its files "
-            f"({_os_reason(exc) or 'the filesystem says: ' + probe_write(where)}). "
+            f"({_os_reason(exc) or 'the filesystem says: ' + filesystem_says(where)}). "
             f"Nothing saved before is lost: {tag} is not marked complete and is never resumed from; {kept}. "
             f"Free space there (delete {tag_dir} and old checkpoints you do not need) or point "
             "training.output_dir at a bigger filesystem, then re-run")

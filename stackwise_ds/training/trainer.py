@@ -46,7 +46,7 @@ from .monitor import Monitor
 from .optim import make_optimizer
 from .output_lock import OutputDirLock
 from .phases import Phase, plan_phases
-from .save_errors import reporting_write_failures
+from .save_errors import reporting_write_failures, write_probe
 from .unit_copy import copy_previous_unit, unit_layer_pairs
 
 
@@ -58,9 +58,7 @@ def check_writable(directory: Path) -> None:
             continue
         try:
             where.mkdir(parents=True, exist_ok=True)
-            probe = where / f".write_probe_{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
+            write_probe(where, n_bytes=2)
         except OSError as exc:
             raise PermissionError(f"{where} (under training.output_dir) is not writable ({exc.strerror}): "
                                   "make it writable (chmod u+w) or choose a training.output_dir you can write to") from exc
