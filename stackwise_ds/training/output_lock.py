@@ -52,6 +52,12 @@ class OutputDirLock:
                     f"({_describe(previous)}): it stopped without finishing cleanly (an error, a signal or a kill)")
         return None
 
+    def __enter__(self) -> "OutputDirLock":
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        self.release(clean_end=exc_type is None)  # after an error the record stays: the next job says so
+
     def release(self, clean_end: bool = True) -> None:
         """Drop the lock; a clean end also clears the record (it leaves nothing to take over)."""
         if self._file is None:

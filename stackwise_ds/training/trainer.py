@@ -114,14 +114,8 @@ class ArchitectureTrainer:
         check_writable(self.output_dir)  # on every rank, before anything waits for anyone
         if self.world_size > 1:
             check_shared_output_dir(self.output_dir, self.rank)
-        lock = self._lock_output_dir()
-        try:
-            results = self._train_locked(rack, dataloader, val_data)
-        except BaseException:
-            lock.release(clean_end=False)  # the record stays: the next job says this one did not finish
-            raise
-        lock.release()
-        return results
+        with self._lock_output_dir():  # released on the way out; only a clean end clears its record
+            return self._train_locked(rack, dataloader, val_data)
 
     def _lock_output_dir(self) -> OutputDirLock:
         """Rank 0 takes the output dir's lock; a refusal is raised on every rank, naming the holder."""
