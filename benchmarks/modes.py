@@ -42,7 +42,7 @@ def mode_values(mode: str, seed: int, plan: ModesPlan, output_dir: Path, steps: 
               "training.eval_batches": EVAL_BATCHES, "training.log_interval": LOG_INTERVAL,
               # Stacking literature: a new unit starting as a copy of the previous one learns faster
               # (the setting of launch/stackwise.yaml).
-              "training.new_unit_init": "copy_previous"}
+              "training.growth_operator": "copy_last"}
     values.update(steps)
     values["training.eval_interval"] = max(1, _total_steps(values) // EVAL_POINTS)
     return values

@@ -64,11 +64,11 @@ STAGEWISE = {"stackwise": {"training.training_architecture": "stackwise"},
              "blockwise": {"training.training_architecture": "blockwise"}}
 MODES = {
     "rackwise": {"training.training_architecture": "rackwise"},
-    "stackwise_frozen_fresh": {**STAGEWISE["stackwise"], "training.new_unit_init": "fresh"},
-    "stackwise_frozen_copy": {**STAGEWISE["stackwise"], "training.new_unit_init": "copy_previous"},
-    "stackwise_train_copy": {**STAGEWISE["stackwise"], "training.new_unit_init": "copy_previous",
+    "stackwise_frozen_fresh": {**STAGEWISE["stackwise"], "training.growth_operator": "fresh"},
+    "stackwise_frozen_copy": {**STAGEWISE["stackwise"], "training.growth_operator": "copy_last"},
+    "stackwise_train_copy": {**STAGEWISE["stackwise"], "training.growth_operator": "copy_last",
                              "training.prefix": "train"},
-    "blockwise": {**STAGEWISE["blockwise"], "training.new_unit_init": "copy_previous"},
+    "blockwise": {**STAGEWISE["blockwise"], "training.growth_operator": "copy_last"},
 }
 JOINT = "+joint"
 JOINT_FRACTION = 0.25  # share of R given to the closing joint phase of '<best>+joint'

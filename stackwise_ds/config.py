@@ -26,7 +26,14 @@ import yaml
 
 TRAINING_ARCHITECTURES = ("rackwise", "stackwise", "blockwise")
 OBJECTIVES = ("causal_lm", "masked_lm")
-NEW_UNIT_INITS = ("fresh", "copy_previous")
+GROWTH_FRESH, GROWTH_COPY_LAST, GROWTH_COPY_ALL, GROWTH_COPY_MIDDLE = "fresh", "copy_last", "copy_all", "copy_middle"
+GROWTH_OPERATORS = (GROWTH_FRESH, GROWTH_COPY_LAST, GROWTH_COPY_ALL, GROWTH_COPY_MIDDLE)
+LR_PER_PHASE, LR_CONTINUOUS = "per_phase", "continuous"
+LR_SCHEDULES = (LR_PER_PHASE, LR_CONTINUOUS)
+LR_COSINE, LR_WSD = "cosine", "wsd"
+LR_DECAYS = (LR_COSINE, LR_WSD)
+OPTIMIZER_RESTART, OPTIMIZER_CARRY = "restart", "carry"
+OPTIMIZER_ACROSS_PHASES = (OPTIMIZER_RESTART, OPTIMIZER_CARRY)
 INIT_GROWTH_STACK, INIT_GROWTH_FRESH = "stack", "fresh"
 INIT_GROWTHS = (INIT_GROWTH_STACK, INIT_GROWTH_FRESH)
 PREFIX_FROZEN, PREFIX_TRAIN = "frozen", "train"
@@ -135,23 +142,37 @@ class TrainingConfig:
     max_steps: int = 150
     """Optimizer steps of a rackwise run."""
     steps_per_phase: Union[int, list[int]] = 75
-    """Steps of each stackwise/blockwise phase: one number for all, or one per phase."""
+    """Steps of each stackwise/blockwise phase: one number for all, or one per phase (one per depth_schedule entry)."""
+    depth_schedule: Optional[list[int]] = None
+    """Stackwise/blockwise: active units (stacks, or blocks in blockwise) per phase, increasing and ending at the full depth, e.g. [1, 4] grows once; None = [1, 2, ..., n] (one new unit a phase). Units beyond a phase's count are not placed."""
     joint_steps: int = 0
     """Steps of a closing end-to-end phase after the last stackwise/blockwise phase (0 = none)."""
-    new_unit_init: str = "fresh"
-    """How a stack/block starts its phase: 'fresh' (its own init) or 'copy_previous' (weights of the one before)."""
+    growth_operator: str = "fresh"
+    """How the units a phase adds start: 'fresh' (their own seeded init), 'copy_last' (copies of the last active unit), 'copy_all' (Gstack: growing from m units, new unit j copies unit j mod m) or 'copy_middle' (MIDAS: copies of the middle units inserted in the middle, later units move up). Replaces new_unit_init (fresh / copy_previous = copy_last)."""
     prefix: str = "frozen"
-    """Stackwise/blockwise: the units before the active one are 'frozen' (forward only) or 'train' (progressive stacking: in phase k units 0..k all train; AdamW moments restart at every phase)."""
+    """Stackwise/blockwise: the units a phase does not add are 'frozen' (forward only) or 'train' (progressive stacking: every active unit trains)."""
+    optimizer_across_phases: str = "restart"
+    """'restart' (a fresh AdamW every phase) or 'carry' (AdamW moments and step count of every parameter that keeps training pass to the next phase, across any re-placement and ZeRO-1 re-sharding; grown units start with their source's moments)."""
     micro_batch_size: int = 8
     """Sequences per micro-batch on each data-parallel replica."""
     gradient_accumulation_steps: int = 2
     """Micro-batches per optimizer step (the pipeline's micro-batches)."""
     lr: float = 1e-3
-    """Peak learning rate (restarted with warmup at each phase)."""
+    """Peak learning rate."""
     min_lr_ratio: float = 0.1
-    """Cosine decay floor as a fraction of lr."""
+    """Floor of the decay as a fraction of lr."""
     warmup_steps: int = 20
-    """Linear warmup steps at the start of every phase."""
+    """Linear warmup steps: at the start of every phase (lr_schedule 'per_phase') or of the run ('continuous')."""
+    lr_schedule: str = "per_phase"
+    """'per_phase' (warmup and decay restart every phase) or 'continuous' (one warmup at the start of the run and one decay over the sum of all phases' steps)."""
+    lr_decay: str = "cosine"
+    """'cosine' (from the end of warmup to min_lr_ratio) or 'wsd' (warmup-stable-decay: the peak until the last decay_fraction of the steps, then linear to min_lr_ratio)."""
+    decay_fraction: float = 0.2
+    """lr_decay 'wsd': share of the schedule's steps spent decaying."""
+    growth_warmup_steps: int = 0
+    """lr_schedule 'continuous': after each growth, re-warm over this many steps from growth_warmup_start x the scheduled lr (0 = no re-warm)."""
+    growth_warmup_start: float = 0.1
+    """Fraction of the scheduled lr a growth re-warm starts from."""
     stack_lr_scale: Optional[list[float]] = None
     """Per-stack multipliers of lr (one per stack); None = 1.0 everywhere."""
     weight_decay: float = 0.1
@@ -299,7 +320,10 @@ class StackWiseConfig:
         _check_choice("model.attention_mode", m.attention_mode, ("causal", "bidirectional"))
         _check_choice("training.training_architecture", t.training_architecture, TRAINING_ARCHITECTURES)
         _check_choice("training.objective", t.objective, OBJECTIVES)
-        _check_choice("training.new_unit_init", t.new_unit_init, NEW_UNIT_INITS)
+        _check_choice("training.growth_operator", t.growth_operator, GROWTH_OPERATORS)
+        _check_choice("training.optimizer_across_phases", t.optimizer_across_phases, OPTIMIZER_ACROSS_PHASES)
+        _check_choice("training.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+        _check_choice("training.lr_decay", t.lr_decay, LR_DECAYS)
         _check_choice("training.prefix", t.prefix, PREFIXES)
         _check_choice("training.init_growth", t.init_growth, INIT_GROWTHS)
         if t.init_from is not None and not t.init_from.strip():
@@ -356,13 +380,15 @@ class StackWiseConfig:
 
     def _validate_phases(self) -> None:
         t, arch = self.training, self.model.architecture
+        self._validate_depth_schedule()
         n_phases = self.n_phases
         steps = t.steps_per_phase
         if isinstance(steps, list):
             if t.training_architecture != "rackwise" and len(steps) != n_phases:
+                per = "depth_schedule entry" if t.depth_schedule is not None else "phase"
                 raise ConfigError(
                     f"training.steps_per_phase lists {len(steps)} values but {t.training_architecture} training "
-                    f"has {n_phases} phases: give one number per phase, or a single number for all")
+                    f"has {n_phases} phases: give one number per {per}, or a single number for all")
             for s in steps:
                 _check_positive("training.steps_per_phase", s)
         else:
@@ -372,6 +398,30 @@ class StackWiseConfig:
         if t.stack_lr_scale is not None and len(t.stack_lr_scale) != arch.n_stacks:
             raise ConfigError(f"training.stack_lr_scale has {len(t.stack_lr_scale)} values for "
                               f"{arch.n_stacks} stacks: give one multiplier per stack")
+
+    @property
+    def n_units(self) -> int:
+        """Units a stage-wise run grows through: stacks (stackwise) or blocks (blockwise)."""
+        arch = self.model.architecture
+        if self.training.training_architecture == "blockwise":
+            return arch.n_stacks * arch.blocks_per_stack
+        return arch.n_stacks
+
+    def _validate_depth_schedule(self) -> None:
+        schedule, mode = self.training.depth_schedule, self.training.training_architecture
+        if schedule is None:
+            return
+        if mode == "rackwise":
+            raise ConfigError("training.depth_schedule is set but training.training_architecture is 'rackwise': "
+                              "use stackwise (counts stacks) or blockwise (counts blocks), or remove depth_schedule")
+        n = self.n_units
+        unit = "stacks" if mode == "stackwise" else "blocks"
+        increasing = all(0 < a < b for a, b in zip(schedule, schedule[1:]))
+        if not schedule or schedule[0] < 1 or not increasing or schedule[-1] != n:
+            raise ConfigError(
+                f"training.depth_schedule {schedule} must list the active {unit} per phase, strictly increasing "
+                f"from at least 1 and ending at the model's {n} {unit} (e.g. [1, {n}] grows once, "
+                f"{list(range(1, n + 1))} adds one a phase)")
 
     def _validate_optimization(self) -> None:
         """Values that would train silently wrong (gradient ascent, lr above its peak, val loss 0)."""
@@ -391,6 +441,19 @@ class StackWiseConfig:
                               "ascend the loss: use multipliers >= 0 (0 keeps a stack fixed)")
         if not all(0.0 <= beta < 1.0 for beta in t.adam_betas):
             raise ConfigError(f"training.adam_betas ({t.adam_betas}) must each be in [0, 1)")
+        if not 0.0 < t.decay_fraction <= 1.0:
+            raise ConfigError(f"training.decay_fraction ({t.decay_fraction}) must be in (0, 1]: the share of the "
+                              "schedule's steps spent decaying under lr_decay 'wsd'")
+        if t.growth_warmup_steps < 0 or not 0.0 <= t.growth_warmup_start <= 1.0:
+            raise ConfigError(f"training.growth_warmup_steps ({t.growth_warmup_steps}) must be >= 0 and "
+                              f"training.growth_warmup_start ({t.growth_warmup_start}) in [0, 1]")
+        if t.growth_operator == GROWTH_COPY_MIDDLE and t.prefix == PREFIX_FROZEN and t.training_architecture != "rackwise":
+            raise ConfigError("training.growth_operator 'copy_middle' moves the units after the middle up, so a "
+                              "frozen prefix would freeze copies, not the units trained before: use training.prefix "
+                              "'train' with it (as MIDAS does), or another growth_operator")
+        if t.growth_warmup_steps and t.lr_schedule != LR_CONTINUOUS:
+            raise ConfigError("training.growth_warmup_steps needs training.lr_schedule 'continuous': with "
+                              "'per_phase' every phase already warms up from 0")
 
     def _validate_parallel(self) -> None:
         n_stacks, stages = self.model.architecture.n_stacks, self.pipeline_stages
@@ -411,9 +474,10 @@ class StackWiseConfig:
     @property
     def n_phases(self) -> int:
         """Training phases before the optional joint phase."""
-        arch, mode = self.model.architecture, self.training.training_architecture
-        return {"rackwise": 1, "stackwise": arch.n_stacks,
-                "blockwise": arch.n_stacks * arch.blocks_per_stack}[mode]
+        t = self.training
+        if t.training_architecture == "rackwise":
+            return 1
+        return len(t.depth_schedule) if t.depth_schedule is not None else self.n_units
 
     def validate_world_size(self, world_size: int) -> int:
         """Data-parallel degree for this world size, or an error saying how to launch."""
@@ -533,6 +597,8 @@ _LEGACY_TRAINING_KEYS = {  # old training.<key> -> (new section path, new key)
     "learning_rate": (("training",), "lr"),
     "batch_size": (("training",), "micro_batch_size"),
 }
+# training.new_unit_init (before growth operators): value -> training.growth_operator
+_LEGACY_UNIT_INITS = {"fresh": GROWTH_FRESH, "copy_previous": GROWTH_COPY_LAST}
 
 
 def _deprecated(old: str, new: str) -> None:
@@ -563,6 +629,17 @@ def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
         for old_key, (path, new_key) in _LEGACY_TRAINING_KEYS.items():
             if old_key in training:
                 _put(raw, path, new_key, training.pop(old_key), f"training.{old_key}")
+        if "new_unit_init" in training:
+            old_init = training.pop("new_unit_init")
+            if old_init not in _LEGACY_UNIT_INITS:
+                raise ConfigError(f"training.new_unit_init '{old_init}' is unknown; the key is deprecated anyway: "
+                                  f"write training.growth_operator: {' | '.join(GROWTH_OPERATORS)}")
+            new_value = _LEGACY_UNIT_INITS[old_init]
+            if training.get("growth_operator", new_value) != new_value:
+                raise ConfigError(f"config sets both the deprecated 'training.new_unit_init' ({old_init!r}) and "
+                                  f"'training.growth_operator' ({training['growth_operator']!r}): keep only the new key")
+            training["growth_operator"] = new_value
+            _deprecated(f"training.new_unit_init: {old_init}", f"training.growth_operator: {new_value}")
     for section, mode in (("layerwise_training", "blockwise"), ("blockwise_training", "stackwise")):
         if section in raw:
             _migrate_legacy_section(raw, section, mode)

@@ -19,7 +19,7 @@ STEPS = 3
 # but not the last, which the planner splits over 2 stages x 2 replicas.
 STACKWISE_4 = ["model.architecture.n_stacks=4", "training.training_architecture=stackwise",
                f"training.steps_per_phase={STEPS}", "parallel.pipeline_stages=2", "parallel.max_rank_memory_mb=2.0",
-               "training.save_interval=2", "training.new_unit_init=copy_previous"]
+               "training.save_interval=2", "training.growth_operator=copy_last"]
 
 
 @pytest.fixture(scope="module")

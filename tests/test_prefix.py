@@ -19,7 +19,7 @@ from stackwise_ds.training.phases import plan_phases
 
 STEPS = 4
 RUN = ("training.training_architecture=stackwise", f"training.steps_per_phase={STEPS}", "training.save_interval=2",
-       "model.tie_embeddings=false", "training.prefix=train", "training.new_unit_init=copy_previous")
+       "model.tie_embeddings=false", "training.prefix=train", "training.growth_operator=copy_last")
 
 
 def config(*overrides) -> StackWiseConfig:

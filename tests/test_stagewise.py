@@ -117,7 +117,7 @@ def test_blockwise_tied_two_stages(tmp_path):
 def test_stackwise_four_ranks_with_joint_phase_and_copy_init(tmp_path):
     # stack 1 gets learning rate 0, so after its phase it still equals what it was copied from
     run_training(4, tmp_path, "training.training_architecture=stackwise", "training.steps_per_phase=2",
-                 "training.joint_steps=2", "training.new_unit_init=copy_previous", "training.eval_interval=0",
+                 "training.joint_steps=2", "training.growth_operator=copy_last", "training.eval_interval=0",
                  "training.stack_lr_scale=[1.0, 0.0]")
     res = results(tmp_path)
     assert [p["kind"] for p in res["phases"]] == ["stack", "stack", "joint"]

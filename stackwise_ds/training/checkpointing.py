@@ -127,8 +127,14 @@ RESUMABLE_CHANGES = frozenset({
 
 def check_resumable_changes(saved: dict[str, Any], current: dict[str, Any], where: Path) -> None:
     """Refuse a resume whose config changes a setting the run cannot honour, naming each one."""
-    from ..config import StackWiseConfig
+    import copy
+    import warnings
 
+    from ..config import StackWiseConfig, migrate_legacy_keys
+
+    with warnings.catch_warnings():  # a checkpoint written before a key was renamed: compare under the new name
+        warnings.simplefilter("ignore", DeprecationWarning)
+        saved = migrate_legacy_keys(copy.deepcopy(saved))
     # a key the saved config lacks (written before the setting existed) had its default value
     old = {**_flatten(StackWiseConfig().to_dict()), **_flatten(saved)}
     new = _flatten(current)
@@ -178,6 +184,15 @@ def unreadable_files(paths: list[Path]) -> list[str]:
 # DeepSpeed's per-layer file name; the stem is also the root torch.save gives the file's archive
 LAYER_FILE_STEM = re.compile(r"^layer_(\d+)-model_states")
 LAYER_FILE_RE = re.compile(LAYER_FILE_STEM.pattern + r"\.pt$")
+
+
+# training.optimizer_across_phases: carry -- a layer's AdamW moments at a phase end (parallel/optimizer_state.py)
+MOMENTS_FILE_RE = re.compile(r"^layer_(\d+)-optim_moments\.pt$")
+
+
+def moments_file_name(layer: int) -> str:
+    """``layer_03-optim_moments.pt``: the full moments of pipeline layer ``layer``'s trainable parameters."""
+    return f"layer_{layer:02d}-optim_moments.pt"
 
 
 def layer_file_name(layer: int) -> str:

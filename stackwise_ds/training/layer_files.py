@@ -38,7 +38,7 @@ def local_layer_modules(pipe) -> dict[int, torch.nn.Module]:
 
 def load_layers(pipe, tag_dir: Path, sources: dict[int, int] | None = None) -> None:
     """Fill this rank's layers from ``tag_dir``; ``sources`` maps a layer to the layer whose file it
-    takes instead of its own (``copy_previous``). Collective: a bad file fails every rank alike."""
+    takes instead of its own (a growth operator's copy). Collective: a bad file fails every rank alike."""
     sources = sources or {}
     modules = local_layer_modules(pipe)
     files = {layer: layer_path(tag_dir, sources.get(layer, layer)) for layer in modules}

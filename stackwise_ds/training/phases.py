@@ -1,12 +1,13 @@
 """Training phases and the role of every unit in each phase.
 
-A phase trains one unit: the whole rack (``rackwise``), one stack (``stackwise``),
-one block (``blockwise``), or the whole rack again in a closing ``joint`` phase.
-During a phase, units before the active one are FROZEN (forward only, no grad) with
-``training.prefix: frozen``, or keep training with ``prefix: train`` (progressive
-stacking); units after it are DORMANT (identity, no compute), and the active unit, the
-final norm and the LM head TRAIN. These roles are plain strings so the parallel layer
-can map them onto pipeline stages without importing training code.
+A phase trains the whole rack (``rackwise``, or a closing ``joint`` phase) or grows a
+stage-wise run to its next depth: ``training.depth_schedule`` lists the active units (stacks in
+``stackwise``, blocks in ``blockwise``) per phase, by default one more each phase. During a
+phase, the units it adds TRAIN; the units that were already active are FROZEN (forward only,
+no grad) with ``training.prefix: frozen``, or keep training with ``prefix: train``
+(progressive stacking); units beyond the active count are DORMANT (not placed, identity), and
+the final norm and the LM head TRAIN. These roles are plain strings so the parallel layer can
+map them onto pipeline stages without importing training code.
 """
 
 from __future__ import annotations
@@ -24,18 +25,35 @@ class Phase:
     steps: int
     n_stacks: int
     blocks_per_stack: int
-    unit: int | None = None  # active stack (kind "stack") or global block index (kind "block")
-    prefix_trains: bool = False  # units before the active one train too (training.prefix: train)
+    active: int | None = None  # units (stacks for kind "stack", blocks for "block") active in this phase
+    new_from: int = 0  # first unit this phase adds: units [new_from, active) are new, those before were active
+    prefix_trains: bool = False  # the units active before this phase train too (training.prefix: train)
+
+    @property
+    def unit(self) -> int | None:
+        """The newest (deepest) active unit: stack index, or global block index."""
+        return None if self.active is None else self.active - 1
+
+    @property
+    def n_units(self) -> int:
+        return self.n_stacks if self.kind == "stack" else self.n_stacks * self.blocks_per_stack
 
     @property
     def name(self) -> str:
-        """Human label for logs and the progress bar, e.g. 'stack 2/4'."""
+        """Human label for logs and the progress bar, e.g. 'stack 2/4' or 'stacks 2-4/4'."""
+        if self.kind not in ("stack", "block"):
+            return self.kind
+        if self.active - self.new_from > 1:
+            return f"{self.kind}s {self.new_from + 1}-{self.active}/{self.n_units}"
         if self.kind == "stack":
-            return f"stack {self.unit + 1}/{self.n_stacks}"
-        if self.kind == "block":
-            stack, block = divmod(self.unit, self.blocks_per_stack)
-            return f"block {self.unit + 1}/{self.n_stacks * self.blocks_per_stack} (stack {stack + 1}, block {block + 1})"
-        return self.kind
+            return f"stack {self.active}/{self.n_stacks}"
+        stack, block = divmod(self.unit, self.blocks_per_stack)
+        return f"block {self.active}/{self.n_units} (stack {stack + 1}, block {block + 1})"
+
+    @property
+    def grows(self) -> bool:
+        """Whether this phase adds units to ones that trained before (a growth step of the run)."""
+        return self.stage_wise and self.new_from > 0
 
     @property
     def trains_everything(self) -> bool:
@@ -46,18 +64,18 @@ class Phase:
         if self.trains_everything:
             return TRAIN
         position = stack_id if self.kind == "stack" else stack_id * self.blocks_per_stack + block_id
-        if position < self.unit:
+        if position < self.new_from:
             return TRAIN if self.prefix_trains else FROZEN
-        return TRAIN if position == self.unit else DORMANT
+        return TRAIN if position < self.active else DORMANT
 
     @property
     def embedding_role(self) -> str:
-        """The embedding trains with the first unit (and with every unit when the prefix trains);
+        """The embedding trains in the first phase (and in every phase when the prefix trains);
         otherwise its lookup is frozen compute afterwards.
 
         A tied embedding still learns through the LM head, which always trains.
         """
-        return TRAIN if self.trains_everything or self.unit == 0 or self.prefix_trains else FROZEN
+        return TRAIN if self.trains_everything or self.new_from == 0 or self.prefix_trains else FROZEN
 
     @property
     def stage_wise(self) -> bool:
@@ -84,9 +102,11 @@ def plan_phases(config: StackWiseConfig) -> list[Phase]:
         return [Phase(0, "rack", t.max_steps, **shape)]
     kind = "stack" if t.training_architecture == "stackwise" else "block"
     n = config.n_phases
+    depths = t.depth_schedule if t.depth_schedule is not None else list(range(1, n + 1))
     steps = t.steps_per_phase if isinstance(t.steps_per_phase, list) else [t.steps_per_phase] * n
     prefix_trains = t.prefix == PREFIX_TRAIN
-    phases = [Phase(i, kind, steps[i], unit=i, prefix_trains=prefix_trains, **shape) for i in range(n)]
+    phases = [Phase(i, kind, steps[i], active=depths[i], new_from=depths[i - 1] if i else 0,
+                    prefix_trains=prefix_trains, **shape) for i in range(n)]
     if t.joint_steps > 0:
         phases.append(Phase(n, "joint", t.joint_steps, **shape))
     return phases

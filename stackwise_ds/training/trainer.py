@@ -28,26 +28,27 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..config import ConfigError, StackWiseConfig
-from ..layout import layer_units
+from ..config import OPTIMIZER_CARRY, ConfigError, StackWiseConfig
+from ..layout import TRAIN, layer_units
 from ..model import Rack, create_rack_from_config
 from ..parallel import distributed
 from ..parallel.ds_config import build_ds_config, resolve_precision
 from ..parallel.engine import build_engine, forget_process_groups
+from ..parallel.optimizer_state import layer_moments, set_layer_moments
 from ..parallel.pipe import rack_to_pipeline, stage_of_rank
 from ..parallel.tied import tied_weight_max_abs_diff
 from ..parallel.watchdog import PeerWatchdog
 from ..placement import ELASTIC, PhaseLayout, layout_for
 from . import checkpointing as ckpt
 from .errors import NonFiniteLossError
-from .layer_files import load_layers, save_unplaced_layers, verify_on_every_rank
-from .lr import warmup_cosine
+from .growth import phase_layer_sources
+from .layer_files import load_layers, local_layer_modules, save_unplaced_layers, verify_on_every_rank
+from .lr import phase_lr_lambda
 from .monitor import Monitor
 from .optim import make_optimizer
 from .output_lock import OutputDirLock
 from .phases import Phase, plan_phases
 from .save_errors import reporting_write_failures, write_probe
-from .unit_copy import copy_previous_unit, unit_layer_pairs
 
 
 def check_writable(directory: Path) -> None:
@@ -154,7 +155,7 @@ class ArchitectureTrainer:
                                      f"({state.global_step} steps); nothing to do, its config.yaml and results.json "
                                      "are kept. Use a new training.output_dir to train again.")
             for phase in phases[state.phase_index:]:
-                state = self._run_phase(phase, len(phases), state)
+                state = self._run_phase(phase, phases, state)
         finally:
             self.monitor.close()
         self._retire_pipeline()
@@ -295,7 +296,7 @@ class ArchitectureTrainer:
 
     def _place(self, layout: PhaseLayout, phase: Phase, state: ckpt.TrainingState) -> None:
         """Re-form the pipeline for ``layout``: retire the old one, build this rank's stage, fill it
-        from the newest checkpoint's layer files (with ``copy_previous`` applied at a phase start)."""
+        from the newest checkpoint's layer files (with the growth operator applied at a phase start)."""
         self._retire_pipeline()
         self.groups_before = distributed.live_process_groups()
         rack = self.user_rack if self.user_rack is not None else self._build_stage_rack(layout)
@@ -305,11 +306,13 @@ class ArchitectureTrainer:
         self.ds_config = build_ds_config(cfg, layout.data_parallel, layout.gradient_accumulation_steps)
         self.train_source, self.val_source = self._replica_data(layout)
         if self._weights_dir() is not None:
-            copies = unit_layer_pairs(self.units, phase) if self._starts_with_copy(phase, state) else []
-            load_layers(self.pipe, self._weights_dir(), {dst: src for src, dst in copies})
+            load_layers(self.pipe, self._weights_dir(), self._growth_sources(phase, state))
 
-    def _starts_with_copy(self, phase: Phase, state: ckpt.TrainingState) -> bool:
-        return state.phase_step == 0 and self.config.training.new_unit_init == "copy_previous"
+    def _growth_sources(self, phase: Phase, state: ckpt.TrainingState) -> dict[int, int]:
+        """At the start of a growing phase: pipeline layer -> the layer whose weights it starts as."""
+        if state.phase_step:
+            return {}
+        return phase_layer_sources(self.units, phase, self.config.training.growth_operator)
 
     def _retire_pipeline(self) -> None:
         """Destroy the engine, the PipelineModule and every process group they created."""
@@ -337,19 +340,20 @@ class ArchitectureTrainer:
 
     # ------------------------------------------------------------------ one phase
 
-    def _run_phase(self, phase: Phase, n_phases: int, state: ckpt.TrainingState) -> ckpt.TrainingState:
+    def _run_phase(self, phase: Phase, phases: list[Phase], state: ckpt.TrainingState) -> ckpt.TrainingState:
         resuming_mid_phase = self.resume_tag is not None and state.phase_step > 0
         layout = self._phase_layout(phase)
         if resuming_mid_phase:
             self._check_resumed_layout(layout, state)
-        if layout.same_placement(self.layout):
-            if self._starts_with_copy(phase, state):
-                copy_previous_unit(self.pipe, phase)  # the pipeline stays: copy in memory
-        else:
+        if not layout.same_placement(self.layout):
             self._place(layout, phase, state)
-        self.engine = engine = self._build_engine(phase)
+        elif self._growth_sources(phase, state):  # the pipeline stays: re-read the grown layers' sources
+            load_layers(self.pipe, self._weights_dir(), self._growth_sources(phase, state))
+        self.engine = engine = self._build_engine(phase, phases)
         if resuming_mid_phase:
             self._load_resume_checkpoint(engine)
+        elif self._carries_optimizer() and phase.index > 0:
+            self._carry_moments(engine, phases[phase.index - 1], self._growth_sources(phase, state))
         self.resume_tag = None  # loaded once; later phases continue from memory or the newest tag
         state.layout = layout.to_dict()
         start = state.global_step - state.phase_step
@@ -358,7 +362,7 @@ class ArchitectureTrainer:
                   "losses": list(self.results["losses"][start:])}  # steps done before a mid-phase resume
         if state.phase_step == 0:
             record["val_loss_before"] = self._validate(engine, state.global_step)
-        self.monitor.start_phase(phase, n_phases, state.phase_step, state.global_step)
+        self.monitor.start_phase(phase, len(phases), state.phase_step, state.global_step)
         self.monitor.layout(layout, state.global_step)
         data = self._train_iterator(state.consumed_samples)
         while state.phase_step < phase.steps:
@@ -373,17 +377,43 @@ class ArchitectureTrainer:
         state.finished_phases.append({k: v for k, v in record.items() if k != "losses"})
         state.phase_index, state.phase_step = phase.index + 1, 0
         self.results["phases"].append(record)
-        self._save(engine, state)
+        self._save(engine, state, moments=self._carries_optimizer() and phase.index + 1 < len(phases))
         record.update(self._resource_usage())
         return state
 
-    def _build_engine(self, phase: Phase):
+    def _build_engine(self, phase: Phase, phases: list[Phase]):
         roles = None if phase.kind == "rack" else dict(enumerate(phase.layer_roles(self.pipe.units)))
         return build_engine(self.pipe, self.ds_config, roles,
                             optimizer_factory=partial(make_optimizer, training=self.config.training,
-                                                              units=self.pipe.units),
-                            lr_lambda=lambda step: warmup_cosine(step, phase.steps, self.config.training.warmup_steps,
-                                                                 self.config.training.min_lr_ratio))
+                                                      units=self.pipe.units),
+                            lr_lambda=phase_lr_lambda(phase, phases, self.config.training))
+
+    # ------------------------------------------------------------------ optimizer across phases
+
+    def _carries_optimizer(self) -> bool:
+        return self.config.training.optimizer_across_phases == OPTIMIZER_CARRY
+
+    def _carry_moments(self, engine, previous: Phase, sources: dict[int, int]) -> None:
+        """Start this phase's optimizer from the moments the previous phase's end wrote (its tag is the
+        newest): each layer that trains takes those of the layer it starts as, if that one trained.
+        Continuing and resuming at a phase boundary both read the files, bit for bit alike."""
+        tag_dir, modules = self._weights_dir(), local_layer_modules(self.pipe)
+        trained = previous.layer_roles(self.units)
+        tied = self.config.model.tie_embeddings  # the tied weight (layer 0's file) trains through the head
+        files = {}
+        for layer, module in modules.items():
+            source = sources.get(layer, layer)
+            if any(p.requires_grad for p in module.parameters()) and (trained[source] == TRAIN or
+                                                                       (source == 0 and tied)):
+                files[layer] = tag_dir / ckpt.moments_file_name(source)
+        verify_on_every_rank(sorted(set(files.values())), tag_dir)
+        payloads = {layer: torch.load(path, map_location="cpu", weights_only=True) for layer, path in files.items()}
+        set_layer_moments(engine, modules, payloads)
+
+    def _save_moments(self, engine, tag_dir: Path) -> None:
+        """Collective: the phase end's per-layer moments, written by one rank per layer."""
+        for layer, payload in layer_moments(engine, local_layer_modules(self.pipe)).items():
+            torch.save(payload, tag_dir / ckpt.moments_file_name(layer))
 
     def _resource_usage(self) -> dict[str, float]:
         """Live process groups and resident memory, the largest over ranks (leak checks across phases)."""
@@ -490,7 +520,8 @@ class ArchitectureTrainer:
         self.monitor.flush()
         return val_loss
 
-    def _save(self, engine, state: ckpt.TrainingState) -> None:
+    def _save(self, engine, state: ckpt.TrainingState, moments: bool = False) -> None:
+        """Checkpoint ``state``; ``moments``: also the per-layer optimizer moments the next phase starts from."""
         tag = ckpt.tag_for(state.global_step)
         state.tied_weight_max_abs_diff = tied_weight_max_abs_diff(self.pipe)
         self.monitor.scalar("integrity/tied_weight_max_abs_diff", state.tied_weight_max_abs_diff, state.global_step)
@@ -503,6 +534,8 @@ class ArchitectureTrainer:
         with reporting_write_failures(self.checkpoint_dir, tag, self.rank):  # a full disk: a clear error
             engine.save_checkpoint(str(self.checkpoint_dir), tag=tag, save_latest=False)
             self._save_unplaced_layers(self.checkpoint_dir / tag)
+            if moments:
+                self._save_moments(engine, self.checkpoint_dir / tag)
             distributed.barrier()  # every rank's files are on disk before the tag is published
             if self.rank == 0:  # history first: a published tag never has an older results.json beside it
                 self._write_results(state, complete=False)
