@@ -377,7 +377,7 @@ class ArchitectureTrainer:
         state.finished_phases.append({k: v for k, v in record.items() if k != "losses"})
         state.phase_index, state.phase_step = phase.index + 1, 0
         self.results["phases"].append(record)
-        self._save(engine, state, moments=self._carries_optimizer() and phase.index + 1 < len(phases))
+        self._save(engine, state, moments=self._carries_optimizer())  # also the last: a run may be extended
         record.update(self._resource_usage())
         return state
 
