@@ -177,10 +177,17 @@ def load_hf_split(name: str, config: str | None, split: str):
     except Exception as exc:  # hub, builder and file errors alike become one clear line
         where = f"the local folder {folder}" if folder else \
             f"{name!r} (no local folder of that name, so it was looked up on the Hugging Face Hub)"
-        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise ValueError(f"data.hf_name: could not load {where} with config {config!r}, split {split!r}: "
-                         f"{type(exc).__name__}: {cause}; fix data.hf_name (a Hub dataset, or a local folder of "
+                         f"{root_cause(exc)}; fix data.hf_name (a Hub dataset, or a local folder of "
                          "jsonl/parquet/csv files or of save_to_disk), data.hf_config or data.hf_split") from exc
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost exception ``exc`` was raised from (datasets wraps the real one)."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def read_hf_documents(
