@@ -432,7 +432,7 @@ def write_jsonl(path: Path, texts: list[str], field: str = "text") -> None:
 def test_a_local_hf_folder_is_keyed_by_its_files(hf_home):
     folder = hf_home / "corpus"
     write_jsonl(folder / "a.jsonl", [f"first file, line {i} " * 5 for i in range(20)])
-    kwargs = dict(source="hf", hf_name=str(folder), seq_len=31, cache_dir=str(hf_home / "c"))
+    kwargs = {"source": "hf", "hf_name": str(folder), "seq_len": 31, "cache_dir": str(hf_home / "c")}
     first = build_datasets(**kwargs)
     assert not first.cache_hit and build_datasets(**kwargs).cache_hit
     write_jsonl(folder / "b.jsonl", [f"a file added later, line {i} " * 5 for i in range(20)])

@@ -324,7 +324,8 @@ def check_source_tokenizer(source_tokenizer: Tokenizer | None, source_spec: str,
                           f"data.tokenizer to the source's ({source_spec})")
 
 
-def check_run_tokenizer(init_dir: Path | None, init_from: str | None, tokenizer: Tokenizer, data_tokenizer: str) -> None:
+def check_run_tokenizer(init_dir: Path | None, init_from: str | None, tokenizer: Tokenizer,
+                        data_tokenizer: str) -> None:
     """Once the data is built: the run's tokenizer against the source's, saved by :func:`initial_weights`
     (where a data.tokenizer 'bpe' run is checked, its BPE being trained with the data)."""
     saved = None if init_dir is None else init_dir / TOKENIZER_FILE
