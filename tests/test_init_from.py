@@ -252,6 +252,8 @@ def test_a_run_from_a_hugging_face_folder_exports_the_same_model(llama, llama_ru
         theirs = LlamaForCausalLM.from_pretrained(llama_run["export"]).eval()(ids).logits
         assert torch.allclose(theirs, hf(ids).logits, atol=1e-4, rtol=0)
     assert "training.init_from: initial weights from" in llama_run["stdout"]
+    assert "[stackwise] data: packed windows " in llama_run["stdout"]  # one line on the data, rank 0 only
+    assert llama_run["stdout"].count("tokenizer: the byte tokenizer (258 ids)") == 1
 
 
 def test_the_initial_weights_folder_is_never_a_checkpoint(llama_run):
