@@ -408,3 +408,55 @@ def test_text_files_skip_fifos_and_binaries_and_report_replaced_bytes(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match=r"'.*empty' \(.*\) holds no regular, non-hidden file"):
         list_text_files([str(empty)])
+
+
+# ---------------------------------------------------------------- hf source: local folders
+
+
+@pytest.fixture
+def hf_home(tmp_path, monkeypatch):
+    """datasets' own cache under tmp_path (load_dataset of a local folder writes one)."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    return tmp_path
+
+
+def write_jsonl(path: Path, texts: list[str], field: str = "text") -> None:
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({field: text}) + "\n" for text in texts), encoding="utf-8")
+
+
+def test_a_local_hf_folder_is_keyed_by_its_files(hf_home):
+    folder = hf_home / "corpus"
+    write_jsonl(folder / "a.jsonl", [f"first file, line {i} " * 5 for i in range(20)])
+    kwargs = {"source": "hf", "hf_name": str(folder), "seq_len": 31, "cache_dir": str(hf_home / "c")}
+    first = build_datasets(**kwargs)
+    assert not first.cache_hit and build_datasets(**kwargs).cache_hit
+    write_jsonl(folder / "b.jsonl", [f"a file added later, line {i} " * 5 for i in range(20)])
+    second = build_datasets(**kwargs)
+    assert not second.cache_hit and second.n_tokens > first.n_tokens  # the added file is read, not ignored
+
+
+def test_a_save_to_disk_folder_loads_and_hf_errors_are_one_clear_line(hf_home):
+    import datasets
+
+    saved = hf_home / "saved"
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": ["saved text " * 40] * 8})}).save_to_disk(saved)
+    bundle = build_datasets(source="hf", hf_name=str(saved), text_field="body", seq_len=31,
+                            cache_dir=str(hf_home / "c"))
+    assert bundle.n_tokens == 8 * (len("saved text " * 40) + 1)
+    with pytest.raises(ValueError, match=r"no column 'text'; its columns are \['body'\]: set data.text_field"):
+        build_datasets(source="hf", hf_name=str(saved), seq_len=31, cache_dir=str(hf_home / "c"))
+    with pytest.raises(ValueError, match=r"'validation' is not a split of the saved dataset .*\['train'\]"):
+        build_datasets(source="hf", hf_name=str(saved), hf_split="validation", text_field="body", seq_len=31,
+                       cache_dir=str(hf_home / "c"))
+    with pytest.raises(FileNotFoundError, match=r"data.hf_name '\./no_such_folder' is not an existing folder"):
+        build_datasets(source="hf", hf_name="./no_such_folder", seq_len=31, cache_dir=str(hf_home / "c"))
+    broken = hf_home / "broken"
+    broken.mkdir()
+    (broken / "a.jsonl").write_text('{"text": "cut short', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"could not load the local folder {broken} .*Error: .*; fix data.hf_name"):
+        build_datasets(source="hf", hf_name=str(broken), seq_len=31, cache_dir=str(hf_home / "c"))

@@ -22,7 +22,9 @@ from stackwise_ds.checkpoint.locate import list_tags
 from stackwise_ds.checkpoint.restack import restack
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.model import create_rack_from_config
-from stackwise_ds.training.init_weights import initial_weights
+from stackwise_ds.data.tokenizer import train_bpe
+from stackwise_ds.training.checkpointing import CheckpointError
+from stackwise_ds.training.init_weights import check_run_tokenizer, initial_weights
 
 SMALL = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64", "data.seq_len=32"]
 # the Llama of the Hugging Face test, as StackWise model keys
@@ -154,6 +156,55 @@ def test_restack_refuses_a_count_that_does_not_divide_the_blocks(tmp_path):
         restack(src, tmp_path / "x.safetensors", n_stacks=3)
 
 
+# ----------------------------------------------------------------------------- bad sources, tokenizers (library)
+
+
+def test_what_is_not_a_source_is_named_with_what_is_accepted(tmp_path):
+    accepted = "another run's output dir, its checkpoints/ folder or a tag, a consolidated .safetensors file"
+    fake = tmp_path / "model.safetensors"
+    fake.write_bytes(b"PK\x03\x04 a zip archive, not safetensors" * 100)
+    with pytest.raises(CheckpointError, match=rf"{fake} is not a readable safetensors file \(.*\): it is truncated"):
+        initial_weights(config(f"training.init_from={fake}"), tmp_path / "out")
+    pt_file = tmp_path / "layer_00-model_states.pt"
+    torch.save({}, pt_file)
+    with pytest.raises(CheckpointError, match=rf"{pt_file} is a \.pt file, which is not a source: give {accepted}"):
+        initial_weights(config(f"training.init_from={pt_file}"), tmp_path / "out")
+    hf_without_config = tmp_path / "hf"
+    hf_without_config.mkdir()
+    (hf_without_config / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="holds model.safetensors but no config.json: a Hugging Face folder"):
+        initial_weights(config(f"training.init_from={hf_without_config}"), tmp_path / "out")
+    own = tmp_path / "run"
+    own.mkdir()
+    with pytest.raises(CheckpointError, match=rf"{own} is this run's own training.output_dir: .*give {accepted}"):
+        initial_weights(config(f"training.init_from={own}", f"training.output_dir={own}"), own / "initial_weights")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'empty'} holds no checkpoint tag and no Hugging Face"):
+        initial_weights(config(f"training.init_from={tmp_path / 'empty'}"), tmp_path / "out")
+
+
+def test_a_source_trained_with_another_tokenizer_is_refused_naming_both(tmp_path):
+    bpe = train_bpe(lambda: ["def main(x):\n    return x + 1\n"] * 50, 300)
+    cfg = config("model.vocab_size=300")
+    source = save_consolidated(dict(scrambled_rack(cfg).state_dict()), cfg, tmp_path / "bpe.safetensors", bpe)
+    n = bpe.vocab_size
+    with pytest.raises(ConfigError, match=rf"bpe.safetensors was trained with a {n}-token tokenizer but "
+                                          r"data.tokenizer 'byte' is a 258-token byte tokenizer"):
+        initial_weights(config("model.vocab_size=300", f"training.init_from={source}"), tmp_path / "a")
+    same = bpe.save(tmp_path / "tok" / "tokenizer.json")
+    initial_weights(config("model.vocab_size=300", f"training.init_from={source}", f"data.tokenizer={same}"),
+                    tmp_path / "b")
+    # data.tokenizer 'bpe' is trained with the data: checked then, against the source's tokenizer kept here
+    out = tmp_path / "c"
+    initial_weights(config("model.vocab_size=300", f"training.init_from={source}", "data.tokenizer=bpe"), out)
+    check_run_tokenizer(out, str(source), bpe, "bpe")
+    other = train_bpe(lambda: ["completely different text, other merges\n"] * 50, 300)
+    saved = out / "tokenizer.json"
+    with pytest.raises(ConfigError, match=rf"{source} was trained with a {n}-token tokenizer but data.tokenizer "
+                                          rf"'bpe' is a {other.vocab_size}-token tokenizer: .*\({saved}\)"):
+        check_run_tokenizer(out, str(source), other, "bpe")
+
+
 # ----------------------------------------------------------------------------- Hugging Face Llama -> run -> export
 
 
@@ -201,6 +252,8 @@ def test_a_run_from_a_hugging_face_folder_exports_the_same_model(llama, llama_ru
         theirs = LlamaForCausalLM.from_pretrained(llama_run["export"]).eval()(ids).logits
         assert torch.allclose(theirs, hf(ids).logits, atol=1e-4, rtol=0)
     assert "training.init_from: initial weights from" in llama_run["stdout"]
+    assert "[stackwise] data: packed windows " in llama_run["stdout"]  # one line on the data, rank 0 only
+    assert llama_run["stdout"].count("tokenizer: the byte tokenizer (258 ids)") == 1
 
 
 def test_the_initial_weights_folder_is_never_a_checkpoint(llama_run):
@@ -241,6 +294,10 @@ def test_resume_wins_over_init_from(stackwise_run):
     again = run_training(1, stackwise_run["dir"], *stackwise_run["overrides"], "parallel.pipeline_stages=1")
     assert "resume wins, training.init_from" in again.stdout
     assert "already holds the finished run" in again.stdout
+    refused = run_training(1, stackwise_run["dir"], *stackwise_run["overrides"], "parallel.pipeline_stages=1",
+                           "training.resume=false", expect_ok=False)
+    assert refused.returncode == 2 and "training.resume is false" in refused.stderr + refused.stdout
+    assert "resume wins" not in refused.stdout  # only the error: init_from is not what stops the run
 
 
 def test_the_trainer_refuses_a_mismatched_source_before_training(stackwise_run, tmp_path):

@@ -12,12 +12,16 @@ import pytest
 import torch
 
 from launch_utils import REPO, results, run_training
-from stackwise_ds.checkpoint.consolidation import TOKENIZER_KEY, consolidate
+from stackwise_ds.checkpoint.consolidation import TOKENIZER_KEY, consolidate, save_consolidated
 from stackwise_ds.checkpoint.generate import generate_text
 from stackwise_ds.checkpoint.hf import import_hf
 from stackwise_ds.config import StackWiseConfig
 from stackwise_ds.data import (TOKENIZER_FILE, ByteTokenizer, TokenizerError, build_datasets, load_tokenizer_json,
                                make_tokenizer)
+from stackwise_ds.data.build import describe_bundle
+from stackwise_ds.model import create_rack_from_config
+from stackwise_ds.training.checkpointing import CheckpointError
+from stackwise_ds.training.data_setup import print_data_summary
 
 # Emoji (incl. a ZWJ sequence), CJK, combining marks, RTL, control characters, a BOM, odd spaces.
 UNICODE = ["héllo wörld", "日本語のテキスト 中文", "e\u0301 a\u0308\u0323 \u0915\u094d\u0937",
@@ -120,6 +124,47 @@ def test_tokenizer_errors_name_the_problem_and_the_fix(tmp_path):
         make_tokenizer(str(no_eos))
     with pytest.raises(TokenizerError, match="neither 'byte', 'bpe' nor an existing tokenizer.json"):
         make_tokenizer(str(tmp_path / "missing"))
+
+
+def test_a_truncated_tokenizer_json_is_named_with_the_parse_error(tmp_path):
+    folder = hf_tokenizer_folder(tmp_path / "hf_tok")
+    text = (folder / TOKENIZER_FILE).read_text()
+    (folder / TOKENIZER_FILE).write_text(text[: len(text) // 2])  # a copy cut short
+    with pytest.raises(TokenizerError, match=rf"{folder / TOKENIZER_FILE} is not a readable tokenizer.json "
+                                             r"\(EOF while parsing"):
+        make_tokenizer(str(folder))
+    with pytest.raises(TokenizerError, match="cached.json is not a readable tokenizer.json"):
+        load_tokenizer_json("{", "cached.json")
+
+
+def test_the_data_summary_line_and_a_bpe_short_of_its_vocabulary(tmp_path, capsys):
+    corpus(tmp_path / "docs", n_docs=20)
+    built = bpe_bundle(tmp_path, "c", vocab_size=100_000)
+    reached = built.tokenizer.vocab_size
+    assert reached < 100_000
+    config = StackWiseConfig.from_dict({"data": {"tokenizer": "bpe"}, "model": {"vocab_size": 100_000}})
+    print_data_summary(config, bpe_bundle(tmp_path, "c", vocab_size=100_000))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"[stackwise] data: packed windows loaded from cache entry {built.cache_path} (")
+    assert f"tokenizer: a {reached:,}-token BPE trained on the training split" in lines[0]
+    assert lines[1].startswith(f"[stackwise] warning: the BPE reached only {reached:,} of model.vocab_size 100,000 ")
+    assert f"set model.vocab_size={reached}" in lines[1] and len(lines) == 2
+    assert "built into cache entry" in describe_bundle(built, "bpe", reached)[0]
+    assert len(describe_bundle(built, "bpe", reached)) == 1  # no warning when the BPE fills the vocabulary
+
+
+def test_generate_refuses_a_model_without_tokenizer_unless_given_one(tmp_path):
+    folder = hf_tokenizer_folder(tmp_path / "hf_tok")
+    config = StackWiseConfig.from_dict({"model": {"vocab_size": 300, "d_model": 32, "n_heads": 4, "max_seq_len": 32},
+                                       "data": {"seq_len": 16}})
+    rack = create_rack_from_config(config)
+    source = save_consolidated(dict(rack.state_dict()), config, tmp_path / "imported.safetensors")  # no tokenizer
+    with pytest.raises(CheckpointError, match=r"carries no tokenizer .*300 ids.*--tokenizer PATH"):
+        generate_text(source, "the fox", max_new_tokens=4, temperature=0)
+    out = run_tool("generate", source, "--prompt", "the fox", "--max-new-tokens", 4, "--temperature", 0,
+                   "--tokenizer", folder)
+    assert out == generate_text(source, "the fox", 4, 0, tokenizer_path=folder) + "\n"
+    assert out.startswith("the fox")
 
 
 def test_tokenizer_path_expands_the_home_directory(monkeypatch, tmp_path):

@@ -170,6 +170,15 @@ def test_reshard_two_stages_to_one_stage_two_replicas_resumes_identically(pp2_ru
     assert relative_close(losses, pp2_run["continued"], rtol=1e-5), (losses, pp2_run["continued"])
 
 
+def test_reshard_carries_the_runs_results_over(pp2_run, tmp_path):
+    copy_tag(pp2_run, tmp_path / "run")
+    history = {"losses": [3.0, 2.5, 2.25], "val_history": [[3, 2.4]], "phases": [], "output_dir": "elsewhere"}
+    (tmp_path / "run" / "results.json").write_text(json.dumps(history))
+    reshard(tmp_path / "run", tmp_path / "pp1", 1, 2)
+    carried = json.loads((tmp_path / "pp1" / "results.json").read_text())
+    assert carried == {**history, "output_dir": str(tmp_path / "pp1")}
+
+
 def test_reshard_one_stage_to_two_stages_resumes_identically(pp1_run, tmp_path):
     out = tmp_path / "pp2"
     run_tool("reshard", pp1_run["dir"], out, "--pipeline-stages", 2)

@@ -4,7 +4,8 @@
     python tools/generate.py runs/default --prompt "def main(" --max-new-tokens 200 --temperature 0.8 --top-k 50
 
 CHECKPOINT is a checkpoint (<output_dir>, checkpoints/ or a tag folder) or a consolidated
-.safetensors file; the tokenizer comes from the tag's tokenizer.json or the file's metadata.
+.safetensors file; the tokenizer comes from the tag's tokenizer.json or the file's metadata
+(--tokenizer PATH for a model that carries none: it is refused without one).
 --temperature 0 samples greedily. Bidirectional (masked-LM) racks are refused.
 """
 
@@ -26,13 +27,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (0 = all)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     parser.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    parser.add_argument("--tokenizer", help="tokenizer.json (or a folder holding one) for a model that carries "
+                                            "no tokenizer, e.g. one imported without it")
     args = parser.parse_args(argv)
 
     def body() -> None:
         from stackwise_ds.checkpoint.generate import generate_text
 
         print(generate_text(args.checkpoint, args.prompt, args.max_new_tokens, args.temperature,
-                            args.top_k or None, args.seed, args.tag))
+                            args.top_k or None, args.seed, args.tag, args.tokenizer))
 
     return run_tool("generate", body)
 

@@ -56,7 +56,10 @@ def tag_tokenizer(tag_dir: Path, config: StackWiseConfig) -> Tokenizer | None:
 
 
 def _byte_fallback(config: StackWiseConfig) -> Tokenizer | None:
-    if config.data.tokenizer == "byte" and config.model.vocab_size >= ByteTokenizer().vocab_size:
+    # Only a vocabulary of exactly the byte tokenizer's 258 ids: data.tokenizer is also 'byte' (the default)
+    # in the config of a model imported without a tokenizer (tools/import_hf.py), whose ids >= 258 the byte
+    # tokenizer would silently drop; a byte run saved by this version always carries its tokenizer.json.
+    if config.data.tokenizer == "byte" and config.model.vocab_size == ByteTokenizer().vocab_size:
         return ByteTokenizer()
     return None
 
@@ -77,12 +80,23 @@ def save_consolidated(state: dict[str, torch.Tensor], config: StackWiseConfig, o
     return out
 
 
+def safetensors_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a .safetensors file; a file that is not one (corrupt, truncated, another format under
+    that name) is a CheckpointError naming it, not safetensors' bare 'header too large'."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): it is truncated, corrupt or "
+                              "another format under a .safetensors name; give a file written by "
+                              "tools/consolidate.py, import_hf.py or restack.py") from None
+
+
 def consolidated_tokenizer(path: Path, config: StackWiseConfig) -> Tokenizer | None:
     """The tokenizer in a consolidated file's metadata (see :func:`tag_tokenizer` for the fallback)."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    metadata = safetensors_metadata(path)
     if TOKENIZER_KEY in metadata:
         return load_tokenizer_json(metadata[TOKENIZER_KEY], str(path), metadata.get(TOKENIZER_EOS_KEY),
                                    metadata.get(TOKENIZER_MASK_KEY))
@@ -101,9 +115,10 @@ def load_run_tokenizer(source: str | Path, tag: str | None = None, config: Stack
     config = config or load_rack_state(source, tag)[1]
     tokenizer = find_run_tokenizer(source, tag, config)
     if tokenizer is None:
-        raise CheckpointError(f"{source} carries no tokenizer (data.tokenizer was {config.data.tokenizer!r}): copy "
-                              f"the run's <output_dir>/{TOKENIZER_FILE} into the checkpoint tag folder, then "
-                              "consolidate/export again")
+        raise CheckpointError(f"{source} carries no tokenizer (data.tokenizer {config.data.tokenizer!r}, "
+                              f"{config.model.vocab_size} ids): give the one it was trained with (tools/generate.py "
+                              f"--tokenizer PATH: a {TOKENIZER_FILE} or a folder holding one), or copy the run's "
+                              f"<output_dir>/{TOKENIZER_FILE} into the checkpoint tag folder and consolidate again")
     return tokenizer
 
 
@@ -114,6 +129,7 @@ def read_consolidated(path: str | Path) -> tuple[RackState, StackWiseConfig]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist: pass a .safetensors file written by tools/consolidate.py")
+    safetensors_metadata(path)  # a file that is no safetensors: named here
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if CONFIG_KEY not in metadata:

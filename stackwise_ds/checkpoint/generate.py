@@ -93,14 +93,20 @@ def pick(logits: torch.Tensor, temperature: float, top_k: int | None, generator)
 
 
 def generate_text(source: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: int | None = 50, seed: int = 0, tag: str | None = None) -> str:
+                  top_k: int | None = 50, seed: int = 0, tag: str | None = None,
+                  tokenizer_path: str | Path | None = None) -> str:
     """Prompt + sampled continuation from a checkpoint or consolidated file, in the run's tokenizer
-    (the checkpoint tag's tokenizer.json, or the consolidated file's metadata)."""
+    (the checkpoint tag's tokenizer.json, or the consolidated file's metadata), or in the tokenizer.json
+    (or folder holding one) at ``tokenizer_path`` for a model that carries none."""
+    from ..data.tokenizer import load_tokenizer_file
     from .consolidation import load_run_tokenizer
 
     rack, config = load_rack_with_config(source, tag)
     check_causal(config)
-    tokenizer = load_run_tokenizer(source, tag, config)
+    if tokenizer_path is None:
+        tokenizer = load_run_tokenizer(source, tag, config)
+    else:
+        tokenizer = load_tokenizer_file(tokenizer_path)
     if config.model.vocab_size < tokenizer.vocab_size:
         raise GenerationError(f"the rack's vocabulary ({config.model.vocab_size}) is smaller than its "
                               f"tokenizer's ({tokenizer.vocab_size}): it was not trained with this tokenizer")

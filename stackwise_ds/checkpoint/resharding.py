@@ -15,7 +15,8 @@ with the new layout would have saved itself:
    stages as the engine does), padded to 2 x D and split in D.
 3. ``mp_rank_{s}_model_states.pt`` (engine state) is rebuilt per new stage: ``param_shapes``,
    per-group lists of the LR scheduler, dp/mp world sizes, ``checkpoint_parallel_dimensions``.
-4. ``stackwise_state.json`` and ``<out>/config.yaml`` get ``parallel.pipeline_stages = M`` (and
+4. ``<out>/results.json`` is the run's, so the resumed run's history keeps the losses before the tag.
+5. ``stackwise_state.json`` and ``<out>/config.yaml`` get ``parallel.pipeline_stages = M`` (and
    ``training.output_dir``; ``gradient_accumulation_steps`` is rescaled to keep the global batch).
 
 A stage gets an optimizer shard iff it holds a parameter that had optimizer state. The tied
@@ -52,6 +53,7 @@ from .locate import LAYER_FILE_RE, CheckpointRef, resolve_checkpoint
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 BASE, FP32, PADDINGS = "base_optimizer_state", "single_partition_of_fp32_groups", "group_paddings"
 ALIGN_PADDINGS = "param_alignment_paddings"
+RESULTS_FILE = "results.json"  # the trainer's run summary in <output_dir>
 ALIGNMENT_FACTOR = 2  # DeepSpeed's nccl_start_alignment_factor: flat groups are padded to 2 x dp
 
 
@@ -96,6 +98,7 @@ def reshard(checkpoint: str | Path, out_dir: str | Path, pipeline_stages: int, d
     copy_layer_files(ref, target)
     write_stages(source, new_config, target, pipeline_stages, data_parallel)
     new_config.to_yaml(Path(out_dir) / "config.yaml")
+    copy_results(ref, Path(out_dir))
     # the files now follow the fixed layout of new_config: no recorded elastic layout to match on resume
     state = TrainingState(**{**asdict(ref.state), "config": new_config.to_dict(), "layout": {}})
     mark_complete(out_ckpt, ref.tag, state)  # last: the tag is complete only once everything is there
@@ -139,6 +142,19 @@ def copy_layer_files(ref: CheckpointRef, target: Path) -> None:
     for path in sorted(ref.path.iterdir()):
         if LAYER_FILE_RE.match(path.name) or path.name == TOKENIZER_FILE:  # the tokenizer travels with the tag
             shutil.copy2(path, target / path.name)
+
+
+def copy_results(ref: CheckpointRef, out_dir: Path) -> None:
+    """The run's results.json (its loss history) into ``out_dir``, so the resumed run's summary continues it;
+    the resumed trainer keeps the history up to the tag's step. A checkpoint without one (a tag copied
+    alone) has none to carry."""
+    source = ref.checkpoint_dir.parent / RESULTS_FILE
+    try:
+        results = json.loads(source.read_text())
+    except (OSError, ValueError):
+        return
+    results["output_dir"] = str(out_dir)
+    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
 
 
 # ----------------------------------------------------------------------------- reading the old layout

@@ -78,12 +78,16 @@ def _resolve_source(
         return _file_source(source, corpus.list_stdlib_files(), max_files, max_bytes)
     if source == "text_files":
         return _file_source(source, corpus.list_text_files(list(paths or [])), max_files, max_bytes)
-    # hf: keyed by name/config/split only -- a re-published dataset under the same name needs
-    # a fresh cache_dir (or deleting the entry).
+    # hf: a Hub dataset is keyed by name/config/split only -- a re-published dataset under the same
+    # name needs a fresh cache_dir (or deleting the entry); a local folder also by its files, so an
+    # added or edited file makes a new entry (as for text_files).
     key = {
         "source": source, "hf_name": hf_name, "hf_config": hf_config, "hf_split": hf_split,
         "text_field": text_field, "max_docs": max_files, "max_bytes": max_bytes,
     }
+    folder = corpus.local_dataset_dir(hf_name)
+    if folder is not None:
+        key["files"] = [[f.path, f.size, f.mtime_ns] for f in corpus.local_dataset_files(folder)]
     return _Source(key, lambda: corpus.read_hf_documents(hf_name, hf_config, hf_split, text_field, max_files, max_bytes))
 
 
@@ -215,6 +219,27 @@ def build_datasets(
         return PackedDataset(windows, rows, objective=objective, mask_prob=mask_prob, seed=seed, tokenizer=tok)
 
     return DataBundle(split_dataset(train_rows), split_dataset(val_rows), tok, hit, int(meta["n_tokens"]), entry)
+
+
+def describe_bundle(bundle: DataBundle, data_tokenizer: str, vocab_size: int) -> list[str]:
+    """The lines a run prints about its data: the cache entry (loaded or built), its size and the tokenizer;
+    then a warning when a trained BPE stopped short of ``vocab_size`` (its text had too few distinct
+    merges), since the embedding rows above it are never trained and generation cannot decode them."""
+    n_tokens = bundle.tokenizer.vocab_size
+    if data_tokenizer == "bpe":
+        kind = f"a {n_tokens:,}-token BPE trained on the training split"
+    elif data_tokenizer == "byte":
+        kind = f"the byte tokenizer ({n_tokens} ids)"
+    else:
+        kind = f"{data_tokenizer} ({n_tokens:,} tokens)"
+    lines = [(f"data: packed windows {'loaded from' if bundle.cache_hit else 'built into'} cache entry "
+              f"{bundle.cache_path} ({bundle.n_tokens:,} tokens, {len(bundle.train):,} training + "
+              f"{len(bundle.val):,} validation windows); tokenizer: {kind}")]
+    if data_tokenizer == "bpe" and n_tokens < vocab_size:
+        lines.append(f"warning: the BPE reached only {n_tokens:,} of model.vocab_size {vocab_size:,} tokens (its "
+                     f"training text has no more merges): embedding rows {n_tokens:,}..{vocab_size - 1:,} are never "
+                     f"trained; set model.vocab_size={n_tokens} or train on more text")
+    return lines
 
 
 def _split(meta: dict[str, Any], n_windows: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -129,14 +129,74 @@ def read_file_documents(files: list[SourceFile], max_bytes: int | None, user_fil
                       stacklevel=2)
 
 
+def local_dataset_dir(name: str) -> Path | None:
+    """``data.hf_name`` as a local folder (jsonl/parquet/csv files or a ``save_to_disk`` folder); None for a
+    Hub name. A name written as a path (``/``, ``.``, ``~``) that does not exist is an error here, before
+    ``datasets`` takes it for a Hub name."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path.resolve()
+    if name.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"data.hf_name {name!r} is not an existing folder ({path.resolve()} not found): "
+                                "fix the path, or give a Hugging Face Hub dataset name")
+    return None
+
+
+def local_dataset_files(folder: Path) -> list[SourceFile]:
+    """The files of a local dataset folder, with the size and mtime that key its cache entry."""
+    return [SourceFile.stat(p) for p in _entries_under(folder) if p.is_file()]
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """A folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``."""
+    return (folder / "state.json").is_file() or (folder / "dataset_dict.json").is_file()
+
+
+def _saved_split(folder: Path, split: str):
+    import datasets
+
+    loaded = datasets.load_from_disk(str(folder))
+    if not isinstance(loaded, datasets.DatasetDict):
+        return loaded  # a saved Dataset is one split already
+    if split not in loaded:
+        raise ValueError(f"data.hf_split {split!r} is not a split of the saved dataset {folder}: its splits are "
+                         f"{list(loaded)}; set data.hf_split to one of them")
+    return loaded[split]
+
+
+def load_hf_split(name: str, config: str | None, split: str):
+    """The ``datasets.Dataset`` that ``data.hf_name`` / ``hf_config`` / ``hf_split`` name; any failure to load is
+    one ValueError with the cause and the settings to fix (datasets' own errors rarely name them)."""
+    import datasets  # local import: only this source needs the hub machinery
+
+    folder = local_dataset_dir(name)
+    if folder is not None and _is_saved_dataset(folder):
+        return _saved_split(folder, split)
+    try:
+        return datasets.load_dataset(str(folder or name), config, split=split)
+    except Exception as exc:  # hub, builder and file errors alike become one clear line
+        where = f"the local folder {folder}" if folder else \
+            f"{name!r} (no local folder of that name, so it was looked up on the Hugging Face Hub)"
+        raise ValueError(f"data.hf_name: could not load {where} with config {config!r}, split {split!r}: "
+                         f"{root_cause(exc)}; fix data.hf_name (a Hub dataset, or a local folder of "
+                         "jsonl/parquet/csv files or of save_to_disk), data.hf_config or data.hf_split") from exc
+
+
+def root_cause(exc: BaseException) -> str:
+    """``Type: first line`` of the innermost exception ``exc`` was raised from (datasets wraps the real one)."""
+    while (exc.__cause__ or exc.__context__) is not None:
+        exc = exc.__cause__ or exc.__context__
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
 def read_hf_documents(
     name: str, config: str | None, split: str, text_field: str,
     max_docs: int | None, max_bytes: int | None,
 ) -> Iterator[str]:
-    """Documents from ``datasets.load_dataset(name, config, split=split)[text_field]``."""
-    import datasets  # local import: only this source needs the hub machinery
-
-    loaded = datasets.load_dataset(name, config, split=split)
+    """Documents from ``datasets.load_dataset(name, config, split=split)[text_field]`` (``load_from_disk`` for
+    a ``save_to_disk`` folder)."""
+    loaded = load_hf_split(name, config, split)
     if text_field not in loaded.column_names:
         raise ValueError(
             f"Hugging Face dataset {name!r} (config {config!r}, split {split!r}) has no column "

@@ -46,8 +46,16 @@ def text_dataset(rows: Callable[[], Iterator[dict]], scratch_dir: Path, fingerpr
     import datasets
 
     features = datasets.Features({"text": datasets.Value("string"), "ends_doc": datasets.Value("bool")})
-    return datasets.Dataset.from_generator(rows, features=features, cache_dir=str(scratch_dir),
-                                           fingerprint=f"{fingerprint}-text")
+    try:
+        return datasets.Dataset.from_generator(rows, features=features, cache_dir=str(scratch_dir),
+                                               fingerprint=f"{fingerprint}-text")
+    except datasets.exceptions.DatasetGenerationError as exc:
+        # datasets wraps whatever the source raised; a user error (a missing column, an unloadable
+        # dataset, a missing file) is raised as itself, its message naming the problem and the fix.
+        cause = exc.__cause__ or exc.__context__
+        if isinstance(cause, (ValueError, OSError)):
+            raise cause from None
+        raise
 
 
 def tokenize_texts(texts, tokenizer: Tokenizer, fingerprint: str):

@@ -148,9 +148,7 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, json_text: str, eos_token: str | None = None, mask_token: str | None = None,
                  origin: str = "tokenizer") -> None:
-        from tokenizers import Tokenizer as HFCore
-
-        self.core = HFCore.from_str(json_text)
+        self.core = parse_tokenizer_json(json_text, origin)
         self._json = json_text
         specials = special_tokens(json_text)
         eos = eos_token or next((t for t in EOS_NAMES if t in specials), None)
@@ -188,6 +186,19 @@ class HFTokenizer(Tokenizer):
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, eos_id={self.eos_id}, mask_id={self.mask_id})"
+
+
+def parse_tokenizer_json(json_text: str, origin: str):
+    """The ``tokenizers.Tokenizer`` of ``json_text``; a truncated or corrupt file is a TokenizerError naming
+    ``origin`` (the library's own error names no file)."""
+    from tokenizers import Tokenizer as HFCore
+
+    try:
+        return HFCore.from_str(json_text)
+    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for every parse error
+        raise TokenizerError(f"{origin} is not a readable tokenizer.json ({exc}): the file is truncated or "
+                             "corrupt; replace it with a complete copy (tokenizer.save / save_pretrained "
+                             "write one)") from None
 
 
 def special_tokens(json_text: str) -> set[str]:
@@ -244,7 +255,10 @@ def folder_special_names(path: Path) -> tuple[str | None, str | None]:
     config = path.parent / "tokenizer_config.json"
     if not config.is_file():
         return None, None
-    raw = json.loads(config.read_text())
+    try:
+        raw = json.loads(config.read_text())
+    except ValueError as exc:
+        raise TokenizerError(f"{config} is not valid JSON ({exc}): repair or delete it") from None
 
     def name(key: str) -> str | None:
         value = raw.get(key)
@@ -256,7 +270,10 @@ def folder_special_names(path: Path) -> tuple[str | None, str | None]:
 def load_tokenizer_file(spec: str | Path) -> HFTokenizer | Tokenizer:
     """The tokenizer of a local ``tokenizer.json`` or tokenizer folder (``save_pretrained``)."""
     path = tokenizer_file(spec)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise TokenizerError(f"{path} is not a tokenizer.json (not UTF-8 text: {exc}): fix data.tokenizer") from None
     if text == byte_level_json():
         return ByteTokenizer()
     eos, mask = folder_special_names(path)

@@ -34,6 +34,14 @@ def load_bundle(config: StackWiseConfig):
     return bundle
 
 
+def print_data_summary(config: StackWiseConfig, bundle) -> None:
+    """One line on the data (cache hit or build, tokens, tokenizer), and a warning line for a short BPE."""
+    from ..data.build import describe_bundle
+
+    for line in describe_bundle(bundle, config.data.tokenizer, config.model.vocab_size):
+        print(f"[stackwise] {line}", flush=True)
+
+
 def run_tokenizer(config: StackWiseConfig, bundle) -> Tokenizer | None:
     """The tokenizer of the run's data; None when unknown (a user's dataloader with a 'bpe' config,
     or a vocabulary too small for the configured tokenizer)."""

@@ -22,8 +22,10 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.layers import file_layers, layer_key, rack_name, rack_shapes, read_layer_file, unit_keys, units_of
-from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, is_tag_dir, resolve_checkpoint
+from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, is_tag_dir, list_tags, resolve_checkpoint
 from ..config import INIT_GROWTH_STACK, ConfigError, ModelConfig, StackWiseConfig
+from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer_json, make_tokenizer
+from ..data.tokenizer import load_tokenizer_file, parse_tokenizer_json
 from ..model import build_block
 from .checkpointing import CheckpointError
 from .layer_files import layer_path
@@ -49,18 +51,22 @@ class CheckpointSource:
             self._cached = (layer, read_layer_file(self.ref, layer))
         return _present(self._cached[1].get(layer_key(units[layer], name)), name, self.ref.layer_file(layer))
 
+    def tokenizer(self) -> tuple[Tokenizer | None, str]:
+        """(the tokenizer the source was trained with, or None when unknown; how to name it in data.tokenizer)."""
+        from ..checkpoint.consolidation import tag_tokenizer
+
+        tokenizer, file = tag_tokenizer(self.ref.path, self.config), self.ref.path / TOKENIZER_FILE
+        return tokenizer, str(file) if file.is_file() else "byte"
+
 
 class ConsolidatedSource:
     """A .safetensors file of tools/consolidate.py, import_hf.py or restack.py (config in its metadata)."""
 
     def __init__(self, path: str):
-        from safetensors import safe_open
-
-        from ..checkpoint.consolidation import CONFIG_KEY
+        from ..checkpoint.consolidation import CONFIG_KEY, safetensors_metadata
 
         self.path, self.where = path, path
-        with safe_open(path, framework="pt") as handle:
-            metadata = handle.metadata() or {}
+        metadata = safetensors_metadata(path)
         if CONFIG_KEY not in metadata:
             raise CheckpointError(f"training.init_from {path} has no '{CONFIG_KEY}' metadata, so its rack is unknown: "
                                   "write it with tools/consolidate.py, import_hf.py or restack.py")
@@ -71,6 +77,14 @@ class ConsolidatedSource:
 
         with safe_open(self.path, framework="pt") as handle:  # reads this one tensor only
             return _present(handle.get_tensor(name) if name in handle.keys() else None, name, self.path)
+
+    def tokenizer(self) -> tuple[Tokenizer | None, str]:
+        from ..checkpoint.consolidation import consolidated_tokenizer
+
+        tokenizer = consolidated_tokenizer(Path(self.path), self.config)
+        spec = "byte" if isinstance(tokenizer, ByteTokenizer) else \
+            f"a tokenizer.json of the one in {self.path}'s metadata (tools/export_hf.py writes it)"
+        return tokenizer, spec
 
 
 class HFSource:
@@ -103,6 +117,14 @@ class HFSource:
         with safe_open(str(file), framework="pt") as handle:
             return _present(handle.get_tensor(theirs) if theirs in handle.keys() else None, theirs, file)
 
+    def tokenizer(self) -> tuple[Tokenizer | None, str]:
+        if not (self.dir / TOKENIZER_FILE).is_file():
+            return None, str(self.dir)
+        try:
+            return load_tokenizer_file(self.dir), str(self.dir)
+        except TokenizerError:
+            return None, str(self.dir)  # one this project cannot use (no eos): nothing to compare
+
 
 def _hf_weight_files(hf_dir: Path) -> dict[str | None, Path]:
     """HF tensor name -> the file holding it (key None: one file holds them all)."""
@@ -124,17 +146,41 @@ def _present(tensor: torch.Tensor | None, name: str, where) -> torch.Tensor:
     return tensor
 
 
+ACCEPTED_SOURCES = ("give another run's output dir, its checkpoints/ folder or a tag, a consolidated .safetensors "
+                    "file, or a local Hugging Face Llama folder (config.json + weights)")
+HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
 def open_source(path: str, target: StackWiseConfig):
     """The weights at ``path``, whichever of the accepted forms it is."""
     p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"training.init_from {path} does not exist: give a run dir, its checkpoints/ folder "
-                              "or a tag, a consolidated .safetensors file, or a local Hugging Face Llama folder")
+        raise CheckpointError(f"training.init_from {path} does not exist: {ACCEPTED_SOURCES}")
     if p.suffix == ".safetensors":
         return ConsolidatedSource(path)
-    if p.is_dir() and (p / "config.json").is_file() and not (p / "checkpoints").is_dir() and not is_tag_dir(p):
+    if p.is_file():
+        raise CheckpointError(f"training.init_from {path} is a {p.suffix or 'plain'} file, which is not a source: "
+                              f"{ACCEPTED_SOURCES} (a layer_XX-model_states.pt file: give its tag folder)")
+    if (p / "config.json").is_file() and not (p / "checkpoints").is_dir() and not is_tag_dir(p):
         return HFSource(path, target.model.architecture.blocks_per_stack)
+    check_holds_checkpoint(p, Path(target.training.output_dir))
     return CheckpointSource(path)
+
+
+def check_holds_checkpoint(folder: Path, output_dir: Path) -> None:
+    """Say what a folder that is no checkpoint (and no Hugging Face folder) is, instead of 'no tag folder'."""
+    if folder.resolve() in (output_dir.resolve(), output_dir.resolve() / "checkpoints"):
+        raise CheckpointError(f"training.init_from {folder} is this run's own training.output_dir: init_from starts "
+                              "a fresh run from other weights (a run resumes its own checkpoints by itself); "
+                              f"{ACCEPTED_SOURCES}")
+    if is_tag_dir(folder) or list_tags(folder) or list_tags(folder / "checkpoints"):
+        return  # a checkpoint: resolve_checkpoint says what is wrong with it, if anything
+    hf_files = [name for name in (*HF_WEIGHT_FILES, "tokenizer.json") if (folder / name).is_file()]
+    if hf_files:
+        raise CheckpointError(f"training.init_from {folder} holds {', '.join(hf_files)} but no config.json: a Hugging "
+                              "Face folder needs its config.json (save_pretrained() writes it)")
+    raise CheckpointError(f"training.init_from {folder} holds no checkpoint tag and no Hugging Face config.json: "
+                          f"{ACCEPTED_SOURCES}")
 
 
 # ----------------------------------------------------------------------------- what goes where
@@ -243,11 +289,69 @@ def describe_growth(source: StackWiseConfig, target: StackWiseConfig) -> str:
     return f"{n_src} -> {n_tgt} stacks (target<-source: {plan})"
 
 
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def same_ids(a: Tokenizer, b: Tokenizer) -> bool:
+    """Whether every id names the same token in both (what an embedding row means)."""
+    def vocab(tokenizer: Tokenizer) -> dict[str, int]:
+        return parse_tokenizer_json(tokenizer.to_json(), "tokenizer").get_vocab(with_added_tokens=True)
+
+    return a.to_json() == b.to_json() or vocab(a) == vocab(b)
+
+
+def describe_tokenizer(tokenizer: Tokenizer) -> str:
+    kind = "byte tokenizer" if isinstance(tokenizer, ByteTokenizer) else "tokenizer"
+    return f"a {tokenizer.vocab_size}-token {kind}"
+
+
+def check_source_tokenizer(source_tokenizer: Tokenizer | None, source_spec: str, where: str,
+                           run_tokenizer: Tokenizer | None, run_spec: str) -> None:
+    """Refuse a source trained with another tokenizer than the run's (its embedding rows would mean other
+    tokens); ``run_tokenizer`` None is data.tokenizer 'bpe' before its training: only a byte source is
+    known to differ then. A source without a known tokenizer is not checked."""
+    if source_tokenizer is None:
+        return
+    if run_tokenizer is None:
+        differs = isinstance(source_tokenizer, ByteTokenizer)
+        run_text = "a BPE trained on this run's data"
+    else:
+        differs = not same_ids(source_tokenizer, run_tokenizer)
+        run_text = describe_tokenizer(run_tokenizer)
+    if differs:
+        raise ConfigError(f"training.init_from {where} was trained with {describe_tokenizer(source_tokenizer)} but "
+                          f"data.tokenizer {run_spec!r} is {run_text}: its ids mean other tokens; set "
+                          f"data.tokenizer to the source's ({source_spec})")
+
+
+def check_run_tokenizer(init_dir: Path | None, init_from: str | None, tokenizer: Tokenizer,
+                        data_tokenizer: str) -> None:
+    """Once the data is built: the run's tokenizer against the source's, saved by :func:`initial_weights`
+    (where a data.tokenizer 'bpe' run is checked, its BPE being trained with the data)."""
+    saved = None if init_dir is None else init_dir / TOKENIZER_FILE
+    if saved is None or not saved.is_file():
+        return
+    source = load_tokenizer_json(saved.read_text(encoding="utf-8"), str(saved))
+    check_source_tokenizer(source, str(saved), str(init_from), tokenizer, data_tokenizer)
+
+
+def run_tokenizer_before_data(data_tokenizer: str) -> Tokenizer | None:
+    """The run's tokenizer when known without its data (None for 'bpe', trained while the data is built)."""
+    return None if data_tokenizer == "bpe" else make_tokenizer(data_tokenizer)
+
+
 def initial_weights(target: StackWiseConfig, out_dir: Path, rank: int = 0, world_size: int = 1) -> str:
     """Check the source of ``training.init_from`` and write this rank's share of ``out_dir``; returns a summary."""
     source = open_source(target.training.init_from, target)
     check_compatible(source.config, target, source.where, target.training.init_growth)
+    source_tokenizer, source_spec = source.tokenizer()
+    check_source_tokenizer(source_tokenizer, source_spec, source.where,
+                           run_tokenizer_before_data(target.data.tokenizer), target.data.tokenizer)
     write_initial_weights(source, target, out_dir, rank, world_size)
+    if rank == 0:  # for check_run_tokenizer once a 'bpe' is trained (none from an earlier attempt stays)
+        (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
+        if source_tokenizer is not None:
+            source_tokenizer.save(out_dir / TOKENIZER_FILE)
     return f"initial weights from {source.where}: {describe_growth(source.config, target)}"
 
 

@@ -201,14 +201,14 @@ class ArchitectureTrainer:
         if self.resume_tag is None:
             self._prepare_initial_weights()
             return None, fresh
-        if self.config.training.init_from is not None and self.rank == 0:
-            print(f"[stackwise] {self.checkpoint_dir} holds checkpoint {self.resume_tag}: resume wins, "
-                  f"training.init_from ({self.config.training.init_from}) is ignored (it only starts a fresh run)",
-                  flush=True)
         if not self.config.training.resume:
             raise ckpt.CheckpointError(
                 f"{self.checkpoint_dir} already holds checkpoints and training.resume is false: starting over "
                 "would overwrite them; choose a new training.output_dir or set training.resume=true")
+        if self.config.training.init_from is not None and self.rank == 0:
+            print(f"[stackwise] {self.checkpoint_dir} holds checkpoint {self.resume_tag}: resume wins, "
+                  f"training.init_from ({self.config.training.init_from}) is ignored (it only starts a fresh run)",
+                  flush=True)
         state = ckpt.load_state(self.checkpoint_dir, self.resume_tag)
         self.weights_tag = self.resume_tag
         self._resumed_history(state.global_step)
@@ -263,12 +263,15 @@ class ArchitectureTrainer:
     def _load_data(self):
         """The run's datasets (every rank loads them; the cache lets one tokenise while others wait)."""
         from ..data import TOKENIZER_FILE
-        from .data_setup import check_run_data, load_bundle
+        from .data_setup import check_run_data, load_bundle, print_data_summary
+        from .init_weights import check_run_tokenizer
 
         bundle = load_bundle(self.config)
         check_run_data(self.config, bundle, self.global_batch)
+        check_run_tokenizer(self.init_dir, self.config.training.init_from, bundle.tokenizer, self.config.data.tokenizer)
         if self.rank == 0:  # <output_dir>/tokenizer.json: the run's tokens, for tools and users
             bundle.tokenizer.save(self.output_dir / TOKENIZER_FILE)
+            print_data_summary(self.config, bundle)
         return bundle
 
     def _replica_data(self, layout: PhaseLayout):
