@@ -19,22 +19,14 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 
-TRAINING_ARCHITECTURES = ("rackwise", "stackwise", "blockwise")
-OBJECTIVES = ("causal_lm", "masked_lm")
-NEW_UNIT_INITS = ("fresh", "copy_previous")
-INIT_GROWTH_STACK, INIT_GROWTH_FRESH = "stack", "fresh"
-INIT_GROWTHS = (INIT_GROWTH_STACK, INIT_GROWTH_FRESH)
-PREFIX_FROZEN, PREFIX_TRAIN = "frozen", "train"
-PREFIXES = (PREFIX_FROZEN, PREFIX_TRAIN)
-PRECISIONS = ("auto", "fp32", "bf16")
-DATA_SOURCES = ("stdlib", "text_files", "hf")
-NONFINITE_POLICIES = ("stop",)
-PHASE_LAYOUTS = ("elastic", "fixed")
+from .enums import (AttentionMode, AttentionType, Choice, DataSource, InitGrowth, LayoutKind, NewUnitInit,
+                    NonfinitePolicy, Objective, Precision, Prefix, TokenizerKind, TrainingArchitecture)
 
 
 class ConfigError(ValueError):
@@ -88,9 +80,9 @@ class ModelConfig:
     """SwiGLU hidden width (None = 8/3 * d_model rounded up to a multiple of 64)."""
     max_seq_len: int = 1024
     """Longest sequence the model accepts (RoPE tables are built for it)."""
-    attention_type: str = "gqa"
+    attention_type: AttentionType = AttentionType.GQA
     """'mha', 'gqa', 'mla' or 'kernel'."""
-    attention_mode: str = "causal"
+    attention_mode: AttentionMode = AttentionMode.CAUSAL
     """'causal' (next-token LM) or 'bidirectional' (masked LM)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
@@ -124,9 +116,9 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    training_architecture: str = "rackwise"
+    training_architecture: TrainingArchitecture = TrainingArchitecture.RACKWISE
     """'rackwise' (end to end), 'stackwise' (one stack per phase) or 'blockwise' (one block per phase)."""
-    objective: str = "causal_lm"
+    objective: Objective = Objective.CAUSAL_LM
     """'causal_lm' (next token) or 'masked_lm' (needs attention_mode 'bidirectional')."""
     seed: int = 42
     """Seeds the weights (per module, layout-independent), the data order and the split."""
@@ -138,9 +130,9 @@ class TrainingConfig:
     """Steps of each stackwise/blockwise phase: one number for all, or one per phase."""
     joint_steps: int = 0
     """Steps of a closing end-to-end phase after the last stackwise/blockwise phase (0 = none)."""
-    new_unit_init: str = "fresh"
+    new_unit_init: NewUnitInit = NewUnitInit.FRESH
     """How a stack/block starts its phase: 'fresh' (its own init) or 'copy_previous' (weights of the one before)."""
-    prefix: str = "frozen"
+    prefix: Prefix = Prefix.FROZEN
     """Stackwise/blockwise: the units before the active one are 'frozen' (forward only) or 'train' (progressive stacking: in phase k units 0..k all train; AdamW moments restart at every phase)."""
     micro_batch_size: int = 8
     """Sequences per micro-batch on each data-parallel replica."""
@@ -160,7 +152,7 @@ class TrainingConfig:
     """AdamW (beta1, beta2)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip over the trainable parameters (0 = off)."""
-    precision: str = "auto"
+    precision: Precision = Precision.AUTO
     """'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'."""
     log_interval: int = 10
     """Log per-stage memory and per-stack gradient norms every this many steps."""
@@ -174,11 +166,11 @@ class TrainingConfig:
     """Continue from the latest checkpoint in output_dir when there is one."""
     init_from: Optional[str] = None
     """Start a fresh run from these weights: a run dir, its checkpoints/ or a tag folder, a consolidated .safetensors, or a local Hugging Face Llama folder (None = seeded init; a checkpoint in output_dir resumes instead)."""
-    init_growth: str = "stack"
+    init_growth: InitGrowth = InitGrowth.STACK
     """With init_from and more stacks than the source: 'stack' (stack i starts as source stack i mod n, G_stack) or 'fresh' (the new stacks get their seeded init)."""
     progress_bar: bool = True
     """tqdm bar on rank 0 (phase, step, loss, tokens/s); plain lines when false."""
-    nonfinite_policy: str = "stop"
+    nonfinite_policy: NonfinitePolicy = NonfinitePolicy.STOP
     """On a non-finite loss: 'stop' (report step and phase, keep the last good checkpoint, exit non-zero)."""
 
 
@@ -187,7 +179,7 @@ class TrainingConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"
+    source: DataSource = DataSource.STDLIB
     """'stdlib' (the Python standard library's sources, no download), 'text_files' or 'hf'."""
     paths: list[str] = field(default_factory=list)
     """Files or directories for source 'text_files'."""
@@ -211,7 +203,7 @@ class DataConfig:
     """Stop reading the source after this many bytes."""
     cache_dir: Optional[str] = None
     """Tokenised-data cache (None = ~/.cache/stackwise_ds/data or $STACKWISE_DS_CACHE)."""
-    tokenizer: str = "byte"
+    tokenizer: Union[TokenizerKind, str] = TokenizerKind.BYTE
     """'byte' (utf-8 bytes, 258 ids), 'bpe' (byte-level BPE of model.vocab_size ids trained on the run's training split) or a path to a local tokenizer.json or a save_pretrained tokenizer folder."""
 
 
@@ -228,7 +220,7 @@ class ParallelConfig:
     """DeepSpeed JSON template: 'auto' (ds_configs/cpu_fp32.json or gpu_bf16.json) or a path."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N pipeline layers in backward (0 = off)."""
-    phase_layout: str = "elastic"
+    phase_layout: LayoutKind = LayoutKind.ELASTIC
     """Stackwise/blockwise phases: 'elastic' (place only the live layers, re-partitioned over every rank per phase) or 'fixed' (pipeline_stages, dormant relays)."""
     max_rank_memory_mb: Optional[float] = None
     """Elastic planner's bound on the estimated memory of one rank (weights, grads, optimizer shard, activations); None = no bound."""
@@ -262,7 +254,7 @@ class StackWiseConfig:
         t.init_from = None if t.init_from is None else os.path.expanduser(t.init_from)
         d.paths = [os.path.expanduser(path) for path in d.paths]
         d.cache_dir = None if d.cache_dir is None else os.path.expanduser(d.cache_dir)
-        d.tokenizer = d.tokenizer if d.tokenizer in ("byte", "bpe") else os.path.expanduser(d.tokenizer)
+        d.tokenizer = d.tokenizer if d.tokenizer in TokenizerKind.values() else os.path.expanduser(d.tokenizer)
         p.ds_config = p.ds_config if p.ds_config == "auto" else os.path.expanduser(p.ds_config)
 
     @classmethod
@@ -279,7 +271,8 @@ class StackWiseConfig:
         return cls.from_dict(apply_overrides(raw, overrides or []))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON types only: every enum member becomes its string."""
+        return dataclasses.asdict(self, dict_factory=_plain_dict)
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -295,20 +288,10 @@ class StackWiseConfig:
     def validate(self) -> None:
         """Cross-field checks; each message names the key and how to fix it."""
         m, t, d = self.model, self.training, self.data
-        _check_choice("model.attention_type", m.attention_type, ("mha", "gqa", "mla", "kernel"))
-        _check_choice("model.attention_mode", m.attention_mode, ("causal", "bidirectional"))
-        _check_choice("training.training_architecture", t.training_architecture, TRAINING_ARCHITECTURES)
-        _check_choice("training.objective", t.objective, OBJECTIVES)
-        _check_choice("training.new_unit_init", t.new_unit_init, NEW_UNIT_INITS)
-        _check_choice("training.prefix", t.prefix, PREFIXES)
-        _check_choice("training.init_growth", t.init_growth, INIT_GROWTHS)
+        _parse_choices(self, key="")
         if t.init_from is not None and not t.init_from.strip():
             raise ConfigError("training.init_from is an empty string: give a run dir, checkpoint, .safetensors file "
                               "or Hugging Face folder, or null for a seeded init")
-        _check_choice("training.precision", t.precision, PRECISIONS)
-        _check_choice("training.nonfinite_policy", t.nonfinite_policy, NONFINITE_POLICIES)
-        _check_choice("data.source", d.source, DATA_SOURCES)
-        _check_choice("parallel.phase_layout", self.parallel.phase_layout, PHASE_LAYOUTS)
         if self.parallel.max_rank_memory_mb is not None:
             _check_positive("parallel.max_rank_memory_mb", self.parallel.max_rank_memory_mb)
         for key, value in [
@@ -330,24 +313,24 @@ class StackWiseConfig:
         if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
             raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads "
                               f"({m.n_kv_heads}): pick n_kv_heads among the divisors of n_heads")
-        if m.attention_type in ("mha", "mla") and m.n_kv_heads not in (None, m.n_heads):
+        if m.attention_type in (AttentionType.MHA, AttentionType.MLA) and m.n_kv_heads not in (None, m.n_heads):
             raise ConfigError(f"model.attention_type '{m.attention_type}' uses one key/value head per query head "
                               f"but model.n_kv_heads is {m.n_kv_heads}: remove n_kv_heads, or use 'gqa' or 'kernel'")
         if d.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len ({d.seq_len}) is longer than model.max_seq_len ({m.max_seq_len}): "
                               "raise model.max_seq_len or shorten data.seq_len")
-        if t.objective == "masked_lm" and m.attention_mode != "bidirectional":
+        if t.objective == Objective.MASKED_LM and m.attention_mode != AttentionMode.BIDIRECTIONAL:
             raise ConfigError("training.objective 'masked_lm' needs model.attention_mode 'bidirectional' "
                               "(a causal model cannot see the tokens after a mask)")
-        if t.objective == "causal_lm" and m.attention_mode != "causal":
+        if t.objective == Objective.CAUSAL_LM and m.attention_mode != AttentionMode.CAUSAL:
             raise ConfigError("training.objective 'causal_lm' needs model.attention_mode 'causal' "
                               "(bidirectional attention would let each position see its own target)")
         self._validate_phases()
         self._validate_optimization()
         self._validate_parallel()
-        if d.source == "text_files" and not d.paths:
+        if d.source == DataSource.TEXT_FILES and not d.paths:
             raise ConfigError("data.source is 'text_files' but data.paths is empty: list files or directories")
-        if d.source == "hf" and not d.hf_name:
+        if d.source == DataSource.HF and not d.hf_name:
             raise ConfigError("data.source is 'hf' but data.hf_name is not set: name a Hugging Face dataset")
         if not 0.0 <= d.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in [0, 0.5)")
@@ -359,7 +342,7 @@ class StackWiseConfig:
         n_phases = self.n_phases
         steps = t.steps_per_phase
         if isinstance(steps, list):
-            if t.training_architecture != "rackwise" and len(steps) != n_phases:
+            if t.training_architecture != TrainingArchitecture.RACKWISE and len(steps) != n_phases:
                 raise ConfigError(
                     f"training.steps_per_phase lists {len(steps)} values but {t.training_architecture} training "
                     f"has {n_phases} phases: give one number per phase, or a single number for all")
@@ -412,8 +395,8 @@ class StackWiseConfig:
     def n_phases(self) -> int:
         """Training phases before the optional joint phase."""
         arch, mode = self.model.architecture, self.training.training_architecture
-        return {"rackwise": 1, "stackwise": arch.n_stacks,
-                "blockwise": arch.n_stacks * arch.blocks_per_stack}[mode]
+        return {TrainingArchitecture.RACKWISE: 1, TrainingArchitecture.STACKWISE: arch.n_stacks,
+                TrainingArchitecture.BLOCKWISE: arch.n_stacks * arch.blocks_per_stack}[mode]
 
     def validate_world_size(self, world_size: int) -> int:
         """Data-parallel degree for this world size, or an error saying how to launch."""
@@ -451,15 +434,16 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
-        errors = []
         for option in typing.get_args(hint):
             if option is type(None):
                 continue
             try:
                 return _coerce(option, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"config key '{key}' got {value!r}, which is not {_type_name(hint)}")
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        return hint.parse(value, key, ConfigError)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list ({_type_name(hint)}), got {value!r}")
@@ -483,13 +467,27 @@ def _type_name(hint: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(hint))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        return f"one of {', '.join(hint.values())}"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} is '{value}' but must be one of: {', '.join(choices)}")
+def _parse_choices(section: Any, key: str) -> None:
+    """Turn every closed-set field that holds a plain string into its enum member, in place.
+
+    ``_coerce`` does it for loaded YAML; this covers sections built or changed in Python."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, hint, where = getattr(section, f.name), hints[f.name], f"{key}.{f.name}".lstrip(".")
+        if dataclasses.is_dataclass(value):
+            _parse_choices(value, where)
+        elif isinstance(hint, type) and issubclass(hint, Choice):
+            setattr(section, f.name, hint.parse(value, where, ConfigError))
+
+
+def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {key: value.value if isinstance(value, Enum) else value for key, value in items}
 
 
 def _check_positive(key: str, value: int | float) -> None:
@@ -558,7 +556,7 @@ def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
             old_mode = training.pop("mode")
             if old_mode not in _LEGACY_MODES:
                 raise ConfigError(f"training.mode '{old_mode}' is unknown; the key is deprecated anyway: "
-                                  f"write training.training_architecture: {' | '.join(TRAINING_ARCHITECTURES)}")
+                                  f"write training.training_architecture: {' | '.join(TrainingArchitecture.values())}")
             _put(raw, ("training",), "training_architecture", _LEGACY_MODES[old_mode], "training.mode")
         for old_key, (path, new_key) in _LEGACY_TRAINING_KEYS.items():
             if old_key in training:

@@ -17,6 +17,7 @@ import torch
 
 from ..config import StackWiseConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer_json
+from ..enums import TokenizerKind
 from ..model import Rack, create_rack_from_config
 from ..training.checkpointing import CheckpointError
 from .layers import check_architecture, check_shapes, read_rack_state
@@ -56,7 +57,7 @@ def tag_tokenizer(tag_dir: Path, config: StackWiseConfig) -> Tokenizer | None:
 
 
 def _byte_fallback(config: StackWiseConfig) -> Tokenizer | None:
-    if config.data.tokenizer == "byte" and config.model.vocab_size >= ByteTokenizer().vocab_size:
+    if config.data.tokenizer == TokenizerKind.BYTE and config.model.vocab_size >= ByteTokenizer().vocab_size:
         return ByteTokenizer()
     return None
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PREFIX_TRAIN, StackWiseConfig
+from ..config import StackWiseConfig
+from ..enums import Prefix, TrainingArchitecture
 from ..layout import DORMANT, FROZEN, TRAIN, LayerUnit  # noqa: F401 - re-exported
 
 
@@ -80,12 +81,12 @@ def plan_phases(config: StackWiseConfig) -> list[Phase]:
     """The ordered phases of a run, the optional joint phase last."""
     t, arch = config.training, config.model.architecture
     shape = dict(n_stacks=arch.n_stacks, blocks_per_stack=arch.blocks_per_stack)
-    if t.training_architecture == "rackwise":
+    if t.training_architecture == TrainingArchitecture.RACKWISE:
         return [Phase(0, "rack", t.max_steps, **shape)]
-    kind = "stack" if t.training_architecture == "stackwise" else "block"
+    kind = "stack" if t.training_architecture == TrainingArchitecture.STACKWISE else "block"
     n = config.n_phases
     steps = t.steps_per_phase if isinstance(t.steps_per_phase, list) else [t.steps_per_phase] * n
-    prefix_trains = t.prefix == PREFIX_TRAIN
+    prefix_trains = t.prefix == Prefix.TRAIN
     phases = [Phase(i, kind, steps[i], unit=i, prefix_trains=prefix_trains, **shape) for i in range(n)]
     if t.joint_steps > 0:
         phases.append(Phase(n, "joint", t.joint_steps, **shape))

@@ -29,12 +29,13 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from ..config import ConfigError, StackWiseConfig
-from ..layout import layer_units
+from ..enums import NewUnitInit, Precision
+from ..layout import UnitKind, layer_units
 from ..model import Rack, create_rack_from_config
 from ..parallel import distributed
 from ..parallel.ds_config import build_ds_config, resolve_precision
 from ..parallel.engine import build_engine, forget_process_groups
-from ..parallel.pipe import rack_to_pipeline, stage_of_rank
+from ..parallel.pipe import data_parallel_rank, rack_to_pipeline, stage_of_rank
 from ..parallel.tied import tied_weight_max_abs_diff
 from ..parallel.watchdog import PeerWatchdog
 from ..placement import ELASTIC, PhaseLayout, layout_for
@@ -171,7 +172,7 @@ class ArchitectureTrainer:
         cfg, t = self.config, self.config.training
         self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * (self.world_size // cfg.pipeline_stages)
         self.user_rack, self.user_data = rack, (dataloader, val_data)
-        self.bf16 = resolve_precision(t.precision) == "bf16"
+        self.bf16 = resolve_precision(t.precision) == Precision.BF16
         self.units = layer_units(cfg.model.architecture.n_stacks, cfg.model.architecture.blocks_per_stack)
         self.pipe = self.engine = self.layout = None
         self.weights_tag: str | None = None  # the newest checkpoint: where a new placement reads its layers
@@ -272,7 +273,7 @@ class ArchitectureTrainer:
 
     def _replica_data(self, layout: PhaseLayout):
         """(training source, validation set) of this rank's data-parallel replica in ``layout``."""
-        dp_rank = self.pipe._grid.get_data_parallel_id()
+        dp_rank = data_parallel_rank(self.pipe)
         dataloader, val_data = self.user_data
         if dataloader is None:
             from .data_setup import replica_data
@@ -305,11 +306,11 @@ class ArchitectureTrainer:
         self.ds_config = build_ds_config(cfg, layout.data_parallel, layout.gradient_accumulation_steps)
         self.train_source, self.val_source = self._replica_data(layout)
         if self._weights_dir() is not None:
-            copies = unit_layer_pairs(self.units, phase) if self._starts_with_copy(phase, state) else []
+            copies = unit_layer_pairs(self.units, phase) if self._starts_with_copy(state) else []
             load_layers(self.pipe, self._weights_dir(), {dst: src for src, dst in copies})
 
-    def _starts_with_copy(self, phase: Phase, state: ckpt.TrainingState) -> bool:
-        return state.phase_step == 0 and self.config.training.new_unit_init == "copy_previous"
+    def _starts_with_copy(self, state: ckpt.TrainingState) -> bool:
+        return state.phase_step == 0 and self.config.training.new_unit_init == NewUnitInit.COPY_PREVIOUS
 
     def _retire_pipeline(self) -> None:
         """Destroy the engine, the PipelineModule and every process group they created."""
@@ -343,7 +344,7 @@ class ArchitectureTrainer:
         if resuming_mid_phase:
             self._check_resumed_layout(layout, state)
         if layout.same_placement(self.layout):
-            if self._starts_with_copy(phase, state):
+            if self._starts_with_copy(state):
                 copy_previous_unit(self.pipe, phase)  # the pipeline stays: copy in memory
         else:
             self._place(layout, phase, state)
@@ -411,7 +412,7 @@ class ArchitectureTrainer:
         stage = self.pipe.stage_id
         files = [where / f"mp_rank_{stage:02d}_model_states.pt"]
         if engine.optimizer is not None and self.config.parallel.zero_stage == 1:
-            dp_rank = self.pipe._grid.get_data_parallel_id()
+            dp_rank = data_parallel_rank(self.pipe)
             files.append(where / f"zero_pp_rank_{dp_rank}_mp_rank_{stage:02d}_optim_states.pt")
         return files
 
@@ -517,7 +518,7 @@ class ArchitectureTrainer:
     def _save_unplaced_layers(self, tag_dir: Path) -> None:
         tied = self.config.model.tie_embeddings
         unplaced = [i for i, unit in enumerate(self.units)
-                    if i not in self.layout.live and not (tied and unit.kind == "head")]
+                    if i not in self.layout.live and not (tied and unit.kind == UnitKind.HEAD)]
         save_unplaced_layers(tag_dir, unplaced, self.units, self.user_rack, self.config.model,
                              self.config.training.seed, self.rank, self.world_size, self._weights_dir())
 

@@ -11,6 +11,7 @@ import bisect
 
 import torch
 
+from ..parallel.pipe import stage_to_global
 from .phases import Phase
 
 
@@ -54,11 +55,11 @@ def _copy_layer(pipe, src_layer: int, dst_layer: int) -> None:
             dst.copy_(src)
         return
     if me == src_stage:
-        peer = pipe._grid.stage_to_global(stage_id=dst_stage)
+        peer = stage_to_global(pipe, dst_stage)
         for tensor in _local_tensors(pipe, src_layer):
             dist.send(tensor.contiguous(), peer)
     else:
-        peer = pipe._grid.stage_to_global(stage_id=src_stage)
+        peer = stage_to_global(pipe, src_stage)
         for tensor in _local_tensors(pipe, dst_layer):
             buffer = torch.empty_like(tensor)
             dist.recv(buffer, peer)
