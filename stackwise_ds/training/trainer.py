@@ -46,7 +46,7 @@ from .lr import warmup_cosine
 from .monitor import Monitor
 from .optim import make_optimizer
 from .output_lock import OutputDirLock
-from .phases import Phase, plan_phases
+from .phases import Phase, PhaseKind, plan_phases
 from .save_errors import reporting_write_failures, write_probe
 from .unit_copy import copy_previous_unit, unit_layer_pairs
 
@@ -379,7 +379,7 @@ class ArchitectureTrainer:
         return state
 
     def _build_engine(self, phase: Phase):
-        roles = None if phase.kind == "rack" else dict(enumerate(phase.layer_roles(self.pipe.units)))
+        roles = None if phase.kind == PhaseKind.RACK else dict(enumerate(phase.layer_roles(self.pipe.units)))
         return build_engine(self.pipe, self.ds_config, roles,
                             optimizer_factory=partial(make_optimizer, training=self.config.training,
                                                               units=self.pipe.units),

@@ -11,8 +11,9 @@ import bisect
 
 import torch
 
+from ..layout import UnitKind
 from ..parallel.pipe import stage_to_global
-from .phases import Phase
+from .phases import Phase, PhaseKind
 
 
 def copy_previous_unit(pipe, phase: Phase) -> None:
@@ -24,10 +25,10 @@ def copy_previous_unit(pipe, phase: Phase) -> None:
 def unit_layer_pairs(units, phase: Phase) -> list[tuple[int, int]]:
     """(source, destination) pipeline-layer indices of the blocks ``copy_previous`` copies at the
     start of ``phase`` (none for the first unit or a whole-rack phase)."""
-    if phase.kind not in ("stack", "block") or phase.unit == 0:
+    if not phase.stage_wise or phase.unit == 0:
         return []
-    index = {(u.stack_id, u.block_id): i for i, u in enumerate(units) if u.kind == "block"}
-    if phase.kind == "stack":
+    index = {(u.stack_id, u.block_id): i for i, u in enumerate(units) if u.kind == UnitKind.BLOCK}
+    if phase.kind == PhaseKind.STACK:
         return [(index[(phase.unit - 1, b)], index[(phase.unit, b)]) for b in range(phase.blocks_per_stack)]
     src = divmod(phase.unit - 1, phase.blocks_per_stack)
     dst = divmod(phase.unit, phase.blocks_per_stack)
