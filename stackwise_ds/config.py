@@ -464,11 +464,11 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+        return " or ".join(dict.fromkeys(_type_name(a) for a in typing.get_args(hint)))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
     if isinstance(hint, type) and issubclass(hint, Choice):
-        return f"one of {', '.join(hint.values())}"
+        return "a string"  # its values are listed by the error of a wrong one, and in each key's meaning
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
