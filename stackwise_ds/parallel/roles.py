@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from ..enums import Choice
-from .pipe import local_start
 from ..layout import DORMANT, FROZEN, TRAIN, LayerRole  # noqa: F401 - re-exported for the engine
+from .pipe import local_start
 
 
 class StageRole(Choice):
