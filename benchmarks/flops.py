@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TRAIN_FACTOR = 3   # forward (1) + backward (2: gradients w.r.t. activations and weights)
-FROZEN_FACTOR = 1  # forward only, under no_grad
-ATTN_FLOPS_PER_TD = 4  # QK^T (2·T·d) + AV (2·T·d) per token per block, forward
+from stackwise_ds.layout import TRAIN
+from stackwise_ds.placement import ATTN_FLOPS_PER_TD, ROLE_FACTOR  # the planner's convention, one home
+
+TRAIN_FACTOR = ROLE_FACTOR[TRAIN]  # forward (1) + backward (2: gradients w.r.t. activations and weights)
 
 
 @dataclass(frozen=True)
@@ -43,14 +44,11 @@ def _matrix_params(module) -> int:
 
 def phase_step_flops(config, phase, cost: ForwardCost) -> float:
     """FLOPs of one optimizer step of ``phase`` (tokens per step x per-token cost)."""
-    from stackwise_ds.training.phases import FROZEN, TRAIN
-
-    factors = {TRAIN: TRAIN_FACTOR, FROZEN: FROZEN_FACTOR}
     bps = config.model.architecture.blocks_per_stack
     per_token = TRAIN_FACTOR * cost.head
     for index, block_cost in enumerate(cost.blocks):
         role = phase.block_role(*divmod(index, bps))
-        per_token += factors.get(role, 0) * block_cost
+        per_token += ROLE_FACTOR[role] * block_cost
     t = config.training
     return per_token * t.micro_batch_size * t.gradient_accumulation_steps * config.data.seq_len
 

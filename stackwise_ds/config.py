@@ -19,29 +19,15 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import yaml
 
-TRAINING_ARCHITECTURES = ("rackwise", "stackwise", "blockwise")
-OBJECTIVES = ("causal_lm", "masked_lm")
-GROWTH_FRESH, GROWTH_COPY_LAST, GROWTH_COPY_ALL, GROWTH_COPY_MIDDLE = "fresh", "copy_last", "copy_all", "copy_middle"
-GROWTH_OPERATORS = (GROWTH_FRESH, GROWTH_COPY_LAST, GROWTH_COPY_ALL, GROWTH_COPY_MIDDLE)
-LR_PER_PHASE, LR_CONTINUOUS = "per_phase", "continuous"
-LR_SCHEDULES = (LR_PER_PHASE, LR_CONTINUOUS)
-LR_COSINE, LR_WSD = "cosine", "wsd"
-LR_DECAYS = (LR_COSINE, LR_WSD)
-OPTIMIZER_RESTART, OPTIMIZER_CARRY = "restart", "carry"
-OPTIMIZER_ACROSS_PHASES = (OPTIMIZER_RESTART, OPTIMIZER_CARRY)
-INIT_GROWTH_STACK, INIT_GROWTH_FRESH = "stack", "fresh"
-INIT_GROWTHS = (INIT_GROWTH_STACK, INIT_GROWTH_FRESH)
-PREFIX_FROZEN, PREFIX_TRAIN = "frozen", "train"
-PREFIXES = (PREFIX_FROZEN, PREFIX_TRAIN)
-PRECISIONS = ("auto", "fp32", "bf16")
-DATA_SOURCES = ("stdlib", "text_files", "hf")
-NONFINITE_POLICIES = ("stop",)
-PHASE_LAYOUTS = ("elastic", "fixed")
+from .enums import (AttentionMode, AttentionType, Choice, DataSource, GrowthOperator, InitGrowth, LayoutKind,
+                    LrDecay, LrSchedule, NonfinitePolicy, Objective, OptimizerAcrossPhases, Precision, Prefix,
+                    TokenizerKind, TrainingArchitecture)
 
 
 class ConfigError(ValueError):
@@ -95,9 +81,9 @@ class ModelConfig:
     """SwiGLU hidden width (None = 8/3 * d_model rounded up to a multiple of 64)."""
     max_seq_len: int = 1024
     """Longest sequence the model accepts (RoPE tables are built for it)."""
-    attention_type: str = "gqa"
+    attention_type: AttentionType = AttentionType.GQA
     """'mha', 'gqa', 'mla' or 'kernel'."""
-    attention_mode: str = "causal"
+    attention_mode: AttentionMode = AttentionMode.CAUSAL
     """'causal' (next-token LM) or 'bidirectional' (masked LM)."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
@@ -131,9 +117,9 @@ class ModelConfig:
 
 @dataclass
 class TrainingConfig:
-    training_architecture: str = "rackwise"
+    training_architecture: TrainingArchitecture = TrainingArchitecture.RACKWISE
     """'rackwise' (end to end), 'stackwise' (one stack per phase) or 'blockwise' (one block per phase)."""
-    objective: str = "causal_lm"
+    objective: Objective = Objective.CAUSAL_LM
     """'causal_lm' (next token) or 'masked_lm' (needs attention_mode 'bidirectional')."""
     seed: int = 42
     """Seeds the weights (per module, layout-independent), the data order and the split."""
@@ -147,11 +133,11 @@ class TrainingConfig:
     """Stackwise/blockwise: active units (stacks, or blocks in blockwise) per phase, increasing and ending at the full depth, e.g. [1, 4] grows once; None = [1, 2, ..., n] (one new unit a phase). Units beyond a phase's count are not placed."""
     joint_steps: int = 0
     """Steps of a closing end-to-end phase after the last stackwise/blockwise phase (0 = none)."""
-    growth_operator: str = "fresh"
+    growth_operator: GrowthOperator = GrowthOperator.FRESH
     """How the units a phase adds start: 'fresh' (their own seeded init), 'copy_last' (copies of the last active unit), 'copy_all' (Gstack: growing from m units, new unit j copies unit j mod m) or 'copy_middle' (MIDAS: copies of the middle units inserted in the middle, later units move up). Replaces new_unit_init (fresh / copy_previous = copy_last)."""
-    prefix: str = "frozen"
+    prefix: Prefix = Prefix.FROZEN
     """Stackwise/blockwise: the units a phase does not add are 'frozen' (forward only) or 'train' (progressive stacking: every active unit trains)."""
-    optimizer_across_phases: str = "restart"
+    optimizer_across_phases: OptimizerAcrossPhases = OptimizerAcrossPhases.RESTART
     """'restart' (a fresh AdamW every phase) or 'carry' (AdamW moments and step count of every parameter that keeps training pass to the next phase, across any re-placement and ZeRO-1 re-sharding; grown units start with their source's moments)."""
     micro_batch_size: int = 8
     """Sequences per micro-batch on each data-parallel replica."""
@@ -163,9 +149,9 @@ class TrainingConfig:
     """Floor of the decay as a fraction of lr."""
     warmup_steps: int = 20
     """Linear warmup steps: at the start of every phase (lr_schedule 'per_phase') or of the run ('continuous')."""
-    lr_schedule: str = "per_phase"
+    lr_schedule: LrSchedule = LrSchedule.PER_PHASE
     """'per_phase' (warmup and decay restart every phase) or 'continuous' (one warmup at the start of the run and one decay over the sum of all phases' steps)."""
-    lr_decay: str = "cosine"
+    lr_decay: LrDecay = LrDecay.COSINE
     """'cosine' (from the end of warmup to min_lr_ratio) or 'wsd' (warmup-stable-decay: the peak until the last decay_fraction of the steps, then linear to min_lr_ratio)."""
     decay_fraction: float = 0.2
     """lr_decay 'wsd': share of the schedule's steps spent decaying."""
@@ -181,7 +167,7 @@ class TrainingConfig:
     """AdamW (beta1, beta2)."""
     grad_clip: float = 1.0
     """Global gradient-norm clip over the trainable parameters (0 = off)."""
-    precision: str = "auto"
+    precision: Precision = Precision.AUTO
     """'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'."""
     log_interval: int = 10
     """Log per-stage memory and per-stack gradient norms every this many steps."""
@@ -195,11 +181,11 @@ class TrainingConfig:
     """Continue from the latest checkpoint in output_dir when there is one."""
     init_from: Optional[str] = None
     """Start a fresh run from these weights: a run dir, its checkpoints/ or a tag folder, a consolidated .safetensors, or a local Hugging Face Llama folder (None = seeded init; a checkpoint in output_dir resumes instead)."""
-    init_growth: str = "stack"
+    init_growth: InitGrowth = InitGrowth.STACK
     """With init_from and more stacks than the source: 'stack' (stack i starts as source stack i mod n, G_stack) or 'fresh' (the new stacks get their seeded init)."""
     progress_bar: bool = True
     """tqdm bar on rank 0 (phase, step, loss, tokens/s); plain lines when false."""
-    nonfinite_policy: str = "stop"
+    nonfinite_policy: NonfinitePolicy = NonfinitePolicy.STOP
     """On a non-finite loss: 'stop' (report step and phase, keep the last good checkpoint, exit non-zero)."""
 
 
@@ -208,7 +194,7 @@ class TrainingConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "stdlib"
+    source: DataSource = DataSource.STDLIB
     """'stdlib' (the Python standard library's sources, no download), 'text_files' or 'hf'."""
     paths: list[str] = field(default_factory=list)
     """Files or directories for source 'text_files'."""
@@ -232,7 +218,7 @@ class DataConfig:
     """Stop reading the source after this many bytes."""
     cache_dir: Optional[str] = None
     """Tokenised-data cache (None = ~/.cache/stackwise_ds/data or $STACKWISE_DS_CACHE)."""
-    tokenizer: str = "byte"
+    tokenizer: Union[TokenizerKind, str] = TokenizerKind.BYTE
     """'byte' (utf-8 bytes, 258 ids), 'bpe' (byte-level BPE of model.vocab_size ids trained on the run's training split) or a path to a local tokenizer.json or a save_pretrained tokenizer folder."""
 
 
@@ -249,7 +235,7 @@ class ParallelConfig:
     """DeepSpeed JSON template: 'auto' (ds_configs/cpu_fp32.json or gpu_bf16.json) or a path."""
     activation_checkpoint_interval: int = 0
     """Recompute activations every N pipeline layers in backward (0 = off)."""
-    phase_layout: str = "elastic"
+    phase_layout: LayoutKind = LayoutKind.ELASTIC
     """Stackwise/blockwise phases: 'elastic' (place only the live layers, re-partitioned over every rank per phase) or 'fixed' (pipeline_stages, dormant relays)."""
     max_rank_memory_mb: Optional[float] = None
     """Elastic planner's bound on the estimated memory of one rank (weights, grads, optimizer shard, activations); None = no bound."""
@@ -283,7 +269,7 @@ class StackWiseConfig:
         t.init_from = None if t.init_from is None else os.path.expanduser(t.init_from)
         d.paths = [os.path.expanduser(path) for path in d.paths]
         d.cache_dir = None if d.cache_dir is None else os.path.expanduser(d.cache_dir)
-        d.tokenizer = d.tokenizer if d.tokenizer in ("byte", "bpe") else os.path.expanduser(d.tokenizer)
+        d.tokenizer = d.tokenizer if d.tokenizer in TokenizerKind.values() else os.path.expanduser(d.tokenizer)
         p.ds_config = p.ds_config if p.ds_config == "auto" else os.path.expanduser(p.ds_config)
 
     @classmethod
@@ -300,7 +286,8 @@ class StackWiseConfig:
         return cls.from_dict(apply_overrides(raw, overrides or []))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain YAML/JSON types only: every enum member becomes its string."""
+        return dataclasses.asdict(self, dict_factory=_plain_dict)
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -316,23 +303,10 @@ class StackWiseConfig:
     def validate(self) -> None:
         """Cross-field checks; each message names the key and how to fix it."""
         m, t, d = self.model, self.training, self.data
-        _check_choice("model.attention_type", m.attention_type, ("mha", "gqa", "mla", "kernel"))
-        _check_choice("model.attention_mode", m.attention_mode, ("causal", "bidirectional"))
-        _check_choice("training.training_architecture", t.training_architecture, TRAINING_ARCHITECTURES)
-        _check_choice("training.objective", t.objective, OBJECTIVES)
-        _check_choice("training.growth_operator", t.growth_operator, GROWTH_OPERATORS)
-        _check_choice("training.optimizer_across_phases", t.optimizer_across_phases, OPTIMIZER_ACROSS_PHASES)
-        _check_choice("training.lr_schedule", t.lr_schedule, LR_SCHEDULES)
-        _check_choice("training.lr_decay", t.lr_decay, LR_DECAYS)
-        _check_choice("training.prefix", t.prefix, PREFIXES)
-        _check_choice("training.init_growth", t.init_growth, INIT_GROWTHS)
+        _parse_choices(self, key="")
         if t.init_from is not None and not t.init_from.strip():
             raise ConfigError("training.init_from is an empty string: give a run dir, checkpoint, .safetensors file "
                               "or Hugging Face folder, or null for a seeded init")
-        _check_choice("training.precision", t.precision, PRECISIONS)
-        _check_choice("training.nonfinite_policy", t.nonfinite_policy, NONFINITE_POLICIES)
-        _check_choice("data.source", d.source, DATA_SOURCES)
-        _check_choice("parallel.phase_layout", self.parallel.phase_layout, PHASE_LAYOUTS)
         if self.parallel.max_rank_memory_mb is not None:
             _check_positive("parallel.max_rank_memory_mb", self.parallel.max_rank_memory_mb)
         for key, value in [
@@ -354,24 +328,24 @@ class StackWiseConfig:
         if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
             raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads "
                               f"({m.n_kv_heads}): pick n_kv_heads among the divisors of n_heads")
-        if m.attention_type in ("mha", "mla") and m.n_kv_heads not in (None, m.n_heads):
+        if m.attention_type in (AttentionType.MHA, AttentionType.MLA) and m.n_kv_heads not in (None, m.n_heads):
             raise ConfigError(f"model.attention_type '{m.attention_type}' uses one key/value head per query head "
                               f"but model.n_kv_heads is {m.n_kv_heads}: remove n_kv_heads, or use 'gqa' or 'kernel'")
         if d.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len ({d.seq_len}) is longer than model.max_seq_len ({m.max_seq_len}): "
                               "raise model.max_seq_len or shorten data.seq_len")
-        if t.objective == "masked_lm" and m.attention_mode != "bidirectional":
+        if t.objective == Objective.MASKED_LM and m.attention_mode != AttentionMode.BIDIRECTIONAL:
             raise ConfigError("training.objective 'masked_lm' needs model.attention_mode 'bidirectional' "
                               "(a causal model cannot see the tokens after a mask)")
-        if t.objective == "causal_lm" and m.attention_mode != "causal":
+        if t.objective == Objective.CAUSAL_LM and m.attention_mode != AttentionMode.CAUSAL:
             raise ConfigError("training.objective 'causal_lm' needs model.attention_mode 'causal' "
                               "(bidirectional attention would let each position see its own target)")
         self._validate_phases()
         self._validate_optimization()
         self._validate_parallel()
-        if d.source == "text_files" and not d.paths:
+        if d.source == DataSource.TEXT_FILES and not d.paths:
             raise ConfigError("data.source is 'text_files' but data.paths is empty: list files or directories")
-        if d.source == "hf" and not d.hf_name:
+        if d.source == DataSource.HF and not d.hf_name:
             raise ConfigError("data.source is 'hf' but data.hf_name is not set: name a Hugging Face dataset")
         if not 0.0 <= d.val_fraction < 0.5:
             raise ConfigError(f"data.val_fraction ({d.val_fraction}) must be in [0, 0.5)")
@@ -384,7 +358,7 @@ class StackWiseConfig:
         n_phases = self.n_phases
         steps = t.steps_per_phase
         if isinstance(steps, list):
-            if t.training_architecture != "rackwise" and len(steps) != n_phases:
+            if t.training_architecture != TrainingArchitecture.RACKWISE and len(steps) != n_phases:
                 per = "depth_schedule entry" if t.depth_schedule is not None else "phase"
                 raise ConfigError(
                     f"training.steps_per_phase lists {len(steps)} values but {t.training_architecture} training "
@@ -447,11 +421,12 @@ class StackWiseConfig:
         if t.growth_warmup_steps < 0 or not 0.0 <= t.growth_warmup_start <= 1.0:
             raise ConfigError(f"training.growth_warmup_steps ({t.growth_warmup_steps}) must be >= 0 and "
                               f"training.growth_warmup_start ({t.growth_warmup_start}) in [0, 1]")
-        if t.growth_operator == GROWTH_COPY_MIDDLE and t.prefix == PREFIX_FROZEN and t.training_architecture != "rackwise":
+        if (t.growth_operator == GrowthOperator.COPY_MIDDLE and t.prefix == Prefix.FROZEN
+                and t.training_architecture != TrainingArchitecture.RACKWISE):
             raise ConfigError("training.growth_operator 'copy_middle' moves the units after the middle up, so a "
                               "frozen prefix would freeze copies, not the units trained before: use training.prefix "
                               "'train' with it (as MIDAS does), or another growth_operator")
-        if t.growth_warmup_steps and t.lr_schedule != LR_CONTINUOUS:
+        if t.growth_warmup_steps and t.lr_schedule != LrSchedule.CONTINUOUS:
             raise ConfigError("training.growth_warmup_steps needs training.lr_schedule 'continuous': with "
                               "'per_phase' every phase already warms up from 0")
 
@@ -475,7 +450,7 @@ class StackWiseConfig:
     def n_phases(self) -> int:
         """Training phases before the optional joint phase."""
         t = self.training
-        if t.training_architecture == "rackwise":
+        if t.training_architecture == TrainingArchitecture.RACKWISE:
             return 1
         return len(t.depth_schedule) if t.depth_schedule is not None else self.n_units
 
@@ -515,15 +490,16 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
-        errors = []
         for option in typing.get_args(hint):
             if option is type(None):
                 continue
             try:
                 return _coerce(option, value, key)
-            except ConfigError as exc:
-                errors.append(str(exc))
+            except ConfigError:
+                pass
         raise ConfigError(f"config key '{key}' got {value!r}, which is not {_type_name(hint)}")
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        return hint.parse(value, key, ConfigError)
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(f"config key '{key}' must be a list ({_type_name(hint)}), got {value!r}")
@@ -544,16 +520,30 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
 def _type_name(hint: Any) -> str:
     origin = typing.get_origin(hint)
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+        return " or ".join(dict.fromkeys(_type_name(a) for a in typing.get_args(hint)))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(hint)[0])}"
+    if isinstance(hint, type) and issubclass(hint, Choice):
+        return "a string"  # its values are listed by the error of a wrong one, and in each key's meaning
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false",
             type(None): "null"}.get(hint, getattr(hint, "__name__", str(hint)))
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} is '{value}' but must be one of: {', '.join(choices)}")
+def _parse_choices(section: Any, key: str) -> None:
+    """Turn every closed-set field that holds a plain string into its enum member, in place.
+
+    ``_coerce`` does it for loaded YAML; this covers sections built or changed in Python."""
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        value, hint, where = getattr(section, f.name), hints[f.name], f"{key}.{f.name}".lstrip(".")
+        if dataclasses.is_dataclass(value):
+            _parse_choices(value, where)
+        elif isinstance(hint, type) and issubclass(hint, Choice):
+            setattr(section, f.name, hint.parse(value, where, ConfigError))
+
+
+def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {key: value.value if isinstance(value, Enum) else value for key, value in items}
 
 
 def _check_positive(key: str, value: int | float) -> None:
@@ -598,7 +588,7 @@ _LEGACY_TRAINING_KEYS = {  # old training.<key> -> (new section path, new key)
     "batch_size": (("training",), "micro_batch_size"),
 }
 # training.new_unit_init (before growth operators): value -> training.growth_operator
-_LEGACY_UNIT_INITS = {"fresh": GROWTH_FRESH, "copy_previous": GROWTH_COPY_LAST}
+_LEGACY_UNIT_INITS = {"fresh": GrowthOperator.FRESH.value, "copy_previous": GrowthOperator.COPY_LAST.value}
 
 
 def _deprecated(old: str, new: str) -> None:
@@ -624,7 +614,7 @@ def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
             old_mode = training.pop("mode")
             if old_mode not in _LEGACY_MODES:
                 raise ConfigError(f"training.mode '{old_mode}' is unknown; the key is deprecated anyway: "
-                                  f"write training.training_architecture: {' | '.join(TRAINING_ARCHITECTURES)}")
+                                  f"write training.training_architecture: {' | '.join(TrainingArchitecture.values())}")
             _put(raw, ("training",), "training_architecture", _LEGACY_MODES[old_mode], "training.mode")
         for old_key, (path, new_key) in _LEGACY_TRAINING_KEYS.items():
             if old_key in training:
@@ -633,7 +623,7 @@ def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
             old_init = training.pop("new_unit_init")
             if old_init not in _LEGACY_UNIT_INITS:
                 raise ConfigError(f"training.new_unit_init '{old_init}' is unknown; the key is deprecated anyway: "
-                                  f"write training.growth_operator: {' | '.join(GROWTH_OPERATORS)}")
+                                  f"write training.growth_operator: {' | '.join(GrowthOperator.values())}")
             new_value = _LEGACY_UNIT_INITS[old_init]
             if training.get("growth_operator", new_value) != new_value:
                 raise ConfigError(f"config sets both the deprecated 'training.new_unit_init' ({old_init!r}) and "

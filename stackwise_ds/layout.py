@@ -9,30 +9,49 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .enums import Choice
+
 TIED_KEY = "embed"  # DeepSpeed TiedLayerSpec key of the embedding / LM head
 
-# Role of a pipeline layer in a phase: trains, runs forward only under no_grad, or is skipped (identity).
-TRAIN, FROZEN, DORMANT = "train", "frozen", "dormant"
+
+class LayerRole(Choice):
+    """Role of a pipeline layer in a phase: trains, runs forward only under no_grad, or is skipped (identity)."""
+
+    TRAIN = "train"
+    FROZEN = "frozen"
+    DORMANT = "dormant"
+
+
+TRAIN, FROZEN, DORMANT = LayerRole.TRAIN, LayerRole.FROZEN, LayerRole.DORMANT
+
+
+class UnitKind(Choice):
+    """What part of the Rack a pipeline layer is."""
+
+    EMBEDDING = "embedding"
+    BLOCK = "block"
+    NORM = "norm"
+    HEAD = "head"
 
 
 @dataclass(frozen=True)
 class LayerUnit:
-    """What a pipeline layer is, in Rack terms: kind 'embedding' | 'block' | 'norm' | 'head'."""
+    """What a pipeline layer is, in Rack terms."""
 
-    kind: str
+    kind: UnitKind
     stack_id: int | None = None
     block_id: int | None = None
 
     @property
     def rack_prefix(self) -> str:
         """The stable Rack parameter-name prefix of this layer's own parameters."""
-        return {"embedding": "embedding.", "norm": "norm.", "head": "lm_head.",
-                "block": f"stacks.{self.stack_id}.blocks.{self.block_id}."}[self.kind]
+        return {UnitKind.EMBEDDING: "embedding.", UnitKind.NORM: "norm.", UnitKind.HEAD: "lm_head.",
+                UnitKind.BLOCK: f"stacks.{self.stack_id}.blocks.{self.block_id}."}[self.kind]
 
 
 def layer_units(n_stacks: int, blocks_per_stack: int) -> list[LayerUnit]:
-    blocks = [LayerUnit("block", s, b) for s in range(n_stacks) for b in range(blocks_per_stack)]
-    return [LayerUnit("embedding"), *blocks, LayerUnit("norm"), LayerUnit("head")]
+    blocks = [LayerUnit(UnitKind.BLOCK, s, b) for s in range(n_stacks) for b in range(blocks_per_stack)]
+    return [LayerUnit(UnitKind.EMBEDDING), *blocks, LayerUnit(UnitKind.NORM), LayerUnit(UnitKind.HEAD)]
 
 
 def stage_boundaries(n_stacks: int, blocks_per_stack: int, stages: int) -> list[int]:

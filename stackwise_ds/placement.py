@@ -37,11 +37,15 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 from .config import ModelConfig, StackWiseConfig
+from .enums import AttentionType, LayoutKind
 from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, stage_boundaries
 
-ELASTIC, FIXED = "elastic", "fixed"
-ROLE_FACTOR = {TRAIN: 3.0, FROZEN: 1.0, DORMANT: 0.0}  # forward + backward = 3 forwards
-ATTN_FLOPS_PER_TD = 4  # QK^T and AV per token per block, the whole T x T counted
+ELASTIC, FIXED = LayoutKind.ELASTIC, LayoutKind.FIXED
+# The FLOP convention shared with benchmarks/flops.py: forward + backward = 3 forwards,
+# forward only under no_grad = 1, skipped = 0; attention QK^T (2·T·d) + AV (2·T·d) per token
+# per block, the whole T x T counted even when causal.
+ROLE_FACTOR = {TRAIN: 3.0, FROZEN: 1.0, DORMANT: 0.0}
+ATTN_FLOPS_PER_TD = 4
 MB = 2**20
 
 
@@ -77,7 +81,7 @@ class Resources:
 class PhaseLayout:
     """How one phase is placed; identical on every rank, recorded in checkpoints and logs."""
 
-    kind: str  # ELASTIC | FIXED
+    kind: LayoutKind
     pipeline_stages: int
     data_parallel: int
     gradient_accumulation_steps: int  # micro-batches per replica per step
@@ -144,10 +148,10 @@ def layer_costs(model: ModelConfig, seq_len: int, micro_batch: int, bf16: bool =
     act_bytes = 2 if bf16 else 4
     block_params, block_matrix = _block_params(model)
     d_head = d // model.n_heads
-    attn = ATTN_FLOPS_PER_TD * (d_head if model.attention_type == "kernel" else seq_len) * d
+    attn = ATTN_FLOPS_PER_TD * (d_head if model.attention_type == AttentionType.KERNEL else seq_len) * d
     block = LayerCost(tokens * (2 * block_matrix + attn), block_params,
                       tokens * (6 * d + 3 * model.resolved_d_ff) * act_bytes
-                      + (0 if model.attention_type == "kernel" else micro_batch * model.n_heads * seq_len**2 * act_bytes))
+                      + (0 if model.attention_type == AttentionType.KERNEL else micro_batch * model.n_heads * seq_len**2 * act_bytes))
     embedding = LayerCost(tokens * d, vocab * d, 0.0)
     norm = LayerCost(5 * tokens * d, d, tokens * d * act_bytes)
     head = LayerCost(2 * tokens * d * vocab + 5 * tokens * vocab, 0 if model.tie_embeddings else vocab * d,
@@ -195,6 +199,13 @@ def elastic_layout(roles: list[str], costs: list[LayerCost], res: Resources) -> 
             smallest = min(smallest or fallback, fallback, key=lambda lay: max(lay.stage_memory_mb))
             continue
         candidates.append(_evaluate(ELASTIC, _parts(live, starts, len(roles)), live, roles, costs, res, dp))
+    if not candidates and smallest is None:
+        raise LayoutError(
+            f"no pipeline depth can place this phase's {len(live)} live layers on {res.world_size} rank(s): a depth "
+            f"must divide the world size, be at most the live layer count, and leave a data-parallel degree that "
+            f"splits the global batch of {res.global_batch} sequences into whole micro-batches of "
+            f"{res.micro_batch_size}; raise training.gradient_accumulation_steps, launch fewer ranks, "
+            "or set parallel.phase_layout=fixed")
     if not candidates:
         raise LayoutError(
             f"no placement of this phase's {len(live)} live layers on {res.world_size} rank(s) fits "

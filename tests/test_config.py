@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
+from stackwise_ds.enums import LayoutKind, TokenizerKind, TrainingArchitecture
 from stackwise_ds.parallel.ds_config import build_ds_config
 
 
@@ -35,6 +36,21 @@ def test_yaml_round_trip_preserves_every_value(tmp_path):
     assert again.model.architecture.blocks_per_stack == 3
     assert again.training.steps_per_phase == [5, 6, 7, 8]
     assert again.model.mla.kv_lora_rank == 16 and again.parallel.pipeline_stages == 2
+
+
+def test_closed_sets_load_as_enums_and_save_as_plain_strings(tmp_path):
+    config = StackWiseConfig.from_dict({"training": {"training_architecture": "blockwise"},
+                                        "data": {"tokenizer": "bpe"}, "parallel": {"phase_layout": "fixed"}})
+    assert config.training.training_architecture is TrainingArchitecture.BLOCKWISE
+    assert config.data.tokenizer is TokenizerKind.BPE and config.parallel.phase_layout is LayoutKind.FIXED
+    assert config.training.training_architecture == "blockwise" and f"{config.training.objective}" == "causal_lm"
+    text = yaml.safe_dump(config.to_dict())  # SafeDumper refuses any str subclass: plain strings only
+    assert "training_architecture: blockwise" in text and "tokenizer: bpe" in text and "phase_layout: fixed" in text
+    assert json.loads(json.dumps(config.to_dict())) == yaml.safe_load(text)
+    path = StackWiseConfig.from_dict({"data": {"tokenizer": str(tmp_path / "tok.json")}}).data.tokenizer
+    assert type(path) is str  # a tokenizer path stays a path
+    with pytest.raises(ConfigError, match="training.objective is 'mlm' but must be one of: causal_lm, masked_lm"):
+        StackWiseConfig.from_dict({"training": {"objective": "mlm"}})
 
 
 @pytest.mark.parametrize("raw, fragment", [

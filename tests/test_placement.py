@@ -85,3 +85,12 @@ def test_fixed_layout_is_the_run_pipeline_and_round_trips():
                              Resources(2, 2, 2, 2, 2, 2))
     assert elastic.live == (0, 1, 2, 5, 6) and fixed_layout(roles, [LayerCost(1.0, 1, 0.0)] * len(units),
                                                             Resources(2, 2, 2, 2, 2, 2)).live == tuple(range(7))
+
+
+def test_no_usable_depth_is_a_layout_error():
+    """4 ranks, 3 live layers: depths 1 and 2 leave 4 or 2 replicas for a global batch of one micro-batch."""
+    res = Resources(world_size=4, n_stacks=1, blocks_per_stack=1, pipeline_stages=4, micro_batch_size=2,
+                    gradient_accumulation_steps=1)
+    costs = [LayerCost(1.0, 1, 0.0)] * 4
+    with pytest.raises(LayoutError, match=r"no pipeline depth can place this phase's 3 live layers on 4 rank"):
+        elastic_layout([TRAIN, DORMANT, TRAIN, TRAIN], costs, res)

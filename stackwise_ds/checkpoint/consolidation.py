@@ -17,6 +17,7 @@ import torch
 
 from ..config import StackWiseConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer_json
+from ..enums import TokenizerKind
 from ..model import Rack, create_rack_from_config
 from ..training.checkpointing import CheckpointError
 from .layers import check_architecture, check_shapes, read_rack_state
@@ -59,7 +60,7 @@ def _byte_fallback(config: StackWiseConfig) -> Tokenizer | None:
     # Only a vocabulary of exactly the byte tokenizer's 258 ids: data.tokenizer is also 'byte' (the default)
     # in the config of a model imported without a tokenizer (tools/import_hf.py), whose ids >= 258 the byte
     # tokenizer would silently drop; a byte run saved by this version always carries its tokenizer.json.
-    if config.data.tokenizer == "byte" and config.model.vocab_size == ByteTokenizer().vocab_size:
+    if config.data.tokenizer == TokenizerKind.BYTE and config.model.vocab_size == ByteTokenizer().vocab_size:
         return ByteTokenizer()
     return None
 

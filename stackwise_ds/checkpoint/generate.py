@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from ..config import StackWiseConfig
+from ..enums import AttentionMode
 from ..model import Rack
 from ..model.rack import DecodeCache
 from .consolidation import load_rack_with_config
@@ -17,7 +18,7 @@ class GenerationError(ValueError):
 
 
 def check_causal(config: StackWiseConfig) -> None:
-    if config.model.attention_mode != "causal":
+    if config.model.attention_mode != AttentionMode.CAUSAL:
         raise GenerationError(
             f"this rack uses model.attention_mode '{config.model.attention_mode}' (a masked LM): every position "
             "sees the whole sequence, so it cannot generate left to right; sample from a causal_lm run")

@@ -33,6 +33,7 @@ import torch
 from ..config import ConfigError, StackWiseConfig
 from ..data import TOKENIZER_FILE, Tokenizer, TokenizerError
 from ..data.tokenizer import load_tokenizer_file
+from ..enums import AttentionMode, AttentionType
 from ..training.checkpointing import CheckpointError
 from .consolidation import find_run_tokenizer, load_rack_state, save_consolidated
 
@@ -61,12 +62,12 @@ class ExportError(ValueError):
 def check_llama_compatible(config: StackWiseConfig) -> None:
     """Refuse racks whose computation a LlamaForCausalLM cannot reproduce, naming the feature."""
     m = config.model
-    if m.attention_type in ("mla", "kernel"):
-        kind = "multi-head latent attention (MLA)" if m.attention_type == "mla" else "kernel (linear) attention"
+    if m.attention_type in (AttentionType.MLA, AttentionType.KERNEL):
+        kind = "multi-head latent attention (MLA)" if m.attention_type == AttentionType.MLA else "kernel (linear) attention"
         raise ExportError(f"model.attention_type '{m.attention_type}' ({kind}) has no LlamaForCausalLM equivalent: "
                           "only 'mha' and 'gqa' racks export to Llama; keep this model in the StackWise format "
                           "(tools/consolidate.py)")
-    if m.attention_mode != "causal":
+    if m.attention_mode != AttentionMode.CAUSAL:
         raise ExportError(f"model.attention_mode '{m.attention_mode}' does not map: LlamaForCausalLM attends "
                           "causally only; a bidirectional (masked-LM) rack has no Llama equivalent")
 

@@ -19,12 +19,12 @@ from collections import OrderedDict
 import torch
 
 from ..config import StackWiseConfig
-from ..layout import TIED_KEY, LayerUnit, layer_units, stage_boundaries
+from ..layout import TIED_KEY, LayerUnit, UnitKind, layer_units, stage_boundaries
 from ..training.checkpointing import CheckpointError, unreadable_files
 from .locate import CheckpointRef
 
 TIED_PREFIX = f"tied_modules.{TIED_KEY}."
-WRAPPED = ("embedding", "head")  # units stored through a wrapper whose attribute is the Rack name
+WRAPPED = (UnitKind.EMBEDDING, UnitKind.HEAD)  # units stored through a wrapper whose attribute is the Rack name
 
 
 def units_of(config: StackWiseConfig) -> list[LayerUnit]:
@@ -46,7 +46,7 @@ def file_layers(config: StackWiseConfig) -> list[int]:
     """Layer indices that have a layer file: all but a tied LM head."""
     units = units_of(config)
     tied = config.model.tie_embeddings
-    return [i for i, unit in enumerate(units) if not (tied and unit.kind == "head")]
+    return [i for i, unit in enumerate(units) if not (tied and unit.kind == UnitKind.HEAD)]
 
 
 def pipe_name(config: StackWiseConfig, layer: int, key: str) -> str:

@@ -44,6 +44,8 @@ import torch
 
 from ..config import StackWiseConfig
 from ..data.tokenizer import TOKENIZER_FILE
+from ..enums import LayoutKind
+from ..layout import UnitKind
 from ..parallel.engine import equal_group_splits
 from ..training.checkpointing import CheckpointError, TrainingState, mark_complete
 from .layers import (TIED_PREFIX, file_layers, pipe_name, pipe_to_rack_names, rack_name, rack_shapes, stage_layers,
@@ -112,7 +114,7 @@ def new_layout_config(config: StackWiseConfig, stages: int, dp: int, samples: in
         raise CheckpointError(f"--data-parallel must be positive, got {dp}")
     raw = config.to_dict()
     raw["parallel"]["pipeline_stages"] = stages
-    raw["parallel"]["phase_layout"] = "fixed"
+    raw["parallel"]["phase_layout"] = LayoutKind.FIXED.value
     raw["training"]["output_dir"] = str(out_dir)
     t = raw["training"]
     if samples % dp == 0:
@@ -289,11 +291,11 @@ def stage_parameters(config: StackWiseConfig, layers: range) -> list[tuple[str, 
     units, shapes = units_of(config), rack_shapes(config)
     tied = config.model.tie_embeddings
     out = []
-    if tied and any(units[i].kind in ("embedding", "head") for i in layers):
+    if tied and any(units[i].kind in (UnitKind.EMBEDDING, UnitKind.HEAD) for i in layers):
         out.append((TIED_PREFIX + "embedding.weight", "embedding.weight", shapes["embedding.weight"]))
     for layer in layers:
         unit = units[layer]
-        if tied and unit.kind in ("embedding", "head"):
+        if tied and unit.kind in (UnitKind.EMBEDDING, UnitKind.HEAD):
             continue
         for key in unit_keys(config, unit):
             rack = rack_name(unit, key)
@@ -319,7 +321,7 @@ def trains_here(config: StackWiseConfig, rack: str, layers: range, source: Sourc
     if not (config.model.tie_embeddings and rack == "embedding.weight"):
         return True
     units = units_of(config)
-    holds_head = any(units[i].kind == "head" for i in layers)
+    holds_head = any(units[i].kind == UnitKind.HEAD for i in layers)
     first_block = next(n for n in rack_shapes(config) if n.startswith("stacks.0.blocks.0."))
     return holds_head or first_block in source.params
 

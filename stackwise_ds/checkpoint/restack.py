@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, StackWiseConfig
+from ..enums import TrainingArchitecture
 from .consolidation import find_run_tokenizer, load_rack_state, save_consolidated
 
 
@@ -56,7 +57,7 @@ def _fit_other_keys(raw: dict, n_stacks: int) -> list[str]:
                        "set new ones if you need them)")
         training["stack_lr_scale"] = None
     steps = training["steps_per_phase"]
-    if isinstance(steps, list) and training["training_architecture"] == "stackwise" and len(steps) != n_stacks:
+    if isinstance(steps, list) and training["training_architecture"] == TrainingArchitecture.STACKWISE and len(steps) != n_stacks:
         changes.append(f"training.steps_per_phase: {steps} -> {steps[0]} (one value for every phase)")
         training["steps_per_phase"] = steps[0]
     return changes

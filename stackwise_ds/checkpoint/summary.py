@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import StackWiseConfig
-from ..layout import LayerUnit
+from ..layout import LayerUnit, UnitKind
 from ..placement import PhaseLayout
 from ..training.checkpointing import STATE_FILE, unreadable_files
 from ..training.phases import TRAIN, Phase, plan_phases
@@ -84,7 +84,7 @@ def units_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
     rows = [("layer", "unit", "params", "stage", "file", "trained in phases (* = in progress)")]
     for layer, unit in enumerate(units):
         count = sum(s.numel() for n, s in shapes.items() if n.startswith(unit.rack_prefix))
-        tied_head = unit.kind == "head" and config.model.tie_embeddings
+        tied_head = unit.kind == UnitKind.HEAD and config.model.tie_embeddings
         trained = [f"{p.index}" + ("*" if p.index == current else "") for p in phases
                    if unit_trains(unit, p) and (p.index in done or p.index == current)]
         rows.append((str(layer), unit_label(unit), "(tied)" if tied_head else f"{count:,}",
@@ -105,17 +105,17 @@ def _file_status(path: Path) -> str:
 
 
 def unit_trains(unit: LayerUnit, phase: Phase) -> bool:
-    if unit.kind == "block":
+    if unit.kind == UnitKind.BLOCK:
         return phase.block_role(unit.stack_id, unit.block_id) == TRAIN
-    if unit.kind == "embedding":
+    if unit.kind == UnitKind.EMBEDDING:
         return phase.embedding_role == TRAIN
     return True  # final norm and LM head train in every phase
 
 
 def unit_label(unit: LayerUnit) -> str:
-    if unit.kind == "block":
+    if unit.kind == UnitKind.BLOCK:
         return f"stack {unit.stack_id} block {unit.block_id}"
-    return {"embedding": "embedding", "norm": "final norm", "head": "lm_head"}[unit.kind]
+    return {UnitKind.EMBEDDING: "embedding", UnitKind.NORM: "final norm", UnitKind.HEAD: "lm_head"}[unit.kind]
 
 
 def _fmt(value) -> str:

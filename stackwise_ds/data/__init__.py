@@ -12,14 +12,14 @@ Typical use by the trainer::
 
 from .build import DataBundle, build_datasets
 from .cache import default_cache_dir
-from .corpus import KNOWN_SOURCES, list_stdlib_files, list_text_files
-from .packing import IGNORE_INDEX, OBJECTIVES, PackedDataset, split_windows
+from .corpus import list_stdlib_files, list_text_files
+from .packing import IGNORE_INDEX, PackedDataset, split_windows
 from .stream import TrainBatchStream, check_enough_data, val_batches
-from .tokenizer import (TOKENIZER_FILE, TOKENIZER_KINDS, ByteTokenizer, HFTokenizer, Tokenizer, TokenizerError,
+from .tokenizer import (TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, TokenizerError,
                         load_tokenizer_json, make_tokenizer)
 
 __all__ = [
-    "IGNORE_INDEX", "KNOWN_SOURCES", "OBJECTIVES", "TOKENIZER_FILE", "TOKENIZER_KINDS",
+    "IGNORE_INDEX", "TOKENIZER_FILE",
     "ByteTokenizer", "DataBundle", "HFTokenizer", "Tokenizer", "TokenizerError",
     "load_tokenizer_json", "make_tokenizer", "PackedDataset", "TrainBatchStream",
     "build_datasets", "check_enough_data", "default_cache_dir",

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from ..enums import DataSource, Objective, TokenizerKind
 from . import cache, corpus
-from .packing import (OBJECTIVES, PackedDataset, split_windows, text_dataset, tokenize_documents, tokenize_texts,
+from .packing import (PackedDataset, check_objective, split_windows, text_dataset, tokenize_documents, tokenize_texts,
                       write_windows)
 from .tokenizer import (BPE_VERSION, TOKENIZER_FILE, Tokenizer, TokenizerError, check_bpe_vocab, load_tokenizer_json,
                         make_tokenizer, token_dtype)
@@ -39,18 +40,17 @@ def _validate_args(
     source: str, paths: list[str] | None, hf_name: str | None, seq_len: int, val_fraction: float,
     objective: str, mask_prob: float, max_files: int | None, max_bytes: int | None,
 ) -> None:
-    if source not in corpus.KNOWN_SOURCES:
-        raise ValueError(f"unknown data source {source!r}: set data.source to one of {corpus.KNOWN_SOURCES}")
-    if source == "text_files" and not paths:
+    if source not in DataSource.values():
+        raise ValueError(f"unknown data source {source!r}: set data.source to one of: {', '.join(DataSource.values())}")
+    if source == DataSource.TEXT_FILES and not paths:
         raise ValueError("data.source='text_files' needs data.paths: list the text files or directories to train on")
-    if source == "hf" and not hf_name:
+    if source == DataSource.HF and not hf_name:
         raise ValueError("data.source='hf' needs data.hf_name: the Hugging Face dataset to load, e.g. 'wikitext'")
     if not isinstance(seq_len, int) or seq_len <= 0:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}: fix data.seq_len")
     if not 0.0 <= val_fraction < 0.5:
         raise ValueError(f"val_fraction must be in [0, 0.5), got {val_fraction}: fix data.val_fraction")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}: set data.objective to one of {OBJECTIVES}")
+    check_objective(objective)
     if not 0.0 < mask_prob < 1.0:
         raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}: fix data.mask_prob")
     for name, cap in (("max_files", max_files), ("max_bytes", max_bytes)):
@@ -64,7 +64,7 @@ def _file_source(source: str, files: list[Path], max_files: int | None, max_byte
         "source": source, "max_bytes": max_bytes,
         "files": [[f.path, f.size, f.mtime_ns] for f in selected],
     }
-    user_files = source == "text_files"
+    user_files = source == DataSource.TEXT_FILES
     if user_files:
         key["reader"] = "skips-binary"  # cached data of the reader that kept binary files is stale
     return _Source(key, lambda: corpus.read_file_documents(selected, max_bytes, user_files=user_files))
@@ -74,9 +74,9 @@ def _resolve_source(
     source: str, paths: list[str] | None, hf_name: str | None, hf_config: str | None, hf_split: str,
     text_field: str, max_files: int | None, max_bytes: int | None,
 ) -> _Source:
-    if source == "stdlib":
+    if source == DataSource.STDLIB:
         return _file_source(source, corpus.list_stdlib_files(), max_files, max_bytes)
-    if source == "text_files":
+    if source == DataSource.TEXT_FILES:
         return _file_source(source, corpus.list_text_files(list(paths or [])), max_files, max_bytes)
     # hf: a Hub dataset is keyed by name/config/split only -- a re-published dataset under the same
     # name needs a fresh cache_dir (or deleting the entry); a local folder also by its files, so an
@@ -153,7 +153,7 @@ def _pack_bpe_into(out_dir: Path, scratch: Path, src: _Source, vocab_size: int, 
         for batch in train_texts.iter(batch_size=1024):
             yield from batch["text"]
 
-    tokenizer = make_tokenizer("bpe", vocab_size, training_texts)
+    tokenizer = make_tokenizer(TokenizerKind.BPE, vocab_size, training_texts)
     parts = [tokenize_texts(train_texts, tokenizer, f"{entry}-train"),
              tokenize_texts(val_texts, tokenizer, f"{entry}-val")]
     n_tokens, (n_train, n_val) = write_windows(parts, seq_len, out_dir / cache.WINDOWS_FILE, token_dtype(vocab_size))
@@ -167,7 +167,7 @@ def _pack_bpe_into(out_dir: Path, scratch: Path, src: _Source, vocab_size: int, 
 
 def _tokenizer_key(spec: str, vocab_size: int | None, seq_len: int, val_fraction: float, seed: int):
     """(the tokenizer, or None for a BPE trained during the build; its data-cache key inputs)."""
-    if spec != "bpe":
+    if spec != TokenizerKind.BPE:
         tokenizer = make_tokenizer(spec, vocab_size)
         return tokenizer, {"tokenizer": tokenizer.name}
     if vocab_size is None:
@@ -180,12 +180,12 @@ def _tokenizer_key(spec: str, vocab_size: int | None, seq_len: int, val_fraction
 
 
 def build_datasets(
-    *, source: str = "stdlib", paths: list[str] | None = None, hf_name: str | None = None,
+    *, source: str = DataSource.STDLIB, paths: list[str] | None = None, hf_name: str | None = None,
     hf_config: str | None = None, hf_split: str = "train", text_field: str = "text",
     seq_len: int = 256, val_fraction: float = 0.01, seed: int = 0,
-    objective: str = "causal_lm", mask_prob: float = 0.15,
+    objective: str = Objective.CAUSAL_LM, mask_prob: float = 0.15,
     max_files: int | None = None, max_bytes: int | None = None,
-    cache_dir: str | None = None, tokenizer: str = "byte", vocab_size: int | None = None,
+    cache_dir: str | None = None, tokenizer: str = TokenizerKind.BYTE, vocab_size: int | None = None,
 ) -> DataBundle:
     """Packed, split, cached datasets for the trainer. Safe to call from every rank at once.
 

@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-KNOWN_SOURCES = ("stdlib", "text_files", "hf")
 _SKIPPED_STDLIB_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..enums import Objective
 from .tokenizer import ByteTokenizer, Tokenizer, token_dtype
 
-OBJECTIVES = ("causal_lm", "masked_lm")
 IGNORE_INDEX = -100  # torch.nn.CrossEntropyLoss default ignore_index
 WINDOW_DTYPE = np.uint16  # byte ids (258) fit; half the size of int32 on disk (uint32 above 65536 ids)
 
@@ -25,6 +25,12 @@ WINDOW_DTYPE = np.uint16  # byte ids (258) fit; half the size of int32 on disk (
 # from the same user seed.
 SPLIT_TAG = 0x5E1_17
 MASK_TAG = 0x3A5C
+
+
+def check_objective(objective: str) -> None:
+    if objective not in Objective.values():
+        raise ValueError(f"unknown objective {objective!r}: set training.objective to one of: "
+                         f"{', '.join(Objective.values())}")
 
 
 def tokenize_documents(
@@ -157,11 +163,10 @@ class PackedDataset(Dataset):
     """
 
     def __init__(
-        self, windows: np.ndarray, rows: np.ndarray, *, objective: str = "causal_lm",
+        self, windows: np.ndarray, rows: np.ndarray, *, objective: str = Objective.CAUSAL_LM,
         mask_prob: float = 0.15, seed: int = 0, tokenizer: Tokenizer | None = None,
     ) -> None:
-        if objective not in OBJECTIVES:
-            raise ValueError(f"unknown objective {objective!r}: set data.objective to one of {OBJECTIVES}")
+        check_objective(objective)
         if not 0.0 < mask_prob < 1.0:
             raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}: fix data.mask_prob")
         self.windows = windows
@@ -170,7 +175,7 @@ class PackedDataset(Dataset):
         self.mask_prob = mask_prob
         self.seed = seed
         self.tokenizer = tokenizer or ByteTokenizer()
-        if objective == "masked_lm" and self.tokenizer.mask_id is None:
+        if objective == Objective.MASKED_LM and self.tokenizer.mask_id is None:
             raise ValueError(f"{self.tokenizer!r} has no mask token, which training.objective 'masked_lm' needs: "
                              "use data.tokenizer 'byte' or 'bpe', or a tokenizer with a mask special token")
 
@@ -190,7 +195,7 @@ class PackedDataset(Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"sample {index} out of range for a split of {len(self)} sequences")
         window = self.window(index)
-        if self.objective == "causal_lm":
+        if self.objective == Objective.CAUSAL_LM:
             return window[:-1], window[1:]
         return self._mask(window[:-1], row=int(self.rows[index]))
 

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..enums import TokenizerKind
+
 N_BYTE_IDS = 256  # ids 0..255 are the raw utf-8 bytes
 TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_KINDS = ("byte", "bpe")  # any other data.tokenizer value is a path
 EOS_TOKEN = "<|endoftext|>"  # the special tokens StackWise writes (byte and bpe)
 MASK_TOKEN = "<|mask|>"
 # Special-token spellings of common tokenizers, most specific first.
@@ -286,15 +287,15 @@ def check_vocab(tokenizer: Tokenizer, vocab_size: int | None) -> None:
                              f"tokens: set model.vocab_size >= {tokenizer.vocab_size}")
 
 
-def make_tokenizer(spec: str = "byte", vocab_size: int | None = None,
+def make_tokenizer(spec: str = TokenizerKind.BYTE, vocab_size: int | None = None,
                    training_texts: Callable[[], Iterable[str]] | None = None) -> Tokenizer:
     """The tokenizer ``data.tokenizer`` names, checked against ``model.vocab_size``.
 
     'bpe' trains on ``training_texts()`` (the run's training split: see build.py) to exactly
     ``vocab_size`` ids at most."""
-    if spec == "byte":
+    if spec == TokenizerKind.BYTE:  # any other spec than byte or bpe is a path
         tokenizer: Tokenizer = ByteTokenizer()
-    elif spec == "bpe":
+    elif spec == TokenizerKind.BPE:
         if training_texts is None or vocab_size is None:
             raise TokenizerError("data.tokenizer 'bpe' is trained while the data cache is built: "
                                  "call build_datasets(tokenizer='bpe', vocab_size=...)")

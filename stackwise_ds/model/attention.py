@@ -18,8 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ATTENTION_TYPES = ("mha", "gqa", "mla", "kernel")
-ATTENTION_MODES = ("causal", "bidirectional")
+from ..enums import AttentionMode, AttentionType
+
+ATTENTION_TYPES = AttentionType.values()
+ATTENTION_MODES = AttentionMode.values()
 
 
 # ---------------------------------------------------------------------------- validation
@@ -218,14 +220,14 @@ class MultiHeadAttention(nn.Module):
     With n_kv_heads == n_heads no kv head is repeated, so 'gqa' runs exactly the 'mha' computation.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, attention_mode: str = "causal",
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, attention_mode: str = AttentionMode.CAUSAL,
                  *, max_seq_len: int = 2048, rope_theta: float = 10000.0, dropout: float = 0.0):
         super().__init__()
         check_choice("attention_mode", attention_mode, ATTENTION_MODES)
         self.n_kv_heads, self.head_dim = resolve_heads(d_model, n_heads, n_kv_heads)
         check_rope_dim("head_dim = d_model / n_heads", self.head_dim,
                        "choose d_model and n_heads so that d_model / n_heads is even")
-        self.n_heads, self.causal, self.dropout = n_heads, attention_mode == "causal", dropout
+        self.n_heads, self.causal, self.dropout = n_heads, attention_mode == AttentionMode.CAUSAL, dropout
         add_qkvo_projections(self, d_model, n_heads, self.n_kv_heads, self.head_dim)
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
@@ -264,7 +266,7 @@ class MultiHeadLatentAttention(nn.Module):
     with hd = d_model // n_heads and r = rope_head_dim.
     """
 
-    def __init__(self, d_model: int, n_heads: int, attention_mode: str = "causal", *, kv_lora_rank: int = 64,
+    def __init__(self, d_model: int, n_heads: int, attention_mode: str = AttentionMode.CAUSAL, *, kv_lora_rank: int = 64,
                  q_lora_rank: int = 0, rope_head_dim: int = 16, max_seq_len: int = 2048,
                  rope_theta: float = 10000.0, dropout: float = 0.0, norm_eps: float = 1e-5):
         super().__init__()
@@ -275,7 +277,7 @@ class MultiHeadLatentAttention(nn.Module):
         check_rope_dim("mla_rope_head_dim", rope_head_dim, "choose an even mla_rope_head_dim")
         if q_lora_rank < 0:
             raise ValueError(f"mla_q_lora_rank ({q_lora_rank}) must be >= 0: use 0 to project queries directly")
-        self.n_heads, self.causal, self.dropout = n_heads, attention_mode == "causal", dropout
+        self.n_heads, self.causal, self.dropout = n_heads, attention_mode == AttentionMode.CAUSAL, dropout
         self.kv_lora_rank, self.q_lora_rank, self.rope_head_dim = kv_lora_rank, q_lora_rank, rope_head_dim
         q_head_dim = self.head_dim + rope_head_dim
         self.softmax_scale = 1.0 / math.sqrt(q_head_dim)
@@ -367,7 +369,7 @@ class KernelAttention(nn.Module):
 
     eps = 1e-6  # keeps the denominator away from zero when the features are tiny (relu map)
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, attention_mode: str = "causal",
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, attention_mode: str = AttentionMode.CAUSAL,
                  *, feature_map: str = "elu", chunk_size: int = 64, max_seq_len: int = 2048,
                  rope_theta: float = 10000.0):
         super().__init__()
@@ -379,7 +381,7 @@ class KernelAttention(nn.Module):
         check_choice("kernel_feature_map", feature_map, KERNEL_FEATURE_MAPS)
         self.phi = FEATURE_MAPS[feature_map]
         self.feature_map, self.chunk_size = feature_map, chunk_size
-        self.n_heads, self.causal = n_heads, attention_mode == "causal"
+        self.n_heads, self.causal = n_heads, attention_mode == AttentionMode.CAUSAL
         add_qkvo_projections(self, d_model, n_heads, self.n_kv_heads, self.head_dim)
         self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
 
@@ -495,13 +497,13 @@ def build_attention(attention_type: str, d_model: int, n_heads: int, n_kv_heads:
     check_positive("max_seq_len", max_seq_len)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout ({dropout}) must be in [0, 1): use 0.0 to disable it")
-    if attention_type in ("mha", "mla") and n_kv_heads not in (None, n_heads):
+    if attention_type in (AttentionType.MHA, AttentionType.MLA) and n_kv_heads not in (None, n_heads):
         raise ValueError(f"attention_type {attention_type!r} uses n_kv_heads == n_heads ({n_heads}), got "
                          f"n_kv_heads={n_kv_heads}: leave n_kv_heads unset, or use attention_type 'gqa' or 'kernel'")
-    if attention_type in ("mha", "gqa"):
+    if attention_type in (AttentionType.MHA, AttentionType.GQA):
         return MultiHeadAttention(d_model, n_heads, n_kv_heads, attention_mode, max_seq_len=max_seq_len,
                                   rope_theta=rope_theta, dropout=dropout)
-    if attention_type == "mla":
+    if attention_type == AttentionType.MLA:
         return MultiHeadLatentAttention(d_model, n_heads, attention_mode, kv_lora_rank=mla_kv_lora_rank,
                                         q_lora_rank=mla_q_lora_rank, rope_head_dim=mla_rope_head_dim,
                                         max_seq_len=max_seq_len, rope_theta=rope_theta, dropout=dropout,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..enums import AttentionMode, AttentionType
 from .attention import RMSNorm, build_attention, check_positive
 
 __all__ = ["Block", "RMSNorm", "SwiGLU"]
@@ -41,7 +42,7 @@ class SwiGLU(nn.Module):
 
 class Block(nn.Module):
     def __init__(self, d_model: int, d_ff: int, n_heads: int, n_kv_heads: int | None = None,
-                 attention_type: str = "mha", attention_mode: str = "causal", *,
+                 attention_type: str = AttentionType.MHA, attention_mode: str = AttentionMode.CAUSAL, *,
                  max_seq_len: int = 2048, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
                  dropout: float = 0.0, freeze_up_proj: bool = False,
                  mla_kv_lora_rank: int = 64, mla_q_lora_rank: int = 0, mla_rope_head_dim: int = 16,

@@ -96,7 +96,7 @@ REQUIRED_NAMES: tuple[Required, ...] = (
     Required(_PIPE_MODULE, ATTRIBUTE, ("_partition_layers", "_set_bounds", "_synchronize_tied_weights",
                                        "_recursive_getattr")),
     Required(_PIPE_MODULE, ASSIGNED, ("forward_funcs", "tied_comms", "tied_modules", "parts", "_grid", "_topo",
-                                      "_layer_specs", "_local_start", "_local_stop", "num_stages",
+                                      "_layer_specs", "_local_start", "num_stages",
                                       "global_rank", "stage_id", "is_checkpointable_results_interval")),
     # tied_comms entries, and the flag that keeps a tied copy out of the clipping norm
     Required(_PIPE_MODULE, MENTIONED, ("module", "weight_attr", "group", "ranks", "ds_pipe_replicated")),
@@ -106,6 +106,8 @@ REQUIRED_NAMES: tuple[Required, ...] = (
         "get_stage_id", "stage_to_global", "get_data_parallel_world_size", "get_data_parallel_id",
         "get_global_rank", "get_model_parallel_group")),
     Required(_ZERO, ASSIGNED, ("bit16_groups",)),
+    # the bf16 optimizer's accumulated fp32 gradient of a parameter, read for tied all-reduces and grad norms
+    Required("deepspeed.runtime.bf16_optimizer:BF16_Optimizer", MENTIONED, ("_hp_grad",)),
     Required(_ZERO, MENTIONED, ("ds_pipe_replicated",)),
 )
 

@@ -14,22 +14,23 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, StackWiseConfig
+from ..enums import Precision
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 
 
-def resolve_precision(precision: str) -> str:
+def resolve_precision(precision: Precision) -> Precision:
     """'auto' means bf16 where a CUDA device is present, fp32 on CPU."""
-    if precision == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
-    return precision
+    if precision == Precision.AUTO:
+        return Precision.BF16 if torch.cuda.is_available() else Precision.FP32
+    return Precision(precision)
 
 
 def template_path(config: StackWiseConfig) -> Path:
     choice = config.parallel.ds_config
     if choice != "auto":
         return Path(choice)
-    name = "gpu_bf16.json" if resolve_precision(config.training.precision) == "bf16" else "cpu_fp32.json"
+    name = "gpu_bf16.json" if resolve_precision(config.training.precision) == Precision.BF16 else "cpu_fp32.json"
     return TEMPLATE_DIR / name
 
 
@@ -57,7 +58,7 @@ def build_ds_config(config: StackWiseConfig, data_parallel_size: int,
     t = config.training
     path = template_path(config)
     ds = load_template(path)
-    bf16 = resolve_precision(t.precision) == "bf16"
+    bf16 = resolve_precision(t.precision) == Precision.BF16
     accumulation = gradient_accumulation_steps or t.gradient_accumulation_steps
     filled = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,

@@ -64,7 +64,8 @@ functions, rebuilt below), the ``_exec_*`` instruction methods, ``_train_schedul
 ``_exec_schedule``, ``pipe_buffers``/``grad_layer``, ``_configure_zero_optimizer`` and
 ``_configure_bf16_optimizer`` (called with ``None`` when there is no client optimizer),
 ``clip_fp32_gradients``, ``_load_checkpoint``, ``module_forward_{pre,post}_hook`` handles,
-``DeepSpeedZeroOptimizer.bit16_groups``, ``PipelineModule.forward_funcs``/``tied_comms``/``parts``/
+``DeepSpeedZeroOptimizer.bit16_groups``, the bf16 optimizer's ``param._hp_grad``,
+``PipelineModule.forward_funcs``/``tied_comms``/``parts``/
 ``_grid``/``_layer_specs``/``is_checkpointable_results_interval``, ``ds_pipe_replicated``.
 
 Limits. Frozen/dormant layers are never activation-checkpointed (a gate is not an ``nn.Module``);
@@ -87,7 +88,6 @@ from .compat import check_deepspeed
 check_deepspeed()  # before the imports below: a DeepSpeed lacking the internals used here fails now, saying so
 
 import torch
-import torch.distributed as torch_dist
 from deepspeed import comm as dist
 from deepspeed import set_optimizer_flags
 from deepspeed.comm import pg_utils
@@ -97,8 +97,11 @@ from deepspeed.runtime.pipe.module import PipelineModule, TiedLayerSpec
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from torch import nn
 
-from .roles import (FORWARD_ONLY, RELAY, TRAIN, TRAIN_STAGE, RolePlan, apply_layer_roles, layer_parameters,
-                    make_plan)
+from ..layout import UnitKind
+from .distributed import all_gather_objects
+from .pipe import local_start
+from .roles import (FORWARD_ONLY, RELAY, TRAIN, TRAIN_STAGE, RolePlan, StageRole, apply_layer_roles,
+                    layer_parameters, make_plan)
 from .schedule import CountStep, StageWiseTrainSchedule, SyncTiedWeights
 
 ALLREDUCE, BROADCAST, UNTRAINED = "allreduce", "broadcast", "untrained"
@@ -257,14 +260,14 @@ class StageWiseEngine(PipelineEngine):
         squares = [-1.0] * n_stacks
         for layer, norm in self._layer_grad_norms.items():
             unit = units[layer] if units is not None else None
-            if unit is not None and getattr(unit, 'kind', None) == 'block':
+            if unit is not None and getattr(unit, 'kind', None) == UnitKind.BLOCK:
                 squares[unit.stack_id] = max(squares[unit.stack_id], 0.0) + norm**2
         return [s**0.5 if s >= 0 else -1.0 for s in squares]
 
     def _record_layer_grad_norms(self):
         self._layer_grad_norms = {}
         for offset, entry in enumerate(self.module.forward_funcs):
-            layer = self.module._local_start + offset
+            layer = local_start(self.module) + offset
             if self.plan.layer_roles[layer] != TRAIN:
                 continue
             grads = [_accumulated_grad(p) for p in layer_parameters(entry) if p.requires_grad]
@@ -417,10 +420,9 @@ def forget_process_groups() -> None:
     _GROUPS.clear()
 
 
-def _check_trainable(stage_role: str, named) -> None:
+def _check_trainable(stage_role: StageRole, named) -> None:
     """Collective: fail on every rank alike, before any rank builds an optimizer over nothing."""
-    layout = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(layout, (stage_role, sum(p.numel() for _, p in named)))
+    layout = all_gather_objects((stage_role, sum(p.numel() for _, p in named)))
     empty = sorted(rank for rank, (role, numel) in enumerate(layout) if role == TRAIN_STAGE and numel == 0)
     if empty:
         raise ValueError(f"ranks {empty} hold 'train' layers without trainable parameters")
@@ -450,8 +452,7 @@ def _equalise_param_groups(optimizer: torch.optim.Optimizer | None) -> None:
     """Collective. Give every train stage the same number of param groups (see
     ``_check_zero_param_groups`` and ``equal_group_splits``). Stages that hold different stacks
     under per-stack learning rates naturally build different group counts."""
-    counts = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(counts, None if optimizer is None else len(optimizer.param_groups))
+    counts = all_gather_objects(None if optimizer is None else len(optimizer.param_groups))
     target = max((c for c in counts if c is not None), default=0)
     if optimizer is None:
         return
@@ -467,8 +468,7 @@ def _check_zero_param_groups(engine: "StageWiseEngine") -> None:
     stages, so differing group counts would pair unrelated collectives and hang."""
     opt = engine.optimizer
     groups = [len(g) for g in opt.bit16_groups] if isinstance(opt, DeepSpeedZeroOptimizer) else None
-    layout = [None] * torch_dist.get_world_size()
-    torch_dist.all_gather_object(layout, groups)
+    layout = all_gather_objects(groups)
     counts = {len(g) for g in layout if g is not None}
     if len(counts) > 1 or any(0 in g for g in layout if g is not None):
         raise ValueError(f"ZeRO needs the same number of non-empty optimizer param groups on every train stage; "

@@ -23,7 +23,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
-from ..layout import TIED_KEY, LayerUnit, layer_units
+from ..layout import TIED_KEY, LayerUnit, UnitKind, layer_units
 from ..model import Block, Rack
 from ..placement import PhaseLayout
 
@@ -90,9 +90,23 @@ class RackPipelineModule(PipelineModule):
         with torch.no_grad():
             super()._synchronize_tied_weights()
 
-    def local_units(self) -> dict[int, LayerUnit]:
-        """Pipeline-layer index -> unit, for the layers this stage holds."""
-        return {i: self.units[i] for i in range(self._local_start, self._local_stop)}
+
+# DeepSpeed keeps these facts of a PipelineModule in private attributes (listed in compat.py);
+# code outside stackwise_ds/parallel reads them through these functions only.
+
+def data_parallel_rank(pipe: PipelineModule) -> int:
+    """This rank's data-parallel replica index in ``pipe``'s grid."""
+    return pipe._grid.get_data_parallel_id()
+
+
+def stage_to_global(pipe: PipelineModule, stage: int) -> int:
+    """The global rank running pipeline stage ``stage`` in this rank's data-parallel slice."""
+    return pipe._grid.stage_to_global(stage_id=stage)
+
+
+def local_start(pipe: PipelineModule) -> int:
+    """Pipeline-layer index of the first layer this rank's stage holds."""
+    return pipe._local_start
 
 
 def check_materialized(rack: Rack, names: set[str], stage: int) -> None:
@@ -141,11 +155,11 @@ def rack_to_pipeline(rack: Rack, layout: PhaseLayout, world_size: int,
 
 def _layer_spec(rack: Rack, unit: LayerUnit):
     """The pipeline entry of one Rack unit (GPT-NeoX style: the Rack's own modules, thin wrappers)."""
-    if unit.kind == "block":
+    if unit.kind == UnitKind.BLOCK:
         return rack.stacks[unit.stack_id].blocks[unit.block_id]
-    if unit.kind == "norm":
+    if unit.kind == UnitKind.NORM:
         return rack.norm
     if rack.tie_embeddings:
-        forward = {"forward_fn": tied_head_forward} if unit.kind == "head" else {}
+        forward = {"forward_fn": tied_head_forward} if unit.kind == UnitKind.HEAD else {}
         return TiedLayerSpec(TIED_KEY, EmbeddingPipe, rack.embedding, tied_weight_attr="embedding.weight", **forward)
-    return LayerSpec(EmbeddingPipe, rack.embedding) if unit.kind == "embedding" else LayerSpec(HeadPipe, rack.lm_head)
+    return LayerSpec(EmbeddingPipe, rack.embedding) if unit.kind == UnitKind.EMBEDDING else LayerSpec(HeadPipe, rack.lm_head)

@@ -1,6 +1,6 @@
 """Layer roles of one training phase, the stage roles they imply, and the layer gates that enforce them.
 
-Layer roles (plain strings, the same as ``stackwise_ds.training.phases``):
+Layer roles (``stackwise_ds.layout.LayerRole``, the same as ``stackwise_ds.training.phases``):
 
 * ``"train"``   -- normal forward with autograd; parameters go to this stage's optimizer.
 * ``"frozen"``  -- forward under ``torch.no_grad()``; parameters never get a gradient.
@@ -9,7 +9,8 @@ Layer roles (plain strings, the same as ``stackwise_ds.training.phases``):
 Frozen layers must all come before every train layer (a frozen layer after a trained one would
 cut the gradient path), and the last stage must train (it computes the loss).
 
-Stage roles, derived from the layer roles and the partition (``PipelineModule.parts``):
+Stage roles (``StageRole``, a type of its own), derived from the layer roles and the partition
+(``PipelineModule.parts``):
 
 * ``"forward_only"`` -- every stage before the first stage that holds a train layer: streams
   its micro-batches forward under no_grad, never receives or sends a gradient, no optimizer.
@@ -31,10 +32,20 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..layout import DORMANT, FROZEN, TRAIN  # noqa: F401 - re-exported for the engine
-LAYER_ROLES = (TRAIN, FROZEN, DORMANT)
+from ..enums import Choice
+from ..layout import DORMANT, FROZEN, TRAIN, LayerRole  # noqa: F401 - re-exported for the engine
+from .pipe import local_start
 
-FORWARD_ONLY, RELAY, TRAIN_STAGE = "forward_only", "relay", "train"
+
+class StageRole(Choice):
+    """What a pipeline stage does in a phase (see the module docstring)."""
+
+    FORWARD_ONLY = "forward_only"
+    RELAY = "relay"
+    TRAIN = "train"
+
+
+FORWARD_ONLY, RELAY, TRAIN_STAGE = StageRole.FORWARD_ONLY, StageRole.RELAY, StageRole.TRAIN
 
 # Attribute remembering a parameter's own trainability (e.g. a fixed random projection) the
 # first time roles are applied, so that phases only ever narrow it, never widen it.
@@ -45,9 +56,9 @@ _BASE_REQUIRES_GRAD = "_stagewise_base_requires_grad"
 class RolePlan:
     """The role of every pipeline layer and stage in one phase (identical on every rank)."""
 
-    layer_roles: tuple[str, ...]
+    layer_roles: tuple[LayerRole, ...]
     parts: tuple[int, ...]  # stage s holds layers parts[s] .. parts[s+1]-1
-    stage_roles: tuple[str, ...]
+    stage_roles: tuple[StageRole, ...]
 
     @property
     def num_stages(self) -> int:
@@ -75,9 +86,6 @@ class RolePlan:
         """Whether ``stage`` sends the gradient of its input to ``stage - 1``."""
         return self.stage_roles[stage] != FORWARD_ONLY and stage > self.first_train_stage
 
-    def receives_grad(self, stage: int) -> bool:
-        return stage + 1 < self.num_stages and self.sends_grad(stage + 1)
-
 
 def make_plan(layer_roles: dict[int, str] | None, parts: list[int]) -> RolePlan:
     """Validate ``layer_roles`` (``None``: everything trains) and derive the stage roles."""
@@ -90,10 +98,10 @@ def make_plan(layer_roles: dict[int, str] | None, parts: list[int]) -> RolePlan:
         if missing or extra:
             raise ValueError(f"layer_roles must name each of the {num_layers} pipeline layers exactly: "
                              f"missing {missing}, unknown {extra}")
-        bad = {i: r for i, r in layer_roles.items() if r not in LAYER_ROLES}
+        bad = {i: r for i, r in layer_roles.items() if r not in LayerRole.values()}
         if bad:
-            raise ValueError(f"unknown layer roles {bad}: use one of {LAYER_ROLES}")
-        roles = tuple(layer_roles[i] for i in range(num_layers))
+            raise ValueError(f"unknown layer roles {bad}: use one of {LayerRole.values()}")
+        roles = tuple(LayerRole(layer_roles[i]) for i in range(num_layers))
     trained = [i for i, r in enumerate(roles) if r == TRAIN]
     frozen = [i for i, r in enumerate(roles) if r == FROZEN]
     if not trained:
@@ -108,7 +116,7 @@ def make_plan(layer_roles: dict[int, str] | None, parts: list[int]) -> RolePlan:
     return RolePlan(roles, tuple(parts), stage_roles)
 
 
-def _stage_role(roles: tuple[str, ...], after_first_train_layer: bool) -> str:
+def _stage_role(roles: tuple[LayerRole, ...], after_first_train_layer: bool) -> StageRole:
     if TRAIN in roles:
         return TRAIN_STAGE
     return RELAY if after_first_train_layer else FORWARD_ONLY
@@ -122,7 +130,7 @@ class RoleGate:
     never wrapped.
     """
 
-    def __init__(self, layer, role: str):
+    def __init__(self, layer, role: LayerRole):
         if role not in (FROZEN, DORMANT):
             raise ValueError(f"RoleGate wraps frozen or dormant layers, not {role!r}")
         self.layer = layer
@@ -166,7 +174,7 @@ def apply_layer_roles(module, plan: RolePlan) -> None:
     with; a tied weight used by a frozen and a train layer on one stage therefore trains
     (through the train use only, since the frozen use runs under no_grad).
     """
-    start = module._local_start
+    start = local_start(module)
     trainable: dict[int, bool] = {}
     for offset, entry in enumerate(module.forward_funcs):
         layer = unwrap(entry)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError, StackWiseConfig
+from ..enums import TokenizerKind
 from ..data import (TOKENIZER_FILE, Tokenizer, TrainBatchStream, build_datasets, check_enough_data, make_tokenizer,
                     val_batches)
 
@@ -47,7 +48,7 @@ def run_tokenizer(config: StackWiseConfig, bundle) -> Tokenizer | None:
     or a vocabulary too small for the configured tokenizer)."""
     if bundle is not None:
         return bundle.tokenizer
-    if config.data.tokenizer == "bpe":
+    if config.data.tokenizer == TokenizerKind.BPE:
         return None
     try:
         tokenizer = make_tokenizer(config.data.tokenizer)

@@ -19,20 +19,20 @@ continuing and resuming at a phase boundary are the same code path.
 
 from __future__ import annotations
 
-from ..config import GROWTH_COPY_ALL, GROWTH_COPY_LAST, GROWTH_COPY_MIDDLE, GROWTH_FRESH
+from ..enums import GrowthOperator
 from ..layout import LayerUnit
 from .phases import Phase
 
 
-def unit_sources(old: int, new: int, operator: str) -> dict[int, int]:
+def unit_sources(old: int, new: int, operator: GrowthOperator) -> dict[int, int]:
     """Position -> the old unit it starts as, for the positions that do not keep their own weights."""
-    if new <= old or old == 0 or operator == GROWTH_FRESH:
+    if new <= old or old == 0 or operator == GrowthOperator.FRESH:
         return {}
-    if operator == GROWTH_COPY_LAST:
+    if operator == GrowthOperator.COPY_LAST:
         order = [*range(old), *[old - 1] * (new - old)]
-    elif operator == GROWTH_COPY_ALL:
+    elif operator == GrowthOperator.COPY_ALL:
         order = [j % old for j in range(new)]
-    elif operator == GROWTH_COPY_MIDDLE:
+    elif operator == GrowthOperator.COPY_MIDDLE:
         order = _middle_copies(old, new)
     else:
         raise ValueError(f"unknown growth operator {operator!r}")
@@ -48,7 +48,7 @@ def _middle_copies(old: int, new: int) -> list[int]:
     return [*range(start + width), *copies, *range(start + width, old)]
 
 
-def phase_layer_sources(units: list[LayerUnit], phase: Phase, operator: str) -> dict[int, int]:
+def phase_layer_sources(units: list[LayerUnit], phase: Phase, operator: GrowthOperator) -> dict[int, int]:
     """Pipeline layer -> layer whose weights it starts ``phase`` with (empty unless the phase grows)."""
     if not phase.grows:
         return {}

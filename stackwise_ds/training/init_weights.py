@@ -23,9 +23,11 @@ import torch
 
 from ..checkpoint.layers import file_layers, layer_key, rack_name, rack_shapes, read_layer_file, unit_keys, units_of
 from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, is_tag_dir, list_tags, resolve_checkpoint
-from ..config import INIT_GROWTH_STACK, ConfigError, ModelConfig, StackWiseConfig
+from ..config import ConfigError, ModelConfig, StackWiseConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer_json, make_tokenizer
 from ..data.tokenizer import load_tokenizer_file, parse_tokenizer_json
+from ..enums import AttentionType, InitGrowth
+from ..layout import UnitKind
 from ..model import build_block
 from .checkpointing import CheckpointError
 from .layer_files import layer_path
@@ -190,7 +192,7 @@ def source_stack(stack: int, n_source: int, growth: str) -> int | None:
     """The source stack target ``stack`` starts from; None: its own seeded init (growth 'fresh')."""
     if stack < n_source:
         return stack
-    return stack % n_source if growth == INIT_GROWTH_STACK else None
+    return stack % n_source if growth == InitGrowth.STACK else None
 
 
 def source_name(target_name: str, n_source: int, growth: str) -> str | None:
@@ -205,11 +207,12 @@ def source_name(target_name: str, n_source: int, growth: str) -> str | None:
 def _architecture(model: ModelConfig) -> dict:
     """What fixes the rack's function apart from depth (gqa with n_kv_heads = n_heads is mha)."""
     n_kv = model.n_kv_heads or model.n_heads
-    kind = "mha" if model.attention_type == "gqa" and n_kv == model.n_heads else model.attention_type
+    gqa_as_mha = model.attention_type == AttentionType.GQA and n_kv == model.n_heads
+    kind = AttentionType.MHA if gqa_as_mha else model.attention_type
     arch = dict(vocab_size=model.vocab_size, d_model=model.d_model, n_heads=model.n_heads, n_kv_heads=n_kv,
                 d_ff=model.resolved_d_ff, attention_type=kind, attention_mode=model.attention_mode,
                 rope_theta=model.rope_theta, norm_eps=model.norm_eps, tie_embeddings=model.tie_embeddings)
-    if kind in ("mla", "kernel"):
+    if kind in (AttentionType.MLA, AttentionType.KERNEL):
         arch[kind] = dataclasses.asdict(getattr(model, kind))
     return arch
 
@@ -253,7 +256,7 @@ def layer_state(source, target: StackWiseConfig, layer: int, growth: str) -> dic
     """The layer file of target pipeline layer ``layer`` (module keys -> fp32 tensors)."""
     unit = units_of(target)[layer]
     n_src = source.config.model.architecture.n_stacks
-    if unit.kind == "block" and source_stack(unit.stack_id, n_src, growth) is None:
+    if unit.kind == UnitKind.BLOCK and source_stack(unit.stack_id, n_src, growth) is None:
         block = build_block(target.model, unit.stack_id, unit.block_id, target.training.seed)
         return {k: v.detach().clone() for k, v in block.state_dict().items()}
     shapes, state = rack_shapes(target), {}

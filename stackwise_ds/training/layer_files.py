@@ -18,6 +18,7 @@ import torch
 
 from ..model import Rack, build_block
 from ..parallel import distributed
+from ..parallel.pipe import local_start
 from . import checkpointing as ckpt
 
 
@@ -28,7 +29,7 @@ def layer_path(tag_dir: Path, layer: int) -> Path:
 def local_layer_modules(pipe) -> dict[int, torch.nn.Module]:
     """Pipeline-layer index -> module for this stage's layers that own a file; a tied embedding held
     only through the LM head counts as layer 0 (its file), so no broadcast is needed after loading."""
-    modules = {pipe._local_start + offset: entry for offset, entry in enumerate(pipe.forward_funcs)
+    modules = {local_start(pipe) + offset: entry for offset, entry in enumerate(pipe.forward_funcs)
                if isinstance(entry, torch.nn.Module)}
     for module in pipe.tied_modules.values():
         if module not in modules.values():

@@ -13,7 +13,8 @@ from __future__ import annotations
 import math
 from typing import Callable
 
-from ..config import LR_CONTINUOUS, LR_WSD, TrainingConfig
+from ..config import TrainingConfig
+from ..enums import LrDecay, LrSchedule
 from .phases import Phase
 
 
@@ -22,13 +23,13 @@ def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
     return lr_multiplier(step, total_steps, warmup_steps, min_ratio)
 
 
-def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float, decay: str = "cosine",
+def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: float, decay: LrDecay = LrDecay.COSINE,
                   decay_fraction: float = 0.2) -> float:
     """Multiplier of the peak learning rate at step ``step`` (0-based) of a ``total_steps`` schedule."""
     warmup_steps = min(warmup_steps, max(total_steps - 1, 0))
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    if decay == LR_WSD:
+    if decay == LrDecay.WSD:
         decay_steps = max(round(total_steps * decay_fraction), 1)
         progress = min(max(step - (total_steps - decay_steps) + 1, 0) / decay_steps, 1.0)  # the last step at the floor
         return 1.0 - (1.0 - min_ratio) * progress
@@ -40,7 +41,7 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, min_ratio: flo
 def phase_lr_lambda(phase: Phase, phases: list[Phase], training: TrainingConfig) -> Callable[[int], float]:
     """The multiplier at step ``s`` of ``phase`` (the engine's LambdaLR counts from the phase start)."""
     t = training
-    if t.lr_schedule != LR_CONTINUOUS:
+    if t.lr_schedule != LrSchedule.CONTINUOUS:
         return lambda s: lr_multiplier(s, phase.steps, t.warmup_steps, t.min_lr_ratio, t.lr_decay, t.decay_fraction)
     start = sum(p.steps for p in phases[:phase.index])
     total = sum(p.steps for p in phases)

@@ -28,7 +28,7 @@ class Monitor:
         if not self.enabled:
             return
         self.scalar("train/phase", phase.index, global_step)
-        if phase.kind in ("stack", "block"):  # which unit trains: a stack index, or a global block index
+        if phase.stage_wise:  # which unit trains: a stack index, or a global block index
             self.scalar(f"train/active_{phase.kind}", phase.unit, global_step)
         label = f"phase {phase.index + 1}/{n_phases} {phase.name}"
         if self.progress_bar:

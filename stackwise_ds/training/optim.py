@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import TrainingConfig
-from ..layout import LayerUnit
+from ..layout import LayerUnit, UnitKind
 
 
 def make_optimizer(named_params: list[tuple[str, torch.nn.Parameter]], training: TrainingConfig,
@@ -31,6 +31,6 @@ def lr_scale(pipe_param_name: str, training: TrainingConfig, units: list[LayerUn
     if training.stack_lr_scale is None:
         return 1.0
     layer = pipe_param_name.split(".", 1)[0]
-    if layer.isdigit() and units[int(layer)].kind == "block":
+    if layer.isdigit() and units[int(layer)].kind == UnitKind.BLOCK:
         return training.stack_lr_scale[units[int(layer)].stack_id]
     return 1.0  # embedding, final norm and head

@@ -14,14 +14,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import PREFIX_TRAIN, StackWiseConfig
-from ..layout import DORMANT, FROZEN, TRAIN, LayerUnit  # noqa: F401 - re-exported
+from ..config import StackWiseConfig
+from ..enums import Choice, Prefix, TrainingArchitecture
+from ..layout import DORMANT, FROZEN, TRAIN, LayerUnit, UnitKind  # noqa: F401 - re-exported
+
+
+class PhaseKind(Choice):
+    """What a phase trains: the whole rack, one stack, one block, or the whole rack again at the end."""
+
+    RACK = "rack"
+    STACK = "stack"
+    BLOCK = "block"
+    JOINT = "joint"
 
 
 @dataclass(frozen=True)
 class Phase:
     index: int
-    kind: str  # "rack" | "stack" | "block" | "joint"
+    kind: PhaseKind
     steps: int
     n_stacks: int
     blocks_per_stack: int
@@ -41,11 +51,11 @@ class Phase:
     @property
     def name(self) -> str:
         """Human label for logs and the progress bar, e.g. 'stack 2/4' or 'stacks 2-4/4'."""
-        if self.kind not in ("stack", "block"):
+        if self.kind not in (PhaseKind.STACK, PhaseKind.BLOCK):
             return self.kind
         if self.active - self.new_from > 1:
             return f"{self.kind}s {self.new_from + 1}-{self.active}/{self.n_units}"
-        if self.kind == "stack":
+        if self.kind == PhaseKind.STACK:
             return f"stack {self.active}/{self.n_stacks}"
         stack, block = divmod(self.unit, self.blocks_per_stack)
         return f"block {self.active}/{self.n_units} (stack {stack + 1}, block {block + 1})"
@@ -57,13 +67,13 @@ class Phase:
 
     @property
     def trains_everything(self) -> bool:
-        return self.kind in ("rack", "joint")
+        return self.kind in (PhaseKind.RACK, PhaseKind.JOINT)
 
     def block_role(self, stack_id: int, block_id: int) -> str:
         """Role of block ``block_id`` of stack ``stack_id`` in this phase."""
         if self.trains_everything:
             return TRAIN
-        position = stack_id if self.kind == "stack" else stack_id * self.blocks_per_stack + block_id
+        position = stack_id if self.kind == PhaseKind.STACK else stack_id * self.blocks_per_stack + block_id
         if position < self.new_from:
             return TRAIN if self.prefix_trains else FROZEN
         return TRAIN if position < self.active else DORMANT
@@ -80,13 +90,13 @@ class Phase:
     @property
     def stage_wise(self) -> bool:
         """A stackwise or blockwise phase: the phases an elastic layout re-places."""
-        return self.kind in ("stack", "block")
+        return self.kind in (PhaseKind.STACK, PhaseKind.BLOCK)
 
     def unit_role(self, unit: LayerUnit) -> str:
         """Role of one pipeline layer in this phase; the final norm and LM head always train."""
-        if unit.kind == "block":
+        if unit.kind == UnitKind.BLOCK:
             return self.block_role(unit.stack_id, unit.block_id)
-        if unit.kind == "embedding":
+        if unit.kind == UnitKind.EMBEDDING:
             return self.embedding_role
         return TRAIN
 
@@ -98,15 +108,15 @@ def plan_phases(config: StackWiseConfig) -> list[Phase]:
     """The ordered phases of a run, the optional joint phase last."""
     t, arch = config.training, config.model.architecture
     shape = dict(n_stacks=arch.n_stacks, blocks_per_stack=arch.blocks_per_stack)
-    if t.training_architecture == "rackwise":
-        return [Phase(0, "rack", t.max_steps, **shape)]
-    kind = "stack" if t.training_architecture == "stackwise" else "block"
+    if t.training_architecture == TrainingArchitecture.RACKWISE:
+        return [Phase(0, PhaseKind.RACK, t.max_steps, **shape)]
+    kind = PhaseKind.STACK if t.training_architecture == TrainingArchitecture.STACKWISE else PhaseKind.BLOCK
     n = config.n_phases
     depths = t.depth_schedule if t.depth_schedule is not None else list(range(1, n + 1))
     steps = t.steps_per_phase if isinstance(t.steps_per_phase, list) else [t.steps_per_phase] * n
-    prefix_trains = t.prefix == PREFIX_TRAIN
+    prefix_trains = t.prefix == Prefix.TRAIN
     phases = [Phase(i, kind, steps[i], active=depths[i], new_from=depths[i - 1] if i else 0,
                     prefix_trains=prefix_trains, **shape) for i in range(n)]
     if t.joint_steps > 0:
-        phases.append(Phase(n, "joint", t.joint_steps, **shape))
+        phases.append(Phase(n, PhaseKind.JOINT, t.joint_steps, **shape))
     return phases

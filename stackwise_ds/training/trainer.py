@@ -28,14 +28,15 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from ..config import OPTIMIZER_CARRY, ConfigError, StackWiseConfig
-from ..layout import TRAIN, layer_units
+from ..config import ConfigError, StackWiseConfig
+from ..enums import OptimizerAcrossPhases, Precision
+from ..layout import TRAIN, UnitKind, layer_units
 from ..model import Rack, create_rack_from_config
 from ..parallel import distributed
 from ..parallel.ds_config import build_ds_config, resolve_precision
 from ..parallel.engine import build_engine, forget_process_groups
 from ..parallel.optimizer_state import layer_moments, set_layer_moments
-from ..parallel.pipe import rack_to_pipeline, stage_of_rank
+from ..parallel.pipe import data_parallel_rank, rack_to_pipeline, stage_of_rank
 from ..parallel.tied import tied_weight_max_abs_diff
 from ..parallel.watchdog import PeerWatchdog
 from ..placement import ELASTIC, PhaseLayout, layout_for
@@ -47,7 +48,7 @@ from .lr import phase_lr_lambda
 from .monitor import Monitor
 from .optim import make_optimizer
 from .output_lock import OutputDirLock
-from .phases import Phase, plan_phases
+from .phases import Phase, PhaseKind, plan_phases
 from .save_errors import reporting_write_failures, write_probe
 
 
@@ -172,7 +173,7 @@ class ArchitectureTrainer:
         cfg, t = self.config, self.config.training
         self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * (self.world_size // cfg.pipeline_stages)
         self.user_rack, self.user_data = rack, (dataloader, val_data)
-        self.bf16 = resolve_precision(t.precision) == "bf16"
+        self.bf16 = resolve_precision(t.precision) == Precision.BF16
         self.units = layer_units(cfg.model.architecture.n_stacks, cfg.model.architecture.blocks_per_stack)
         self.pipe = self.engine = self.layout = None
         self.weights_tag: str | None = None  # the newest checkpoint: where a new placement reads its layers
@@ -276,7 +277,7 @@ class ArchitectureTrainer:
 
     def _replica_data(self, layout: PhaseLayout):
         """(training source, validation set) of this rank's data-parallel replica in ``layout``."""
-        dp_rank = self.pipe._grid.get_data_parallel_id()
+        dp_rank = data_parallel_rank(self.pipe)
         dataloader, val_data = self.user_data
         if dataloader is None:
             from .data_setup import replica_data
@@ -385,7 +386,7 @@ class ArchitectureTrainer:
         return state
 
     def _build_engine(self, phase: Phase, phases: list[Phase]):
-        roles = None if phase.kind == "rack" else dict(enumerate(phase.layer_roles(self.pipe.units)))
+        roles = None if phase.kind == PhaseKind.RACK else dict(enumerate(phase.layer_roles(self.pipe.units)))
         return build_engine(self.pipe, self.ds_config, roles,
                             optimizer_factory=partial(make_optimizer, training=self.config.training,
                                                       units=self.pipe.units),
@@ -394,7 +395,7 @@ class ArchitectureTrainer:
     # ------------------------------------------------------------------ optimizer across phases
 
     def _carries_optimizer(self) -> bool:
-        return self.config.training.optimizer_across_phases == OPTIMIZER_CARRY
+        return self.config.training.optimizer_across_phases == OptimizerAcrossPhases.CARRY
 
     def _carry_moments(self, engine, previous: Phase, sources: dict[int, int]) -> None:
         """Start this phase's optimizer from the moments the previous phase's end wrote (its tag is the
@@ -444,7 +445,7 @@ class ArchitectureTrainer:
         stage = self.pipe.stage_id
         files = [where / f"mp_rank_{stage:02d}_model_states.pt"]
         if engine.optimizer is not None and self.config.parallel.zero_stage == 1:
-            dp_rank = self.pipe._grid.get_data_parallel_id()
+            dp_rank = data_parallel_rank(self.pipe)
             files.append(where / f"zero_pp_rank_{dp_rank}_mp_rank_{stage:02d}_optim_states.pt")
         return files
 
@@ -553,7 +554,7 @@ class ArchitectureTrainer:
     def _save_unplaced_layers(self, tag_dir: Path) -> None:
         tied = self.config.model.tie_embeddings
         unplaced = [i for i, unit in enumerate(self.units)
-                    if i not in self.layout.live and not (tied and unit.kind == "head")]
+                    if i not in self.layout.live and not (tied and unit.kind == UnitKind.HEAD)]
         save_unplaced_layers(tag_dir, unplaced, self.units, self.user_rack, self.config.model,
                              self.config.training.seed, self.rank, self.world_size, self._weights_dir())
 
