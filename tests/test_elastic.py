@@ -55,8 +55,8 @@ def test_recorded_plans_differ_between_first_and_last_phase(elastic_run):
 
 def test_elastic_losses_equal_the_fixed_pipeline(elastic_run, fixed_run):
     """Same global batch, other placement: the same losses in every phase. Both runs use
-    copy_previous, which the fixed run applies in memory and the elastic one through the layer
-    files of the previous phase's end (wherever stack k-1 was placed): a lost copy would show here."""
+    copy_last, which the fixed run reads into its standing pipeline and the elastic one into a new one, both
+    from the layer files of the previous phase's end (wherever stack k-1 was placed): a lost copy would show here."""
     assert all(p["kind"] == "fixed" and p["pipeline_stages"] == 2 for p in layouts(fixed_run))
     elastic, fixed = results(elastic_run), results(fixed_run)
     for e, f in zip(elastic["phases"], fixed["phases"], strict=True):
@@ -122,9 +122,10 @@ def test_reshard_moves_an_elastic_mid_phase_checkpoint_to_the_fixed_pipeline(ela
     out = tmp_path / "fixed"
     reshard(elastic_run / "checkpoints" / tag, out, pipeline_stages=2, data_parallel=2)
     run_training(4, out, *STACKWISE_4, "parallel.phase_layout=fixed")
-    continued = results(out)["phases"]
-    assert [p["name"] for p in continued] == ["stack 4/4"]
-    assert relative_close(continued[0]["losses"], results(elastic_run)["phases"][3]["losses"][1:], 1e-5)
+    continued, reference = results(out)["phases"], results(elastic_run)["phases"]
+    # reshard carries results.json: the history before step 10 comes along, the rest is trained again
+    assert [p["name"] for p in continued] == [p["name"] for p in reference]
+    assert relative_close(continued[-1]["losses"], reference[3]["losses"], 1e-5)
 
 
 def test_resume_at_a_phase_boundary_keeps_copy_previous(elastic_run, tmp_path):

@@ -19,6 +19,7 @@ import torch
 from ..model import Rack, build_block
 from ..parallel import distributed
 from ..parallel.pipe import local_start
+from ..parallel.roles import unwrap
 from . import checkpointing as ckpt
 
 
@@ -29,8 +30,9 @@ def layer_path(tag_dir: Path, layer: int) -> Path:
 def local_layer_modules(pipe) -> dict[int, torch.nn.Module]:
     """Pipeline-layer index -> module for this stage's layers that own a file; a tied embedding held
     only through the LM head counts as layer 0 (its file), so no broadcast is needed after loading."""
-    modules = {local_start(pipe) + offset: entry for offset, entry in enumerate(pipe.forward_funcs)
-               if isinstance(entry, torch.nn.Module)}
+    layers = [unwrap(entry) for entry in pipe.forward_funcs]  # a phase's engine gates frozen/dormant layers
+    modules = {local_start(pipe) + offset: layer for offset, layer in enumerate(layers)
+               if isinstance(layer, torch.nn.Module)}
     for module in pipe.tied_modules.values():
         if module not in modules.values():
             modules[0] = module
