@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 import warnings
-from typing import Iterator, TextIO
+from collections.abc import Iterator
+from typing import TextIO
 
 VERBOSE_ENV = "STACKWISE_VERBOSE"
 ACCELERATOR_NOTICE = "Setting accelerator to"

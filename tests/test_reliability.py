@@ -176,9 +176,9 @@ def test_a_peer_that_stopped_on_an_input_error_is_not_a_crash_to_resume_from(tmp
     from stackwise_ds.parallel.watchdog import PeerWatchdog, resume_hint
 
     for rank, record in ((1, "record_input_error()"), (2, "pass")):  # rank 2 dies without a word: a crash
-        subprocess.run([sys.executable, "-c", "from pathlib import Path; from stackwise_ds.parallel.watchdog import *; "
-                        f"w = PeerWatchdog(Path({str(tmp_path)!r}), {rank}, 3).start(); {record}"],
-                       cwd=REPO, check=True, timeout=60)
+        script = ("from pathlib import Path; from stackwise_ds.parallel.watchdog import *; "
+                  f"w = PeerWatchdog(Path({str(tmp_path)!r}), {rank}, 3).start(); {record}")
+        subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=60)
     bad_input, crashed = PeerWatchdog(tmp_path, rank=0, world_size=3).failed_peers()
     assert bad_input.startswith("rank 1 (pid") and "stopped on an input error" in bad_input
     assert resume_hint(bad_input) == "" and RESUME_HINT not in bad_input
