@@ -170,13 +170,17 @@ class TrainingConfig:
     precision: Precision = Precision.AUTO
     """'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'."""
     log_interval: int = 10
-    """Log per-stage memory and per-stack gradient norms every this many steps."""
+    """Log per-stage memory and per-stack gradient norms every this many steps (and, without a progress bar, print a line of step, loss and tokens/s)."""
     eval_interval: int = 25
     """Validate every this many steps and at the end of each phase (0 = only at phase ends)."""
     eval_batches: int = 8
     """Validation micro-batches per evaluation."""
     save_interval: int = 50
     """Checkpoint every this many steps (0 = only at phase ends)."""
+    keep_checkpoints: Optional[int] = 3
+    """Keep the newest N complete checkpoint tags and delete older ones after each save (0 or null = keep all)."""
+    keep_phase_ends: bool = True
+    """Also keep every phase's final tag (growth, tools/restack.py and tools/reshard.py start from them)."""
     resume: bool = True
     """Continue from the latest checkpoint in output_dir when there is one."""
     init_from: Optional[str] = None
@@ -184,7 +188,7 @@ class TrainingConfig:
     init_growth: InitGrowth = InitGrowth.STACK
     """With init_from and more stacks than the source: 'stack' (stack i starts as source stack i mod n, G_stack) or 'fresh' (the new stacks get their seeded init)."""
     progress_bar: bool = True
-    """tqdm bar on rank 0 (phase, step, loss, tokens/s); plain lines when false."""
+    """tqdm bar on rank 0 (phase, step, loss, tokens/s); when false, a plain line every log_interval steps (and no progress bars while data is prepared)."""
     nonfinite_policy: NonfinitePolicy = NonfinitePolicy.STOP
     """On a non-finite loss: 'stop' (report step and phase, keep the last good checkpoint, exit non-zero)."""
 
@@ -228,7 +232,7 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     pipeline_stages: Optional[int] = None
-    """Pipeline stages (None = n_stacks); must divide n_stacks and the world size."""
+    """Pipeline stages; must divide n_stacks and the world size (None = the largest depth that divides both)."""
     zero_stage: int = 1
     """ZeRO stage over the data-parallel replicas of each stage; 0 or 1 (2/3 do not work with pipelines)."""
     ds_config: str = "auto"
@@ -296,6 +300,7 @@ class StackWiseConfig:
 
     @property
     def pipeline_stages(self) -> int:
+        """The pipeline depth; while unset (before ``validate_world_size`` knows the world), n_stacks."""
         return self.parallel.pipeline_stages or self.model.architecture.n_stacks
 
     # ---- validation
@@ -407,6 +412,9 @@ class StackWiseConfig:
                            ("training.log_interval", t.log_interval)):
             if value < 0:
                 raise ConfigError(f"{key} must be >= 0, got {value}")
+        if t.keep_checkpoints is not None and t.keep_checkpoints < 0:
+            raise ConfigError(f"training.keep_checkpoints must be >= 0, got {t.keep_checkpoints}: the number of "
+                              "newest checkpoints to keep (0 or null keeps all)")
         if not 0.0 <= t.min_lr_ratio <= 1.0:
             raise ConfigError(f"training.min_lr_ratio ({t.min_lr_ratio}) must be in [0, 1]: it is the cosine "
                               "floor as a fraction of training.lr, never above the peak")
@@ -455,13 +463,22 @@ class StackWiseConfig:
         return len(t.depth_schedule) if t.depth_schedule is not None else self.n_units
 
     def validate_world_size(self, world_size: int) -> int:
-        """Data-parallel degree for this world size, or an error saying how to launch."""
+        """Data-parallel degree for this world size, or an error saying how to launch.
+
+        An unset ``parallel.pipeline_stages`` is fixed here to the deepest pipeline that divides
+        both ``n_stacks`` and the world size (4 stacks on 2 ranks: 2 stages; on 3 ranks: 1), so
+        that the recorded config says what ran."""
+        n_stacks = self.model.architecture.n_stacks
+        fitting = [s for s in range(1, n_stacks + 1) if n_stacks % s == 0 and world_size % s == 0]
+        if self.parallel.pipeline_stages is None:
+            self.parallel.pipeline_stages = max(fitting)
         stages = self.pipeline_stages
         if world_size % stages:
             raise ConfigError(
-                f"world size {world_size} is not a multiple of parallel.pipeline_stages ({stages}): launch "
-                f"a multiple of {stages} processes (deepspeed --num_gpus {stages} ...) or set "
-                "parallel.pipeline_stages to a divisor of the world size")
+                f"world size {world_size} is not a multiple of parallel.pipeline_stages ({stages}): set "
+                f"parallel.pipeline_stages to one of {fitting} (they divide both model.architecture.n_stacks "
+                f"({n_stacks}) and the world size), unset it to get the largest, or launch a multiple of "
+                f"{stages} processes")
         return world_size // stages
 
 

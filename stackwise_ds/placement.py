@@ -311,6 +311,21 @@ def run_resources(config: StackWiseConfig, world_size: int, bf16: bool) -> Resou
                      zero_stage=config.parallel.zero_stage, max_rank_memory_mb=config.parallel.max_rank_memory_mb)
 
 
+def plan_phase_layouts(phases, units: list[LayerUnit], config: StackWiseConfig, world_size: int,
+                       bf16: bool) -> list[PhaseLayout]:
+    """The layout of each of ``phases`` (``training.phases.Phase``): elastic for stage-wise phases under
+    ``phase_layout: elastic``, else the fixed pipeline. Deterministic, so the trainer plans every phase
+    at start and a phase that cannot be placed stops the run before any training; the error names it."""
+    layouts = []
+    for phase in phases:
+        elastic = phase.stage_wise and config.parallel.phase_layout == ELASTIC
+        try:
+            layouts.append(layout_for(phase.layer_roles(units), config, world_size, bf16, elastic))
+        except LayoutError as exc:
+            raise LayoutError(f"phase {phase.index + 1} ({phase.name}) cannot be placed: {exc}") from exc
+    return layouts
+
+
 def layout_for(roles: list[str], config: StackWiseConfig, world_size: int, bf16: bool,
                elastic: bool) -> PhaseLayout:
     """The layout of a phase whose pipeline layers have ``roles``: elastic or the run's fixed pipeline."""

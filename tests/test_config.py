@@ -167,6 +167,7 @@ def test_legacy_and_new_key_in_conflict_is_an_error():
     ({"parallel": {"collective_timeout_s": 0.5}}, r"collective_timeout_s \(0.5\) must be >= 1 second"),
     ({"parallel": {"phase_layout": "stretchy"}}, "parallel.phase_layout is 'stretchy' but must be one of: elastic, fixed"),
     ({"parallel": {"max_rank_memory_mb": 0}}, "parallel.max_rank_memory_mb must be positive"),
+    ({"training": {"keep_checkpoints": -1}}, r"training.keep_checkpoints must be >= 0, got -1.*0 or null keeps all"),
 ])
 def test_validation_messages_say_how_to_fix(raw, fragment):
     with pytest.raises(ConfigError, match=fragment):
@@ -176,8 +177,16 @@ def test_validation_messages_say_how_to_fix(raw, fragment):
 def test_world_size_must_fit_pipeline():
     config = StackWiseConfig.from_dict({"model": {"architecture": {"n_stacks": 4}}, "parallel": {"pipeline_stages": 2}})
     assert config.validate_world_size(4) == 2
-    with pytest.raises(ConfigError, match="world size 3 is not a multiple of parallel.pipeline_stages"):
+    with pytest.raises(ConfigError, match=r"world size 3 is not a multiple of parallel.pipeline_stages \(2\): "
+                                          r"set parallel.pipeline_stages to one of \[1\]"):
         config.validate_world_size(3)
+
+
+@pytest.mark.parametrize("n_stacks, world_size, depth", [(4, 3, 1), (4, 2, 2), (4, 8, 4), (2, 2, 2), (6, 4, 2)])
+def test_unset_pipeline_depth_is_the_largest_that_divides_stacks_and_world(n_stacks, world_size, depth):
+    config = StackWiseConfig.from_dict({"model": {"architecture": {"n_stacks": n_stacks}}})
+    assert config.validate_world_size(world_size) == world_size // depth
+    assert config.parallel.pipeline_stages == depth and config.to_dict()["parallel"]["pipeline_stages"] == depth
 
 
 def test_ds_config_is_filled_from_yaml_and_contradictions_fail(tmp_path):

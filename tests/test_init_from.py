@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from launch_utils import REPO, run_training
@@ -267,19 +268,21 @@ def test_the_initial_weights_folder_is_never_a_checkpoint(llama_run):
 
 @pytest.fixture(scope="module")
 def stackwise_run(tmp_path_factory):
-    """Stackwise, elastic, 4 stacks x 1 block grown from a 2-stack source, 1 step per phase."""
+    """Stackwise, elastic, 4 stacks x 1 block grown from a 2-stack source, 1 step per phase; on 2 ranks
+    with parallel.pipeline_stages unset (the default depth n_stacks=4 would not fit: 2 is chosen)."""
     out = tmp_path_factory.mktemp("stackwise_init")
     cfg = config("model.architecture.n_stacks=2", "model.architecture.blocks_per_stack=1")
     state = dict(scrambled_rack(cfg, seed=5).state_dict())
     src = save_consolidated(state, cfg, out / "source.safetensors")
     overrides = ["training.training_architecture=stackwise", "training.steps_per_phase=1", "training.lr=1e-9",
                  "model.architecture.n_stacks=4", "model.architecture.blocks_per_stack=1",
-                 "parallel.pipeline_stages=2", f"training.init_from={src}"]
+                 f"training.init_from={src}"]
     run_training(2, out / "run", *overrides)
     return {"dir": out / "run", "state": state, "overrides": overrides}
 
 
 def test_a_stackwise_run_keeps_the_sources_dormant_stacks(stackwise_run):
+    assert yaml.safe_load((stackwise_run["dir"] / "config.yaml").read_text())["parallel"]["pipeline_stages"] == 2
     first = stackwise_run["dir"] / "checkpoints" / "step00000001"  # end of phase 0: stacks 1..3 not placed yet
     seeded = create_rack_from_config(config("model.architecture.n_stacks=4", "model.architecture.blocks_per_stack=1"))
     for stack in (1, 2, 3):

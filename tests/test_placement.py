@@ -9,7 +9,7 @@ from launch_utils import TINY
 from stackwise_ds.config import StackWiseConfig, apply_overrides
 from stackwise_ds.layout import DORMANT, FROZEN, TRAIN, layer_units
 from stackwise_ds.placement import (LayerCost, LayoutError, PhaseLayout, Resources, _balanced_starts, elastic_layout,
-                                    fixed_layout, layout_for)
+                                    fixed_layout, layout_for, plan_phase_layouts)
 from stackwise_ds.training.phases import plan_phases
 
 
@@ -49,6 +49,18 @@ def test_memory_bound_deepens_the_pipeline_and_is_respected():
     assert all(max(lay.stage_memory_mb) <= 2.0 for lay in layouts)
     with pytest.raises(LayoutError, match=r"parallel.max_rank_memory_mb=0.5.*raise the bound"):
         phase_layouts(config("training.training_architecture=stackwise", "parallel.max_rank_memory_mb=0.5"), 2)
+
+
+def test_a_bound_only_a_later_phase_exceeds_is_found_at_start_naming_the_phase():
+    """The trainer plans every phase before training: phase 1 (2.43 MB) fits 2.5 MB, phase 2 (2.62 MB)
+    does not, so the run stops before phase 1 trains, naming phase 2."""
+    cfg = config("training.training_architecture=stackwise", "parallel.max_rank_memory_mb=2.5")
+    cfg.validate_world_size(1)  # as the trainer does first: one rank, a pipeline of depth 1
+    units = layer_units(2, 2)
+    phases = plan_phases(cfg)
+    assert len(plan_phase_layouts(phases[:1], units, cfg, 1, False)) == 1
+    with pytest.raises(LayoutError, match=r"phase 2 \(stack 2/2\) cannot be placed: .*max_rank_memory_mb=2.5"):
+        plan_phase_layouts(phases, units, cfg, 1, False)
 
 
 def test_balanced_partition_is_optimal():

@@ -9,6 +9,7 @@ import re
 import signal
 import shutil
 import subprocess
+import sys
 import time
 
 import pytest
@@ -23,6 +24,21 @@ RESUME_CASES = {
     "stackwise": (["training.training_architecture=stackwise", "training.steps_per_phase=8",
                    "training.save_interval=2"], 10),  # mid phase 2 of 2
 }
+# training.keep_checkpoints (default 3) and keep_phase_ends: the newest three, and stackwise phase 1's end
+KEPT_TAGS = {"rackwise": [12, 14, 16], "stackwise": [8, 12, 14, 16]}
+RESUME_HINT = "re-run the same command to resume"
+
+
+def tags_on_disk(output_dir) -> list[int]:
+    return sorted(int(p.name[4:]) for p in (output_dir / "checkpoints").glob("step*"))
+
+
+def assert_quiet_log(text: str) -> None:
+    """A plain run's log is its story: no DeepSpeed internals, no torch deprecation noise."""
+    for noise in ("SEED_LAYERS=", "Using topology", "built successfully", "all_gather_into_tensor"):
+        assert noise not in text, f"{noise!r} in the log:\n{text[-3000:]}"
+    # the deepspeed runner and its node launcher say it before any of our code runs; the ranks do not repeat it
+    assert text.count("Setting accelerator to CPU") <= 2, text[-3000:]
 
 
 def wait_for(predicate, timeout: float, what: str, poll_s: float = 0.2) -> None:
@@ -56,7 +72,10 @@ def test_sigkill_then_rerun_continues_exactly(mode, tmp_path):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     overrides, kill_step = RESUME_CASES[mode]
     overrides = overrides + ["training.eval_interval=0"]
-    run_training(2, reference, *overrides)
+    first = run_training(2, reference, *overrides)
+    assert_quiet_log(first.stdout + first.stderr)
+    assert "[stackwise] checkpoint step00000016 saved" in first.stdout
+    assert tags_on_disk(reference) == KEPT_TAGS[mode]
     job = start_training(2, crashed, *overrides)
     # kill the whole job (launcher and ranks) as soon as the kill_step checkpoint is complete
     wait_for(lambda: (crashed / "checkpoints" / f"step{kill_step:08d}" / "stackwise_state.json").exists(), 300,
@@ -67,6 +86,14 @@ def test_sigkill_then_rerun_continues_exactly(mode, tmp_path):
     proc = run_training(2, crashed, *overrides)
     start = resumed_step(proc.stdout)
     assert start >= kill_step
+    # retention after the resume leaves what an uninterrupted run leaves, even if the kill cut a deletion short
+    assert tags_on_disk(crashed) == KEPT_TAGS[mode]
+    # without a progress bar, a plain line every training.log_interval (2) steps
+    assert re.search(r"\[stackwise\] phase \d/\d .+ step \d+/\d+: loss \d+\.\d+, [\d,]+ tokens/s", proc.stdout)
+    # the resumed phase's summary has its first validation loss (from results.json), not nan
+    assert "nan" not in proc.stdout and "n/a" not in proc.stdout, proc.stdout[-2000:]
+    assert [p.get("val_loss_before") for p in results(crashed)["phases"]] == \
+        [p.get("val_loss_before") for p in results(reference)["phases"]]
     # bitwise (same world size), and results.json holds the whole run: before the kill and after the resume
     assert results(crashed)["losses"] == results(reference)["losses"]
     assert [p["losses"] for p in results(crashed)["phases"]] == [p["losses"] for p in results(reference)["phases"]]
@@ -100,6 +127,64 @@ def test_resume_tag_is_the_newest_complete_one_even_when_latest_lags(tmp_path):
     assert find_resume_tag(tmp_path) == "step00000004"
 
 
+def test_retention_keeps_the_newest_tags_phase_ends_and_latest(tmp_path):
+    from stackwise_ds.training.checkpointing import TrainingState, is_complete, mark_complete, retire_old_tags
+
+    for step in range(1, 9):  # phases end at steps 3 and 6: the state points at the next phase's step 0
+        (tmp_path / f"step{step:08d}").mkdir()
+        (tmp_path / f"step{step:08d}" / "layer_00-model_states.pt").write_bytes(b"weights")
+        phase_step = 0 if step in (3, 6) else 1
+        mark_complete(tmp_path, f"step{step:08d}", TrainingState(global_step=step, phase_step=phase_step))
+    (tmp_path / "step00000002" / "stackwise_state.json").unlink()  # a save (or a deletion) a kill cut short
+    (tmp_path / "step00000009").mkdir()  # a save in progress: newer than every complete tag, left alone
+    (tmp_path / "latest").write_text("step00000004")  # e.g. a user pointing DeepSpeed's loaders there
+    assert retire_old_tags(tmp_path, keep=0, keep_phase_ends=True) == []  # 0 keeps all
+    assert retire_old_tags(tmp_path, keep=2, keep_phase_ends=True) == ["step00000001", "step00000002",
+                                                                       "step00000005"]
+    assert sorted(p.name for p in tmp_path.glob("step*")) == [
+        "step00000003", "step00000004", "step00000006", "step00000007", "step00000008", "step00000009"]
+    assert retire_old_tags(tmp_path, keep=1, keep_phase_ends=False) == ["step00000003", "step00000006",
+                                                                        "step00000007"]
+    assert is_complete(tmp_path, "step00000008") and (tmp_path / "step00000004").is_dir()
+
+
+def test_a_kill_while_deleting_an_old_checkpoint_leaves_a_complete_one_to_resume_from(tmp_path):
+    """SIGKILL half-way through deleting a tag (a shim kills the process as it removes a layer file):
+    the tag's marker went first, so it is incomplete and never resumed from; the re-run resumes
+    from the newest complete tag and its own retention removes the remains."""
+    from test_filesystem_faults import build_fault_shim
+    from stackwise_ds.training.checkpointing import find_resume_tag, is_complete
+
+    out, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    overrides = ["training.max_steps=8", "training.save_interval=2", "training.eval_interval=0",
+                 "training.keep_checkpoints=2"]
+    kill = {"LD_PRELOAD": str(build_fault_shim(tmp_path)), "KILL_ON_UNLINK": "layer_01-model_states.pt"}
+    killed = run_training(1, out, *overrides, expect_ok=False, env=kill)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    # step 6 was published, then deleting step 2 began: marker gone, then the kill with files left
+    assert not is_complete(checkpoints, "step00000002") and (checkpoints / "step00000002" / "layer_01-model_states.pt").exists()
+    assert find_resume_tag(checkpoints) == "step00000006"
+    proc = run_training(1, out, *overrides)
+    assert resumed_step(proc.stdout) == 6
+    assert "deleted step00000002, step00000004 (training.keep_checkpoints=2)" in proc.stdout
+    assert tags_on_disk(out) == [6, 8] and results(out)["complete"] and len(results(out)["losses"]) == 8
+
+
+def test_a_peer_that_stopped_on_an_input_error_is_not_a_crash_to_resume_from(tmp_path):
+    """The rank that stops on a bad input marks its last heartbeat so; a peer that then finds it gone
+    names it without advising a resume, which would only repeat the error. A crashed peer still gets it."""
+    from stackwise_ds.parallel.watchdog import PeerWatchdog, resume_hint
+
+    for rank, record in ((1, "record_input_error()"), (2, "pass")):  # rank 2 dies without a word: a crash
+        script = ("from pathlib import Path; from stackwise_ds.parallel.watchdog import *; "
+                  f"w = PeerWatchdog(Path({str(tmp_path)!r}), {rank}, 3).start(); {record}")
+        subprocess.run([sys.executable, "-c", script], cwd=REPO, check=True, timeout=60)
+    bad_input, crashed = PeerWatchdog(tmp_path, rank=0, world_size=3).failed_peers()
+    assert bad_input.startswith("rank 1 (pid") and "stopped on an input error" in bad_input
+    assert resume_hint(bad_input) == "" and RESUME_HINT not in bad_input
+    assert "process is gone" in crashed and RESUME_HINT in resume_hint(crashed)
+
+
 def test_dead_rank_stops_the_others_quickly_and_is_named(tmp_path):
     job = start_training(2, tmp_path, "training.max_steps=100000", "training.save_interval=0",
                          "training.eval_interval=0")
@@ -120,6 +205,7 @@ def expect_error_on_every_rank(proc, n_ranks: int, fragment: str) -> None:
     text = proc.stdout + proc.stderr
     for rank in range(n_ranks):
         assert re.search(rf"error on rank {rank}: .*{fragment}", text), f"rank {rank} did not report {fragment!r}:\n{text[-3000:]}"
+    assert RESUME_HINT not in text, f"an input error is not a crash to resume from:\n{text[-3000:]}"
 
 
 @pytest.mark.parametrize("overrides, fragment", [
@@ -134,8 +220,9 @@ def test_bad_config_and_data_fail_clearly_on_every_rank(overrides, fragment, tmp
 
 
 def test_pipeline_that_does_not_fit_the_world_size(tmp_path):
-    proc = run_training(3, tmp_path / "out", expect_ok=False)
-    expect_error_on_every_rank(proc, 3, "world size 3 is not a multiple of parallel.pipeline_stages")
+    proc = run_training(3, tmp_path / "out", "parallel.pipeline_stages=2", expect_ok=False)
+    expect_error_on_every_rank(proc, 3, r"world size 3 is not a multiple of parallel.pipeline_stages \(2\): set "
+                                        r"parallel.pipeline_stages to one of \[1\]")
 
 
 @pytest.mark.parametrize("text, fragment", [

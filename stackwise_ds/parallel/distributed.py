@@ -10,6 +10,8 @@ from datetime import timedelta
 
 import torch
 
+from ..console import deepspeed_prints
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -31,7 +33,8 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
+        with deepspeed_prints():  # on CPU: "DeepSpeed deepspeed.ops.comm... built successfully"
+            deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
         unlink_shared_memory_buffer(dist.get_rank())
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))

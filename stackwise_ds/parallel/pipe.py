@@ -23,6 +23,7 @@ from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
+from ..console import deepspeed_prints
 from ..layout import TIED_KEY, LayerUnit, UnitKind, layer_units
 from ..model import Block, Rack
 from ..placement import PhaseLayout
@@ -143,14 +144,15 @@ def rack_to_pipeline(rack: Rack, layout: PhaseLayout, world_size: int,
     check_materialized(rack, layout.rack_modules(stage, units, rack.tie_embeddings), stage)
     layers = [_layer_spec(rack, unit) if index in layout.live else unplaced_layer
               for index, unit in enumerate(units)]
-    return RackPipelineModule(
-        layers=layers, topology=pipeline_topology(stages, world_size), loss_fn=lm_loss,
-        partition_method=PARTITION_PREFIX + ",".join(map(str, layout.parts)),
-        activation_checkpoint_interval=activation_checkpoint_interval, units=units,
-        # Only blocks: DeepSpeed's reentrant checkpoint of the embedding (token ids in, nothing
-        # requiring grad) would return an output without grad_fn and cut the first stage's backward.
-        checkpointable_layers=[Block.__name__],
-    )
+    with deepspeed_prints():  # DeepSpeed prints its seed settings and topology on rank 0
+        return RackPipelineModule(
+            layers=layers, topology=pipeline_topology(stages, world_size), loss_fn=lm_loss,
+            partition_method=PARTITION_PREFIX + ",".join(map(str, layout.parts)),
+            activation_checkpoint_interval=activation_checkpoint_interval, units=units,
+            # Only blocks: DeepSpeed's reentrant checkpoint of the embedding (token ids in, nothing
+            # requiring grad) would return an output without grad_fn and cut the first stage's backward.
+            checkpointable_layers=[Block.__name__],
+        )
 
 
 def _layer_spec(rack: Rack, unit: LayerUnit):

@@ -26,13 +26,33 @@ import threading
 import time
 from pathlib import Path
 
+from ..console import write_line
+
 EXIT_PEER_FAILED = 3
 _ACTIVE: "PeerWatchdog | None" = None
+INPUT_ERROR = "stopped on an input error (its own message says what to fix)"
+RESUME_HINT = "The latest complete checkpoint is kept; re-run the same command to resume."
 
 
 def describe_failed_peers() -> str:
     """'rank 1 (pid 42 on node1): process is gone' for every failed peer of the running watchdog, or ''."""
     return "; ".join(_ACTIVE.failed_peers()) if _ACTIVE is not None else ""
+
+
+def record_input_error() -> None:
+    """This rank stops on a user's input error (a config, data or checkpoint file to fix): its last
+    heartbeat says so, and the peers that see it gone do not call it a crash to resume from."""
+    if _ACTIVE is not None:
+        _ACTIVE.input_error = True  # in every later heartbeat too, whichever thread writes it
+        try:
+            _ACTIVE._beat()
+        except OSError:
+            pass  # the peers then report a plain failure
+
+
+def resume_hint(problems: str) -> str:
+    """The advice to re-run, unless the failure is an input error that a re-run would only repeat."""
+    return "" if INPUT_ERROR in problems else " " + RESUME_HINT
 
 
 class PeerWatchdog:
@@ -43,6 +63,7 @@ class PeerWatchdog:
         self.host = socket.gethostname()
         self._stop = threading.Event()
         self._started_at = time.time()
+        self.input_error = False
         self.launchers = launcher_pids()
 
     # ---- lifecycle
@@ -66,7 +87,8 @@ class PeerWatchdog:
 
     def _beat(self) -> None:
         tmp = self._path(self.rank).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "host": self.host, "time": time.time()}))
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": self.host, "time": time.time(),
+                                   "input_error": self.input_error}))
         os.replace(tmp, self._path(self.rank))
 
     def _read(self, rank: int) -> dict | None:
@@ -89,7 +111,9 @@ class PeerWatchdog:
                     problems.append(f"rank {rank}: never started its heartbeat")
                 continue
             where = f"rank {rank} (pid {beat['pid']} on {beat['host']})"
-            if beat["host"] == self.host and not _alive(beat["pid"]):
+            if beat.get("input_error"):
+                problems.append(f"{where}: {INPUT_ERROR}")
+            elif beat["host"] == self.host and not _alive(beat["pid"]):
                 problems.append(f"{where}: process is gone")
             elif now - beat["time"] > self.timeout_s:
                 problems.append(f"{where}: no heartbeat for {now - beat['time']:.0f} s")
@@ -118,13 +142,13 @@ class PeerWatchdog:
         exit_after_grace(self.rank, f"stopping on {reason}")
 
 
-def exit_now(rank: int, message: str, code: int) -> None:
-    print(f"[stackwise] rank {rank}: {message}. The latest complete checkpoint is kept; "
-          "re-run the same command to resume.", file=sys.stderr, flush=True)
+def exit_now(rank: int, message: str, code: int, hint: bool = True) -> None:
+    write_line(f"[stackwise] rank {rank}: {message}.{resume_hint(message) if hint else ''}", sys.stderr)
     os._exit(code)
 
 
-def exit_after_grace(rank: int, message: str, grace_s: float = 20.0, code: int = 128 + signal.SIGTERM) -> None:
+def exit_after_grace(rank: int, message: str, grace_s: float = 20.0, code: int = 128 + signal.SIGTERM,
+                     hint: bool = True) -> None:
     """Exit with ``message`` in ``grace_s`` seconds unless the main thread exits first.
 
     When one rank fails, the ``deepspeed`` launcher SIGTERMs the others at once. The others
@@ -132,15 +156,18 @@ def exit_after_grace(rank: int, message: str, grace_s: float = 20.0, code: int =
     own error. A rank blocked in a collective exits when the grace period ends (before the
     launcher's SIGKILL, 30 s after its SIGTERM).
     """
-    timer = threading.Timer(grace_s, exit_now, args=(rank, message, code))
+    timer = threading.Timer(grace_s, exit_now, args=(rank, message, code, hint))
     timer.daemon = True
     timer.start()
 
 
 def install_startup_sigterm_handler(rank: int) -> None:
-    """Until the watchdog takes over: on SIGTERM, keep going for a grace period, then exit."""
+    """Until the watchdog takes over: on SIGTERM, keep going for a grace period, then exit.
+
+    No advice to resume: a peer failing this early most often stopped on a bad input."""
     signal.signal(signal.SIGTERM, lambda signum, frame: exit_after_grace(
-        rank, "stopping on SIGTERM (another rank failed, or the job was stopped)"))
+        rank, "stopping on SIGTERM (another rank failed, or the job was stopped): see the other ranks' messages",
+        hint=False))
 
 
 def launcher_pids() -> list[int]:

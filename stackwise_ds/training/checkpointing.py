@@ -13,6 +13,12 @@ DeepSpeed writes ``latest`` as soon as rank 0 is done with its own files; we pas
 ``save_latest=False`` and write both ``stackwise_state.json`` and ``latest`` only after
 a barrier that every rank reaches once its files are on disk. A tag without
 ``stackwise_state.json`` is incomplete (a kill during save) and is never resumed from.
+
+Retention (``training.keep_checkpoints``, ``training.keep_phase_ends``): after a tag is
+published, global rank 0 deletes the older tags beyond the newest N complete ones, keeping
+every phase's final tag. A deletion removes the tag's ``stackwise_state.json`` first, so a
+kill half-way leaves an incomplete tag (never resumed from, removed by the next save), not
+a complete-looking one with files missing.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -92,6 +99,54 @@ def unmark(checkpoint_dir: Path, tag: str) -> None:
     (checkpoint_dir / tag / STATE_FILE).unlink(missing_ok=True)
 
 
+def step_of(tag: str) -> int:
+    return int(_TAG_RE.match(tag).group(1))
+
+
+def retire_old_tags(checkpoint_dir: Path, keep: int | None, keep_phase_ends: bool) -> list[str]:
+    """Rank 0, right after ``mark_complete``: delete the tags retention lets go; returns them.
+
+    Kept: the newest ``keep`` complete tags (all when ``keep`` is 0 or None), the tag ``latest``
+    names, every phase's final tag when ``keep_phase_ends``, and every tag newer than the newest
+    complete one (a save in progress, or one a resume will write again). Deleted besides: older
+    incomplete tags, the remains of a save or a deletion that a kill cut short."""
+    if not keep or not checkpoint_dir.is_dir():
+        return []
+    tags = sorted((p.name for p in checkpoint_dir.iterdir() if _TAG_RE.match(p.name) and p.is_dir()), key=step_of)
+    complete = [t for t in tags if is_complete(checkpoint_dir, t)]
+    if not complete:
+        return []
+    kept = set(complete[-keep:]) | {read_latest(checkpoint_dir)}
+    newest = step_of(complete[-1])
+    doomed = [t for t in tags if t not in kept and step_of(t) < newest
+              and not (keep_phase_ends and is_complete(checkpoint_dir, t) and _is_phase_end(checkpoint_dir, t))]
+    for tag in doomed:
+        delete_tag(checkpoint_dir, tag)
+    return doomed
+
+
+def read_latest(checkpoint_dir: Path) -> str | None:
+    try:
+        return (checkpoint_dir / LATEST_FILE).read_text().strip()
+    except OSError:
+        return None
+
+
+def _is_phase_end(checkpoint_dir: Path, tag: str) -> bool:
+    """Saved at the end of a phase: the state points at the next phase's step 0."""
+    try:
+        state = json.loads((checkpoint_dir / tag / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return state.get("phase_step") == 0 and state.get("global_step", 0) > 0
+
+
+def delete_tag(checkpoint_dir: Path, tag: str) -> None:
+    """Marker first: from then on the tag is incomplete, whatever a kill leaves of its files."""
+    unmark(checkpoint_dir, tag)
+    shutil.rmtree(checkpoint_dir / tag)
+
+
 def load_state(checkpoint_dir: Path, tag: str) -> TrainingState:
     path = checkpoint_dir / tag / STATE_FILE
     try:
@@ -119,6 +174,7 @@ def check_same_architecture(saved_model: dict[str, Any], current_model: dict[str
 RESUMABLE_CHANGES = frozenset({
     "training.output_dir", "training.max_steps", "training.steps_per_phase", "training.joint_steps",
     "training.log_interval", "training.eval_interval", "training.eval_batches", "training.save_interval",
+    "training.keep_checkpoints", "training.keep_phase_ends",
     "training.resume", "training.progress_bar", "training.init_from", "training.init_growth", "data.cache_dir", "parallel.peer_timeout_s",
     "parallel.collective_timeout_s", "parallel.pipeline_stages", "parallel.phase_layout",
     "parallel.max_rank_memory_mb", "parallel.ds_config", "parallel.activation_checkpoint_interval",

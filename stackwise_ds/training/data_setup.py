@@ -27,6 +27,10 @@ class RunData:
 def load_bundle(config: StackWiseConfig):
     """The run's datasets (with their tokenizer)."""
     d, t = config.data, config.training
+    if not t.progress_bar:  # datasets' own bars (split generation, tokenising) follow training.progress_bar
+        import datasets
+
+        datasets.disable_progress_bars()
     bundle = build_datasets(source=d.source, paths=d.paths, hf_name=d.hf_name, hf_config=d.hf_config,
                             hf_split=d.hf_split, text_field=d.text_field, seq_len=d.seq_len,
                             val_fraction=d.val_fraction, seed=t.seed, objective=t.objective, mask_prob=d.mask_prob,

@@ -370,10 +370,11 @@ def prepare_initial_weights(config: StackWiseConfig, output_dir: Path, rank: int
         summary, problem = None, f"{type(exc).__name__}: {exc}"
     problems = distributed.all_gather_objects(problem) if world_size > 1 else [problem]
     failed = [(r, text) for r, text in enumerate(problems) if text]
-    if failed:
-        text = failed[0][1].split(": ", 1)[1]
-        others = "" if len(failed) == 1 else f" (and on ranks {[r for r, _ in failed[1:]]})"
-        raise ConfigError(f"{text}{others}")
+    if failed:  # this rank's own problem when it has one; the others named, never this rank itself
+        first, text = (rank, problem) if problem else failed[0]
+        text = text.split(": ", 1)[1] if first == rank else f"on rank {first}: {text.split(': ', 1)[1]}"
+        others = [str(r) for r, _ in failed if r not in (rank, first)]
+        raise ConfigError(text + (f" (also failed on rank(s) {', '.join(others)})" if others else ""))
     distributed.barrier()
     if rank == 0:
         print(f"[stackwise] training.init_from: {summary}, in {out_dir}", flush=True)

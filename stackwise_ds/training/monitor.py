@@ -12,11 +12,13 @@ from .phases import Phase
 class Monitor:
     """TensorBoard writer + tqdm bar. On ranks other than 0 every method is a no-op."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, progress_bar: bool = True):
+    def __init__(self, output_dir: str | Path, enabled: bool, progress_bar: bool = True, log_interval: int = 0):
         self.enabled = enabled
         self.writer = None
         self.bar = None
         self.progress_bar = progress_bar and enabled
+        self.log_interval = log_interval  # without a bar: a plain line every this many steps
+        self.label, self.phase_step, self.phase_steps = "", 0, 0
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -31,6 +33,7 @@ class Monitor:
         if phase.stage_wise:  # which unit trains: a stack index, or a global block index
             self.scalar(f"train/active_{phase.kind}", phase.unit, global_step)
         label = f"phase {phase.index + 1}/{n_phases} {phase.name}"
+        self.label, self.phase_step, self.phase_steps = label, first_step, phase.steps
         if self.progress_bar:
             from tqdm import tqdm
 
@@ -51,9 +54,14 @@ class Monitor:
         self.writer.add_text("layout", layout.describe(), global_step)
 
     def step(self, phase: Phase, loss: float, tokens_per_s: float) -> None:
+        self.phase_step += 1
         if self.bar is not None:
             self.bar.set_postfix_str(f"{phase.name} loss {loss:.4f} tok/s {tokens_per_s:,.0f}", refresh=False)
             self.bar.update(1)
+        elif self.enabled and self.log_interval and (self.phase_step % self.log_interval == 0
+                                                     or self.phase_step == self.phase_steps):
+            print(f"[stackwise] {self.label} step {self.phase_step}/{self.phase_steps}: loss {loss:.4f}, "
+                  f"{tokens_per_s:,.0f} tokens/s", flush=True)
 
     def message(self, text: str) -> None:
         if not self.enabled:

@@ -3,7 +3,8 @@
 Errors a user can fix (config, data, checkpoint, launch layout) are printed as one
 clear line naming the rank, and the process exits with status 2 (1 for anything
 unexpected); under the ``deepspeed`` launcher one failing rank makes the launcher stop
-the others, so nothing waits forever in a collective.
+the others, so nothing waits forever in a collective. Only a crash ends with the advice to
+re-run and resume: an input error would fail the same way again, on any rank.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import sys
 import traceback
 
 from ..config import ConfigError, StackWiseConfig
-from ..parallel.watchdog import describe_failed_peers, install_startup_sigterm_handler
+from ..console import VERBOSE_ENV, configure_deepspeed_output, write_line
+from ..parallel.watchdog import describe_failed_peers, install_startup_sigterm_handler, record_input_error, resume_hint
 from .checkpointing import CheckpointError
 from .errors import NonFiniteLossError
 
@@ -33,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="override one config key, e.g. --set training.max_steps=50 (repeatable)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--verbose", action="store_true",
+                        help=f"also show DeepSpeed's own INFO lines and prints (or set {VERBOSE_ENV}=1)")
     return parser.parse_args(argv)
 
 
@@ -49,24 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     install_startup_sigterm_handler(int(rank))
     try:
         args = parse_args(argv)
+        if args.verbose:
+            os.environ[VERBOSE_ENV] = "1"
         config = load_config(args)
         if args.print_config:
             print(json.dumps(config.to_dict(), indent=2))
             return 0
         results = train(config)
     except USER_ERRORS as exc:
-        print(f"[stackwise] error on rank {rank}: {exc}", file=sys.stderr, flush=True)
+        record_input_error()
+        write_line(f"[stackwise] error on rank {rank}: {exc}", sys.stderr)
         return 2
     except Exception as exc:  # noqa: BLE001 - report anything else with its traceback, still non-zero
         traceback.print_exc()
         peers = describe_failed_peers()
         if peers:  # a collective failed because a peer died: say which one, not only what broke here
-            print(f"[stackwise] rank {rank}: stopping because a peer failed: {peers} ({type(exc).__name__} "
-                  "in a collective). The latest complete checkpoint is kept; re-run the same command to resume.",
-                  file=sys.stderr, flush=True)
+            write_line(f"[stackwise] rank {rank}: stopping because a peer failed: {peers} ({type(exc).__name__} "
+                       f"in a collective).{resume_hint(peers)}", sys.stderr)
         else:
-            print(f"[stackwise] unexpected failure on rank {rank}: {type(exc).__name__}: {exc}",
-                  file=sys.stderr, flush=True)
+            write_line(f"[stackwise] unexpected failure on rank {rank}: {type(exc).__name__}: {exc}", sys.stderr)
         return 1
     if rank == "0":
         for phase in results["phases"]:
@@ -83,6 +88,7 @@ def _fmt(loss: float | None) -> str:
 
 
 def train(config: StackWiseConfig) -> dict:
+    configure_deepspeed_output()  # before the trainer imports DeepSpeed
     from .trainer import ArchitectureTrainer
 
     return ArchitectureTrainer(config).train_architecture()  # each rank builds its own stage only

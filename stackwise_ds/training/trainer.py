@@ -39,7 +39,7 @@ from ..parallel.optimizer_state import layer_moments, set_layer_moments
 from ..parallel.pipe import data_parallel_rank, rack_to_pipeline, stage_of_rank
 from ..parallel.tied import tied_weight_max_abs_diff
 from ..parallel.watchdog import PeerWatchdog
-from ..placement import ELASTIC, PhaseLayout, layout_for
+from ..placement import PhaseLayout, plan_phase_layouts
 from . import checkpointing as ckpt
 from .errors import NonFiniteLossError
 from .growth import phase_layer_sources
@@ -144,12 +144,14 @@ class ArchitectureTrainer:
         self._setup_run(rack, dataloader, val_data)
         saved_config, state = self._resume_state()
         phases = plan_phases(cfg)
+        self._check_every_layout(phases[state.phase_index:])
         finished_before = state.phase_index >= len(phases)
         if saved_config is not None and not finished_before:
             ckpt.check_resumable_changes(saved_config, cfg.to_dict(), self.checkpoint_dir / self.resume_tag)
         self._prepare_output_dir(write_config=not finished_before)
         self.bundle = self._load_data() if dataloader is None else None
-        self.monitor = Monitor(self.output_dir, enabled=self.rank == 0, progress_bar=cfg.training.progress_bar)
+        self.monitor = Monitor(self.output_dir, enabled=self.rank == 0, progress_bar=cfg.training.progress_bar,
+                               log_interval=cfg.training.log_interval)
         try:
             if finished_before:
                 self.monitor.message(f"[stackwise] {self.checkpoint_dir} already holds the finished run "
@@ -295,8 +297,12 @@ class ArchitectureTrainer:
     # ------------------------------------------------------------------ placement
 
     def _phase_layout(self, phase: Phase) -> PhaseLayout:
-        elastic = phase.stage_wise and self.config.parallel.phase_layout == ELASTIC
-        return layout_for(phase.layer_roles(self.units), self.config, self.world_size, self.bf16, elastic)
+        return plan_phase_layouts([phase], self.units, self.config, self.world_size, self.bf16)[0]
+
+    def _check_every_layout(self, phases: list[Phase]) -> None:
+        """Plan every phase now (the planner is deterministic, the same on every rank): a memory bound
+        that a later phase cannot meet stops the run before any training, naming that phase."""
+        plan_phase_layouts(phases, self.units, self.config, self.world_size, self.bf16)
 
     def _place(self, layout: PhaseLayout, phase: Phase, state: ckpt.TrainingState) -> None:
         """Re-form the pipeline for ``layout``: retire the old one, build this rank's stage, fill it
@@ -366,6 +372,8 @@ class ArchitectureTrainer:
                   "losses": list(self.results["losses"][start:])}  # steps done before a mid-phase resume
         if state.phase_step == 0:
             record["val_loss_before"] = self._validate(engine, state.global_step)
+        else:  # a mid-phase resume: the phase's first validation is in the saved history
+            record["val_loss_before"] = val_loss_at(self.results["val_history"], start)
         self.monitor.start_phase(phase, len(phases), state.phase_step, state.global_step)
         self.monitor.layout(layout, state.global_step)
         data = self._train_iterator(state.consumed_samples)
@@ -547,9 +555,21 @@ class ArchitectureTrainer:
 
                 save_tokenizer(self.config, self.bundle, self.checkpoint_dir / tag)
                 ckpt.mark_complete(self.checkpoint_dir, tag, state)
+        if self.rank == 0:
+            self._announce_and_retire(tag)
         distributed.barrier()
         self.weights_tag = tag
         self.monitor.flush()
+
+    def _announce_and_retire(self, tag: str) -> None:
+        """Rank 0, once ``tag`` is published: delete the tags training.keep_checkpoints lets go, and say so."""
+        t = self.config.training
+        try:
+            removed, note = ckpt.retire_old_tags(self.checkpoint_dir, t.keep_checkpoints, t.keep_phase_ends), ""
+        except OSError as exc:  # an old tag that cannot be deleted costs disk space, not the run
+            removed, note = [], f"; WARNING: could not delete an older checkpoint ({exc}), it stays"
+        deleted = f", deleted {', '.join(removed)} (training.keep_checkpoints={t.keep_checkpoints})" if removed else ""
+        self.monitor.message(f"[stackwise] checkpoint {tag} saved{deleted}{note}")
 
     def _save_unplaced_layers(self, tag_dir: Path) -> None:
         tied = self.config.model.tie_embeddings
@@ -564,6 +584,11 @@ def _as_validation_set(batches):
 
     batches = list(batches)
     return ValidationSet(batches, len(batches)) if batches else None
+
+
+def val_loss_at(history: list, step: int) -> float:
+    """The last validation loss recorded at ``step`` (a phase's first: its predecessor's last comes before it)."""
+    return next((loss for at, loss in reversed(history) if at == step), float("nan"))
 
 
 def current_rss_mb() -> float:

@@ -1,12 +1,14 @@
 /* LD_PRELOAD shim for tests, making one folder behave like a full or a read-only filesystem:
  * - writes to any file whose path contains $FULL_DISK_PATH fail with ENOSPC (a full disk);
  * - opening for writing any path that contains $READONLY_PATH fails with EROFS (a read-only mount).
+ * - removing a file whose path contains $KILL_ON_UNLINK kills the process (see the end).
  * Everything else works normally. Python's file objects and torch's zip writer (libstdc++
  * streams) both end in these libc calls. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -59,3 +61,17 @@ int open(const char *path, int flags, ...) OPEN_LIKE(open, path)
 int open64(const char *path, int flags, ...) OPEN_LIKE(open64, path)
 int openat(int dirfd, const char *path, int flags, ...) OPEN_LIKE(openat, dirfd, path)
 int openat64(int dirfd, const char *path, int flags, ...) OPEN_LIKE(openat64, dirfd, path)
+
+/* Removing any file whose path contains $KILL_ON_UNLINK SIGKILLs the process first: a crash at a
+ * chosen point of a deletion (shutil.rmtree removes by name under a folder fd: unlinkat). */
+static void kill_if_doomed(const char *path) {
+    const char *needle = getenv("KILL_ON_UNLINK");
+    if (needle != NULL && *needle != '\0' && path != NULL && strstr(path, needle) != NULL) kill(getpid(), SIGKILL);
+}
+
+int unlink(const char *path) {
+    REAL(unlink); kill_if_doomed(path); return real(path);
+}
+int unlinkat(int dirfd, const char *path, int flags) {
+    REAL(unlinkat); kill_if_doomed(path); return real(dirfd, path, flags);
+}
