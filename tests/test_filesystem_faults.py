@@ -13,8 +13,8 @@ import subprocess
 from pathlib import Path
 
 from launch_utils import run_training
-from test_reliability import expect_error_on_every_rank
 from stackwise_ds.training.checkpointing import find_resume_tag, is_complete, layer_file_name, unreadable_files
+from test_reliability import expect_error_on_every_rank
 
 SHIM_SOURCE = Path(__file__).parent / "native" / "fs_faults.c"
 

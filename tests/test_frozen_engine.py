@@ -18,8 +18,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from deepspeed.runtime.pipe.schedule import (BackwardPass, ForwardPass, LoadMicroBatch, OptimizerStep, RecvActivation,
-                                             RecvGrad, SendActivation, SendGrad)
+from deepspeed.runtime.pipe.schedule import (
+    BackwardPass,
+    ForwardPass,
+    LoadMicroBatch,
+    OptimizerStep,
+    RecvActivation,
+    RecvGrad,
+    SendActivation,
+    SendGrad,
+)
 
 from stackwise_ds.parallel.roles import DORMANT, FORWARD_ONLY, FROZEN, RELAY, TRAIN, TRAIN_STAGE, make_plan
 from stackwise_ds.parallel.schedule import CountStep, StageWiseTrainSchedule, SyncTiedWeights
@@ -262,7 +270,7 @@ def _run_blocking(streams: list[list]) -> bool:
                 pos[stage + direction] += 1
             pos[stage] += 1
             progress = True
-    return all(p == len(s) for p, s in zip(pos, streams))
+    return all(p == len(s) for p, s in zip(pos, streams, strict=True))
 
 
 @pytest.mark.parametrize("stage_roles", list(_layouts()), ids=lambda r: "-".join(x[0] for x in r))
@@ -270,7 +278,7 @@ def test_schedule_is_deadlock_free_and_role_exact(stage_roles):
     for micro_batches in (1, 2, 3, 5, 8):
         streams = _schedules(stage_roles, micro_batches)
         assert _run_blocking(streams), (stage_roles, micro_batches)
-        for stage, (role, stream) in enumerate(zip(stage_roles, streams)):
+        for stage, (role, stream) in enumerate(zip(stage_roles, streams, strict=True)):
             names = [type(c) for c in stream]
             assert names.count(ForwardPass) == micro_batches
             assert names.count(SyncTiedWeights) == 1

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launch_utils import REPO, TINY, run_training
+from launch_utils import REPO, run_training
 from stackwise_ds.checkpoint import load_rack
 from stackwise_ds.checkpoint.consolidation import read_consolidated, save_consolidated
 from stackwise_ds.checkpoint.locate import list_tags

@@ -30,7 +30,8 @@ def launch_nodes(tmp_path: Path, output_dirs: list[Path], *overrides: str) -> li
         procs.append(subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"}))
     outputs = [proc.communicate(timeout=400)[0] for proc in procs]
-    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, "") for proc, out in zip(procs, outputs)]
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+            for proc, out in zip(procs, outputs, strict=True)]
 
 
 def test_two_nodes_train_a_two_stage_pipeline_and_resume(tmp_path):

@@ -6,8 +6,8 @@ Every test launches real processes; kills are real signals to the real process g
 import json
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import time
 
@@ -119,7 +119,8 @@ def expect_error_on_every_rank(proc, n_ranks: int, fragment: str) -> None:
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     for rank in range(n_ranks):
-        assert re.search(rf"error on rank {rank}: .*{fragment}", text), f"rank {rank} did not report {fragment!r}:\n{text[-3000:]}"
+        assert re.search(rf"error on rank {rank}: .*{fragment}", text), \
+            f"rank {rank} did not report {fragment!r}:\n{text[-3000:]}"
 
 
 @pytest.mark.parametrize("overrides, fragment", [

@@ -16,8 +16,14 @@ from stackwise_ds.checkpoint.consolidation import TOKENIZER_KEY, consolidate
 from stackwise_ds.checkpoint.generate import generate_text
 from stackwise_ds.checkpoint.hf import import_hf
 from stackwise_ds.config import StackWiseConfig
-from stackwise_ds.data import (TOKENIZER_FILE, ByteTokenizer, TokenizerError, build_datasets, load_tokenizer_json,
-                               make_tokenizer)
+from stackwise_ds.data import (
+    TOKENIZER_FILE,
+    ByteTokenizer,
+    TokenizerError,
+    build_datasets,
+    load_tokenizer_json,
+    make_tokenizer,
+)
 
 # Emoji (incl. a ZWJ sequence), CJK, combining marks, RTL, control characters, a BOM, odd spaces.
 UNICODE = ["héllo wörld", "日本語のテキスト 中文", "e\u0301 a\u0308\u0323 \u0915\u094d\u0937",
