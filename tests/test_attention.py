@@ -396,4 +396,6 @@ def test_tiny_block_stack_overfits_one_batch(attention_type):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if loss.item() < 0.1 * losses[0]:  # overfitted: ~15 of the 200 steps allowed
+            break
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])

@@ -96,6 +96,7 @@ def _assert_matches_reference(result: dict, rel: float = 1e-5) -> None:
 
 # ----------------------------------------------------------------------------- multi-process runs
 
+@pytest.mark.multiprocess
 def test_forward_only_stage_never_runs_backward(pp2):
     facts = pp2["frozen_first_stage"]
     stages = _by_stage(facts["ranks"])
@@ -112,6 +113,7 @@ def test_forward_only_stage_never_runs_backward(pp2):
     assert facts["tied_identical"]
 
 
+@pytest.mark.multiprocess
 def test_relay_stage_passes_activations_and_gradients(pp3):
     facts = pp3["three_stage_phases"]["train_relay_train"]
     stages = _by_stage(facts["ranks"])
@@ -126,6 +128,7 @@ def test_relay_stage_passes_activations_and_gradients(pp3):
     _assert_matches_reference(facts)
 
 
+@pytest.mark.multiprocess
 def test_data_parallel_frozen_stage_with_zero1(dp2):
     facts = dp2["data_parallel_frozen"]
     for rank in facts["ranks"]:
@@ -139,6 +142,7 @@ def test_data_parallel_frozen_stage_with_zero1(dp2):
     assert facts["replicas_identical"] and facts["tied_identical"]
 
 
+@pytest.mark.multiprocess
 def test_two_phases_rebuild_engine_on_one_module(pp2):
     facts = pp2["two_phases"]
     a, b = _by_stage(facts["phase_a"]), _by_stage(facts["phase_b"])
@@ -153,6 +157,7 @@ def test_two_phases_rebuild_engine_on_one_module(pp2):
     assert a[0]["eval"] == a[1]["eval"] and b[0]["eval"] == b[1]["eval"]
 
 
+@pytest.mark.multiprocess
 def test_rackwise_equals_plain_deepspeed(pp2):
     facts = pp2["rackwise_matches_plain"]
     assert facts["losses"] == facts["plain_losses"]
@@ -160,6 +165,7 @@ def test_rackwise_equals_plain_deepspeed(pp2):
     assert all(r["stage_role"] == TRAIN_STAGE for r in facts["ranks"])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("variant", ["zero1", "zero0", "zero1_activation_checkpointing"])
 def test_clipping_matches_single_process_reference(pp2, variant):
     result = pp2["clipping_matches_reference"][variant]
@@ -174,6 +180,7 @@ def test_clipping_matches_single_process_reference(pp2, variant):
     ("frozen_frozen_train", (FORWARD_ONLY, FORWARD_ONLY, TRAIN_STAGE)),
     ("mixed_relay_train", (TRAIN_STAGE, RELAY, TRAIN_STAGE)),
 ])
+@pytest.mark.multiprocess
 def test_three_stage_phases_match_reference(pp3, phase, expected):
     facts = pp3["three_stage_phases"][phase]
     stages = _by_stage(facts["ranks"])
@@ -189,6 +196,7 @@ def test_three_stage_phases_match_reference(pp3, phase, expected):
     assert facts["tied_identical"]
 
 
+@pytest.mark.multiprocess
 def test_checkpoint_roundtrip_on_stages_without_optimizer(pp3, dp2):
     for ranks in (dp2["data_parallel_frozen"]["ranks"], pp3["three_stage_phases"]["train_relay_train"]["ranks"]):
         for rank in ranks:
@@ -205,6 +213,7 @@ def test_checkpoint_roundtrip_on_stages_without_optimizer(pp3, dp2):
     assert all(r["cross_phase_restored"] for r in pp3["three_stage_phases"]["frozen_train_train"]["ranks"])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", ["frozen", "phase0", "rackwise"])
 def test_bf16_optimizer_layouts(pp2, layout):
     facts = pp2["bf16_layouts"][layout]

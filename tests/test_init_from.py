@@ -126,6 +126,7 @@ def test_init_growth_is_validated_and_init_from_expands_home():
 # ----------------------------------------------------------------------------- restack
 
 
+@pytest.mark.multiprocess
 def test_restack_round_trip_is_exact_and_keeps_the_function(tmp_path):
     src, state = source_file(tmp_path, "model.architecture.n_stacks=4", "parallel.pipeline_stages=4",
                              "model.tie_embeddings=false")
@@ -188,6 +189,7 @@ def llama_run(llama, tmp_path_factory):
     return {"dir": out / "run", "export": out / "hf", "stdout": run.stdout}
 
 
+@pytest.mark.multiprocess
 def test_a_run_from_a_hugging_face_folder_exports_the_same_model(llama, llama_run):
     from transformers import LlamaForCausalLM
 
@@ -203,6 +205,7 @@ def test_a_run_from_a_hugging_face_folder_exports_the_same_model(llama, llama_ru
     assert "training.init_from: initial weights from" in llama_run["stdout"]
 
 
+@pytest.mark.multiprocess
 def test_the_initial_weights_folder_is_never_a_checkpoint(llama_run):
     assert (llama_run["dir"] / "initial_weights" / "layer_00-model_states.pt").is_file()
     assert [tag for tag, _ in list_tags(llama_run["dir"] / "checkpoints")] == ["step00000001"]
@@ -226,6 +229,7 @@ def stackwise_run(tmp_path_factory):
     return {"dir": out / "run", "state": state, "overrides": overrides}
 
 
+@pytest.mark.multiprocess
 def test_a_stackwise_run_keeps_the_sources_dormant_stacks(stackwise_run):
     first = stackwise_run["dir"] / "checkpoints" / "step00000001"  # end of phase 0: stacks 1..3 not placed yet
     seeded = create_rack_from_config(config("model.architecture.n_stacks=4", "model.architecture.blocks_per_stack=1"))
@@ -237,12 +241,14 @@ def test_a_stackwise_run_keeps_the_sources_dormant_stacks(stackwise_run):
     assert torch.allclose(embedding, stackwise_run["state"]["embedding.weight"], atol=1e-6, rtol=0)
 
 
+@pytest.mark.multiprocess
 def test_resume_wins_over_init_from(stackwise_run):
     again = run_training(1, stackwise_run["dir"], *stackwise_run["overrides"], "parallel.pipeline_stages=1")
     assert "resume wins, training.init_from" in again.stdout
     assert "already holds the finished run" in again.stdout
 
 
+@pytest.mark.multiprocess
 def test_the_trainer_refuses_a_mismatched_source_before_training(stackwise_run, tmp_path):
     src = stackwise_run["dir"].parent / "source.safetensors"
     result = run_training(1, tmp_path / "run", "model.n_kv_heads=4", "model.architecture.n_stacks=2",

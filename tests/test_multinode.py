@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from launch_utils import REPO, TINY, TRAIN, free_port, results
+
+pytestmark = pytest.mark.multiprocess  # every test here launches training processes
 
 RUN = ("training.save_interval=2", "training.eval_interval=0")
 

@@ -51,6 +51,7 @@ def resumed_step(stdout: str) -> int:
     return int(match.group(1))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", sorted(RESUME_CASES))
 def test_sigkill_then_rerun_continues_exactly(mode, tmp_path):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
@@ -74,6 +75,7 @@ def test_sigkill_then_rerun_continues_exactly(mode, tmp_path):
     assert state(crashed)["consumed_samples"] == state(reference)["consumed_samples"]
 
 
+@pytest.mark.multiprocess
 def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
     overrides = ["training.max_steps=8", "training.save_interval=2", "training.eval_interval=0"]
     run_training(2, tmp_path, *overrides)
@@ -100,6 +102,7 @@ def test_resume_tag_is_the_newest_complete_one_even_when_latest_lags(tmp_path):
     assert find_resume_tag(tmp_path) == "step00000004"
 
 
+@pytest.mark.multiprocess
 def test_dead_rank_stops_the_others_quickly_and_is_named(tmp_path):
     job = start_training(2, tmp_path, "training.max_steps=100000", "training.save_interval=0",
                          "training.eval_interval=0")
@@ -129,11 +132,13 @@ def expect_error_on_every_rank(proc, n_ranks: int, fragment: str) -> None:
     (["data.seq_len=128"], r"data.seq_len \(128\) is longer than model.max_seq_len \(64\)"),
     (["data.source=text_files", "data.paths=[/nonexistent/corpus.txt]"], "/nonexistent/corpus.txt"),
 ])
+@pytest.mark.multiprocess
 def test_bad_config_and_data_fail_clearly_on_every_rank(overrides, fragment, tmp_path):
     proc = run_training(2, tmp_path / "out", *overrides, expect_ok=False)
     expect_error_on_every_rank(proc, 2, fragment)
 
 
+@pytest.mark.multiprocess
 def test_pipeline_that_does_not_fit_the_world_size(tmp_path):
     proc = run_training(3, tmp_path / "out", expect_ok=False)
     expect_error_on_every_rank(proc, 3, "world size 3 is not a multiple of parallel.pipeline_stages")
@@ -143,6 +148,7 @@ def test_pipeline_that_does_not_fit_the_world_size(tmp_path):
     ("", "dataset is empty"),
     ("def f():\n    return 1\n" * 4, "the training split has 2 sequences of length 32 but one global batch needs 4"),
 ])
+@pytest.mark.multiprocess
 def test_empty_or_too_small_dataset(text, fragment, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(text)
@@ -151,6 +157,7 @@ def test_empty_or_too_small_dataset(text, fragment, tmp_path):
     expect_error_on_every_rank(proc, 2, fragment)
 
 
+@pytest.mark.multiprocess
 def test_output_dir_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -165,6 +172,7 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.multiprocess
 def test_checkpoint_of_another_architecture_is_refused(finished_run, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
@@ -176,6 +184,7 @@ def test_checkpoint_of_another_architecture_is_refused(finished_run, tmp_path):
     ("truncated", "layer_01-model_states.pt is (corrupt|unreadable)"),
     ("other_layer", "layer_01-model_states.pt holds the weights of pipeline layer 2 .* copied over another"),
 ])
+@pytest.mark.multiprocess
 def test_corrupt_checkpoint_is_reported_on_every_rank_and_kept(damage, fragment, finished_run, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
@@ -192,6 +201,7 @@ def test_corrupt_checkpoint_is_reported_on_every_rank_and_kept(damage, fragment,
     assert layer.exists() and (out / "checkpoints" / "step00000001" / "stackwise_state.json").exists()
 
 
+@pytest.mark.multiprocess
 def test_nonfinite_loss_stops_with_step_and_phase_and_keeps_checkpoint(finished_run, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
@@ -215,6 +225,7 @@ def test_nonfinite_loss_stops_with_step_and_phase_and_keeps_checkpoint(finished_
 
 
 
+@pytest.mark.multiprocess
 def test_rerunning_a_finished_run_keeps_its_results_and_config(finished_run, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
@@ -226,6 +237,7 @@ def test_rerunning_a_finished_run_keeps_its_results_and_config(finished_run, tmp
     assert len(results(out)["losses"]) == 2
 
 
+@pytest.mark.multiprocess
 def test_resume_that_changes_a_training_setting_is_refused(finished_run, tmp_path):
     """A changed lr would be overridden by the restored scheduler while config.yaml recorded it:
     refused on every rank, naming the key and both values; the checkpoints stay."""

@@ -16,6 +16,8 @@ from launch_utils import TINY, relative_close, results, run_training, scalars, s
 from stackwise_ds.config import StackWiseConfig, apply_overrides
 from stackwise_ds.model import create_rack_from_config
 
+pytestmark = pytest.mark.multiprocess  # every test here launches training processes
+
 STEPS = 4
 
 

@@ -167,6 +167,7 @@ def bpe_run(tmp_path_factory):
     return train(tmp_path_factory, "bpe")
 
 
+@pytest.mark.multiprocess
 def test_bpe_run_trains_and_leaves_its_tokenizer_everywhere(bpe_run):
     out = bpe_run
     losses = results(out)["losses"]
@@ -178,6 +179,7 @@ def test_bpe_run_trains_and_leaves_its_tokenizer_everywhere(bpe_run):
     assert (out / "checkpoints" / tag / TOKENIZER_FILE).read_text() == saved
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
 def test_transformers_generate_on_the_export_equals_tools_generate(kind, request, tmp_path):
     from safetensors import safe_open
