@@ -5,6 +5,8 @@ import tempfile
 import pytest
 import torch
 
+from launch_utils import run_training
+
 # Every test run shares one tokenised-data cache (CI points it at its own folder).
 os.environ.setdefault("STACKWISE_DS_CACHE", os.path.join(tempfile.gettempdir(), "stackwise_ds_test_cache"))
 os.environ.setdefault("PYTHONUNBUFFERED", "1")
@@ -40,3 +42,13 @@ def pytest_runtest_protocol(item, nextitem):
         yield
     finally:
         _current_test_may_start_processes = True
+
+
+@pytest.fixture(scope="session")
+def tiny_rackwise_run(tmp_path_factory):
+    """One 2-stage rackwise run of launch_utils.TINY (6 steps, a checkpoint every 2, byte tokenizer),
+    shared by tests/test_rackwise.py and tests/test_tokenizers.py: read it or copy it, never write into it."""
+    out = tmp_path_factory.mktemp("tiny_rackwise")
+    proc = run_training(2, out, "training.save_interval=2")
+    (out / "launch.log").write_text(proc.stdout + proc.stderr)
+    return out

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from launch_utils import REPO, run_training
 from stackwise_ds.checkpoint import load_rack
 from stackwise_ds.checkpoint.consolidation import read_consolidated, save_consolidated
+from stackwise_ds.checkpoint.hf import export_hf
 from stackwise_ds.checkpoint.locate import list_tags
 from stackwise_ds.checkpoint.restack import restack
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
@@ -183,9 +184,7 @@ def llama_run(llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("llama_run")
     run = run_training(2, out / "run", *LLAMA_KEYS, f"training.init_from={llama[1]}", "training.max_steps=1",
                        "training.lr=1e-9", "parallel.pipeline_stages=2")
-    export = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(out / "run"), str(out / "hf")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert export.returncode == 0, export.stderr
+    export_hf(out / "run", out / "hf")  # the export_hf command line itself is tested in test_tools.py
     return {"dir": out / "run", "export": out / "hf", "stdout": run.stdout}
 
 

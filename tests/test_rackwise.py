@@ -11,11 +11,9 @@ REQUIRED_SCALARS = ["train/loss", "train/lr", "train/tokens_per_sec", "val/loss"
 
 
 @pytest.fixture(scope="module")
-def two_stage_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp2")
-    proc = run_training(2, out, "training.save_interval=2")
-    (out / "launch.log").write_text(proc.stdout + proc.stderr)
-    return out
+def two_stage_run(tiny_rackwise_run):
+    """2 stages, 6 steps, checkpoints every 2 (tests/conftest.py; test_tokenizers.py reads it too)."""
+    return tiny_rackwise_run
 
 
 @pytest.mark.multiprocess

@@ -14,7 +14,7 @@ import torch
 from launch_utils import REPO, results, run_training
 from stackwise_ds.checkpoint.consolidation import TOKENIZER_KEY, consolidate
 from stackwise_ds.checkpoint.generate import generate_text
-from stackwise_ds.checkpoint.hf import import_hf
+from stackwise_ds.checkpoint.hf import export_hf, import_hf
 from stackwise_ds.config import StackWiseConfig
 from stackwise_ds.data import (
     TOKENIZER_FILE,
@@ -147,24 +147,17 @@ def run_tool(name: str, *args) -> str:
     return result.stdout
 
 
-RUN_SETTINGS = {"byte": ["training.max_steps=4"],
-                "bpe": ["data.tokenizer=bpe", "model.vocab_size=512", "training.max_steps=12", "training.lr=0.003"]}
-
-
-def train(tmp_path_factory, kind: str) -> Path:
-    out = tmp_path_factory.mktemp(f"run_{kind}")
-    run_training(2, out, *RUN_SETTINGS[kind])
-    return out
-
-
 @pytest.fixture(scope="module")
-def byte_run(tmp_path_factory):
-    return train(tmp_path_factory, "byte")
+def byte_run(tiny_rackwise_run):
+    """The byte-tokenizer run of tests/conftest.py (2 stages, 6 steps), shared with test_rackwise.py."""
+    return tiny_rackwise_run
 
 
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory):
-    return train(tmp_path_factory, "bpe")
+    out = tmp_path_factory.mktemp("run_bpe")
+    run_training(2, out, "data.tokenizer=bpe", "model.vocab_size=512", "training.max_steps=12", "training.lr=0.003")
+    return out
 
 
 @pytest.mark.multiprocess
@@ -186,7 +179,7 @@ def test_transformers_generate_on_the_export_equals_tools_generate(kind, request
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     out = request.getfixturevalue(f"{kind}_run")
-    run_tool("export_hf", out, tmp_path / "hf")
+    export_hf(out, tmp_path / "hf")
     consolidate(out, tmp_path / "rack.safetensors")
     prompt = "def main(x):\n    "
     ours = run_tool("generate", out, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", 24)
