@@ -125,12 +125,13 @@ def start_background(values: dict) -> tuple[subprocess.Popen, float]:
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT), time.perf_counter()
 
 
-def run_python(script: Path, args: list[str], timeout_s: int = 900) -> str:
+def run_module(module: str, args: list[str], timeout_s: int = 900) -> str:
+    """``python -m <module> ARGS`` from the repository root (so ``benchmarks`` is importable)."""
     env = bench_env()
-    done = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=timeout_s)
     if done.returncode != 0:
-        raise RuntimeError(f"{script.name} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
+        raise RuntimeError(f"{module} failed ({done.returncode}):\n{(done.stdout + done.stderr)[-4000:]}")
     return done.stdout
 
 

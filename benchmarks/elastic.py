@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Wall-clock of whole stage-wise runs on a multi-rank pipeline: elastic vs fixed layout vs rackwise.
 
-    python benchmarks/elastic.py            # ~7 min on 2 idle cores; merges into results/latest.json
-    python benchmarks/elastic.py --quick    # fewer steps, merges into results/quick.json
+    python -m benchmarks.elastic            # ~7 min on 2 idle cores; merges into results/latest.json
+    python -m benchmarks.elastic --quick    # fewer steps, merges into results/quick.json
 
 The benchmark rack (4 stacks x 2 blocks) on 2 ranks, each pinned to its own core
 (``benchmarks/pinned.py``) so that a rank behaves like a GPU of its own: an idle rank's core is
@@ -19,14 +19,20 @@ rackwise step time).
 from __future__ import annotations
 
 import shutil
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import MODEL, launch, load_average, median, merge_results, read_results, read_scalars, \
-    section_cli, steady_step_times  # noqa: E402
+from benchmarks.common import (
+    MODEL,
+    launch,
+    load_average,
+    median,
+    merge_results,
+    read_results,
+    read_scalars,
+    section_cli,
+    steady_step_times,
+)
 
 CORES = [0, 1]
 RUNS = {  # name -> (training_architecture, phase_layout, steps per phase as a fraction of S)
@@ -81,15 +87,21 @@ def measure_elastic(steps: int, work: Path, log) -> dict:
         startups[name] = startup_s(out, launched_at)
     rack_step = median(steady_step_times(outs["rackwise"], WARMUP + 1))
     per_phase = {name: phase_rows(outs[name], rack_step) for name in RUNS if name != "rackwise"}
-    ratio = lambda a, b: round(walls[a] / walls[b], 3)  # noqa: E731
-    after = lambda a, b: round((walls[a] - startups[a]) / (walls[b] - startups[b]), 3)  # noqa: E731
+
+    def ratio(a: str, b: str) -> float:
+        return round(walls[a] / walls[b], 3)
+
+    def after(a: str, b: str) -> float:  # the ratio of the time after start-up
+        return round((walls[a] - startups[a]) / (walls[b] - startups[b]), 3)
+
     return {
         "stagewise_elastic_vs_rackwise_wall": ratio("stackwise_elastic", "rackwise"),
         "stagewise_elastic_vs_fixed_wall": ratio("stackwise_elastic", "stackwise_fixed"),
         "blockwise_elastic_vs_rackwise_wall": ratio("blockwise_elastic", "rackwise"),
         "blockwise_elastic_vs_fixed_wall": ratio("blockwise_elastic", "blockwise_fixed"),
         "elastic_detail": {"steps_rackwise": 4 * steps, "ranks": 2, "pinned_cores": CORES,
-                           "rackwise_step_s": round(rack_step, 4), "run_wall_s": {k: round(v, 1) for k, v in walls.items()},
+                           "rackwise_step_s": round(rack_step, 4),
+                           "run_wall_s": {k: round(v, 1) for k, v in walls.items()},
                            "startup_s": {k: round(v, 1) for k, v in startups.items()},
                            "after_startup_ratios": {
                                "stagewise_elastic_vs_rackwise": after("stackwise_elastic", "rackwise"),
@@ -112,7 +124,8 @@ def elastic_table(r: dict) -> str:
         lines.append(f"| `{key}` | {r[key]:.3f}{mark} | {target} |")
     lines += ["", f"Whole runs, seconds: {d['run_wall_s']}; start-up before the first step: {d['startup_s']}; "
               f"ratios after start-up: {d['after_startup_ratios']} (rackwise step {d['rackwise_step_s']:.3f} s)", "",
-              "| run | phase | stages × dp | micro-batches | predicted s/step | measured s/step | measured / predicted |",
+              "| run | phase | stages × dp | micro-batches | predicted s/step | measured s/step "
+              "| measured / predicted |",
               "|---|---|---|---|---|---|---|"]
     for name in ("stackwise_elastic", "blockwise_elastic"):
         for row in d["per_phase"][name]:

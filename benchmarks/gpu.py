@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """bf16 tokens/s and model FLOPs utilisation of rackwise training on one GPU.
 
-    python benchmarks/gpu.py                   # -> benchmarks/results/gpu.json
-    python benchmarks/gpu.py --steps 60 --micro-batch-size 16 --grad-accum 4
+    python -m benchmarks.gpu                   # -> benchmarks/results/gpu.json
+    python -m benchmarks.gpu --steps 60 --micro-batch-size 16 --grad-accum 4
 
 Trains the ~124M rack (32k BPE vocabulary) of ``launch/rackwise_125m_gpu.yaml`` end to end with the real trainer
 (``launch/train.py``, one process, ``parallel.pipeline_stages=1``, bf16 with fp32 master
@@ -23,9 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import RESULTS_DIR, REPO, median, read_scalars, steady_step_times  # noqa: E402
+from benchmarks.common import REPO, RESULTS_DIR, median, read_scalars, steady_step_times
 
 CONFIG = REPO / "launch" / "rackwise_125m_gpu.yaml"
 H100_SXM_BF16_DENSE_TFLOPS = 989.0  # the design contract's reference peak (NVIDIA H100 SXM datasheet, no sparsity)
@@ -145,7 +143,8 @@ def main() -> None:
     out = Path(args.out) if not args.cpu_smoke else work / "gpu_smoke.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: result[k] for k in ("device", "tokens_per_s", "mfu_vs_h100_sxm_bf16", "median_step_s")}, indent=1))
+    headline = ("device", "tokens_per_s", "mfu_vs_h100_sxm_bf16", "median_step_s")
+    print(json.dumps({k: result[k] for k in headline}, indent=1))
     print(f"wrote {out}")
 
 

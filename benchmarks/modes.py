@@ -10,12 +10,19 @@ from __future__ import annotations
 
 import shutil
 import statistics
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import MODEL, build_config, load_average, optimizer_state_bytes, read_results, read_scalars, start_background
+from .common import (
+    MODEL,
+    build_config,
+    load_average,
+    optimizer_state_bytes,
+    read_results,
+    read_scalars,
+    start_background,
+)
 from .flops import step_flops_schedule
 
 MODES = ("rackwise", "stackwise", "stackwise_joint", "blockwise")
@@ -154,7 +161,8 @@ def summarise_modes(runs: dict, plan: ModesPlan, steps: dict, budget: float) -> 
         rss[mode] = max(m["peak_rss_mb"] for m in memory if m["peak_rss_mb"] is not None)
         opt[mode] = max(m["optimizer_state_mb"] for m in memory)
         opt_phase[mode] = memory
-        detail[mode] = {"steps": steps[mode], "flops": mode_runs[0]["flops"], "flops_vs_budget": mode_runs[0]["flops"] / budget,
+        detail[mode] = {"steps": steps[mode], "flops": mode_runs[0]["flops"],
+                        "flops_vs_budget": mode_runs[0]["flops"] / budget,
                         "phase_steps": mode_runs[0]["phase_steps"],
                         "train_time_s": statistics.mean(r["train_time_s"] for r in mode_runs),
                         "run_wall_s": statistics.mean(r["run_wall_s"] for r in mode_runs),

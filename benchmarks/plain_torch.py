@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Plain PyTorch baseline (no DeepSpeed), run as its own process by ``benchmarks/run.py``.
 
-    python benchmarks/plain_torch.py --values '{"model.d_model": 128, ...}' --steps 20 --out plain.json
+    python -m benchmarks.plain_torch --values '{"model.d_model": 128, ...}' --steps 20 --out plain.json
 
 1. Trains the same Rack (``create_rack_from_config``) on the same micro-batches as the trainer
    (the trainer's own data stream), with AdamW over the same parameter groups, the same LR
@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from benchmarks.common import TORCH_THREADS, build_config, median  # noqa: E402
+from benchmarks.common import TORCH_THREADS, build_config, median
 
 # Repetitions of each timed piece; pieces are timed round-robin so a burst of load from
 # another process hits all of them alike, and the median drops the bursts.
@@ -152,7 +149,7 @@ def _optimizer_step_fn(params, config):
     grads = [torch.randn_like(p) * 1e-3 for _, p in params]
 
     def step():
-        for (_, p), g in zip(params, grads):
+        for (_, p), g in zip(params, grads, strict=True):
             p.grad = g.clone()
         torch.nn.utils.clip_grad_norm_([p for _, p in params], t.grad_clip)
         optimizer.step()

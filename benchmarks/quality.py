@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Quality at equal wall-clock: does stage-wise training reach end-to-end quality sooner?
 
-    python benchmarks/quality.py            # ~55 min on 2 idle cores; merges "quality" into results/latest.json
-    python benchmarks/quality.py --quick    # mechanics only (tiny budget, 1 seed) -> results/quick.json
+    python -m benchmarks.quality            # ~55 min on 2 idle cores; merges "quality" into results/latest.json
+    python -m benchmarks.quality --quick    # mechanics only (tiny budget, 1 seed) -> results/quick.json
 
 Every run is a real 2-rank job on the embedded default data, each rank pinned to its own core
 (``benchmarks/pinned.py``), on the elastic layout with ``parallel.pipeline_stages: 1``: rackwise
@@ -34,18 +34,15 @@ over all modes. The learning rate is the default for every mode: nothing is tune
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import (RESULTS_DIR, build_config, launch, load_average, merge_results,  # noqa: E402
-                               read_scalars, section_cli)
-from benchmarks.flops import step_flops_schedule  # noqa: E402
+from benchmarks.common import RESULTS_DIR, build_config, launch, load_average, merge_results, read_scalars, section_cli
+from benchmarks.flops import step_flops_schedule
 
 CORES = [0, 1]
 # A rack small enough that rackwise sees ~150 tokens per parameter within the hour: 4 stacks x 2
@@ -176,7 +173,7 @@ def mean_curve(mode_runs: list[dict]) -> list[tuple[float, float]]:
 
 def first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
     """Seconds at which ``curve`` first gets to ``target`` or below, linear between points."""
-    for (w0, l0), (w1, l1) in zip(curve, curve[1:]):
+    for (w0, l0), (w1, l1) in itertools.pairwise(curve):
         if l1 <= target:
             if l0 <= target:
                 return w0

@@ -23,9 +23,11 @@ def markdown_table(r: dict) -> str:
     predicted = b.get("predicted_speedup_1f1b_with_imbalance")
     lines.append(f"| pp=2 bubble (p={b['p']}, m={b['m']}): measured 1 − speedup/p | {b['measured']:.3f} | "
                  f"1F1B formula (p−1)/(m+p−1) = {b['formula_1f1b']:.3f}"
-                 + (f"; with measured stage imbalance {b['stage_imbalance']:.2f}: speedup ≤ {predicted:.2f}" if predicted else "")
+                 + (f"; with measured stage imbalance {b['stage_imbalance']:.2f}: speedup ≤ {predicted:.2f}"
+                    if predicted else "")
                  + " |")
-    lines += ["", "| mode | val loss (mean ± sd over seeds) | steps per phase | peak RSS MB | optimizer state MB (max phase) |",
+    lines += ["", "| mode | val loss (mean ± sd over seeds) | steps per phase | peak RSS MB "
+                  "| optimizer state MB (max phase) |",
               "|---|---|---|---|---|"]
     detail = r["modes_detail"]["per_mode"]
     for mode, loss in r["val_loss"].items():

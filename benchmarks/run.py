@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """StackWise-DS CPU benchmarks: every figure of DESIGN.md's "Figures to reach" that a CPU can measure.
 
-    python benchmarks/run.py            # full run (~80 min on 2 idle cores) -> benchmarks/results/latest.json
-    python benchmarks/run.py --quick    # smoke run (~10 min)               -> benchmarks/results/quick.json
+    python -m benchmarks.run            # full run (~80 min on 2 idle cores) -> benchmarks/results/latest.json
+    python -m benchmarks.run --quick    # smoke run (~10 min)               -> benchmarks/results/quick.json
 
 Writes the JSON, two PNGs (validation loss vs FLOPs and vs training time) and a markdown
 table next to it. Real training runs go through ``launch/train.py`` (the trainer, with
@@ -16,19 +16,17 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from benchmarks.common import DEFAULT_WORK_DIR, MODEL, RESULTS_DIR, TORCH_THREADS, load_average  # noqa: E402
-from benchmarks.elastic import FULL_STEPS, QUICK_STEPS, measure_elastic  # noqa: E402
-from benchmarks.modes import ModesPlan, measure_modes  # noqa: E402
-from benchmarks.plots import plot_modes, plot_quality  # noqa: E402
-from benchmarks.quality import PLANS as QUALITY_PLANS, measure_quality, quality_table  # noqa: E402
-from benchmarks.report import markdown_table  # noqa: E402
-from benchmarks.timing import TimingPlan, measure_pipeline, measure_throughput  # noqa: E402
+from benchmarks.common import DEFAULT_WORK_DIR, MODEL, RESULTS_DIR, TORCH_THREADS, load_average
+from benchmarks.elastic import FULL_STEPS, QUICK_STEPS, measure_elastic
+from benchmarks.modes import ModesPlan, measure_modes
+from benchmarks.plots import plot_modes, plot_quality
+from benchmarks.quality import PLANS as QUALITY_PLANS
+from benchmarks.quality import measure_quality, quality_table
+from benchmarks.report import markdown_table
+from benchmarks.timing import TimingPlan, measure_pipeline, measure_throughput
 
 # Full: 3 interleaved repetitions (a median needs 3), 20 timed steps of which 5 warm up
 # (allocator, autograd graph caches and the first LR steps settle within ~3 steps).

@@ -13,10 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import (MODEL, REPO, launch, load_average, median, read_scalars, run_python,
-                     steady_step_times)
+from .common import MODEL, launch, load_average, median, read_scalars, run_module, steady_step_times
 
-PLAIN = REPO / "benchmarks" / "plain_torch.py"
+PLAIN = "benchmarks.plain_torch"
 
 
 @dataclass(frozen=True)
@@ -56,7 +55,7 @@ def run_rackwise(plan: TimingPlan, out: Path) -> dict:
 def run_plain(plan: TimingPlan, out: Path) -> dict:
     values = {**MODEL, "training.max_steps": plan.steps}
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_python(PLAIN, ["--values", json.dumps(values), "--steps", str(plan.steps), "--out", str(out)])
+    run_module(PLAIN, ["--values", json.dumps(values), "--steps", str(plan.steps), "--out", str(out)])
     data = json.loads(out.read_text())
     return {"step_s": median(data["step_times"][plan.warmup:]), "first_loss": data["losses"][0],
             "components_s": data["components"], "ideal_s": data["ideal"]}
@@ -108,8 +107,8 @@ def summarise_throughput(reps: list[dict]) -> dict:
             "plain_loop_vs_its_components": med["plain"] / ideal_rack,
             "first_step_loss": {"trainer": reps[0]["rackwise"]["first_loss"], "plain": reps[0]["plain"]["first_loss"]},
             "per_rep_ratio_rackwise_vs_plain": [r["plain"]["step_s"] / r["rackwise"]["step_s"] for r in reps],
-            "per_rep_ratio_stackwise_vs_ideal": [r["stackwise_last"]["step_s"] / r["plain"]["ideal_s"]["stackwise_last_phase"]
-                                                 for r in reps],
+            "per_rep_ratio_stackwise_vs_ideal": [
+                r["stackwise_last"]["step_s"] / r["plain"]["ideal_s"]["stackwise_last_phase"] for r in reps],
             "components_median_s": components,
             "per_rep": reps,
         },

@@ -17,9 +17,9 @@ if __name__ == "__main__":
 
     # First, before the heavy imports: a SIGTERM from the launcher (another rank failed) must not
     # kill this rank before it can report its own error.
-    from stackwise_ds.parallel.watchdog import install_startup_sigterm_handler  # noqa: E402
+    from stackwise_ds.parallel.watchdog import install_startup_sigterm_handler
 
     install_startup_sigterm_handler(int(os.environ.get("RANK", "0")))
-    from stackwise_ds.training.run import exit_main  # noqa: E402
+    from stackwise_ds.training.run import exit_main
 
     exit_main()

@@ -25,9 +25,24 @@ from typing import Any, Optional, Union
 
 import yaml
 
-from .enums import (AttentionMode, AttentionType, Choice, DataSource, GrowthOperator, InitGrowth, LayoutKind,
-                    LrDecay, LrSchedule, NonfinitePolicy, Objective, OptimizerAcrossPhases, Precision, Prefix,
-                    TokenizerKind, TrainingArchitecture)
+from .enums import (
+    AttentionMode,
+    AttentionType,
+    Choice,
+    DataSource,
+    GrowthOperator,
+    InitGrowth,
+    LayoutKind,
+    LrDecay,
+    LrSchedule,
+    NonfinitePolicy,
+    Objective,
+    OptimizerAcrossPhases,
+    Precision,
+    Prefix,
+    TokenizerKind,
+    TrainingArchitecture,
+)
 
 
 class ConfigError(ValueError):
@@ -130,15 +145,23 @@ class TrainingConfig:
     steps_per_phase: Union[int, list[int]] = 75
     """Steps of each stackwise/blockwise phase: one number for all, or one per phase (one per depth_schedule entry)."""
     depth_schedule: Optional[list[int]] = None
-    """Stackwise/blockwise: active units (stacks, or blocks in blockwise) per phase, increasing and ending at the full depth, e.g. [1, 4] grows once; None = [1, 2, ..., n] (one new unit a phase). Units beyond a phase's count are not placed."""
+    """Stackwise/blockwise: active units (stacks, or blocks in blockwise) per phase, increasing and ending at the full
+    depth, e.g. [1, 4] grows once; None = [1, 2, ..., n] (one new unit a phase). Units beyond a phase's count are
+    not placed."""
     joint_steps: int = 0
     """Steps of a closing end-to-end phase after the last stackwise/blockwise phase (0 = none)."""
     growth_operator: GrowthOperator = GrowthOperator.FRESH
-    """How the units a phase adds start: 'fresh' (their own seeded init), 'copy_last' (copies of the last active unit), 'copy_all' (Gstack: growing from m units, new unit j copies unit j mod m) or 'copy_middle' (MIDAS: copies of the middle units inserted in the middle, later units move up). Replaces new_unit_init (fresh / copy_previous = copy_last)."""
+    """How the units a phase adds start: 'fresh' (their own seeded init), 'copy_last' (copies of the last active unit),
+    'copy_all' (Gstack: growing from m units, new unit j copies unit j mod m) or 'copy_middle' (MIDAS: copies of the
+    middle units inserted in the middle, later units move up). Replaces new_unit_init (fresh / copy_previous =
+    copy_last)."""
     prefix: Prefix = Prefix.FROZEN
-    """Stackwise/blockwise: the units a phase does not add are 'frozen' (forward only) or 'train' (progressive stacking: every active unit trains)."""
+    """Stackwise/blockwise: the units a phase does not add are 'frozen' (forward only) or 'train' (progressive
+    stacking: every active unit trains)."""
     optimizer_across_phases: OptimizerAcrossPhases = OptimizerAcrossPhases.RESTART
-    """'restart' (a fresh AdamW every phase) or 'carry' (AdamW moments and step count of every parameter that keeps training pass to the next phase, across any re-placement and ZeRO-1 re-sharding; grown units start with their source's moments)."""
+    """'restart' (a fresh AdamW every phase) or 'carry' (AdamW moments and step count of every parameter that keeps
+    training pass to the next phase, across any re-placement and ZeRO-1 re-sharding; grown units start with their
+    source's moments)."""
     micro_batch_size: int = 8
     """Sequences per micro-batch on each data-parallel replica."""
     gradient_accumulation_steps: int = 2
@@ -150,13 +173,16 @@ class TrainingConfig:
     warmup_steps: int = 20
     """Linear warmup steps: at the start of every phase (lr_schedule 'per_phase') or of the run ('continuous')."""
     lr_schedule: LrSchedule = LrSchedule.PER_PHASE
-    """'per_phase' (warmup and decay restart every phase) or 'continuous' (one warmup at the start of the run and one decay over the sum of all phases' steps)."""
+    """'per_phase' (warmup and decay restart every phase) or 'continuous' (one warmup at the start of the run and one
+    decay over the sum of all phases' steps)."""
     lr_decay: LrDecay = LrDecay.COSINE
-    """'cosine' (from the end of warmup to min_lr_ratio) or 'wsd' (warmup-stable-decay: the peak until the last decay_fraction of the steps, then linear to min_lr_ratio)."""
+    """'cosine' (from the end of warmup to min_lr_ratio) or 'wsd' (warmup-stable-decay: the peak until the last
+    decay_fraction of the steps, then linear to min_lr_ratio)."""
     decay_fraction: float = 0.2
     """lr_decay 'wsd': share of the schedule's steps spent decaying."""
     growth_warmup_steps: int = 0
-    """lr_schedule 'continuous': after each growth, re-warm over this many steps from growth_warmup_start x the scheduled lr (0 = no re-warm)."""
+    """lr_schedule 'continuous': after each growth, re-warm over this many steps from growth_warmup_start x the
+    scheduled lr (0 = no re-warm)."""
     growth_warmup_start: float = 0.1
     """Fraction of the scheduled lr a growth re-warm starts from."""
     stack_lr_scale: Optional[list[float]] = None
@@ -170,7 +196,8 @@ class TrainingConfig:
     precision: Precision = Precision.AUTO
     """'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'."""
     log_interval: int = 10
-    """Log per-stage memory and per-stack gradient norms every this many steps (and, without a progress bar, print a line of step, loss and tokens/s)."""
+    """Log per-stage memory and per-stack gradient norms every this many steps (and, without a progress bar, print a
+    line of step, loss and tokens/s)."""
     eval_interval: int = 25
     """Validate every this many steps and at the end of each phase (0 = only at phase ends)."""
     eval_batches: int = 8
@@ -184,11 +211,14 @@ class TrainingConfig:
     resume: bool = True
     """Continue from the latest checkpoint in output_dir when there is one."""
     init_from: Optional[str] = None
-    """Start a fresh run from these weights: a run dir, its checkpoints/ or a tag folder, a consolidated .safetensors, or a local Hugging Face Llama folder (None = seeded init; a checkpoint in output_dir resumes instead)."""
+    """Start a fresh run from these weights: a run dir, its checkpoints/ or a tag folder, a consolidated .safetensors,
+    or a local Hugging Face Llama folder (None = seeded init; a checkpoint in output_dir resumes instead)."""
     init_growth: InitGrowth = InitGrowth.STACK
-    """With init_from and more stacks than the source: 'stack' (stack i starts as source stack i mod n, G_stack) or 'fresh' (the new stacks get their seeded init)."""
+    """With init_from and more stacks than the source: 'stack' (stack i starts as source stack i mod n, G_stack) or
+    'fresh' (the new stacks get their seeded init)."""
     progress_bar: bool = True
-    """tqdm bar on rank 0 (phase, step, loss, tokens/s); when false, a plain line every log_interval steps (and no progress bars while data is prepared)."""
+    """tqdm bar on rank 0 (phase, step, loss, tokens/s); when false, a plain line every log_interval steps (and no
+    progress bars while data is prepared)."""
     nonfinite_policy: NonfinitePolicy = NonfinitePolicy.STOP
     """On a non-finite loss: 'stop' (report step and phase, keep the last good checkpoint, exit non-zero)."""
 
@@ -223,7 +253,8 @@ class DataConfig:
     cache_dir: Optional[str] = None
     """Tokenised-data cache (None = ~/.cache/stackwise_ds/data or $STACKWISE_DS_CACHE)."""
     tokenizer: Union[TokenizerKind, str] = TokenizerKind.BYTE
-    """'byte' (utf-8 bytes, 258 ids), 'bpe' (byte-level BPE of model.vocab_size ids trained on the run's training split) or a path to a local tokenizer.json or a save_pretrained tokenizer folder."""
+    """'byte' (utf-8 bytes, 258 ids), 'bpe' (byte-level BPE of model.vocab_size ids trained on the run's training
+    split) or a path to a local tokenizer.json or a save_pretrained tokenizer folder."""
 
 
 # --------------------------------------------------------------------------- parallel
@@ -240,9 +271,11 @@ class ParallelConfig:
     activation_checkpoint_interval: int = 0
     """Recompute activations every N pipeline layers in backward (0 = off)."""
     phase_layout: LayoutKind = LayoutKind.ELASTIC
-    """Stackwise/blockwise phases: 'elastic' (place only the live layers, re-partitioned over every rank per phase) or 'fixed' (pipeline_stages, dormant relays)."""
+    """Stackwise/blockwise phases: 'elastic' (place only the live layers, re-partitioned over every rank per phase) or
+    'fixed' (pipeline_stages, dormant relays)."""
     max_rank_memory_mb: Optional[float] = None
-    """Elastic planner's bound on the estimated memory of one rank (weights, grads, optimizer shard, activations); None = no bound."""
+    """Elastic planner's bound on the estimated memory of one rank (weights, grads, optimizer shard, activations); None
+    = no bound."""
     peer_timeout_s: float = 120.0
     """A rank exits (non-zero, naming the peer) when a peer process is gone or silent this long."""
     collective_timeout_s: float = 1800.0
@@ -395,7 +428,7 @@ class StackWiseConfig:
                               "use stackwise (counts stacks) or blockwise (counts blocks), or remove depth_schedule")
         n = self.n_units
         unit = "stacks" if mode == "stackwise" else "blocks"
-        increasing = all(0 < a < b for a, b in zip(schedule, schedule[1:]))
+        increasing = all(0 < a < b for a, b in zip(schedule, schedule[1:], strict=False))
         if not schedule or schedule[0] < 1 or not increasing or schedule[-1] != n:
             raise ConfigError(
                 f"training.depth_schedule {schedule} must list the active {unit} per phase, strictly increasing "
@@ -644,7 +677,8 @@ def migrate_legacy_keys(raw: dict[str, Any]) -> dict[str, Any]:
             new_value = _LEGACY_UNIT_INITS[old_init]
             if training.get("growth_operator", new_value) != new_value:
                 raise ConfigError(f"config sets both the deprecated 'training.new_unit_init' ({old_init!r}) and "
-                                  f"'training.growth_operator' ({training['growth_operator']!r}): keep only the new key")
+                                  f"'training.growth_operator' ({training['growth_operator']!r}): "
+                                  "keep only the new key")
             training["growth_operator"] = new_value
             _deprecated(f"training.new_unit_init: {old_init}", f"training.growth_operator: {new_value}")
     for section, mode in (("layerwise_training", "blockwise"), ("blockwise_training", "stackwise")):

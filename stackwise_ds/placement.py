@@ -151,7 +151,8 @@ def layer_costs(model: ModelConfig, seq_len: int, micro_batch: int, bf16: bool =
     attn = ATTN_FLOPS_PER_TD * (d_head if model.attention_type == AttentionType.KERNEL else seq_len) * d
     block = LayerCost(tokens * (2 * block_matrix + attn), block_params,
                       tokens * (6 * d + 3 * model.resolved_d_ff) * act_bytes
-                      + (0 if model.attention_type == AttentionType.KERNEL else micro_batch * model.n_heads * seq_len**2 * act_bytes))
+                      + (0 if model.attention_type == AttentionType.KERNEL
+                         else micro_batch * model.n_heads * seq_len**2 * act_bytes))
     embedding = LayerCost(tokens * d, vocab * d, 0.0)
     norm = LayerCost(5 * tokens * d, d, tokens * d * act_bytes)
     head = LayerCost(2 * tokens * d * vocab + 5 * tokens * vocab, 0 if model.tie_embeddings else vocab * d,

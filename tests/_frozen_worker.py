@@ -321,7 +321,7 @@ def rackwise_matches_plain(out: dict, _ckpt: str) -> None:
     out["plain_losses"] = plain_losses
     out["losses"] = [float(engine.train_batch(data)) for _ in range(4)]
     out["params_equal"] = all(gather(all(torch.equal(a, b) for a, b in
-                                         zip(plain_pipe.parameters(), pipe.parameters()))))
+                                         zip(plain_pipe.parameters(), pipe.parameters(), strict=True))))
     out["ranks"] = gather(stage_info(engine))
 
 

@@ -17,21 +17,19 @@ import sys
 from functools import partial
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from stackwise_ds.config import StackWiseConfig  # noqa: E402
-from stackwise_ds.model import create_rack_from_config  # noqa: E402
-from stackwise_ds.parallel.distributed import barrier, exit_process, init_distributed  # noqa: E402
-from stackwise_ds.parallel.ds_config import build_ds_config  # noqa: E402
-from stackwise_ds.parallel.engine import build_engine  # noqa: E402
-from stackwise_ds.parallel.pipe import rack_to_pipeline  # noqa: E402
-from stackwise_ds.checkpoint.layers import units_of  # noqa: E402
-from stackwise_ds.layout import TRAIN  # noqa: E402
-from stackwise_ds.placement import layout_for  # noqa: E402
-from stackwise_ds.training.checkpointing import TrainingState, mark_complete  # noqa: E402
-from stackwise_ds.training.optim import make_optimizer  # noqa: E402
+from stackwise_ds.checkpoint.layers import units_of
+from stackwise_ds.config import StackWiseConfig
+from stackwise_ds.layout import TRAIN
+from stackwise_ds.model import create_rack_from_config
+from stackwise_ds.parallel.distributed import barrier, exit_process, init_distributed
+from stackwise_ds.parallel.ds_config import build_ds_config
+from stackwise_ds.parallel.engine import build_engine
+from stackwise_ds.parallel.pipe import rack_to_pipeline
+from stackwise_ds.placement import layout_for
+from stackwise_ds.training.checkpointing import TrainingState, mark_complete
+from stackwise_ds.training.optim import make_optimizer
 
 GLOBAL_BATCH, MICRO = 4, 2
 

@@ -43,7 +43,8 @@ def run_training(n_procs: int, output_dir: Path, *overrides: str, expect_ok: boo
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     if expect_ok and result.returncode != 0:
-        raise AssertionError(f"training failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+        raise AssertionError(f"training failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     if n_procs > 1:  # no run may leave DeepSpeed's ~70 MB per-rank shared-memory buffers in /dev/shm (RAM)
         port = command[command.index("--master_port") + 1]
         leaked = glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
@@ -71,4 +72,4 @@ def scalars(output_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 
 def relative_close(a: list[float], b: list[float], rtol: float) -> bool:
-    return len(a) == len(b) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(a, b))
+    return len(a) == len(b) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(a, b, strict=True))

@@ -10,7 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from stackwise_ds.model.attention import (
-    ATTENTION_MODES, ATTENTION_TYPES, KernelAttention, MultiHeadAttention, MultiHeadLatentAttention, apply_rope,
+    ATTENTION_MODES,
+    ATTENTION_TYPES,
+    KernelAttention,
+    MultiHeadAttention,
+    MultiHeadLatentAttention,
+    apply_rope,
     build_attention,
 )
 from stackwise_ds.model.block import Block, RMSNorm, SwiGLU
@@ -294,7 +299,7 @@ def test_reset_parameters_uses_gpt2_init():
     again = Block(256, 512, 8, 2, "gqa", init_std=0.02, n_layers_total=8)
     torch.manual_seed(1)
     again.reset_parameters()
-    assert all(torch.equal(a, b) for a, b in zip(block.state_dict().values(), again.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(block.state_dict().values(), again.state_dict().values(), strict=True))
 
 
 # ---------------------------------------------------------------------------- validation
@@ -391,4 +396,6 @@ def test_tiny_block_stack_overfits_one_batch(attention_type):
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        if loss.item() < 0.1 * losses[0]:  # overfitted: ~15 of the 200 steps allowed
+            break
     assert losses[-1] < 0.1 * losses[0], (losses[0], losses[-1])

@@ -8,9 +8,19 @@ from pathlib import Path
 import deepspeed
 import pytest
 
-from stackwise_ds.parallel.compat import (ASSIGNED, ATTRIBUTE, MENTIONED, MIN_DEEPSPEED, REQUIRED_NAMES,
-                                          SUPPORTED_DEEPSPEED, DeepSpeedVersionError, Required,
-                                          UntestedDeepSpeedWarning, check_deepspeed, missing_names)
+from stackwise_ds.parallel.compat import (
+    ASSIGNED,
+    ATTRIBUTE,
+    MENTIONED,
+    MIN_DEEPSPEED,
+    REQUIRED_NAMES,
+    SUPPORTED_DEEPSPEED,
+    DeepSpeedVersionError,
+    Required,
+    UntestedDeepSpeedWarning,
+    check_deepspeed,
+    missing_names,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPE_ENGINE = "deepspeed.runtime.pipe.engine:PipelineEngine"

@@ -140,7 +140,8 @@ def test_legacy_and_new_key_in_conflict_is_an_error():
 @pytest.mark.parametrize("raw, fragment", [
     ({"model": {"d_model": 100, "n_heads": 3}}, r"d_model \(100\) must be divisible by model.n_heads \(3\)"),
     ({"model": {"n_heads": 8, "n_kv_heads": 3}}, r"n_heads \(8\) must be divisible by model.n_kv_heads \(3\)"),
-    ({"model": {"attention_type": "flash"}}, "model.attention_type is 'flash' but must be one of: mha, gqa, mla, kernel"),
+    ({"model": {"attention_type": "flash"}},
+     "model.attention_type is 'flash' but must be one of: mha, gqa, mla, kernel"),
     ({"model": {"attention_mode": "sideways"}}, "model.attention_mode is 'sideways'"),
     ({"model": {"d_model": 0}}, "model.d_model must be positive"),
     ({"model": {"attention_type": "mla", "n_kv_heads": 2}}, "remove n_kv_heads, or use 'gqa' or 'kernel'"),
@@ -165,7 +166,8 @@ def test_legacy_and_new_key_in_conflict_is_an_error():
     ({"training": {"grad_clip": -1.0}}, "training.grad_clip must be >= 0"),
     ({"training": {"lr": 0}}, "training.lr must be positive"),
     ({"parallel": {"collective_timeout_s": 0.5}}, r"collective_timeout_s \(0.5\) must be >= 1 second"),
-    ({"parallel": {"phase_layout": "stretchy"}}, "parallel.phase_layout is 'stretchy' but must be one of: elastic, fixed"),
+    ({"parallel": {"phase_layout": "stretchy"}},
+     "parallel.phase_layout is 'stretchy' but must be one of: elastic, fixed"),
     ({"parallel": {"max_rank_memory_mb": 0}}, "parallel.max_rank_memory_mb must be positive"),
     ({"training": {"keep_checkpoints": -1}}, r"training.keep_checkpoints must be >= 0, got -1.*0 or null keeps all"),
 ])

@@ -11,8 +11,17 @@ import pytest
 import torch
 
 from stackwise_ds.data import (
-    IGNORE_INDEX, ByteTokenizer, PackedDataset, TrainBatchStream, build_datasets, check_enough_data,
-    default_cache_dir, list_stdlib_files, list_text_files, split_windows, val_batches,
+    IGNORE_INDEX,
+    ByteTokenizer,
+    PackedDataset,
+    TrainBatchStream,
+    build_datasets,
+    check_enough_data,
+    default_cache_dir,
+    list_stdlib_files,
+    list_text_files,
+    split_windows,
+    val_batches,
 )
 from stackwise_ds.data import cache as cache_mod
 from stackwise_ds.data.corpus import stdlib_root
@@ -248,13 +257,15 @@ def test_masked_lm_labels_and_inputs(text_windows):
 
 
 def test_masked_lm_deterministic_per_seed_and_index(text_windows):
-    make = lambda seed: PackedDataset(text_windows, np.arange(40), objective="masked_lm", seed=seed)  # noqa: E731
+    def make(seed):
+        return PackedDataset(text_windows, np.arange(40), objective="masked_lm", seed=seed)
+
     a, b, c = make(0), make(0), make(1)
     for i in (0, 7, 39):
-        assert all(torch.equal(u, v) for u, v in zip(a[i], b[i]))
+        assert all(torch.equal(u, v) for u, v in zip(a[i], b[i], strict=True))
     assert any(not torch.equal(a[i][1], c[i][1]) for i in range(5))
-    positions = lambda i: a[i][1] != IGNORE_INDEX  # noqa: E731
-    assert not torch.equal(positions(0), positions(1))  # different samples, different masks
+    masked_0, masked_1 = (a[i][1] != IGNORE_INDEX for i in (0, 1))
+    assert not torch.equal(masked_0, masked_1)  # different samples, different masks
     tiny = PackedDataset(text_windows[:, :9], np.arange(40), objective="masked_lm", mask_prob=0.001)
     assert all((tiny[i][1] != IGNORE_INDEX).sum() >= 1 for i in range(40))
 

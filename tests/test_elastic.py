@@ -14,6 +14,8 @@ from stackwise_ds.checkpoint.summary import describe
 from stackwise_ds.config import StackWiseConfig, apply_overrides
 from stackwise_ds.model import create_rack_from_config
 
+pytestmark = pytest.mark.multiprocess  # every test here launches training processes
+
 STEPS = 3
 # 4 stacks on 4 ranks. The memory bound makes the first phase fit one rank (pure data parallelism)
 # but not the last, which the planner splits over 2 stages x 2 replicas.

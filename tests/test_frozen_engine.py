@@ -18,8 +18,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from deepspeed.runtime.pipe.schedule import (BackwardPass, ForwardPass, LoadMicroBatch, OptimizerStep, RecvActivation,
-                                             RecvGrad, SendActivation, SendGrad)
+from deepspeed.runtime.pipe.schedule import (
+    BackwardPass,
+    ForwardPass,
+    LoadMicroBatch,
+    OptimizerStep,
+    RecvActivation,
+    RecvGrad,
+    SendActivation,
+    SendGrad,
+)
 
 from stackwise_ds.parallel.roles import DORMANT, FORWARD_ONLY, FROZEN, RELAY, TRAIN, TRAIN_STAGE, make_plan
 from stackwise_ds.parallel.schedule import CountStep, StageWiseTrainSchedule, SyncTiedWeights
@@ -88,6 +96,7 @@ def _assert_matches_reference(result: dict, rel: float = 1e-5) -> None:
 
 # ----------------------------------------------------------------------------- multi-process runs
 
+@pytest.mark.multiprocess
 def test_forward_only_stage_never_runs_backward(pp2):
     facts = pp2["frozen_first_stage"]
     stages = _by_stage(facts["ranks"])
@@ -104,6 +113,7 @@ def test_forward_only_stage_never_runs_backward(pp2):
     assert facts["tied_identical"]
 
 
+@pytest.mark.multiprocess
 def test_relay_stage_passes_activations_and_gradients(pp3):
     facts = pp3["three_stage_phases"]["train_relay_train"]
     stages = _by_stage(facts["ranks"])
@@ -118,6 +128,7 @@ def test_relay_stage_passes_activations_and_gradients(pp3):
     _assert_matches_reference(facts)
 
 
+@pytest.mark.multiprocess
 def test_data_parallel_frozen_stage_with_zero1(dp2):
     facts = dp2["data_parallel_frozen"]
     for rank in facts["ranks"]:
@@ -131,6 +142,7 @@ def test_data_parallel_frozen_stage_with_zero1(dp2):
     assert facts["replicas_identical"] and facts["tied_identical"]
 
 
+@pytest.mark.multiprocess
 def test_two_phases_rebuild_engine_on_one_module(pp2):
     facts = pp2["two_phases"]
     a, b = _by_stage(facts["phase_a"]), _by_stage(facts["phase_b"])
@@ -145,6 +157,7 @@ def test_two_phases_rebuild_engine_on_one_module(pp2):
     assert a[0]["eval"] == a[1]["eval"] and b[0]["eval"] == b[1]["eval"]
 
 
+@pytest.mark.multiprocess
 def test_rackwise_equals_plain_deepspeed(pp2):
     facts = pp2["rackwise_matches_plain"]
     assert facts["losses"] == facts["plain_losses"]
@@ -152,6 +165,7 @@ def test_rackwise_equals_plain_deepspeed(pp2):
     assert all(r["stage_role"] == TRAIN_STAGE for r in facts["ranks"])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("variant", ["zero1", "zero0", "zero1_activation_checkpointing"])
 def test_clipping_matches_single_process_reference(pp2, variant):
     result = pp2["clipping_matches_reference"][variant]
@@ -166,6 +180,7 @@ def test_clipping_matches_single_process_reference(pp2, variant):
     ("frozen_frozen_train", (FORWARD_ONLY, FORWARD_ONLY, TRAIN_STAGE)),
     ("mixed_relay_train", (TRAIN_STAGE, RELAY, TRAIN_STAGE)),
 ])
+@pytest.mark.multiprocess
 def test_three_stage_phases_match_reference(pp3, phase, expected):
     facts = pp3["three_stage_phases"][phase]
     stages = _by_stage(facts["ranks"])
@@ -181,6 +196,7 @@ def test_three_stage_phases_match_reference(pp3, phase, expected):
     assert facts["tied_identical"]
 
 
+@pytest.mark.multiprocess
 def test_checkpoint_roundtrip_on_stages_without_optimizer(pp3, dp2):
     for ranks in (dp2["data_parallel_frozen"]["ranks"], pp3["three_stage_phases"]["train_relay_train"]["ranks"]):
         for rank in ranks:
@@ -197,6 +213,7 @@ def test_checkpoint_roundtrip_on_stages_without_optimizer(pp3, dp2):
     assert all(r["cross_phase_restored"] for r in pp3["three_stage_phases"]["frozen_train_train"]["ranks"])
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("layout", ["frozen", "phase0", "rackwise"])
 def test_bf16_optimizer_layouts(pp2, layout):
     facts = pp2["bf16_layouts"][layout]
@@ -262,7 +279,7 @@ def _run_blocking(streams: list[list]) -> bool:
                 pos[stage + direction] += 1
             pos[stage] += 1
             progress = True
-    return all(p == len(s) for p, s in zip(pos, streams))
+    return all(p == len(s) for p, s in zip(pos, streams, strict=True))
 
 
 @pytest.mark.parametrize("stage_roles", list(_layouts()), ids=lambda r: "-".join(x[0] for x in r))
@@ -270,7 +287,7 @@ def test_schedule_is_deadlock_free_and_role_exact(stage_roles):
     for micro_batches in (1, 2, 3, 5, 8):
         streams = _schedules(stage_roles, micro_batches)
         assert _run_blocking(streams), (stage_roles, micro_batches)
-        for stage, (role, stream) in enumerate(zip(stage_roles, streams)):
+        for stage, (role, stream) in enumerate(zip(stage_roles, streams, strict=True)):
             names = [type(c) for c in stream]
             assert names.count(ForwardPass) == micro_batches
             assert names.count(SyncTiedWeights) == 1

@@ -15,6 +15,8 @@ import torch
 from launch_utils import relative_close, results, run_training, scalars, state
 from stackwise_ds.training.lr import lr_multiplier
 
+pytestmark = pytest.mark.multiprocess
+
 STEPS = 3
 CARRY = ["training.optimizer_across_phases=carry", "training.lr_schedule=continuous"]
 # stackwise, the whole rack active in its only phase, then a joint phase: with the optimizer carried

@@ -24,7 +24,8 @@ STACKWISE_4 = ["model.architecture.n_stacks=4", "model.architecture.blocks_per_s
     ("copy_all", 1, 4, [0, 0, 0, 0]), ("copy_all", 2, 4, [0, 1, 0, 1]), ("copy_all", 3, 8, [0, 1, 2, 0, 1, 2, 0, 1]),
     ("copy_last", 2, 4, [0, 1, 1, 1]), ("copy_last", 3, 4, [0, 1, 2, 2]),
     ("copy_middle", 4, 6, [0, 1, 2, 1, 2, 3]), ("copy_middle", 3, 4, [0, 1, 1, 2]),
-    ("copy_middle", 2, 4, [0, 1, 0, 1]), ("copy_middle", 1, 3, [0, 0, 0]), ("copy_middle", 3, 9, [0, 1, 2, 0, 1, 2, 0, 1, 2]),
+    ("copy_middle", 2, 4, [0, 1, 0, 1]), ("copy_middle", 1, 3, [0, 0, 0]),
+    ("copy_middle", 3, 9, [0, 1, 2, 0, 1, 2, 0, 1, 2]),
     ("fresh", 2, 4, [0, 1, 2, 3]),
 ])
 def test_growth_operators_order_the_old_units(operator, old, new, expected):
@@ -43,10 +44,12 @@ def test_copy_all_and_copy_middle_by_rack_name():
         names[operator] = {units[dst].rack_prefix: units[src].rack_prefix
                            for dst, src in phase_layer_sources(units, grow, operator).items()}
         assert phase_layer_sources(units, plan_phases(cfg)[0], operator) == {}, "the first phase copies nothing"
-    assert names["copy_all"] == {"stacks.2.blocks.0.": "stacks.0.blocks.0.", "stacks.2.blocks.1.": "stacks.0.blocks.1.",
-                                 "stacks.3.blocks.0.": "stacks.1.blocks.0.", "stacks.3.blocks.1.": "stacks.1.blocks.1."}
-    assert names["copy_middle"] == {"stacks.2.blocks.0.": "stacks.1.blocks.0.", "stacks.2.blocks.1.": "stacks.1.blocks.1.",
-                                    "stacks.3.blocks.0.": "stacks.2.blocks.0.", "stacks.3.blocks.1.": "stacks.2.blocks.1."}
+    assert names["copy_all"] == {
+        "stacks.2.blocks.0.": "stacks.0.blocks.0.", "stacks.2.blocks.1.": "stacks.0.blocks.1.",
+        "stacks.3.blocks.0.": "stacks.1.blocks.0.", "stacks.3.blocks.1.": "stacks.1.blocks.1."}
+    assert names["copy_middle"] == {
+        "stacks.2.blocks.0.": "stacks.1.blocks.0.", "stacks.2.blocks.1.": "stacks.1.blocks.1.",
+        "stacks.3.blocks.0.": "stacks.2.blocks.0.", "stacks.3.blocks.1.": "stacks.2.blocks.1."}
 
 
 def test_blockwise_growth_maps_blocks_across_stacks():
@@ -62,7 +65,7 @@ def test_depth_schedule_roles():
     frozen = plan_phases(config(*STACKWISE_4, "training.depth_schedule=[1, 4]", "training.steps_per_phase=[6, 2]"))
     assert [(p.name, p.steps) for p in frozen] == [("stack 1/4", 6), ("stacks 2-4/4", 2)]
     units = layer_units(4, 2)
-    blocks = [role for unit, role in zip(units, frozen[1].layer_roles(units)) if unit.kind == "block"]
+    blocks = [role for unit, role in zip(units, frozen[1].layer_roles(units), strict=True) if unit.kind == "block"]
     assert blocks == [FROZEN] * 2 + [TRAIN] * 6, "the units trained before freeze, the added ones train"
     assert frozen[0].layer_roles(units)[3:9] == [DORMANT] * 6
     train = plan_phases(config(*STACKWISE_4, "training.depth_schedule=[1, 2, 4]", "training.steps_per_phase=2",

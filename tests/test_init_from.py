@@ -19,11 +19,12 @@ from safetensors.torch import load_file
 from launch_utils import REPO, run_training
 from stackwise_ds.checkpoint import load_rack
 from stackwise_ds.checkpoint.consolidation import read_consolidated, save_consolidated
+from stackwise_ds.checkpoint.hf import export_hf
 from stackwise_ds.checkpoint.locate import list_tags
 from stackwise_ds.checkpoint.restack import restack
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
-from stackwise_ds.model import create_rack_from_config
 from stackwise_ds.data.tokenizer import train_bpe
+from stackwise_ds.model import create_rack_from_config
 from stackwise_ds.training.checkpointing import CheckpointError
 from stackwise_ds.training.init_weights import check_run_tokenizer, initial_weights
 
@@ -129,6 +130,7 @@ def test_init_growth_is_validated_and_init_from_expands_home():
 # ----------------------------------------------------------------------------- restack
 
 
+@pytest.mark.multiprocess
 def test_restack_round_trip_is_exact_and_keeps_the_function(tmp_path):
     src, state = source_file(tmp_path, "model.architecture.n_stacks=4", "parallel.pipeline_stages=4",
                              "model.tie_embeddings=false")
@@ -234,12 +236,11 @@ def llama_run(llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("llama_run")
     run = run_training(2, out / "run", *LLAMA_KEYS, f"training.init_from={llama[1]}", "training.max_steps=1",
                        "training.lr=1e-9", "parallel.pipeline_stages=2")
-    export = subprocess.run([sys.executable, str(REPO / "tools" / "export_hf.py"), str(out / "run"), str(out / "hf")],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert export.returncode == 0, export.stderr
+    export_hf(out / "run", out / "hf")  # the export_hf command line itself is tested in test_tools.py
     return {"dir": out / "run", "export": out / "hf", "stdout": run.stdout}
 
 
+@pytest.mark.multiprocess
 def test_a_run_from_a_hugging_face_folder_exports_the_same_model(llama, llama_run):
     from transformers import LlamaForCausalLM
 
@@ -257,6 +258,7 @@ def test_a_run_from_a_hugging_face_folder_exports_the_same_model(llama, llama_ru
     assert llama_run["stdout"].count("tokenizer: the byte tokenizer (258 ids)") == 1
 
 
+@pytest.mark.multiprocess
 def test_the_initial_weights_folder_is_never_a_checkpoint(llama_run):
     assert (llama_run["dir"] / "initial_weights" / "layer_00-model_states.pt").is_file()
     assert [tag for tag, _ in list_tags(llama_run["dir"] / "checkpoints")] == ["step00000001"]
@@ -281,6 +283,7 @@ def stackwise_run(tmp_path_factory):
     return {"dir": out / "run", "state": state, "overrides": overrides}
 
 
+@pytest.mark.multiprocess
 def test_a_stackwise_run_keeps_the_sources_dormant_stacks(stackwise_run):
     assert yaml.safe_load((stackwise_run["dir"] / "config.yaml").read_text())["parallel"]["pipeline_stages"] == 2
     first = stackwise_run["dir"] / "checkpoints" / "step00000001"  # end of phase 0: stacks 1..3 not placed yet
@@ -293,6 +296,7 @@ def test_a_stackwise_run_keeps_the_sources_dormant_stacks(stackwise_run):
     assert torch.allclose(embedding, stackwise_run["state"]["embedding.weight"], atol=1e-6, rtol=0)
 
 
+@pytest.mark.multiprocess
 def test_resume_wins_over_init_from(stackwise_run):
     again = run_training(1, stackwise_run["dir"], *stackwise_run["overrides"], "parallel.pipeline_stages=1")
     assert "resume wins, training.init_from" in again.stdout
@@ -303,6 +307,7 @@ def test_resume_wins_over_init_from(stackwise_run):
     assert "resume wins" not in refused.stdout  # only the error: init_from is not what stops the run
 
 
+@pytest.mark.multiprocess
 def test_the_trainer_refuses_a_mismatched_source_before_training(stackwise_run, tmp_path):
     src = stackwise_run["dir"].parent / "source.safetensors"
     result = run_training(1, tmp_path / "run", "model.n_kv_heads=4", "model.architecture.n_stacks=2",

@@ -5,8 +5,8 @@ import torch
 
 from stackwise_ds.config import StackWiseConfig
 from stackwise_ds.layout import TRAIN, layer_units
-from stackwise_ds.placement import layout_for
 from stackwise_ds.model import Block, Rack, Stack, build_block, create_rack_from_config
+from stackwise_ds.placement import layout_for
 
 TINY = {"model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64,
                   "architecture": {"n_stacks": 2, "blocks_per_stack": 2}}}
@@ -46,7 +46,7 @@ def test_init_is_seeded_per_module_not_by_construction_order():
     config = tiny()
     rack = create_rack_from_config(config.to_dict())
     alone = build_block(config.model, stack_id=1, block_id=1, seed=config.training.seed)
-    for a, b in zip(alone.state_dict().values(), rack.stacks[1].blocks[1].state_dict().values()):
+    for a, b in zip(alone.state_dict().values(), rack.stacks[1].blocks[1].state_dict().values(), strict=True):
         assert torch.equal(a, b)
     other_seed = create_rack_from_config(config.to_dict(), seed=config.training.seed + 1)
     assert not torch.equal(other_seed.stacks[0].blocks[0].attn.q_proj.weight,

@@ -11,7 +11,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from launch_utils import REPO, TINY, TRAIN, free_port, results
+
+pytestmark = pytest.mark.multiprocess  # every test here launches training processes
 
 RUN = ("training.save_interval=2", "training.eval_interval=0")
 
@@ -30,7 +34,8 @@ def launch_nodes(tmp_path: Path, output_dirs: list[Path], *overrides: str) -> li
         procs.append(subprocess.Popen(command, cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       env={**os.environ, "PYTHONUNBUFFERED": "1"}))
     outputs = [proc.communicate(timeout=400)[0] for proc in procs]
-    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, "") for proc, out in zip(procs, outputs)]
+    return [subprocess.CompletedProcess(proc.args, proc.returncode, out, "")
+            for proc, out in zip(procs, outputs, strict=True)]
 
 
 def test_two_nodes_train_a_two_stage_pipeline_and_resume(tmp_path):

@@ -14,8 +14,10 @@ import time
 import pytest
 
 from launch_utils import REPO, run_training, train_command
-from test_reliability import expect_error_on_every_rank, wait_for
 from stackwise_ds.parallel.watchdog import _alive
+from test_reliability import expect_error_on_every_rank, wait_for
+
+pytestmark = pytest.mark.multiprocess  # every test here launches training processes
 
 LONG = ("training.max_steps=2000", "training.save_interval=2", "training.eval_interval=0")
 

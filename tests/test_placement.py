@@ -8,8 +8,17 @@ import pytest
 from launch_utils import TINY
 from stackwise_ds.config import StackWiseConfig, apply_overrides
 from stackwise_ds.layout import DORMANT, FROZEN, TRAIN, layer_units
-from stackwise_ds.placement import (LayerCost, LayoutError, PhaseLayout, Resources, _balanced_starts, elastic_layout,
-                                    fixed_layout, layout_for, plan_phase_layouts)
+from stackwise_ds.placement import (
+    LayerCost,
+    LayoutError,
+    PhaseLayout,
+    Resources,
+    _balanced_starts,
+    elastic_layout,
+    fixed_layout,
+    layout_for,
+    plan_phase_layouts,
+)
 from stackwise_ds.training.phases import plan_phases
 
 
@@ -74,11 +83,11 @@ def test_balanced_partition_is_optimal():
         res = Resources(world_size=p, n_stacks=1, blocks_per_stack=1, pipeline_stages=1, micro_batch_size=1,
                         gradient_accumulation_steps=p)
         live = tuple(range(n))
-        weight = [c.forward_flops * (3 if r == TRAIN else 1) for c, r in zip(costs, roles)]
+        weight = [c.forward_flops * (3 if r == TRAIN else 1) for c, r in zip(costs, roles, strict=True)]
         starts = _balanced_starts(live, roles, costs, res, p, 1)
         bounds = [*starts, n]
         found = max(sum(weight[bounds[s]:bounds[s + 1]]) for s in range(p))
-        best = min(max(sum(weight[a:b]) for a, b in zip((0, *cut), (*cut, n)))
+        best = min(max(sum(weight[a:b]) for a, b in zip((0, *cut), (*cut, n), strict=True))
                    for cut in itertools.combinations(range(1, n), p - 1))
         assert found == pytest.approx(best)
 

@@ -76,6 +76,7 @@ def same(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.multiprocess
 def test_prefix_train_keeps_training_earlier_stacks(prefix_run):
     init = create_rack_from_config(config(*RUN))
     end0, end1 = STEPS, 2 * STEPS
@@ -92,6 +93,7 @@ def test_prefix_train_keeps_training_earlier_stacks(prefix_run):
     assert state(prefix_run)["config"]["training"]["prefix"] == "train"
 
 
+@pytest.mark.multiprocess
 def test_prefix_train_resumes_mid_phase_bitwise(prefix_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(prefix_run, out)

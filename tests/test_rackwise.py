@@ -11,13 +11,12 @@ REQUIRED_SCALARS = ["train/loss", "train/lr", "train/tokens_per_sec", "val/loss"
 
 
 @pytest.fixture(scope="module")
-def two_stage_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pp2")
-    proc = run_training(2, out, "training.save_interval=2")
-    (out / "launch.log").write_text(proc.stdout + proc.stderr)
-    return out
+def two_stage_run(tiny_rackwise_run):
+    """2 stages, 6 steps, checkpoints every 2 (tests/conftest.py; test_tokenizers.py reads it too)."""
+    return tiny_rackwise_run
 
 
+@pytest.mark.multiprocess
 def test_two_stages_train_and_loss_falls(two_stage_run):
     losses = results(two_stage_run)["losses"]
     assert len(losses) == 6
@@ -26,6 +25,7 @@ def test_two_stages_train_and_loss_falls(two_stage_run):
     assert phase["val_loss_after"] < phase["val_loss_before"]
 
 
+@pytest.mark.multiprocess
 def test_tensorboard_has_the_scalars(two_stage_run):
     for tag in REQUIRED_SCALARS:
         assert scalars(two_stage_run, tag), f"no {tag} in TensorBoard"
@@ -34,6 +34,7 @@ def test_tensorboard_has_the_scalars(two_stage_run):
     assert scalars(two_stage_run, "memory/stage1_rss_mb")
 
 
+@pytest.mark.multiprocess
 def test_checkpoints_use_deepspeed_layout_and_tied_copies_stay_identical(two_stage_run):
     checkpoints = two_stage_run / "checkpoints"
     assert (checkpoints / "latest").read_text().strip() == "step00000006"
@@ -50,6 +51,7 @@ def test_checkpoints_use_deepspeed_layout_and_tied_copies_stay_identical(two_sta
     assert "attn.q_proj.weight" in blocks
 
 
+@pytest.mark.multiprocess
 def test_tied_weight_sync_records_no_autograd_history(two_stage_run):
     """DeepSpeed broadcast the tied Parameter outside no_grad at construction, so autograd recorded
     c10d::broadcast_ and warned in backward ("may lead to silently incorrect behavior"); the
@@ -58,12 +60,14 @@ def test_tied_weight_sync_records_no_autograd_history(two_stage_run):
     assert "c10d::broadcast_: an autograd kernel was not registered" not in (two_stage_run / "launch.log").read_text()
 
 
+@pytest.mark.multiprocess
 def test_pp2_loss_equals_pp1(two_stage_run, tmp_path):
     run_training(1, tmp_path, "parallel.pipeline_stages=1", "training.save_interval=2")
     pp1, pp2 = results(tmp_path)["losses"], results(two_stage_run)["losses"]
     assert relative_close(pp2, pp1, rtol=1e-5), (pp1, pp2)
 
 
+@pytest.mark.multiprocess
 def test_four_ranks_two_stages_two_data_parallel_zero1(tmp_path):
     run_training(4, tmp_path, "training.max_steps=4")
     losses = results(tmp_path)["losses"]
@@ -79,6 +83,7 @@ def test_four_ranks_two_stages_two_data_parallel_zero1(tmp_path):
         assert [step for step, _ in series] == [2, 4] and all(v > 0 for _, v in series), (tag, series)
 
 
+@pytest.mark.multiprocess
 def test_rerun_resumes_from_latest_complete_checkpoint(two_stage_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(two_stage_run, out)

@@ -6,8 +6,8 @@ Every test launches real processes; kills are real signals to the real process g
 import json
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -67,6 +67,7 @@ def resumed_step(stdout: str) -> int:
     return int(match.group(1))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", sorted(RESUME_CASES))
 def test_sigkill_then_rerun_continues_exactly(mode, tmp_path):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
@@ -101,6 +102,7 @@ def test_sigkill_then_rerun_continues_exactly(mode, tmp_path):
     assert state(crashed)["consumed_samples"] == state(reference)["consumed_samples"]
 
 
+@pytest.mark.multiprocess
 def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
     overrides = ["training.max_steps=8", "training.save_interval=2", "training.eval_interval=0"]
     run_training(2, tmp_path, *overrides)
@@ -148,12 +150,13 @@ def test_retention_keeps_the_newest_tags_phase_ends_and_latest(tmp_path):
     assert is_complete(tmp_path, "step00000008") and (tmp_path / "step00000004").is_dir()
 
 
+@pytest.mark.multiprocess
 def test_a_kill_while_deleting_an_old_checkpoint_leaves_a_complete_one_to_resume_from(tmp_path):
     """SIGKILL half-way through deleting a tag (a shim kills the process as it removes a layer file):
     the tag's marker went first, so it is incomplete and never resumed from; the re-run resumes
     from the newest complete tag and its own retention removes the remains."""
-    from test_filesystem_faults import build_fault_shim
     from stackwise_ds.training.checkpointing import find_resume_tag, is_complete
+    from test_filesystem_faults import build_fault_shim
 
     out, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"
     overrides = ["training.max_steps=8", "training.save_interval=2", "training.eval_interval=0",
@@ -162,7 +165,8 @@ def test_a_kill_while_deleting_an_old_checkpoint_leaves_a_complete_one_to_resume
     killed = run_training(1, out, *overrides, expect_ok=False, env=kill)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     # step 6 was published, then deleting step 2 began: marker gone, then the kill with files left
-    assert not is_complete(checkpoints, "step00000002") and (checkpoints / "step00000002" / "layer_01-model_states.pt").exists()
+    assert not is_complete(checkpoints, "step00000002")
+    assert (checkpoints / "step00000002" / "layer_01-model_states.pt").exists()
     assert find_resume_tag(checkpoints) == "step00000006"
     proc = run_training(1, out, *overrides)
     assert resumed_step(proc.stdout) == 6
@@ -170,6 +174,7 @@ def test_a_kill_while_deleting_an_old_checkpoint_leaves_a_complete_one_to_resume
     assert tags_on_disk(out) == [6, 8] and results(out)["complete"] and len(results(out)["losses"]) == 8
 
 
+@pytest.mark.multiprocess
 def test_a_peer_that_stopped_on_an_input_error_is_not_a_crash_to_resume_from(tmp_path):
     """The rank that stops on a bad input marks its last heartbeat so; a peer that then finds it gone
     names it without advising a resume, which would only repeat the error. A crashed peer still gets it."""
@@ -185,6 +190,7 @@ def test_a_peer_that_stopped_on_an_input_error_is_not_a_crash_to_resume_from(tmp
     assert "process is gone" in crashed and RESUME_HINT in resume_hint(crashed)
 
 
+@pytest.mark.multiprocess
 def test_dead_rank_stops_the_others_quickly_and_is_named(tmp_path):
     job = start_training(2, tmp_path, "training.max_steps=100000", "training.save_interval=0",
                          "training.eval_interval=0")
@@ -204,7 +210,8 @@ def expect_error_on_every_rank(proc, n_ranks: int, fragment: str) -> None:
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     for rank in range(n_ranks):
-        assert re.search(rf"error on rank {rank}: .*{fragment}", text), f"rank {rank} did not report {fragment!r}:\n{text[-3000:]}"
+        assert re.search(rf"error on rank {rank}: .*{fragment}", text), \
+            f"rank {rank} did not report {fragment!r}:\n{text[-3000:]}"
     assert RESUME_HINT not in text, f"an input error is not a crash to resume from:\n{text[-3000:]}"
 
 
@@ -214,11 +221,13 @@ def expect_error_on_every_rank(proc, n_ranks: int, fragment: str) -> None:
     (["data.seq_len=128"], r"data.seq_len \(128\) is longer than model.max_seq_len \(64\)"),
     (["data.source=text_files", "data.paths=[/nonexistent/corpus.txt]"], "/nonexistent/corpus.txt"),
 ])
+@pytest.mark.multiprocess
 def test_bad_config_and_data_fail_clearly_on_every_rank(overrides, fragment, tmp_path):
     proc = run_training(2, tmp_path / "out", *overrides, expect_ok=False)
     expect_error_on_every_rank(proc, 2, fragment)
 
 
+@pytest.mark.multiprocess
 def test_pipeline_that_does_not_fit_the_world_size(tmp_path):
     proc = run_training(3, tmp_path / "out", "parallel.pipeline_stages=2", expect_ok=False)
     expect_error_on_every_rank(proc, 3, r"world size 3 is not a multiple of parallel.pipeline_stages \(2\): set "
@@ -229,6 +238,7 @@ def test_pipeline_that_does_not_fit_the_world_size(tmp_path):
     ("", "dataset is empty"),
     ("def f():\n    return 1\n" * 4, "the training split has 2 sequences of length 32 but one global batch needs 4"),
 ])
+@pytest.mark.multiprocess
 def test_empty_or_too_small_dataset(text, fragment, tmp_path):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(text)
@@ -237,6 +247,7 @@ def test_empty_or_too_small_dataset(text, fragment, tmp_path):
     expect_error_on_every_rank(proc, 2, fragment)
 
 
+@pytest.mark.multiprocess
 def test_output_dir_that_cannot_be_written(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
@@ -251,6 +262,7 @@ def finished_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.multiprocess
 def test_checkpoint_of_another_architecture_is_refused(finished_run, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
@@ -262,6 +274,7 @@ def test_checkpoint_of_another_architecture_is_refused(finished_run, tmp_path):
     ("truncated", "layer_01-model_states.pt is (corrupt|unreadable)"),
     ("other_layer", "layer_01-model_states.pt holds the weights of pipeline layer 2 .* copied over another"),
 ])
+@pytest.mark.multiprocess
 def test_corrupt_checkpoint_is_reported_on_every_rank_and_kept(damage, fragment, finished_run, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
@@ -278,6 +291,7 @@ def test_corrupt_checkpoint_is_reported_on_every_rank_and_kept(damage, fragment,
     assert layer.exists() and (out / "checkpoints" / "step00000001" / "stackwise_state.json").exists()
 
 
+@pytest.mark.multiprocess
 def test_nonfinite_loss_stops_with_step_and_phase_and_keeps_checkpoint(finished_run, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
@@ -301,6 +315,7 @@ def test_nonfinite_loss_stops_with_step_and_phase_and_keeps_checkpoint(finished_
 
 
 
+@pytest.mark.multiprocess
 def test_rerunning_a_finished_run_keeps_its_results_and_config(finished_run, tmp_path):
     out = tmp_path / "run"
     subprocess.run(["cp", "-r", str(finished_run), str(out)], check=True)
@@ -312,6 +327,7 @@ def test_rerunning_a_finished_run_keeps_its_results_and_config(finished_run, tmp
     assert len(results(out)["losses"]) == 2
 
 
+@pytest.mark.multiprocess
 def test_resume_that_changes_a_training_setting_is_refused(finished_run, tmp_path):
     """A changed lr would be overridden by the restored scheduler while config.yaml recorded it:
     refused on every rank, naming the key and both values; the checkpoints stay."""

@@ -12,11 +12,11 @@ import shutil
 import pytest
 import torch
 
-from launch_utils import relative_close, results, run_training, scalars, state
-from stackwise_ds.config import StackWiseConfig
-from stackwise_ds.config import apply_overrides
+from launch_utils import TINY, relative_close, results, run_training, scalars, state
+from stackwise_ds.config import StackWiseConfig, apply_overrides
 from stackwise_ds.model import create_rack_from_config
-from launch_utils import TINY
+
+pytestmark = pytest.mark.multiprocess  # every test here launches training processes
 
 STEPS = 4
 
@@ -55,7 +55,8 @@ def test_stackwise_phases_freeze_earlier_and_keep_later_dormant(stackwise_run):
     init = initial_rack("model.tie_embeddings=false")
     end0, end1 = STEPS, 2 * STEPS
     for b in range(2):
-        after0, after1 = layer_state(stackwise_run, end0, block_layer(0, b)), layer_state(stackwise_run, end1, block_layer(0, b))
+        after0 = layer_state(stackwise_run, end0, block_layer(0, b))
+        after1 = layer_state(stackwise_run, end1, block_layer(0, b))
         assert not same(after0, block_init(init, 0, b)), "stack 0 did not train in its phase"
         assert same(after1, after0), "stack 0 moved after its phase"
         dormant = layer_state(stackwise_run, end0, block_layer(1, b))
@@ -111,7 +112,8 @@ def test_blockwise_tied_two_stages(tmp_path):
                 assert same(weights, layer_state(tmp_path, ends[g], block_layer(s, b))), f"block {g} moved in phase {k}"
         assert state(tmp_path, f"step{end:08d}")["tied_weight_max_abs_diff"] == 0.0
     # the tied embedding/head keeps learning through the head in every phase
-    assert not torch.equal(layer_state(tmp_path, 2, 0)["embedding.weight"], layer_state(tmp_path, 8, 0)["embedding.weight"])
+    embedding_at = {step: layer_state(tmp_path, step, 0)["embedding.weight"] for step in (2, 8)}
+    assert not torch.equal(embedding_at[2], embedding_at[8])
 
 
 def test_stackwise_four_ranks_with_joint_phase_and_copy_init(tmp_path):

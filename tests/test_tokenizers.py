@@ -14,10 +14,16 @@ import torch
 from launch_utils import REPO, results, run_training
 from stackwise_ds.checkpoint.consolidation import TOKENIZER_KEY, consolidate, save_consolidated
 from stackwise_ds.checkpoint.generate import generate_text
-from stackwise_ds.checkpoint.hf import import_hf
+from stackwise_ds.checkpoint.hf import export_hf, import_hf
 from stackwise_ds.config import StackWiseConfig
-from stackwise_ds.data import (TOKENIZER_FILE, ByteTokenizer, TokenizerError, build_datasets, load_tokenizer_json,
-                               make_tokenizer)
+from stackwise_ds.data import (
+    TOKENIZER_FILE,
+    ByteTokenizer,
+    TokenizerError,
+    build_datasets,
+    load_tokenizer_json,
+    make_tokenizer,
+)
 from stackwise_ds.data.build import describe_bundle
 from stackwise_ds.model import create_rack_from_config
 from stackwise_ds.training.checkpointing import CheckpointError
@@ -153,7 +159,7 @@ def test_the_data_summary_line_and_a_bpe_short_of_its_vocabulary(tmp_path, capsy
     assert len(describe_bundle(built, "bpe", reached)) == 1  # no warning when the BPE fills the vocabulary
 
 
-def test_generate_refuses_a_model_without_tokenizer_unless_given_one(tmp_path):
+def test_generate_refuses_a_model_without_tokenizer_unless_given_one(tmp_path, capsys):
     folder = hf_tokenizer_folder(tmp_path / "hf_tok")
     config = StackWiseConfig.from_dict({"model": {"vocab_size": 300, "d_model": 32, "n_heads": 4, "max_seq_len": 32},
                                        "data": {"seq_len": 16}})
@@ -161,8 +167,11 @@ def test_generate_refuses_a_model_without_tokenizer_unless_given_one(tmp_path):
     source = save_consolidated(dict(rack.state_dict()), config, tmp_path / "imported.safetensors")  # no tokenizer
     with pytest.raises(CheckpointError, match=r"carries no tokenizer .*300 ids.*--tokenizer PATH"):
         generate_text(source, "the fox", max_new_tokens=4, temperature=0)
-    out = run_tool("generate", source, "--prompt", "the fox", "--max-new-tokens", 4, "--temperature", 0,
-                   "--tokenizer", folder)
+    from stackwise_ds.tools_cli import generate_main
+
+    assert generate_main([str(source), "--prompt", "the fox", "--max-new-tokens", "4", "--temperature", "0",
+                          "--tokenizer", str(folder)]) == 0
+    out = capsys.readouterr().out
     assert out == generate_text(source, "the fox", 4, 0, tokenizer_path=folder) + "\n"
     assert out.startswith("the fox")
 
@@ -186,26 +195,20 @@ def run_tool(name: str, *args) -> str:
     return result.stdout
 
 
-RUN_SETTINGS = {"byte": ["training.max_steps=4"],
-                "bpe": ["data.tokenizer=bpe", "model.vocab_size=512", "training.max_steps=12", "training.lr=0.003"]}
-
-
-def train(tmp_path_factory, kind: str) -> Path:
-    out = tmp_path_factory.mktemp(f"run_{kind}")
-    run_training(2, out, *RUN_SETTINGS[kind])
-    return out
-
-
 @pytest.fixture(scope="module")
-def byte_run(tmp_path_factory):
-    return train(tmp_path_factory, "byte")
+def byte_run(tiny_rackwise_run):
+    """The byte-tokenizer run of tests/conftest.py (2 stages, 6 steps), shared with test_rackwise.py."""
+    return tiny_rackwise_run
 
 
 @pytest.fixture(scope="module")
 def bpe_run(tmp_path_factory):
-    return train(tmp_path_factory, "bpe")
+    out = tmp_path_factory.mktemp("run_bpe")
+    run_training(2, out, "data.tokenizer=bpe", "model.vocab_size=512", "training.max_steps=12", "training.lr=0.003")
+    return out
 
 
+@pytest.mark.multiprocess
 def test_bpe_run_trains_and_leaves_its_tokenizer_everywhere(bpe_run):
     out = bpe_run
     losses = results(out)["losses"]
@@ -217,13 +220,14 @@ def test_bpe_run_trains_and_leaves_its_tokenizer_everywhere(bpe_run):
     assert (out / "checkpoints" / tag / TOKENIZER_FILE).read_text() == saved
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
 def test_transformers_generate_on_the_export_equals_tools_generate(kind, request, tmp_path):
     from safetensors import safe_open
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     out = request.getfixturevalue(f"{kind}_run")
-    run_tool("export_hf", out, tmp_path / "hf")
+    export_hf(out, tmp_path / "hf")
     consolidate(out, tmp_path / "rack.safetensors")
     prompt = "def main(x):\n    "
     ours = run_tool("generate", out, "--prompt", prompt, "--temperature", "0", "--max-new-tokens", 24)

@@ -14,6 +14,7 @@ import re
 import shutil
 import subprocess
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 import yaml
 
 from launch_utils import REPO, free_port, relative_close
+from stackwise_ds import tools_cli
 from stackwise_ds.checkpoint import consolidate, load_rack, read_consolidated
 from stackwise_ds.checkpoint.consolidation import save_consolidated
 from stackwise_ds.checkpoint.generate import GenerationError, generate_text
@@ -132,6 +134,7 @@ def lr_scaled_run(tmp_path_factory):
 # ----------------------------------------------------------------------------- consolidate / load
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("run_name", ["pp2_run", "pp1_run"])
 def test_consolidated_rack_gives_the_pipeline_logits(run_name, request, tmp_path):
     run = request.getfixturevalue(run_name)
@@ -154,6 +157,7 @@ def test_consolidated_rack_gives_the_pipeline_logits(run_name, request, tmp_path
 # ----------------------------------------------------------------------------- reshard
 
 
+@pytest.mark.multiprocess
 def test_reshard_two_stages_to_one_stage_two_replicas_resumes_identically(pp2_run, tmp_path):
     out = tmp_path / "pp1"
     run_tool("reshard", pp2_run["dir"] / "checkpoints", out, "--pipeline-stages", 1, "--data-parallel", 2)
@@ -170,6 +174,7 @@ def test_reshard_two_stages_to_one_stage_two_replicas_resumes_identically(pp2_ru
     assert relative_close(losses, pp2_run["continued"], rtol=1e-5), (losses, pp2_run["continued"])
 
 
+@pytest.mark.multiprocess
 def test_reshard_carries_the_runs_results_over(pp2_run, tmp_path):
     copy_tag(pp2_run, tmp_path / "run")
     history = {"losses": [3.0, 2.5, 2.25], "val_history": [[3, 2.4]], "phases": [], "output_dir": "elsewhere"}
@@ -179,6 +184,7 @@ def test_reshard_carries_the_runs_results_over(pp2_run, tmp_path):
     assert carried == {**history, "output_dir": str(tmp_path / "pp1")}
 
 
+@pytest.mark.multiprocess
 def test_reshard_one_stage_to_two_stages_resumes_identically(pp1_run, tmp_path):
     out = tmp_path / "pp2"
     run_tool("reshard", pp1_run["dir"], out, "--pipeline-stages", 2)
@@ -194,6 +200,7 @@ def group_sizes(checkpoint: Path, stage: int) -> list[int]:
     return [len(group) for group in engine["param_shapes"]]
 
 
+@pytest.mark.multiprocess
 def test_reshard_rebuilds_the_engines_split_optimizer_groups(lr_scaled_run, tmp_path):
     assert len(group_sizes(lr_scaled_run["dir"], 0)) == len(group_sizes(lr_scaled_run["dir"], 1)) == 4
     reshard(lr_scaled_run["dir"], tmp_path / "one", pipeline_stages=1)
@@ -206,6 +213,7 @@ def test_reshard_rebuilds_the_engines_split_optimizer_groups(lr_scaled_run, tmp_
     assert relative_close(losses, lr_scaled_run["continued"], rtol=1e-5), (losses, lr_scaled_run["continued"])
 
 
+@pytest.mark.multiprocess
 def test_reshard_handles_stages_without_optimizer(pp2_run, tmp_path):
     """A stackwise phase > 0: stage 0 (embedding + stack 0) is forward-only and saved no optimizer shard;
     the tied weight trains through the LM head on stage 1 only."""
@@ -231,6 +239,7 @@ def test_reshard_handles_stages_without_optimizer(pp2_run, tmp_path):
     assert optimized(tmp_path / "two", 1) == optimized(pp2_run["dir"], 1)
 
 
+@pytest.mark.multiprocess
 def test_reshard_refuses_a_layout_that_splits_a_stack(pp2_run, tmp_path):
     with pytest.raises(ConfigError, match="must divide model.architecture.n_stacks"):
         reshard(pp2_run["dir"], tmp_path / "x", pipeline_stages=3)
@@ -258,6 +267,7 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(attention, tied, t
     assert torch.allclose(theirs, logits_of(rack, ids), atol=1e-4, rtol=0)
 
 
+@pytest.mark.multiprocess
 def test_export_hf_tool_from_a_pipeline_checkpoint(pp2_run, tmp_path):
     from transformers import LlamaForCausalLM
 
@@ -269,6 +279,7 @@ def test_export_hf_tool_from_a_pipeline_checkpoint(pp2_run, tmp_path):
     assert torch.allclose(logits, reference["logits"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.multiprocess
 def test_import_hf_gives_the_same_logits(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -309,6 +320,7 @@ def test_export_hf_refuses_what_llama_cannot_compute(overrides, feature, tmp_pat
 # ----------------------------------------------------------------------------- clear errors
 
 
+@pytest.mark.multiprocess
 def test_missing_checkpoint_dir_is_a_clear_error(tmp_path):
     result = run_tool("consolidate", tmp_path / "nowhere", tmp_path / "m.safetensors", expect_ok=False)
     assert result.returncode == 2 and "does not exist" in result.stderr and "Traceback" not in result.stderr
@@ -320,6 +332,7 @@ def copy_tag(run: dict, tmp_path: Path) -> Path:
     return checkpoints
 
 
+@pytest.mark.multiprocess
 def test_tag_without_state_file_is_incomplete(pp2_run, tmp_path):
     checkpoints = copy_tag(pp2_run, tmp_path)
     (checkpoints / TAG / STATE_FILE).unlink()
@@ -329,6 +342,7 @@ def test_tag_without_state_file_is_incomplete(pp2_run, tmp_path):
         load_rack(checkpoints / TAG)
 
 
+@pytest.mark.multiprocess
 def test_missing_layer_file_is_a_partial_checkpoint(pp2_run, tmp_path):
     checkpoints = copy_tag(pp2_run, tmp_path)
     (checkpoints / TAG / "layer_02-model_states.pt").unlink()
@@ -336,6 +350,7 @@ def test_missing_layer_file_is_a_partial_checkpoint(pp2_run, tmp_path):
         consolidate(checkpoints, tmp_path / "m.safetensors")
 
 
+@pytest.mark.multiprocess
 def test_truncated_layer_file_is_reported_by_inspect_consolidate_and_generate(pp2_run, tmp_path):
     checkpoints = copy_tag(pp2_run, tmp_path)
     layer_file = checkpoints / TAG / "layer_02-model_states.pt"
@@ -348,6 +363,7 @@ def test_truncated_layer_file_is_reported_by_inspect_consolidate_and_generate(pp
         assert re.search(r"is corrupt: layer_02-model_states.pt is (corrupt|unreadable)", result.stderr), result.stderr
 
 
+@pytest.mark.multiprocess
 def test_checkpoint_of_another_architecture_is_refused(pp2_run, tmp_path):
     other = StackWiseConfig.from_dict({**TIED_GQA, "model": {**TIED_GQA["model"], "d_model": 64}})
     with pytest.raises(CheckpointError, match="another architecture.*model.d_model: checkpoint 32 vs config 64"):
@@ -368,6 +384,7 @@ def test_generate_refuses_a_bidirectional_rack(tmp_path):
 # ----------------------------------------------------------------------------- inspect / generate
 
 
+@pytest.mark.multiprocess
 def test_inspect_lists_units_progress_and_incomplete_tags(pp2_run, tmp_path):
     shutil.copytree(pp2_run["dir"], tmp_path / "run")
     broken = tmp_path / "run" / "checkpoints" / "step00000009"
@@ -383,6 +400,7 @@ def test_inspect_lists_units_progress_and_incomplete_tags(pp2_run, tmp_path):
     assert "15,424" in rows["stack 1 block 0"] and rows["stack 1 block 0"].rstrip().endswith("0*")
 
 
+@pytest.mark.multiprocess
 def test_generate_tool_continues_the_prompt(pp2_run):
     greedy = run_tool("generate", pp2_run["dir"], "--prompt", "def f(", "--max-new-tokens", "8",
                       "--temperature", "0").stdout
@@ -390,3 +408,27 @@ def test_generate_tool_continues_the_prompt(pp2_run):
     assert greedy.rstrip("\n") == generate_text(pp2_run["dir"], "def f(", max_new_tokens=8, temperature=0.0)
     sampled = generate_text(pp2_run["dir"], "x", max_new_tokens=8, temperature=1.0, top_k=5, seed=3)
     assert sampled.startswith("x") and sampled == generate_text(pp2_run["dir"], "x", 8, 1.0, 5, seed=3)
+
+
+# ----------------------------------------------------------------------------- console scripts
+
+CONSOLE_SCRIPTS = {"stackwise-consolidate": tools_cli.consolidate_main, "stackwise-reshard": tools_cli.reshard_main,
+                   "stackwise-export-hf": tools_cli.export_hf_main, "stackwise-import-hf": tools_cli.import_hf_main,
+                   "stackwise-restack": tools_cli.restack_main, "stackwise-inspect": tools_cli.inspect_main,
+                   "stackwise-generate": tools_cli.generate_main}
+
+
+def test_console_scripts_are_installed_and_run_the_tool_mains():
+    installed = {ep.name: ep for ep in entry_points(group="console_scripts") if ep.name.startswith("stackwise-")}
+    assert set(installed) == set(CONSOLE_SCRIPTS), \
+        "reinstall the package (pip install -e .); a stale stackwise_ds.egg-info/ in the checkout hides the new one"
+    for name, main in CONSOLE_SCRIPTS.items():
+        assert installed[name].load() is main, name
+
+
+@pytest.mark.multiprocess
+def test_a_console_script_runs_from_the_environment(tmp_path):
+    script = Path(sys.executable).with_name("stackwise-inspect")
+    usage = subprocess.run([script, "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert usage.returncode == 0 and usage.stdout.startswith("usage: stackwise-inspect"), usage.stderr
+    assert "Summarise a checkpoint" in usage.stdout

@@ -3,7 +3,11 @@ the elastic layout trains, and a mid-phase resume restores its (unsharded) optim
 
 import shutil
 
+import pytest
+
 from launch_utils import results, run_training
+
+pytestmark = pytest.mark.multiprocess  # every test here launches training processes
 
 RUN = ("training.training_architecture=stackwise", "training.steps_per_phase=4", "training.save_interval=2",
        "training.eval_interval=0", "parallel.zero_stage=0")

@@ -29,4 +29,4 @@ def _import_deepspeed_logging_to_stderr() -> None:
     if "deepspeed" in sys.modules:
         return
     with contextlib.redirect_stdout(sys.stderr):
-        import deepspeed  # noqa: F401
+        import deepspeed  # noqa: F401 - imported for its side effect: its log handler binds to stderr now

@@ -63,7 +63,8 @@ def check_llama_compatible(config: StackWiseConfig) -> None:
     """Refuse racks whose computation a LlamaForCausalLM cannot reproduce, naming the feature."""
     m = config.model
     if m.attention_type in (AttentionType.MLA, AttentionType.KERNEL):
-        kind = "multi-head latent attention (MLA)" if m.attention_type == AttentionType.MLA else "kernel (linear) attention"
+        mla = m.attention_type == AttentionType.MLA
+        kind = "multi-head latent attention (MLA)" if mla else "kernel (linear) attention"
         raise ExportError(f"model.attention_type '{m.attention_type}' ({kind}) has no LlamaForCausalLM equivalent: "
                           "only 'mha' and 'gqa' racks export to Llama; keep this model in the StackWise format "
                           "(tools/consolidate.py)")

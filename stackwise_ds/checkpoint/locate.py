@@ -12,8 +12,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import StackWiseConfig
-from ..training.checkpointing import (LATEST_FILE, LAYER_FILE_RE, STATE_FILE, CheckpointError, TrainingState,
-                                      find_resume_tag, layer_file_name, load_state)
+from ..training.checkpointing import (
+    LATEST_FILE,
+    LAYER_FILE_RE,
+    STATE_FILE,
+    CheckpointError,
+    TrainingState,
+    find_resume_tag,
+    layer_file_name,
+    load_state,
+)
 
 # <output_dir>/initial_weights: training.init_from's source as layer files; never a checkpoint tag
 INITIAL_WEIGHTS_DIR = "initial_weights"
@@ -48,7 +56,9 @@ def config_of(state: TrainingState, where: Path) -> StackWiseConfig:
 
 def is_tag_dir(path: Path) -> bool:
     """A folder DeepSpeed or the trainer saved one tag into (not the initial weights of init_from)."""
-    return path.is_dir() and path.name != INITIAL_WEIGHTS_DIR and ((path / STATE_FILE).is_file() or any(LAYER_FILE_RE.match(p.name) for p in path.iterdir()))
+    return path.is_dir() and path.name != INITIAL_WEIGHTS_DIR and ((path / STATE_FILE).is_file()
+                                                                   or any(LAYER_FILE_RE.match(p.name)
+                                                                          for p in path.iterdir()))
 
 
 def list_tags(checkpoint_dir: Path) -> list[tuple[str, bool]]:

@@ -48,8 +48,17 @@ from ..enums import LayoutKind
 from ..layout import UnitKind
 from ..parallel.engine import equal_group_splits
 from ..training.checkpointing import CheckpointError, TrainingState, mark_complete
-from .layers import (TIED_PREFIX, file_layers, pipe_name, pipe_to_rack_names, rack_name, rack_shapes, stage_layers,
-                     unit_keys, units_of)
+from .layers import (
+    TIED_PREFIX,
+    file_layers,
+    pipe_name,
+    pipe_to_rack_names,
+    rack_name,
+    rack_shapes,
+    stage_layers,
+    unit_keys,
+    units_of,
+)
 from .locate import LAYER_FILE_RE, CheckpointRef, resolve_checkpoint
 
 OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")

@@ -57,7 +57,8 @@ def _fit_other_keys(raw: dict, n_stacks: int) -> list[str]:
                        "set new ones if you need them)")
         training["stack_lr_scale"] = None
     steps = training["steps_per_phase"]
-    if isinstance(steps, list) and training["training_architecture"] == TrainingArchitecture.STACKWISE and len(steps) != n_stacks:
+    stackwise = training["training_architecture"] == TrainingArchitecture.STACKWISE
+    if isinstance(steps, list) and stackwise and len(steps) != n_stacks:
         changes.append(f"training.steps_per_phase: {steps} -> {steps[0]} (one value for every phase)")
         training["steps_per_phase"] = steps[0]
     return changes

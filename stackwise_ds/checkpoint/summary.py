@@ -74,7 +74,8 @@ def model_section(config: StackWiseConfig) -> str:
 
 def units_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
     units, shapes, phases = units_of(config), rack_shapes(config), plan_phases(config)
-    stage_of = {layer: str(s) for s, layers in enumerate(stage_layers(config, config.pipeline_stages)) for layer in layers}
+    stage_of = {layer: str(s) for s, layers in enumerate(stage_layers(config, config.pipeline_stages))
+                for layer in layers}
     if ref.state.layout:  # the placement of the phase that saved this tag ('-': not placed, dormant)
         saved = PhaseLayout.from_dict(ref.state.layout)
         stage_of = {layer: str(saved.stage_of(layer)) if layer in saved.live else "-" for layer in stage_of}
@@ -91,7 +92,7 @@ def units_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
                      stage_of[layer], "-" if tied_head else status.get(layer, "MISSING"),
                      ", ".join(trained) or "none yet"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     if config.model.tie_embeddings:
         lines.append("(a tied embedding also learns through the LM head in every phase)")
     return "\n".join(lines)

@@ -15,8 +15,15 @@ from .cache import default_cache_dir
 from .corpus import list_stdlib_files, list_text_files
 from .packing import IGNORE_INDEX, PackedDataset, split_windows
 from .stream import TrainBatchStream, check_enough_data, val_batches
-from .tokenizer import (TOKENIZER_FILE, ByteTokenizer, HFTokenizer, Tokenizer, TokenizerError,
-                        load_tokenizer_json, make_tokenizer)
+from .tokenizer import (
+                        TOKENIZER_FILE,
+                        ByteTokenizer,
+                        HFTokenizer,
+                        Tokenizer,
+                        TokenizerError,
+                        load_tokenizer_json,
+                        make_tokenizer,
+)
 
 __all__ = [
     "IGNORE_INDEX", "TOKENIZER_FILE",

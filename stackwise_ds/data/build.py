@@ -12,10 +12,25 @@ import numpy as np
 
 from ..enums import DataSource, Objective, TokenizerKind
 from . import cache, corpus
-from .packing import (PackedDataset, check_objective, split_windows, text_dataset, tokenize_documents, tokenize_texts,
-                      write_windows)
-from .tokenizer import (BPE_VERSION, TOKENIZER_FILE, Tokenizer, TokenizerError, check_bpe_vocab, load_tokenizer_json,
-                        make_tokenizer, token_dtype)
+from .packing import (
+    PackedDataset,
+    check_objective,
+    split_windows,
+    text_dataset,
+    tokenize_documents,
+    tokenize_texts,
+    write_windows,
+)
+from .tokenizer import (
+    BPE_VERSION,
+    TOKENIZER_FILE,
+    Tokenizer,
+    TokenizerError,
+    check_bpe_vocab,
+    load_tokenizer_json,
+    make_tokenizer,
+    token_dtype,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +103,8 @@ def _resolve_source(
     folder = corpus.local_dataset_dir(hf_name)
     if folder is not None:
         key["files"] = [[f.path, f.size, f.mtime_ns] for f in corpus.local_dataset_files(folder)]
-    return _Source(key, lambda: corpus.read_hf_documents(hf_name, hf_config, hf_split, text_field, max_files, max_bytes))
+    return _Source(key, lambda: corpus.read_hf_documents(hf_name, hf_config, hf_split, text_field, max_files,
+                                                         max_bytes))
 
 
 def _check_not_empty(n_rows: int, src: _Source) -> None:

@@ -123,7 +123,8 @@ def read_file_documents(files: list[SourceFile], max_bytes: int | None, user_fil
         if budget is not None and budget <= 0:
             break
     if user_files and (binary or replaced_files):
-        warnings.warn(f"data: skipped {len(binary)} binary file(s) (NUL bytes){': ' + ', '.join(binary[:5]) if binary else ''}; "
+        named = ": " + ", ".join(binary[:5]) if binary else ""
+        warnings.warn(f"data: skipped {len(binary)} binary file(s) (NUL bytes){named}; "
                       f"{replaced_files} file(s) had invalid UTF-8, {replaced_bytes} byte(s) replaced by U+FFFD",
                       stacklevel=2)
 

@@ -78,7 +78,7 @@ def tokenize_texts(texts, tokenizer: Tokenizer, fingerprint: str):
         # given is allowed because the input columns are removed.
         return {"input_ids": [
             np.concatenate([tokenizer.encode_to_array(text).astype(dtype), eos if ends else none])
-            for text, ends in zip(batch["text"], batch["ends_doc"]) if text
+            for text, ends in zip(batch["text"], batch["ends_doc"], strict=True) if text
         ]}
 
     return texts.map(
@@ -107,7 +107,7 @@ def write_windows(tokenized, seq_len: int, out_path: Path, dtype=WINDOW_DTYPE) -
     part_windows = [n // window_len for n in part_tokens]
     windows = np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype, shape=(sum(part_windows), window_len))
     start = 0
-    for part, n_windows in zip(parts, part_windows):
+    for part, n_windows in zip(parts, part_windows, strict=True):
         _fill(windows[start:start + n_windows].reshape(-1), part)  # a view: writes land in the file
         start += n_windows
     windows.flush()

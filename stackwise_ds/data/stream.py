@@ -36,7 +36,7 @@ def check_enough_data(dataset: PackedDataset, global_batch_size: int) -> None:
 
 def collate(dataset: PackedDataset, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Stack samples -> (input_ids LongTensor[B, T], labels LongTensor[B, T])."""
-    inputs, labels = zip(*(dataset[int(i)] for i in indices))
+    inputs, labels = zip(*(dataset[int(i)] for i in indices), strict=True)
     return torch.stack(inputs), torch.stack(labels)
 
 

@@ -132,9 +132,8 @@ def bytes_to_unicode() -> dict[int, str]:
 def byte_level_json() -> str:
     """The byte tokenizer as a ``tokenizers`` object: a BPE without merges over the ByteLevel alphabet
     (id = byte value), no regex split, so every text maps to its utf-8 bytes; specials at 256 and 257."""
-    from tokenizers import AddedToken
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFCore
-    from tokenizers import decoders, models, pre_tokenizers
 
     vocab = {char: byte for byte, char in bytes_to_unicode().items()}
     core = HFCore(models.BPE(vocab=vocab, merges=[]))

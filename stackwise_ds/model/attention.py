@@ -220,8 +220,9 @@ class MultiHeadAttention(nn.Module):
     With n_kv_heads == n_heads no kv head is repeated, so 'gqa' runs exactly the 'mha' computation.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, attention_mode: str = AttentionMode.CAUSAL,
-                 *, max_seq_len: int = 2048, rope_theta: float = 10000.0, dropout: float = 0.0):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
+                 attention_mode: str = AttentionMode.CAUSAL, *, max_seq_len: int = 2048, rope_theta: float = 10000.0,
+                 dropout: float = 0.0):
         super().__init__()
         check_choice("attention_mode", attention_mode, ATTENTION_MODES)
         self.n_kv_heads, self.head_dim = resolve_heads(d_model, n_heads, n_kv_heads)
@@ -266,8 +267,8 @@ class MultiHeadLatentAttention(nn.Module):
     with hd = d_model // n_heads and r = rope_head_dim.
     """
 
-    def __init__(self, d_model: int, n_heads: int, attention_mode: str = AttentionMode.CAUSAL, *, kv_lora_rank: int = 64,
-                 q_lora_rank: int = 0, rope_head_dim: int = 16, max_seq_len: int = 2048,
+    def __init__(self, d_model: int, n_heads: int, attention_mode: str = AttentionMode.CAUSAL, *,
+                 kv_lora_rank: int = 64, q_lora_rank: int = 0, rope_head_dim: int = 16, max_seq_len: int = 2048,
                  rope_theta: float = 10000.0, dropout: float = 0.0, norm_eps: float = 1e-5):
         super().__init__()
         check_choice("attention_mode", attention_mode, ATTENTION_MODES)
@@ -369,9 +370,9 @@ class KernelAttention(nn.Module):
 
     eps = 1e-6  # keeps the denominator away from zero when the features are tiny (relu map)
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None, attention_mode: str = AttentionMode.CAUSAL,
-                 *, feature_map: str = "elu", chunk_size: int = 64, max_seq_len: int = 2048,
-                 rope_theta: float = 10000.0):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
+                 attention_mode: str = AttentionMode.CAUSAL, *, feature_map: str = "elu", chunk_size: int = 64,
+                 max_seq_len: int = 2048, rope_theta: float = 10000.0):
         super().__init__()
         check_choice("attention_mode", attention_mode, ATTENTION_MODES)
         self.n_kv_heads, self.head_dim = resolve_heads(d_model, n_heads, n_kv_heads)

@@ -28,7 +28,7 @@ class Stack(nn.Module):
         if len(caches) != len(self.blocks):
             raise ValueError(f"stack {self.stack_id} has {len(self.blocks)} blocks but got {len(caches)} caches: "
                              "build the cache with Rack.new_cache()")
-        for block, cache in zip(self.blocks, caches):
+        for block, cache in zip(self.blocks, caches, strict=True):
             x = block.decode(x, cache, start_pos)
         return x
 

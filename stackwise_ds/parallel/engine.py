@@ -100,8 +100,17 @@ from torch import nn
 from ..layout import UnitKind
 from .distributed import all_gather_objects
 from .pipe import local_start
-from .roles import (FORWARD_ONLY, RELAY, TRAIN, TRAIN_STAGE, RolePlan, StageRole, apply_layer_roles,
-                    layer_parameters, make_plan)
+from .roles import (
+    FORWARD_ONLY,
+    RELAY,
+    TRAIN,
+    TRAIN_STAGE,
+    RolePlan,
+    StageRole,
+    apply_layer_roles,
+    layer_parameters,
+    make_plan,
+)
 from .schedule import CountStep, StageWiseTrainSchedule, SyncTiedWeights
 
 ALLREDUCE, BROADCAST, UNTRAINED = "allreduce", "broadcast", "untrained"

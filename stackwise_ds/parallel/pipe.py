@@ -164,4 +164,6 @@ def _layer_spec(rack: Rack, unit: LayerUnit):
     if rack.tie_embeddings:
         forward = {"forward_fn": tied_head_forward} if unit.kind == UnitKind.HEAD else {}
         return TiedLayerSpec(TIED_KEY, EmbeddingPipe, rack.embedding, tied_weight_attr="embedding.weight", **forward)
-    return LayerSpec(EmbeddingPipe, rack.embedding) if unit.kind == UnitKind.EMBEDDING else LayerSpec(HeadPipe, rack.lm_head)
+    if unit.kind == UnitKind.EMBEDDING:
+        return LayerSpec(EmbeddingPipe, rack.embedding)
+    return LayerSpec(HeadPipe, rack.lm_head)

@@ -22,9 +22,18 @@ Stages without optimizer then ``CountStep`` where train stages ``OptimizerStep``
 
 from __future__ import annotations
 
-from deepspeed.runtime.pipe.schedule import (ForwardPass, LoadMicroBatch, OptimizerStep, PipeInstruction,
-                                             PipeSchedule, RecvActivation, ReduceGrads, ReduceTiedGrads,
-                                             SendActivation, TrainSchedule)
+from deepspeed.runtime.pipe.schedule import (
+    ForwardPass,
+    LoadMicroBatch,
+    OptimizerStep,
+    PipeInstruction,
+    PipeSchedule,
+    RecvActivation,
+    ReduceGrads,
+    ReduceTiedGrads,
+    SendActivation,
+    TrainSchedule,
+)
 
 from .roles import FORWARD_ONLY, RELAY, RolePlan
 

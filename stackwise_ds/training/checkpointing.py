@@ -90,7 +90,8 @@ def find_resume_tag(checkpoint_dir: Path) -> str | None:
     safely on disk. ``latest`` is kept for DeepSpeed's own loaders and for people."""
     if not checkpoint_dir.is_dir():
         return None
-    complete = [p.name for p in checkpoint_dir.iterdir() if _TAG_RE.match(p.name) and is_complete(checkpoint_dir, p.name)]
+    complete = [p.name for p in checkpoint_dir.iterdir()
+                if _TAG_RE.match(p.name) and is_complete(checkpoint_dir, p.name)]
     return max(complete, key=lambda t: int(_TAG_RE.match(t).group(1)), default=None)
 
 
@@ -175,7 +176,8 @@ RESUMABLE_CHANGES = frozenset({
     "training.output_dir", "training.max_steps", "training.steps_per_phase", "training.joint_steps",
     "training.log_interval", "training.eval_interval", "training.eval_batches", "training.save_interval",
     "training.keep_checkpoints", "training.keep_phase_ends",
-    "training.resume", "training.progress_bar", "training.init_from", "training.init_growth", "data.cache_dir", "parallel.peer_timeout_s",
+    "training.resume", "training.progress_bar", "training.init_from", "training.init_growth",
+    "data.cache_dir", "parallel.peer_timeout_s",
     "parallel.collective_timeout_s", "parallel.pipeline_stages", "parallel.phase_layout",
     "parallel.max_rank_memory_mb", "parallel.ds_config", "parallel.activation_checkpoint_interval",
 })

@@ -6,9 +6,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ConfigError, StackWiseConfig
+from ..data import (
+    TOKENIZER_FILE,
+    Tokenizer,
+    TrainBatchStream,
+    build_datasets,
+    check_enough_data,
+    make_tokenizer,
+    val_batches,
+)
 from ..enums import TokenizerKind
-from ..data import (TOKENIZER_FILE, Tokenizer, TrainBatchStream, build_datasets, check_enough_data, make_tokenizer,
-                    val_batches)
 
 
 class RunData:
@@ -72,7 +79,8 @@ def check_run_data(config: StackWiseConfig, bundle, global_batch: int) -> None:
     """Fail on every rank alike, before any collective, when the data cannot feed this run."""
     if bundle.tokenizer.vocab_size > config.model.vocab_size:
         raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
-                          f"{bundle.tokenizer.vocab_size} tokens: set model.vocab_size >= {bundle.tokenizer.vocab_size}")
+                          f"{bundle.tokenizer.vocab_size} tokens: "
+                          f"set model.vocab_size >= {bundle.tokenizer.vocab_size}")
     check_enough_data(bundle.train, global_batch)
 
 

@@ -63,7 +63,8 @@ def check_writable(directory: Path) -> None:
             write_probe(where, n_bytes=2)
         except OSError as exc:
             raise PermissionError(f"{where} (under training.output_dir) is not writable ({exc.strerror}): "
-                                  "make it writable (chmod u+w) or choose a training.output_dir you can write to") from exc
+                                  "make it writable (chmod u+w) or choose a training.output_dir you can write to"
+                                  ) from exc
 
 
 def check_shared_output_dir(directory: Path, rank: int) -> None:
@@ -173,7 +174,8 @@ class ArchitectureTrainer:
 
     def _setup_run(self, rack: Rack | None, dataloader, val_data) -> None:
         cfg, t = self.config, self.config.training
-        self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * (self.world_size // cfg.pipeline_stages)
+        data_parallel = self.world_size // cfg.pipeline_stages
+        self.global_batch = t.micro_batch_size * t.gradient_accumulation_steps * data_parallel
         self.user_rack, self.user_data = rack, (dataloader, val_data)
         self.bf16 = resolve_precision(t.precision) == Precision.BF16
         self.units = layer_units(cfg.model.architecture.n_stacks, cfg.model.architecture.blocks_per_stack)
