@@ -118,3 +118,13 @@ def test_grown_stacks_start_as_their_sources(tmp_path, operator, stacks, depths,
         assert all(torch.equal(grown[k], before[k]) for k in grown), (stack, source)
         assert not torch.equal(grown["attn.q_proj.weight"], layer_file(tmp_path, 2, 1 + stack)["attn.q_proj.weight"])
     assert optimizer_step_saved_by_deepspeed(tmp_path, 3) == {3}, "the growth kept the optimizer's step count"
+
+
+def test_reshard_carries_the_moment_files(carry_run, tmp_path):
+    """The moments are per layer and layout-free: a resharded phase-end tag keeps them as they are."""
+    from stackwise_ds.checkpoint import reshard
+
+    tag = carry_run / "checkpoints" / f"step{STEPS:08d}"
+    reshard(tag, tmp_path / "pp2", pipeline_stages=2, data_parallel=1)
+    moved = sorted(p.name for p in (tmp_path / "pp2" / "checkpoints").glob("step*/layer_*-optim_moments.pt"))
+    assert moved and moved == sorted(p.name for p in tag.glob("layer_*-optim_moments.pt"))

@@ -47,7 +47,7 @@ from ..data.tokenizer import TOKENIZER_FILE
 from ..enums import LayoutKind
 from ..layout import UnitKind
 from ..parallel.engine import equal_group_splits
-from ..training.checkpointing import CheckpointError, TrainingState, mark_complete
+from ..training.checkpointing import MOMENTS_FILE_RE, CheckpointError, TrainingState, mark_complete
 from .layers import (
     TIED_PREFIX,
     file_layers,
@@ -151,7 +151,8 @@ def copy_layer_files(ref: CheckpointRef, target: Path) -> None:
             raise CheckpointError(f"checkpoint {ref.path} is partial: {ref.layer_file(layer).name} is missing; "
                                   "use another tag")
     for path in sorted(ref.path.iterdir()):
-        if LAYER_FILE_RE.match(path.name) or path.name == TOKENIZER_FILE:  # the tokenizer travels with the tag
+        # layout-free files travel as they are: the tokenizer, and the phase end's per-layer optimizer moments
+        if LAYER_FILE_RE.match(path.name) or MOMENTS_FILE_RE.match(path.name) or path.name == TOKENIZER_FILE:
             shutil.copy2(path, target / path.name)
 
 

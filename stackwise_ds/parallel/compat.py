@@ -109,6 +109,13 @@ REQUIRED_NAMES: tuple[Required, ...] = (
     # the bf16 optimizer's accumulated fp32 gradient of a parameter, read for tied all-reduces and grad norms
     Required("deepspeed.runtime.bf16_optimizer:BF16_Optimizer", MENTIONED, ("_hp_grad",)),
     Required(_ZERO, MENTIONED, ("ds_pipe_replicated",)),
+    # optimizer_state.py (optimizer_across_phases: carry): per-parameter moments of the flat partitions
+    Required("deepspeed.utils", ATTRIBUTE, ("safe_get_full_optimizer_state", "safe_set_full_optimizer_state")),
+    Required("deepspeed.utils.tensor_fragment:tensor_fragment", ATTRIBUTE, ("set_optim_state_fragment",)),
+    Required("deepspeed.utils.tensor_fragment:tensor_fragment", MENTIONED, ("param_group_index",)),
+    Required(_ZERO, ATTRIBUTE, ("_lazy_init_hp_params_optimizer_state",)),
+    Required("deepspeed.runtime.bf16_optimizer:BF16_Optimizer", ATTRIBUTE, ("_lazy_init_hp_params_optimizer_state",)),
+    Required(_ZERO, MENTIONED, ("_hp_mapping",)),
 )
 
 
