@@ -55,7 +55,7 @@ def phase_step_flops(config, phase, cost: ForwardCost) -> float:
 
 def step_flops_schedule(config) -> list[float]:
     """FLOPs of every optimizer step of a run, in order (global step g -> entry g-1)."""
-    from stackwise_ds.training.phases import plan_phases
+    from stackwise_ds.phases import plan_phases
 
     cost = forward_cost(config)
     schedule: list[float] = []

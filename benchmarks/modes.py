@@ -135,7 +135,7 @@ def collect_run(values: dict, wall_s: float, with_memory: bool) -> dict:
 
 def memory_per_phase(out: Path, phases: list[dict]) -> dict:
     """Peak RSS logged during each phase and the optimizer state in each phase-end checkpoint."""
-    from stackwise_ds.training.checkpointing import tag_for
+    from stackwise_ds.checkpoint.files import tag_for
 
     rss = read_scalars(out, "memory/stage0_rss_mb")
     per_phase = []

@@ -88,8 +88,8 @@ PLANS = {"full": QualityPlan(rack_steps=1100, seeds=(0, 1, 2)), "quick": Quality
 def predicted_phase_costs(values: dict) -> list[float]:
     """Each phase's predicted step time relative to a rackwise step (the planner's own model)."""
     from stackwise_ds.layout import layer_units
+    from stackwise_ds.phases import plan_phases
     from stackwise_ds.placement import layout_for
-    from stackwise_ds.training.phases import plan_phases
 
     config = build_config(values)
     arch = config.model.architecture

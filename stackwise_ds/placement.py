@@ -314,7 +314,7 @@ def run_resources(config: StackWiseConfig, world_size: int, bf16: bool) -> Resou
 
 def plan_phase_layouts(phases, units: list[LayerUnit], config: StackWiseConfig, world_size: int,
                        bf16: bool) -> list[PhaseLayout]:
-    """The layout of each of ``phases`` (``training.phases.Phase``): elastic for stage-wise phases under
+    """The layout of each of ``phases`` (``phases.Phase``): elastic for stage-wise phases under
     ``phase_layout: elastic``, else the fixed pipeline. Deterministic, so the trainer plans every phase
     at start and a phase that cannot be placed stops the run before any training; the error names it."""
     layouts = []

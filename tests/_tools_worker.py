@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from stackwise_ds.checkpoint.files import TrainingState, mark_complete
 from stackwise_ds.checkpoint.layers import units_of
 from stackwise_ds.config import StackWiseConfig
 from stackwise_ds.layout import TRAIN
@@ -28,7 +29,6 @@ from stackwise_ds.parallel.ds_config import build_ds_config
 from stackwise_ds.parallel.engine import build_engine
 from stackwise_ds.parallel.pipe import rack_to_pipeline
 from stackwise_ds.placement import layout_for
-from stackwise_ds.training.checkpointing import TrainingState, mark_complete
 from stackwise_ds.training.optim import make_optimizer
 
 GLOBAL_BATCH, MICRO = 4, 2

@@ -230,7 +230,7 @@ def test_malformed_override_value_and_non_object_ds_config(tmp_path):
 def test_resume_of_a_checkpoint_older_than_a_setting_compares_with_the_default(tmp_path):
     """A checkpoint written before ``training.prefix`` existed resumes with the default and
     refuses any other value, naming the default it was trained with."""
-    from stackwise_ds.training.checkpointing import CheckpointError, check_resumable_changes
+    from stackwise_ds.checkpoint.files import CheckpointError, check_resumable_changes
 
     saved = StackWiseConfig().to_dict()
     del saved["training"]["prefix"]

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from launch_utils import run_training
-from stackwise_ds.training.checkpointing import find_resume_tag, is_complete, layer_file_name, unreadable_files
+from stackwise_ds.checkpoint.files import find_resume_tag, is_complete, layer_file_name, unreadable_files
 from test_reliability import expect_error_on_every_rank
 
 pytestmark = pytest.mark.multiprocess  # every test here launches training processes

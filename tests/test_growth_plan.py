@@ -7,9 +7,9 @@ import pytest
 
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.layout import DORMANT, FROZEN, TRAIN, layer_units
+from stackwise_ds.phases import plan_phases
 from stackwise_ds.training.growth import phase_layer_sources, unit_sources
 from stackwise_ds.training.lr import lr_multiplier, phase_lr_lambda
-from stackwise_ds.training.phases import plan_phases
 
 
 def config(*overrides):

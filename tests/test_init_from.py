@@ -19,13 +19,13 @@ from safetensors.torch import load_file
 from launch_utils import REPO, run_training
 from stackwise_ds.checkpoint import load_rack
 from stackwise_ds.checkpoint.consolidation import read_consolidated, save_consolidated
+from stackwise_ds.checkpoint.files import CheckpointError
 from stackwise_ds.checkpoint.hf import export_hf
 from stackwise_ds.checkpoint.locate import list_tags
 from stackwise_ds.checkpoint.restack import restack
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.data.tokenizer import train_bpe
 from stackwise_ds.model import create_rack_from_config
-from stackwise_ds.training.checkpointing import CheckpointError
 from stackwise_ds.training.init_weights import check_run_tokenizer, initial_weights
 
 SMALL = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64", "data.seq_len=32"]

@@ -8,6 +8,7 @@ import pytest
 from launch_utils import TINY
 from stackwise_ds.config import StackWiseConfig, apply_overrides
 from stackwise_ds.layout import DORMANT, FROZEN, TRAIN, layer_units
+from stackwise_ds.phases import plan_phases
 from stackwise_ds.placement import (
     LayerCost,
     LayoutError,
@@ -19,7 +20,6 @@ from stackwise_ds.placement import (
     layout_for,
     plan_phase_layouts,
 )
-from stackwise_ds.training.phases import plan_phases
 
 
 def config(*overrides):

@@ -14,8 +14,8 @@ from launch_utils import TINY, results, run_training, state
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.layout import DORMANT, FROZEN, TRAIN, layer_units
 from stackwise_ds.model import create_rack_from_config
+from stackwise_ds.phases import plan_phases
 from stackwise_ds.placement import layout_for
-from stackwise_ds.training.phases import plan_phases
 
 STEPS = 4
 RUN = ("training.training_architecture=stackwise", f"training.steps_per_phase={STEPS}", "training.save_interval=2",

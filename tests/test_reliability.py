@@ -117,7 +117,7 @@ def test_half_written_checkpoint_is_never_resumed_from(tmp_path):
 
 
 def test_resume_tag_is_the_newest_complete_one_even_when_latest_lags(tmp_path):
-    from stackwise_ds.training.checkpointing import TrainingState, find_resume_tag, mark_complete, unmark
+    from stackwise_ds.checkpoint.files import TrainingState, find_resume_tag, mark_complete, unmark
 
     for step in (2, 4, 6):
         (tmp_path / f"step{step:08d}").mkdir()
@@ -130,7 +130,7 @@ def test_resume_tag_is_the_newest_complete_one_even_when_latest_lags(tmp_path):
 
 
 def test_retention_keeps_the_newest_tags_phase_ends_and_latest(tmp_path):
-    from stackwise_ds.training.checkpointing import TrainingState, is_complete, mark_complete, retire_old_tags
+    from stackwise_ds.checkpoint.files import TrainingState, is_complete, mark_complete, retire_old_tags
 
     for step in range(1, 9):  # phases end at steps 3 and 6: the state points at the next phase's step 0
         (tmp_path / f"step{step:08d}").mkdir()
@@ -155,7 +155,7 @@ def test_a_kill_while_deleting_an_old_checkpoint_leaves_a_complete_one_to_resume
     """SIGKILL half-way through deleting a tag (a shim kills the process as it removes a layer file):
     the tag's marker went first, so it is incomplete and never resumed from; the re-run resumes
     from the newest complete tag and its own retention removes the remains."""
-    from stackwise_ds.training.checkpointing import find_resume_tag, is_complete
+    from stackwise_ds.checkpoint.files import find_resume_tag, is_complete
     from test_filesystem_faults import build_fault_shim
 
     out, checkpoints = tmp_path / "run", tmp_path / "run" / "checkpoints"

@@ -13,6 +13,7 @@ import torch
 
 from launch_utils import REPO, results, run_training
 from stackwise_ds.checkpoint.consolidation import TOKENIZER_KEY, consolidate, save_consolidated
+from stackwise_ds.checkpoint.files import CheckpointError
 from stackwise_ds.checkpoint.generate import generate_text
 from stackwise_ds.checkpoint.hf import export_hf, import_hf
 from stackwise_ds.config import StackWiseConfig
@@ -26,7 +27,6 @@ from stackwise_ds.data import (
 )
 from stackwise_ds.data.build import describe_bundle
 from stackwise_ds.model import create_rack_from_config
-from stackwise_ds.training.checkpointing import CheckpointError
 from stackwise_ds.training.data_setup import print_data_summary
 
 # Emoji (incl. a ZWJ sequence), CJK, combining marks, RTL, control characters, a BOM, odd spaces.

@@ -25,12 +25,12 @@ from launch_utils import REPO, free_port, relative_close
 from stackwise_ds import tools_cli
 from stackwise_ds.checkpoint import consolidate, load_rack, read_consolidated
 from stackwise_ds.checkpoint.consolidation import save_consolidated
+from stackwise_ds.checkpoint.files import STATE_FILE, CheckpointError
 from stackwise_ds.checkpoint.generate import GenerationError, generate_text
 from stackwise_ds.checkpoint.hf import ExportError, export_hf, import_hf
 from stackwise_ds.checkpoint.resharding import reshard
 from stackwise_ds.config import ConfigError, StackWiseConfig
 from stackwise_ds.model import create_rack_from_config
-from stackwise_ds.training.checkpointing import STATE_FILE, CheckpointError
 
 WORKER = REPO / "tests" / "_tools_worker.py"
 TAG = "step00000003"

@@ -7,7 +7,7 @@ import sys
 from typing import Callable
 
 from ..config import ConfigError
-from ..training.checkpointing import CheckpointError
+from .files import CheckpointError
 
 USER_ERRORS = (CheckpointError, ConfigError, FileNotFoundError, ValueError, PermissionError)
 

@@ -19,7 +19,7 @@ from ..config import StackWiseConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer_json
 from ..enums import TokenizerKind
 from ..model import Rack, create_rack_from_config
-from ..training.checkpointing import CheckpointError
+from .files import CheckpointError
 from .layers import check_architecture, check_shapes, read_rack_state
 from .locate import resolve_checkpoint
 

@@ -34,8 +34,8 @@ from ..config import ConfigError, StackWiseConfig
 from ..data import TOKENIZER_FILE, Tokenizer, TokenizerError
 from ..data.tokenizer import load_tokenizer_file
 from ..enums import AttentionMode, AttentionType
-from ..training.checkpointing import CheckpointError
 from .consolidation import find_run_tokenizer, load_rack_state, save_consolidated
+from .files import CheckpointError
 
 BLOCK_NAMES = {  # Rack name inside a block -> Llama name inside a decoder layer
     "attn_norm.weight": "input_layernorm.weight",

@@ -20,7 +20,7 @@ import torch
 
 from ..config import StackWiseConfig
 from ..layout import TIED_KEY, LayerUnit, UnitKind, layer_units, stage_boundaries
-from ..training.checkpointing import CheckpointError, unreadable_files
+from .files import CheckpointError, unreadable_files
 from .locate import CheckpointRef
 
 TIED_PREFIX = f"tied_modules.{TIED_KEY}."
@@ -128,7 +128,7 @@ def read_rack_state(ref: CheckpointRef, config: StackWiseConfig | None = None) -
 
 
 def check_architecture(saved: StackWiseConfig, wanted: StackWiseConfig, where) -> None:
-    from ..training.checkpointing import check_same_architecture
+    from .files import check_same_architecture
 
     check_same_architecture(saved.to_dict()["model"], wanted.to_dict()["model"], where)
 

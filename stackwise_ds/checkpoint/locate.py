@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import StackWiseConfig
-from ..training.checkpointing import (
+from .files import (
     LATEST_FILE,
     LAYER_FILE_RE,
     STATE_FILE,

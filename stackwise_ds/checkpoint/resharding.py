@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 import shutil
 import warnings
 from collections import OrderedDict
@@ -47,7 +46,14 @@ from ..data.tokenizer import TOKENIZER_FILE
 from ..enums import LayoutKind
 from ..layout import UnitKind
 from ..parallel.engine import equal_group_splits
-from ..training.checkpointing import MOMENTS_FILE_RE, CheckpointError, TrainingState, mark_complete
+from .files import (
+    MOMENTS_FILE_RE,
+    CheckpointError,
+    TrainingState,
+    engine_state_file,
+    mark_complete,
+    zero_shard_file,
+)
 from .layers import (
     TIED_PREFIX,
     file_layers,
@@ -61,7 +67,6 @@ from .layers import (
 )
 from .locate import LAYER_FILE_RE, CheckpointRef, resolve_checkpoint
 
-OPTIM_RE = re.compile(r"^(bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
 BASE, FP32, PADDINGS = "base_optimizer_state", "single_partition_of_fp32_groups", "group_paddings"
 ALIGN_PADDINGS = "param_alignment_paddings"
 RESULTS_FILE = "results.json"  # the trainer's run summary in <output_dir>
@@ -139,7 +144,7 @@ def source_micro_batches(ref: CheckpointRef) -> int:
     """Micro-batches per optimizer step of the saved layout, summed over its replicas."""
     if ref.state.layout:  # an elastic phase's own data-parallel degree and accumulation
         return ref.state.layout["gradient_accumulation_steps"] * ref.state.layout["data_parallel"]
-    path = ref.path / "mp_rank_00_model_states.pt"
+    path = ref.path / engine_state_file(0)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {ref.path} is partial: {path.name} is missing; use another tag")
     return ref.config.training.gradient_accumulation_steps * int(_load(path).get("dp_world_size", 1))
@@ -176,8 +181,8 @@ def read_source(ref: CheckpointRef, config: StackWiseConfig) -> SourceOptimizer:
     names = pipe_to_rack_names(config)
     source = SourceOptimizer()
     stage = 0
-    while (ref.path / f"mp_rank_{stage:02d}_model_states.pt").is_file():
-        model_state = _load(ref.path / f"mp_rank_{stage:02d}_model_states.pt")
+    while (ref.path / engine_state_file(stage)).is_file():
+        model_state = _load(ref.path / engine_state_file(stage))
         source.model_states.append(model_state)
         _check_supported(model_state, ref.path, stage)
         if model_state.get("param_shapes") is not None:
@@ -235,13 +240,12 @@ def optimizer_files(ref: CheckpointRef, stage: int, model_state: dict, source: S
     dp = int(model_state.get("dp_world_size", 1))
     files = []
     for rank in range(dp):
-        found = [ref.path / f"{prefix}zero_pp_rank_{rank}_mp_rank_{stage:02d}_optim_states.pt"
-                 for prefix in ("", "bf16_")]
+        found = [ref.path / zero_shard_file(rank, stage, bf16) for bf16 in (False, True)]
         found = [p for p in found if p.is_file()]
         if not found:
             raise CheckpointError(
                 f"checkpoint {ref.path} is partial: the optimizer shard of stage {stage}, data-parallel rank {rank} "
-                f"(zero_pp_rank_{rank}_mp_rank_{stage:02d}_optim_states.pt) is missing; use another tag")
+                f"({zero_shard_file(rank, stage)}) is missing; use another tag")
         source.bf16_files = found[0].name.startswith("bf16_")
         files.append(found[0])
     return files
@@ -356,17 +360,16 @@ def write_stages(source: SourceOptimizer, new: StackWiseConfig, target: Path, st
     per_stage = equalised_groups([stage_groups(new, layers, source) for layers in stage_layers(new, stages)])
     for stage, groups in enumerate(per_stage):
         model_state = engine_state(template, groups, source, new, stages, dp)
-        torch.save(model_state, target / f"mp_rank_{stage:02d}_model_states.pt")
+        torch.save(model_state, target / engine_state_file(stage))
         if not groups:
             continue  # a stage without trained parameters has no optimizer, hence no shard
         if source.optim_template is None:
             raise CheckpointError("stage parameters train but the checkpoint holds no optimizer state")
-        prefix = "bf16_" if source.bf16_files else ""
         for rank in range(dp):
             shard = optimizer_shard(groups, source, rank, dp)
             torch.save({"optimizer_state_dict": shard, "ds_config": model_state["ds_config"],
                         "ds_version": model_state.get("ds_version")},
-                       target / f"{prefix}zero_pp_rank_{rank}_mp_rank_{stage:02d}_optim_states.pt")
+                       target / zero_shard_file(rank, stage, source.bf16_files))
 
 
 def engine_state(template: dict, groups: list[NewGroup], source: SourceOptimizer, config: StackWiseConfig,

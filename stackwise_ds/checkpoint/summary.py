@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..config import StackWiseConfig
-from ..layout import LayerUnit, UnitKind
+from ..layout import TRAIN, LayerUnit, UnitKind
+from ..phases import Phase, plan_phases
 from ..placement import PhaseLayout
-from ..training.checkpointing import STATE_FILE, unreadable_files
-from ..training.phases import TRAIN, Phase, plan_phases
+from .files import STATE_FILE, unreadable_files
 from .layers import file_layers, rack_shapes, stage_layers, units_of
 from .locate import CheckpointRef, list_tags, read_latest, resolve_checkpoint, split_path
 

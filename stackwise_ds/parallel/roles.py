@@ -1,6 +1,6 @@
 """Layer roles of one training phase, the stage roles they imply, and the layer gates that enforce them.
 
-Layer roles (``stackwise_ds.layout.LayerRole``, the same as ``stackwise_ds.training.phases``):
+Layer roles (``stackwise_ds.layout.LayerRole``, the same as ``stackwise_ds.phases``):
 
 * ``"train"``   -- normal forward with autograd; parameters go to this stage's optimizer.
 * ``"frozen"``  -- forward under ``torch.no_grad()``; parameters never get a gradient.

@@ -1,1 +1,1 @@
-"""Phases, learning-rate schedules, the training loop and its outputs."""
+"""Learning-rate schedules, the training loop and its outputs (phases: ``stackwise_ds.phases``)."""

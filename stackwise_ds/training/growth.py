@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from ..enums import GrowthOperator
 from ..layout import LayerUnit
-from .phases import Phase
+from ..phases import Phase
 
 
 def unit_sources(old: int, new: int, operator: GrowthOperator) -> dict[int, int]:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.files import CheckpointError
 from ..checkpoint.layers import file_layers, layer_key, rack_name, rack_shapes, read_layer_file, unit_keys, units_of
 from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, is_tag_dir, list_tags, resolve_checkpoint
 from ..config import ConfigError, ModelConfig, StackWiseConfig
@@ -29,7 +30,6 @@ from ..data.tokenizer import load_tokenizer_file, parse_tokenizer_json
 from ..enums import AttentionType, InitGrowth
 from ..layout import UnitKind
 from ..model import build_block
-from .checkpointing import CheckpointError
 from .layer_files import layer_path
 
 RESTACK_HINT = "regroup the source's blocks with python tools/restack.py SOURCE OUT.safetensors --n-stacks N"

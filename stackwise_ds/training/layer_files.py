@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint import files as ckpt
 from ..model import Rack, build_block
 from ..parallel import distributed
 from ..parallel.pipe import local_start
 from ..parallel.roles import unwrap
-from . import checkpointing as ckpt
 
 
 def layer_path(tag_dir: Path, layer: int) -> Path:

@@ -15,7 +15,7 @@ from typing import Callable
 
 from ..config import TrainingConfig
 from ..enums import LrDecay, LrSchedule
-from .phases import Phase
+from ..phases import Phase
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:

@@ -6,7 +6,7 @@ import math
 import sys
 from pathlib import Path
 
-from .phases import Phase
+from ..phases import Phase
 
 
 class Monitor:

@@ -19,7 +19,7 @@ import socket
 import time
 from pathlib import Path
 
-from .checkpointing import CheckpointError
+from ..checkpoint.files import CheckpointError
 
 LOCK_NAME = ".lock"
 

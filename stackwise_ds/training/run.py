@@ -15,10 +15,10 @@ import os
 import sys
 import traceback
 
+from ..checkpoint.files import CheckpointError
 from ..config import ConfigError, StackWiseConfig
 from ..console import VERBOSE_ENV, configure_deepspeed_output, write_line
 from ..parallel.watchdog import describe_failed_peers, install_startup_sigterm_handler, record_input_error, resume_hint
-from .checkpointing import CheckpointError
 from .errors import NonFiniteLossError
 
 USER_ERRORS = (ConfigError, CheckpointError, FileNotFoundError, ValueError, PermissionError, NonFiniteLossError)

@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from .checkpointing import CheckpointError, find_resume_tag
+from ..checkpoint.files import CheckpointError, find_resume_tag
 
 # OS errors that mean "this filesystem takes no more bytes from us"
 NO_ROOM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}

@@ -28,6 +28,7 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from ..checkpoint import files as ckpt
 from ..config import ConfigError, StackWiseConfig
 from ..enums import OptimizerAcrossPhases, Precision
 from ..layout import TRAIN, UnitKind, layer_units
@@ -39,8 +40,8 @@ from ..parallel.optimizer_state import layer_moments, set_layer_moments
 from ..parallel.pipe import data_parallel_rank, rack_to_pipeline, stage_of_rank
 from ..parallel.tied import tied_weight_max_abs_diff
 from ..parallel.watchdog import PeerWatchdog
+from ..phases import Phase, PhaseKind, plan_phases
 from ..placement import PhaseLayout, plan_phase_layouts
-from . import checkpointing as ckpt
 from .errors import NonFiniteLossError
 from .growth import phase_layer_sources
 from .layer_files import load_layers, local_layer_modules, save_unplaced_layers, verify_on_every_rank
@@ -48,7 +49,6 @@ from .lr import phase_lr_lambda
 from .monitor import Monitor
 from .optim import make_optimizer
 from .output_lock import OutputDirLock
-from .phases import Phase, PhaseKind, plan_phases
 from .save_errors import reporting_write_failures, write_probe
 
 
@@ -453,10 +453,9 @@ class ArchitectureTrainer:
         The layer files were verified (CRCs, the right layer) by the placement that just loaded them
         from this same tag (``_place`` runs first on a resume: no layout is placed yet)."""
         stage = self.pipe.stage_id
-        files = [where / f"mp_rank_{stage:02d}_model_states.pt"]
+        files = [where / ckpt.engine_state_file(stage)]
         if engine.optimizer is not None and self.config.parallel.zero_stage == 1:
-            dp_rank = data_parallel_rank(self.pipe)
-            files.append(where / f"zero_pp_rank_{dp_rank}_mp_rank_{stage:02d}_optim_states.pt")
+            files.append(where / ckpt.zero_shard_file(data_parallel_rank(self.pipe), stage))
         return files
 
     # ------------------------------------------------------------------ steps

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..config import StackWiseConfig
-from ..enums import Choice, Prefix, TrainingArchitecture
-from ..layout import DORMANT, FROZEN, TRAIN, LayerUnit, UnitKind  # noqa: F401 - re-exported
+from .config import StackWiseConfig
+from .enums import Choice, Prefix, TrainingArchitecture
+from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, UnitKind  # noqa: F401 - re-exported
 
 
 class PhaseKind(Choice):

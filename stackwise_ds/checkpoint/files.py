@@ -258,6 +258,18 @@ def layer_file_name(layer: int) -> str:
     return f"layer_{layer:02d}-model_states.pt"
 
 
+def engine_state_file(stage: int) -> str:
+    """``mp_rank_01_model_states.pt``: DeepSpeed's engine state (LR scheduler, ``param_shapes``) of pipeline stage
+    ``stage``."""
+    return f"mp_rank_{stage:02d}_model_states.pt"
+
+
+def zero_shard_file(dp_rank: int, stage: int, bf16: bool = False) -> str:
+    """``zero_pp_rank_1_mp_rank_01_optim_states.pt``: DeepSpeed's ZeRO-1 optimizer shard of data-parallel rank
+    ``dp_rank`` in pipeline stage ``stage``; ``bf16_``-prefixed when DeepSpeed's bf16 optimizer wrote it."""
+    return f"{'bf16_' if bf16 else ''}zero_pp_rank_{dp_rank}_mp_rank_{stage:02d}_optim_states.pt"
+
+
 def saved_as_other_layer(file_name: str, archive_names: list[str]) -> int | None:
     """The layer index a layer file was saved for, when it is not the one its name says.
 
