@@ -62,6 +62,14 @@ def state(output_dir: Path, tag: str | None = None) -> dict:
     return json.loads((checkpoints / tag / "stackwise_state.json").read_text())
 
 
+def layer_state(output_dir: Path, global_step: int, layer: int) -> dict:
+    """Pipeline layer ``layer``'s weights in the run's checkpoint of ``global_step``."""
+    import torch
+
+    path = output_dir / "checkpoints" / f"step{global_step:08d}" / f"layer_{layer:02d}-model_states.pt"
+    return torch.load(path, weights_only=True)
+
+
 def scalars(output_dir: Path, tag: str) -> list[tuple[int, float]]:
     """A TensorBoard scalar series, read back with tensorboard's own event reader."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from launch_utils import relative_close, results, run_training, scalars, state
+from launch_utils import layer_state, relative_close, results, run_training, scalars, state
 from stackwise_ds.training.lr import lr_multiplier
 
 pytestmark = pytest.mark.multiprocess
@@ -38,11 +38,6 @@ def carry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("carry")
     run_training(2, out, *WHOLE_THEN_JOINT)
     return out
-
-
-def layer_file(run, step, layer):
-    return torch.load(run / "checkpoints" / f"step{step:08d}" / f"layer_{layer:02d}-model_states.pt",
-                      weights_only=True)
 
 
 def optimizer_step_saved_by_deepspeed(run, step):
@@ -113,10 +108,10 @@ def test_grown_stacks_start_as_their_sources(tmp_path, operator, stacks, depths,
                  "training.steps_per_phase=[2, 1]", f"training.growth_operator={operator}",
                  f"training.stack_lr_scale={scales}")
     for stack, source in copies.items():
-        grown, before = layer_file(tmp_path, 3, 1 + stack), layer_file(tmp_path, 2, 1 + source)
+        grown, before = layer_state(tmp_path, 3, 1 + stack), layer_state(tmp_path, 2, 1 + source)
         assert grown.keys() == before.keys()
         assert all(torch.equal(grown[k], before[k]) for k in grown), (stack, source)
-        assert not torch.equal(grown["attn.q_proj.weight"], layer_file(tmp_path, 2, 1 + stack)["attn.q_proj.weight"])
+        assert not torch.equal(grown["attn.q_proj.weight"], layer_state(tmp_path, 2, 1 + stack)["attn.q_proj.weight"])
     assert optimizer_step_saved_by_deepspeed(tmp_path, 3) == {3}, "the growth kept the optimizer's step count"
 
 

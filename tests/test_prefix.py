@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from launch_utils import TINY, results, run_training, state
+from launch_utils import TINY, layer_state, results, run_training, state
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.layout import DORMANT, FROZEN, TRAIN, layer_units
 from stackwise_ds.model import create_rack_from_config
@@ -65,11 +65,6 @@ def prefix_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("prefix_train")
     run_training(2, out, *RUN)
     return out
-
-
-def layer_state(output_dir, global_step, layer):
-    path = output_dir / "checkpoints" / f"step{global_step:08d}" / f"layer_{layer:02d}-model_states.pt"
-    return torch.load(path, weights_only=True)
 
 
 def same(a, b):

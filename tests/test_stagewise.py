@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from launch_utils import TINY, relative_close, results, run_training, scalars, state
+from launch_utils import TINY, layer_state, relative_close, results, run_training, scalars, state
 from stackwise_ds.config import StackWiseConfig, apply_overrides
 from stackwise_ds.model import create_rack_from_config
 
@@ -24,11 +24,6 @@ STEPS = 4
 def initial_rack(*overrides):
     raw = apply_overrides({}, [*TINY, *overrides])
     return create_rack_from_config(StackWiseConfig.from_dict(raw))
-
-
-def layer_state(output_dir, global_step, layer):
-    path = output_dir / "checkpoints" / f"step{global_step:08d}" / f"layer_{layer:02d}-model_states.pt"
-    return torch.load(path, weights_only=True)
 
 
 def block_layer(stack_id, block_id, blocks_per_stack=2):

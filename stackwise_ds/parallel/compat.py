@@ -113,8 +113,7 @@ REQUIRED_NAMES: tuple[Required, ...] = (
     Required("deepspeed.utils", ATTRIBUTE, ("safe_get_full_optimizer_state", "safe_set_full_optimizer_state")),
     Required("deepspeed.utils.tensor_fragment:tensor_fragment", ATTRIBUTE, ("set_optim_state_fragment",)),
     Required("deepspeed.utils.tensor_fragment:tensor_fragment", MENTIONED, ("param_group_index",)),
-    Required(_ZERO, ATTRIBUTE, ("_lazy_init_hp_params_optimizer_state",)),
-    Required("deepspeed.runtime.bf16_optimizer:BF16_Optimizer", ATTRIBUTE, ("_lazy_init_hp_params_optimizer_state",)),
+    Required("deepspeed.runtime.bf16_optimizer", ATTRIBUTE, ("BF16_Optimizer",)),
     Required(_ZERO, MENTIONED, ("_hp_mapping",)),
 )
 

@@ -18,6 +18,8 @@ moments and the group's carried step; the plain optimizer keeps each parameter's
 from __future__ import annotations
 
 import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import safe_get_full_optimizer_state, safe_set_full_optimizer_state
 from torch import nn
 
@@ -77,7 +79,7 @@ def optimizer_step(optimizer) -> int:
 
 def _wraps_flat_partitions(optimizer) -> bool:
     """DeepSpeed's ZeRO-1/2 and BF16 optimizers (flat fp32 partitions linked to each parameter)."""
-    return hasattr(optimizer, "_lazy_init_hp_params_optimizer_state")
+    return isinstance(optimizer, (DeepSpeedZeroOptimizer, BF16_Optimizer))
 
 
 def _full_moments(optimizer, param: nn.Parameter) -> dict[str, torch.Tensor] | None:

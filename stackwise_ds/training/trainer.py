@@ -145,7 +145,9 @@ class ArchitectureTrainer:
         self._setup_run(rack, dataloader, val_data)
         saved_config, state = self._resume_state()
         phases = plan_phases(cfg)
-        self._check_every_layout(phases[state.phase_index:])
+        # every remaining phase is planned now (deterministic, the same on every rank): a phase that cannot
+        # be placed, e.g. under parallel.max_rank_memory_mb, stops the run before any training, naming it
+        layouts = plan_phase_layouts(phases[state.phase_index:], self.units, cfg, self.world_size, self.bf16)
         finished_before = state.phase_index >= len(phases)
         if saved_config is not None and not finished_before:
             ckpt.check_resumable_changes(saved_config, cfg.to_dict(), self.checkpoint_dir / self.resume_tag)
@@ -158,8 +160,8 @@ class ArchitectureTrainer:
                 self.monitor.message(f"[stackwise] {self.checkpoint_dir} already holds the finished run "
                                      f"({state.global_step} steps); nothing to do, its config.yaml and results.json "
                                      "are kept. Use a new training.output_dir to train again.")
-            for phase in phases[state.phase_index:]:
-                state = self._run_phase(phase, phases, state)
+            for phase, layout in zip(phases[state.phase_index:], layouts, strict=True):
+                state = self._run_phase(phase, layout, phases, state)
         finally:
             self.monitor.close()
         self._retire_pipeline()
@@ -298,17 +300,9 @@ class ArchitectureTrainer:
 
     # ------------------------------------------------------------------ placement
 
-    def _phase_layout(self, phase: Phase) -> PhaseLayout:
-        return plan_phase_layouts([phase], self.units, self.config, self.world_size, self.bf16)[0]
-
-    def _check_every_layout(self, phases: list[Phase]) -> None:
-        """Plan every phase now (the planner is deterministic, the same on every rank): a memory bound
-        that a later phase cannot meet stops the run before any training, naming that phase."""
-        plan_phase_layouts(phases, self.units, self.config, self.world_size, self.bf16)
-
-    def _place(self, layout: PhaseLayout, phase: Phase, state: ckpt.TrainingState) -> None:
+    def _place(self, layout: PhaseLayout, sources: dict[int, int]) -> None:
         """Re-form the pipeline for ``layout``: retire the old one, build this rank's stage, fill it
-        from the newest checkpoint's layer files (with the growth operator applied at a phase start)."""
+        from the newest checkpoint's layer files (``sources``: a growth's layer -> the layer it copies)."""
         self._retire_pipeline()
         self.groups_before = distributed.live_process_groups()
         rack = self.user_rack if self.user_rack is not None else self._build_stage_rack(layout)
@@ -318,7 +312,7 @@ class ArchitectureTrainer:
         self.ds_config = build_ds_config(cfg, layout.data_parallel, layout.gradient_accumulation_steps)
         self.train_source, self.val_source = self._replica_data(layout)
         if self._weights_dir() is not None:
-            load_layers(self.pipe, self._weights_dir(), self._growth_sources(phase, state))
+            load_layers(self.pipe, self._weights_dir(), sources)
 
     def _growth_sources(self, phase: Phase, state: ckpt.TrainingState) -> dict[int, int]:
         """At the start of a growing phase: pipeline layer -> the layer whose weights it starts as."""
@@ -352,20 +346,21 @@ class ArchitectureTrainer:
 
     # ------------------------------------------------------------------ one phase
 
-    def _run_phase(self, phase: Phase, phases: list[Phase], state: ckpt.TrainingState) -> ckpt.TrainingState:
+    def _run_phase(self, phase: Phase, layout: PhaseLayout, phases: list[Phase],
+                   state: ckpt.TrainingState) -> ckpt.TrainingState:
         resuming_mid_phase = self.resume_tag is not None and state.phase_step > 0
-        layout = self._phase_layout(phase)
         if resuming_mid_phase:
             self._check_resumed_layout(layout, state)
+        sources = self._growth_sources(phase, state)
         if not layout.same_placement(self.layout):
-            self._place(layout, phase, state)
-        elif self._growth_sources(phase, state):  # the pipeline stays: re-read the grown layers' sources
-            load_layers(self.pipe, self._weights_dir(), self._growth_sources(phase, state))
+            self._place(layout, sources)
+        elif sources:  # the pipeline stays: re-read the grown layers' sources
+            load_layers(self.pipe, self._weights_dir(), sources)
         self.engine = engine = self._build_engine(phase, phases)
         if resuming_mid_phase:
             self._load_resume_checkpoint(engine)
         elif self._carries_optimizer() and phase.index > 0:
-            self._carry_moments(engine, phases[phase.index - 1], self._growth_sources(phase, state))
+            self._carry_moments(engine, phases[phase.index - 1], sources)
         self.resume_tag = None  # loaded once; later phases continue from memory or the newest tag
         state.layout = layout.to_dict()
         start = state.global_step - state.phase_step
