@@ -415,7 +415,7 @@ class StackWiseConfig:
     def n_units(self) -> int:
         """Units a stage-wise run grows through: stacks (stackwise) or blocks (blockwise)."""
         arch = self.model.architecture
-        if self.training.training_architecture == "blockwise":
+        if self.training.training_architecture == TrainingArchitecture.BLOCKWISE:
             return arch.n_stacks * arch.blocks_per_stack
         return arch.n_stacks
 
@@ -423,11 +423,11 @@ class StackWiseConfig:
         schedule, mode = self.training.depth_schedule, self.training.training_architecture
         if schedule is None:
             return
-        if mode == "rackwise":
+        if mode == TrainingArchitecture.RACKWISE:
             raise ConfigError("training.depth_schedule is set but training.training_architecture is 'rackwise': "
                               "use stackwise (counts stacks) or blockwise (counts blocks), or remove depth_schedule")
         n = self.n_units
-        unit = "stacks" if mode == "stackwise" else "blocks"
+        unit = "stacks" if mode == TrainingArchitecture.STACKWISE else "blocks"
         increasing = all(0 < a < b for a, b in zip(schedule, schedule[1:], strict=False))
         if not schedule or schedule[0] < 1 or not increasing or schedule[-1] != n:
             raise ConfigError(

@@ -46,7 +46,7 @@ class Phase:
 
     @property
     def n_units(self) -> int:
-        return self.n_stacks if self.kind == "stack" else self.n_stacks * self.blocks_per_stack
+        return self.n_stacks if self.kind == PhaseKind.STACK else self.n_stacks * self.blocks_per_stack
 
     @property
     def name(self) -> str:

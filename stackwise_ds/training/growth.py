@@ -20,8 +20,8 @@ continuing and resuming at a phase boundary are the same code path.
 from __future__ import annotations
 
 from ..enums import GrowthOperator
-from ..layout import LayerUnit
-from ..phases import Phase
+from ..layout import LayerUnit, UnitKind
+from ..phases import Phase, PhaseKind
 
 
 def unit_sources(old: int, new: int, operator: GrowthOperator) -> dict[int, int]:
@@ -57,8 +57,8 @@ def phase_layer_sources(units: list[LayerUnit], phase: Phase, operator: GrowthOp
 
 def layer_sources(units: list[LayerUnit], phase: Phase, by_unit: dict[int, int]) -> dict[int, int]:
     """A unit map in pipeline layers: every block of a stack (stackwise), or the block itself."""
-    index = {(u.stack_id, u.block_id): i for i, u in enumerate(units) if u.kind == "block"}
-    if phase.kind == "stack":
+    index = {(u.stack_id, u.block_id): i for i, u in enumerate(units) if u.kind == UnitKind.BLOCK}
+    if phase.kind == PhaseKind.STACK:
         return {index[(dst, b)]: index[(src, b)] for dst, src in by_unit.items()
                 for b in range(phase.blocks_per_stack)}
     return {index[divmod(dst, phase.blocks_per_stack)]: index[divmod(src, phase.blocks_per_stack)]
