@@ -1,0 +1,109 @@
+"""A phase's step loop: training steps, their logging, and validation at the configured intervals."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from ..checkpoint import files as ckpt
+from ..config import TrainingConfig
+from ..parallel import distributed
+from ..phases import Phase
+from .errors import NonFiniteLossError
+from .metrics import RunHistory, log_stage_stats
+from .monitor import Monitor
+
+
+@dataclass
+class PhaseRun:
+    """One phase in training: what its steps use."""
+
+    phase: Phase
+    engine: Any
+    state: ckpt.TrainingState
+    stage: int  # this rank's pipeline stage
+    train_source: Any  # an iterable of micro-batches, or a source positioned by ``at_position``
+    val_source: Any  # a ValidationSet, or None: no validation
+    save: Callable[[], None]  # checkpoint the run mid-phase
+
+
+class StepLoop:
+    """Runs a phase's steps, logs them to the monitor and the history, validates and saves at intervals."""
+
+    def __init__(self, training: TrainingConfig, seq_len: int, n_stacks: int, global_batch: int, monitor: Monitor,
+                 history: RunHistory, checkpoint_dir: Path):
+        self.training = training
+        self.seq_len = seq_len
+        self.n_stacks = n_stacks
+        self.global_batch = global_batch
+        self.monitor = monitor
+        self.history = history
+        self.checkpoint_dir = checkpoint_dir  # named when a step fails
+
+    def train(self, run: PhaseRun, losses: list[float]) -> None:
+        """Train until the phase's step budget is spent, appending each step's loss to ``losses``."""
+        data = train_iterator(run.train_source, run.state.consumed_samples)
+        while run.state.phase_step < run.phase.steps:
+            loss, seconds = self._train_step(run, data)
+            losses.append(loss)
+            self._after_step(run, loss, seconds)
+
+    def _train_step(self, run: PhaseRun, data: Iterator) -> tuple[float, float]:
+        state, phase = run.state, run.phase
+        start = time.perf_counter()
+        loss = float(run.engine.train_batch(data))
+        seconds = time.perf_counter() - start
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss}) at global step {state.global_step + 1}, phase {phase.name} "
+                f"(step {state.phase_step + 1}); the last good checkpoint is kept in {self.checkpoint_dir}. "
+                "Lower training.lr, raise training.warmup_steps or check the data, then re-run to resume")
+        state.phase_step += 1
+        state.global_step += 1
+        state.consumed_samples += self.global_batch
+        return loss, seconds
+
+    def _after_step(self, run: PhaseRun, loss: float, seconds: float) -> None:
+        t, phase, step = self.training, run.phase, run.state.global_step
+        self._log_step(run, loss, seconds)
+        if t.log_interval and step % t.log_interval == 0:
+            log_stage_stats(self.monitor, run.engine, run.stage, self.n_stacks, step)
+        last_step = run.state.phase_step == phase.steps
+        if t.eval_interval and step % t.eval_interval == 0 and not last_step:
+            self.validate(run.engine, run.val_source, step)
+        if t.save_interval and step % t.save_interval == 0 and not last_step:
+            run.save()
+
+    def _log_step(self, run: PhaseRun, loss: float, seconds: float) -> None:
+        engine, phase = run.engine, run.phase
+        tokens_per_s = self.global_batch * self.seq_len / max(seconds, 1e-9)
+        self.history.add_loss(loss)
+        self.monitor.step(phase, loss, tokens_per_s)
+        self.monitor.scalars({"train/loss": loss, f"train/loss_phase{phase.index}": loss,
+                              "train/lr": engine.get_lr()[0] if engine.optimizer is not None else None,
+                              "train/tokens_per_sec": tokens_per_s, "train/step_time_s": seconds,
+                              "train/phase": phase.index}, run.state.global_step)
+
+    def validate(self, engine, val_source, step: int) -> float:
+        """Mean loss over the run's validation micro-batches, whatever the data-parallel degree."""
+        if val_source is None:
+            return float("nan")
+        losses = engine.eval_batch(iter(val_source.batches), num_micro_batches=len(val_source.batches),
+                                   reduce_output=None, bcast_loss=False)
+        real = [float(loss) for loss in losses[:val_source.real]] if engine.is_last_stage() else []
+        rows = distributed.all_gather_floats([sum(real), len(real)])
+        val_loss = sum(r[0] for r in rows) / max(sum(r[1] for r in rows), 1)
+        self.history.add_validation(step, val_loss)
+        self.monitor.scalars({"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50.0))}, step)
+        self.monitor.flush()
+        return val_loss
+
+
+def train_iterator(source, consumed_samples: int) -> Iterator:
+    """An iterator over ``source``'s micro-batches from global sample ``consumed_samples`` (when it can seek)."""
+    if hasattr(source, "at_position"):
+        return iter(source.at_position(consumed_samples))
+    return iter(source)

@@ -1,0 +1,96 @@
+"""This rank's pipeline stage for a phase's layout, and the engine that trains it."""
+
+from __future__ import annotations
+
+import gc
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..config import StackWiseConfig
+from ..layout import LayerUnit, UnitKind
+from ..model import Rack, create_rack_from_config
+from ..parallel import distributed
+from ..parallel.ds_config import build_ds_config
+from ..parallel.engine import build_engine, forget_process_groups
+from ..parallel.pipe import data_parallel_rank, rack_to_pipeline, stage_of_rank
+from ..phases import Phase, PhaseKind
+from ..placement import PhaseLayout
+from .feeds import DataFeeds
+from .layer_files import load_layers, save_unplaced_layers
+from .lr import phase_lr_lambda
+from .optim import make_optimizer
+
+
+class PhasePipeline:
+    """The standing pipeline: re-formed when a phase's layout changes, kept while it stays."""
+
+    def __init__(self, config: StackWiseConfig, rank: int, world_size: int, units: list[LayerUnit],
+                 user_rack: Rack | None, feeds: DataFeeds):
+        self.config = config
+        self.rank = rank
+        self.world_size = world_size
+        self.units = units
+        self.user_rack = user_rack
+        self.feeds = feeds
+        self.pipe = self.engine = self.layout = self.ds_config = None
+        self.groups_before = None  # the process groups before this pipeline's: what retiring it keeps
+        self.train_source = self.val_source = None  # this replica's data in the placed layout
+
+    def take_layout(self, layout: PhaseLayout, weights_dir: Path | None, sources: dict[int, int]) -> None:
+        """Place ``layout`` unless it stands already; a standing pipeline re-reads the grown layers' sources."""
+        if not layout.same_placement(self.layout):
+            self.place(layout, weights_dir, sources)
+        elif sources:
+            load_layers(self.pipe, weights_dir, sources)
+
+    def place(self, layout: PhaseLayout, weights_dir: Path | None, sources: dict[int, int]) -> None:
+        """Re-form the pipeline for ``layout``: retire the old one, build this rank's stage, fill it
+        from ``weights_dir``'s layer files (``sources``: a growth's layer -> the layer it copies)."""
+        self.retire()
+        self.groups_before = distributed.live_process_groups()
+        rack = self.user_rack if self.user_rack is not None else self._build_stage_rack(layout)
+        cfg = self.config
+        self.pipe = rack_to_pipeline(rack, layout, self.world_size, cfg.parallel.activation_checkpoint_interval)
+        self.layout = layout
+        self.ds_config = build_ds_config(cfg, layout.data_parallel, layout.gradient_accumulation_steps)
+        self.train_source, self.val_source = self.feeds.replica(layout, data_parallel_rank(self.pipe))
+        if weights_dir is not None:
+            load_layers(self.pipe, weights_dir, sources)
+
+    def _build_stage_rack(self, layout: PhaseLayout) -> Rack:
+        """The configured Rack with real weights only in this rank's stage of ``layout`` (the rest on meta)."""
+        stage = stage_of_rank(self.rank, layout.pipeline_stages, self.world_size)
+        local = layout.rack_modules(stage, self.units, self.config.model.tie_embeddings)
+        return create_rack_from_config(self.config, materialize=local.__contains__)
+
+    def build_engine(self, phase: Phase, phases: list[Phase]):
+        """A fresh engine for ``phase``: its trainable set, a new optimizer and its LR schedule."""
+        roles = None if phase.kind == PhaseKind.RACK else dict(enumerate(phase.layer_roles(self.pipe.units)))
+        training = self.config.training
+        self.engine = build_engine(self.pipe, self.ds_config, roles,
+                                   optimizer_factory=partial(make_optimizer, training=training, units=self.pipe.units),
+                                   lr_lambda=phase_lr_lambda(phase, phases, training))
+        return self.engine
+
+    def retire(self) -> None:
+        """Destroy the engine, the PipelineModule and every process group they created."""
+        if self.pipe is None:
+            return
+        if self.engine is not None:
+            self.engine.destroy()
+        self.engine = self.pipe = None
+        distributed.destroy_process_groups_except(self.groups_before)
+        forget_process_groups()
+        gc.collect()  # the old stage's modules, engine and ZeRO buffers sit in reference cycles
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def save_unplaced_layers(self, tag_dir: Path, source_dir: Path | None) -> None:
+        """Collective: the files of the layers this layout does not place (see ``save_unplaced_layers``)."""
+        tied = self.config.model.tie_embeddings
+        unplaced = [i for i, unit in enumerate(self.units)
+                    if i not in self.layout.live and not (tied and unit.kind == UnitKind.HEAD)]
+        save_unplaced_layers(tag_dir, unplaced, self.units, self.user_rack, self.config.model,
+                             self.config.training.seed, self.rank, self.world_size, source_dir)
