@@ -131,12 +131,15 @@ class ArchitectureTrainer:
         return prepare_initial_weights(self.config, self.output_dir, rank, world_size)
 
     def _phase_runner(self, rank: int, world_size: int, plan: RunPlan, history: RunHistory, rack: Rack | None,
-                      user_data: tuple) -> PhaseRunner:
+                      user_data: tuple[Iterable | None, Iterable | None]) -> PhaseRunner:
+        """This launch's collaborators: the data (built from config.data unless a dataloader is given),
+        the monitor, the pipeline, the checkpointer and the step loop."""
         cfg, t = self.config, self.config.training
         global_batch = self._global_batch(world_size)
-        bundle = load_run_bundle(cfg, global_batch, plan.init_dir, self.output_dir, rank) \
-            if user_data[0] is None else None
-        feeds = DataFeeds(cfg, world_size, global_batch, bundle, *user_data)
+        dataloader, val_data = user_data
+        bundle = None if dataloader is not None else load_run_bundle(cfg, global_batch, plan.init_dir,
+                                                                     self.output_dir, rank)
+        feeds = DataFeeds(cfg, world_size, global_batch, bundle, dataloader, val_data)
         monitor = Monitor(self.output_dir, enabled=rank == 0, progress_bar=t.progress_bar,
                           log_interval=t.log_interval)
         pipeline = PhasePipeline(cfg, rank, world_size, self._units(), rack, feeds)

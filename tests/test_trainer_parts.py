@@ -1,0 +1,47 @@
+"""The trainer's parts that need no processes: the run history a resume takes over, the train iterator."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from stackwise_ds.training.loop import train_iterator
+from stackwise_ds.training.metrics import RunHistory
+
+
+def _saved_history(tmp_path, n_losses: int) -> None:
+    (tmp_path / "results.json").write_text(json.dumps({
+        "losses": [float(i) for i in range(n_losses)],
+        "val_history": [[0, 5.0], [4, 4.0], [8, 3.0]],
+        "phases": [{"name": "a", "end_global_step": 4}, {"name": "b", "end_global_step": 8}]}))
+
+
+def test_a_resume_takes_over_the_history_up_to_its_checkpoint_only(tmp_path):
+    _saved_history(tmp_path, n_losses=10)
+    history = RunHistory(tmp_path)
+    history.take_over(global_step=6)
+    assert history.results["losses"] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert history.results["val_history"] == [[0, 5.0], [4, 4.0]]
+    assert [p["name"] for p in history.results["phases"]] == ["a"]
+    assert history.val_loss_at(4) == 4.0 and math.isnan(history.val_loss_at(6))
+    assert history.losses_since(4) == [4.0, 5.0]
+
+
+def test_a_history_older_than_the_checkpoint_or_missing_is_not_continued(tmp_path):
+    _saved_history(tmp_path, n_losses=3)  # fewer steps than the checkpoint's: written by an older version
+    history = RunHistory(tmp_path)
+    history.take_over(global_step=6)
+    assert history.results["losses"] == [] and history.results["phases"] == []
+    fresh = RunHistory(tmp_path / "elsewhere")
+    fresh.take_over(global_step=6)
+    assert fresh.results["losses"] == [] and fresh.results["output_dir"] == str(tmp_path / "elsewhere")
+
+
+class _Positioned:
+    def at_position(self, consumed_samples: int):
+        return range(consumed_samples, consumed_samples + 3)
+
+
+def test_the_train_iterator_starts_a_seekable_source_at_the_consumed_sample():
+    assert list(train_iterator(_Positioned(), 7)) == [7, 8, 9]
+    assert list(train_iterator([1, 2], 7)) == [1, 2]  # a plain dataloader is read as given
