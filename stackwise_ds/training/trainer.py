@@ -22,6 +22,7 @@ import resource
 import socket
 import time
 import uuid
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -32,7 +33,7 @@ from ..checkpoint import files as ckpt
 from ..config import ConfigError, StackWiseConfig
 from ..enums import OptimizerAcrossPhases, Precision
 from ..layout import TRAIN, UnitKind, layer_units
-from ..model import Rack, create_rack_from_config
+from ..model import Rack, create_rack_from_config, untie_lm_head
 from ..parallel import distributed
 from ..parallel.ds_config import build_ds_config, resolve_precision
 from ..parallel.engine import build_engine, forget_process_groups
@@ -44,7 +45,7 @@ from ..phases import Phase, PhaseKind, plan_phases
 from ..placement import PhaseLayout, plan_phase_layouts
 from .errors import NonFiniteLossError
 from .growth import phase_layer_sources
-from .layer_files import load_layers, local_layer_modules, save_unplaced_layers, verify_on_every_rank
+from .layer_files import load_layers, local_layer_modules, renamed_state, save_unplaced_layers, verify_on_every_rank
 from .lr import phase_lr_lambda
 from .monitor import Monitor
 from .optim import make_optimizer
@@ -182,16 +183,31 @@ class ArchitectureTrainer:
         self.bf16 = resolve_precision(t.precision) == Precision.BF16
         self.units = layer_units(cfg.model.architecture.n_stacks, cfg.model.architecture.blocks_per_stack)
         self.pipe = self.engine = self.layout = None
+        self.head_tied: bool | None = None  # whether the placed pipeline ties the LM head to the embedding
         self.weights_tag: str | None = None  # the newest checkpoint: where a new placement reads its layers
         self.init_dir: Path | None = None  # training.init_from's layer files, the weights before any checkpoint
         self.results: dict[str, Any] = {"phases": [], "losses": [], "val_history": [],
                                         "output_dir": str(self.output_dir)}
 
-    def _build_stage_rack(self, layout: PhaseLayout) -> Rack:
-        """The configured Rack with real weights only in this rank's stage of ``layout`` (the rest on meta)."""
+    def _build_stage_rack(self, layout: PhaseLayout, tied: bool) -> Rack:
+        """The configured Rack (its head untied unless ``tied``) with real weights only in this rank's stage of
+        ``layout`` (the rest on meta)."""
         stage = stage_of_rank(self.rank, layout.pipeline_stages, self.world_size)
-        local = layout.rack_modules(stage, self.units, self.config.model.tie_embeddings)
-        return create_rack_from_config(self.config, materialize=local.__contains__)
+        local = layout.rack_modules(stage, self.units, tied)
+        model = replace(self.config.model, tie_embeddings=tied)
+        return create_rack_from_config(model, seed=self.config.training.seed, materialize=local.__contains__)
+
+    def _stage_rack(self, layout: PhaseLayout, tied: bool) -> Rack:
+        """The Rack this rank's stage of ``layout`` wraps: the caller's (untied when the phase unties it), or
+        one built here."""
+        if self.user_rack is None:
+            return self._build_stage_rack(layout, tied)
+        if not tied:
+            untie_lm_head(self.user_rack)
+        return self.user_rack
+
+    def _head_tied(self, phase: Phase) -> bool:
+        return self.config.model.tie_embeddings and not phase.untied_head
 
     def _start_watchdog(self) -> PeerWatchdog | None:
         if self.world_size == 1:
@@ -300,25 +316,29 @@ class ArchitectureTrainer:
 
     # ------------------------------------------------------------------ placement
 
-    def _place(self, layout: PhaseLayout, sources: dict[int, int]) -> None:
+    def _place(self, layout: PhaseLayout, sources: dict[int, int], tied: bool) -> None:
         """Re-form the pipeline for ``layout``: retire the old one, build this rank's stage, fill it
         from the newest checkpoint's layer files (``sources``: a growth's layer -> the layer it copies)."""
         self._retire_pipeline()
         self.groups_before = distributed.live_process_groups()
-        rack = self.user_rack if self.user_rack is not None else self._build_stage_rack(layout)
+        rack = self._stage_rack(layout, tied)
         cfg = self.config
         self.pipe = rack_to_pipeline(rack, layout, self.world_size, cfg.parallel.activation_checkpoint_interval)
-        self.layout = layout
+        self.layout, self.head_tied = layout, tied
         self.ds_config = build_ds_config(cfg, layout.data_parallel, layout.gradient_accumulation_steps)
         self.train_source, self.val_source = self._replica_data(layout)
         if self._weights_dir() is not None:
             load_layers(self.pipe, self._weights_dir(), sources)
 
-    def _growth_sources(self, phase: Phase, state: ckpt.TrainingState) -> dict[int, int]:
-        """At the start of a growing phase: pipeline layer -> the layer whose weights it starts as."""
+    def _growth_sources(self, phase: Phase, phases: list[Phase], state: ckpt.TrainingState) -> dict[int, int]:
+        """At the start of a growing phase: pipeline layer -> the layer whose weights it starts as; the head of
+        the first phase that unties it starts as the embedding (layer 0, the tied matrix)."""
         if state.phase_step:
             return {}
-        return phase_layer_sources(self.units, phase, self.config.training.growth_operator)
+        sources = phase_layer_sources(self.units, phase, self.config.training.growth_operator)
+        if phase.index > 0 and self._head_tied(phases[phase.index - 1]) and not self._head_tied(phase):
+            sources[len(self.units) - 1] = 0
+        return sources
 
     def _retire_pipeline(self) -> None:
         """Destroy the engine, the PipelineModule and every process group they created."""
@@ -351,9 +371,10 @@ class ArchitectureTrainer:
         resuming_mid_phase = self.resume_tag is not None and state.phase_step > 0
         if resuming_mid_phase:
             self._check_resumed_layout(layout, state)
-        sources = self._growth_sources(phase, state)
-        if not layout.same_placement(self.layout):
-            self._place(layout, sources)
+        sources = self._growth_sources(phase, phases, state)
+        tied = self._head_tied(phase)
+        if not layout.same_placement(self.layout) or tied != self.head_tied:
+            self._place(layout, sources, tied)
         elif sources:  # the pipeline stays: re-read the grown layers' sources
             load_layers(self.pipe, self._weights_dir(), sources)
         self.engine = engine = self._build_engine(phase, phases)
@@ -408,7 +429,7 @@ class ArchitectureTrainer:
         Continuing and resuming at a phase boundary both read the files, bit for bit alike."""
         tag_dir, modules = self._weights_dir(), local_layer_modules(self.pipe)
         trained = previous.layer_roles(self.units)
-        tied = self.config.model.tie_embeddings  # the tied weight (layer 0's file) trains through the head
+        tied = self._head_tied(previous)  # the tied weight (layer 0's file) trained through the head
         files = {}
         for layer, module in modules.items():
             source = sources.get(layer, layer)
@@ -417,6 +438,10 @@ class ArchitectureTrainer:
                 files[layer] = tag_dir / ckpt.moments_file_name(source)
         verify_on_every_rank(sorted(set(files.values())), tag_dir)
         payloads = {layer: torch.load(path, map_location="cpu", weights_only=True) for layer, path in files.items()}
+        for layer in payloads:  # an untied head's moments start as the tied matrix's, named as the embedding's
+            moments = payloads[layer]["moments"]
+            payloads[layer]["moments"] = renamed_state(moments, self.units[sources.get(layer, layer)],
+                                                       self.units[layer])
         set_layer_moments(engine, modules, payloads)
 
     def _save_moments(self, engine, tag_dir: Path) -> None:
@@ -532,6 +557,7 @@ class ArchitectureTrainer:
         """Checkpoint ``state``; ``moments``: also the per-layer optimizer moments the next phase starts from."""
         tag = ckpt.tag_for(state.global_step)
         state.tied_weight_max_abs_diff = tied_weight_max_abs_diff(self.pipe)
+        state.untied_head = self.config.model.tie_embeddings and not self.head_tied
         self.monitor.scalar("integrity/tied_weight_max_abs_diff", state.tied_weight_max_abs_diff, state.global_step)
         if state.tied_weight_max_abs_diff != 0.0:
             self.monitor.message(f"[stackwise] WARNING: tied weight copies differ by up to "
@@ -568,9 +594,8 @@ class ArchitectureTrainer:
         self.monitor.message(f"[stackwise] checkpoint {tag} saved{deleted}{note}")
 
     def _save_unplaced_layers(self, tag_dir: Path) -> None:
-        tied = self.config.model.tie_embeddings
         unplaced = [i for i, unit in enumerate(self.units)
-                    if i not in self.layout.live and not (tied and unit.kind == UnitKind.HEAD)]
+                    if i not in self.layout.live and not (self.head_tied and unit.kind == UnitKind.HEAD)]
         save_unplaced_layers(tag_dir, unplaced, self.units, self.user_rack, self.config.model,
                              self.config.training.seed, self.rank, self.world_size, self._weights_dir())
 
