@@ -22,7 +22,7 @@ from stackwise_ds.training.layer_files import renamed_state
 
 STEPS = 3
 RUN = ("training.training_architecture=stackwise", "model.architecture.blocks_per_stack=1",
-       f"training.steps_per_phase={STEPS}", "training.save_interval=2")
+       f"training.steps_per_phase={STEPS}", "training.save_interval=2", "training.optimizer_across_phases=carry")
 EMBEDDING, PREFIX, HEAD = 0, 1, 4  # pipeline layers of a 2 x 1-block rack: embedding, 2 blocks, norm, head
 
 
@@ -87,6 +87,19 @@ def test_the_embedding_freezes_with_the_prefix_and_the_head_trains_as_its_copy(g
     assert all(p["val_loss_after"] < p["val_loss_before"] for p in results(greedy_run)["phases"])
 
 
+@pytest.mark.multiprocess
+def test_the_untied_head_starts_with_the_tied_matrix_moments(greedy_run):
+    """Phase 1 runs on one stage x 2 replicas; of its training layers only the head trained before (as the
+    tied matrix), so the optimizer's step count goes on from phase 0's only if the head took layer 0's moments."""
+    assert [(p["layout"]["pipeline_stages"], p["layout"]["data_parallel"])
+            for p in state(greedy_run)["finished_phases"]][1] == (1, 2)
+    tag = greedy_run / "checkpoints" / f"step{2 * STEPS:08d}"
+    shard = torch.load(tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt", weights_only=False)["optimizer_state_dict"]
+    assert {int(s["step"]) for s in shard["base_optimizer_state"]["state"].values()} == {2 * STEPS}
+    moments = torch.load(tag / f"layer_{HEAD:02d}-optim_moments.pt", weights_only=True)
+    assert set(moments["moments"]) == {"lm_head.weight"}
+
+
 def resumed_copy(run, tmp_path, last_kept_step):
     out = tmp_path / "resumed"
     shutil.copytree(run, out)
@@ -129,3 +142,29 @@ def test_the_consolidated_model_carries_the_head_and_gives_the_runs_validation_l
         losses = [float(lm_loss(rack(ids), labels)) for ids, labels in val.batches[:val.real]]
     expected = results(greedy_run)["phases"][-1]["val_loss_after"]
     assert abs(sum(losses) / len(losses) - expected) <= 1e-5 * expected, (losses, expected)
+
+
+@pytest.mark.multiprocess
+def test_export_generate_and_reshard_read_the_untied_head(greedy_run, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from stackwise_ds.checkpoint import load_rack
+    from stackwise_ds.checkpoint.generate import generate_text
+    from stackwise_ds.checkpoint.hf import export_hf
+    from stackwise_ds.checkpoint.resharding import reshard
+
+    rack = load_rack(greedy_run)
+    ids = torch.randint(0, 258, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = rack(ids)
+    export_hf(greedy_run, tmp_path / "hf")
+    hf = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert not hf.config.tie_word_embeddings
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours, atol=1e-4, rtol=0)
+    assert generate_text(greedy_run, "ab", max_new_tokens=4, temperature=0.0).startswith("ab")
+    reshard(greedy_run / "checkpoints" / f"step{2 * STEPS:08d}", tmp_path / "pp2", pipeline_stages=2)
+    resharded = load_rack(tmp_path / "pp2")
+    assert resharded.state_dict().keys() == rack.state_dict().keys()
+    assert all(torch.equal(v, rack.state_dict()[k]) for k, v in resharded.state_dict().items())
+    assert torch.equal(resharded.lm_head.weight, layer_state(greedy_run, 2 * STEPS, HEAD)["lm_head.weight"])
