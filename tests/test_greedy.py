@@ -168,3 +168,19 @@ def test_export_generate_and_reshard_read_the_untied_head(greedy_run, tmp_path):
     assert resharded.state_dict().keys() == rack.state_dict().keys()
     assert all(torch.equal(v, rack.state_dict()[k]) for k, v in resharded.state_dict().items())
     assert torch.equal(resharded.lm_head.weight, layer_state(greedy_run, 2 * STEPS, HEAD)["lm_head.weight"])
+
+
+@pytest.mark.multiprocess
+def test_the_standing_pipeline_is_re_formed_with_an_untied_head(tmp_path):
+    """The fixed 2-stage layout places every layer in both phases; it is built again (plain head, no tied
+    copies) when the head unties: stage 0 (embedding, stack 0) runs forward only in phase 1."""
+    run_training(2, tmp_path, *RUN, "parallel.phase_layout=fixed", "parallel.pipeline_stages=2")
+    embedding = layer_state(tmp_path, STEPS, EMBEDDING)["embedding.weight"]
+    assert torch.equal(layer_state(tmp_path, 2 * STEPS, EMBEDDING)["embedding.weight"], embedding)
+    assert torch.equal(layer_state(tmp_path, 2 * STEPS, PREFIX)["attn.q_proj.weight"],
+                       layer_state(tmp_path, STEPS, PREFIX)["attn.q_proj.weight"])
+    head = layer_state(tmp_path, 2 * STEPS, HEAD)["lm_head.weight"]
+    assert not torch.equal(head, embedding)
+    assert not list((tmp_path / "checkpoints" / f"step{2 * STEPS:08d}").glob("zero_pp_rank_*_mp_rank_00_*")), \
+        "stage 0 holds nothing that trains in phase 1: no optimizer"
+    assert all(p["val_loss_after"] < p["val_loss_before"] for p in results(tmp_path)["phases"])
