@@ -113,12 +113,21 @@ def reshard(checkpoint: str | Path, out_dir: str | Path, pipeline_stages: int, d
     target.mkdir(parents=True, exist_ok=True)
     copy_layer_files(ref, target)
     write_stages(source, new_config, target, pipeline_stages, data_parallel)
-    new_config.to_yaml(Path(out_dir) / "config.yaml")
+    run_config = with_run_model(new_config, ref)
+    run_config.to_yaml(Path(out_dir) / "config.yaml")
     copy_results(ref, Path(out_dir))
     # the files now follow the fixed layout of new_config: no recorded elastic layout to match on resume
-    state = TrainingState(**{**asdict(ref.state), "config": new_config.to_dict(), "layout": {}})
+    state = TrainingState(**{**asdict(ref.state), "config": run_config.to_dict(), "layout": {}})
     mark_complete(out_ckpt, ref.tag, state)  # last: the tag is complete only once everything is there
     return target
+
+
+def with_run_model(config: StackWiseConfig, ref: CheckpointRef) -> StackWiseConfig:
+    """``config`` with the run's own model settings: a tied run whose tag holds an untied head (``untied_head``,
+    read as untied by the tools) keeps resuming under its own tied config."""
+    run = copy.deepcopy(config)
+    run.model.tie_embeddings = StackWiseConfig.from_dict(ref.state.config).model.tie_embeddings
+    return run
 
 
 def new_layout_config(config: StackWiseConfig, stages: int, dp: int, samples: int, out_dir: Path) -> StackWiseConfig:
