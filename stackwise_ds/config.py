@@ -596,6 +596,11 @@ def _parse_choices(section: Any, key: str) -> None:
             setattr(section, f.name, hint.parse(value, where, ConfigError))
 
 
+def section_dict(section: Any) -> dict[str, Any]:
+    """A config section (e.g. ``ModelConfig``) as plain YAML/JSON types, as in ``StackWiseConfig.to_dict()``."""
+    return dataclasses.asdict(section, dict_factory=_plain_dict)
+
+
 def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return {key: value.value if isinstance(value, Enum) else value for key, value in items}
 

@@ -290,11 +290,11 @@ class ArchitectureTrainer:
         from .init_weights import check_run_tokenizer
 
         bundle = load_bundle(self.config)
-        check_run_data(self.config, bundle, self.global_batch)
+        check_run_data(self.config.model, bundle, self.global_batch)
         check_run_tokenizer(self.init_dir, self.config.training.init_from, bundle.tokenizer, self.config.data.tokenizer)
         if self.rank == 0:  # <output_dir>/tokenizer.json: the run's tokens, for tools and users
             bundle.tokenizer.save(self.output_dir / TOKENIZER_FILE)
-            print_data_summary(self.config, bundle)
+            print_data_summary(self.config.data, self.config.model, bundle)
         return bundle
 
     def _replica_data(self, layout: PhaseLayout):
@@ -304,7 +304,8 @@ class ArchitectureTrainer:
         if dataloader is None:
             from .data_setup import replica_data
 
-            train, val = replica_data(self.config, self.bundle, self.global_batch, dp_rank, layout.data_parallel)
+            train, val = replica_data(self.config.training, self.bundle, self.global_batch, dp_rank,
+                                      layout.data_parallel)
             return train, (val if val_data is None else _as_validation_set(val_data))
         base_dp = self.world_size // self.config.pipeline_stages
         if layout.data_parallel != base_dp:
@@ -325,7 +326,8 @@ class ArchitectureTrainer:
         cfg = self.config
         self.pipe = rack_to_pipeline(rack, layout, self.world_size, cfg.parallel.activation_checkpoint_interval)
         self.layout, self.head_tied = layout, tied
-        self.ds_config = build_ds_config(cfg, layout.data_parallel, layout.gradient_accumulation_steps)
+        self.ds_config = build_ds_config(cfg.training, cfg.parallel, layout.data_parallel,
+                                         layout.gradient_accumulation_steps)
         self.train_source, self.val_source = self._replica_data(layout)
         if self._weights_dir() is not None:
             load_layers(self.pipe, self._weights_dir(), sources)
@@ -575,7 +577,7 @@ class ArchitectureTrainer:
                 self._write_results(state, complete=False)
                 from .data_setup import save_tokenizer  # tools find the tokenizer in the tag folder
 
-                save_tokenizer(self.config, self.bundle, self.checkpoint_dir / tag)
+                save_tokenizer(self.config.data, self.config.model, self.bundle, self.checkpoint_dir / tag)
                 ckpt.mark_complete(self.checkpoint_dir, tag, state)
         if self.rank == 0:
             self._announce_and_retire(tag)
