@@ -9,16 +9,26 @@ Every run is a real 2-rank job on the embedded default data, each rank pinned to
 then runs at its fastest on 2 ranks (2 data-parallel replicas), and each stage-wise phase takes
 whatever plan the planner predicts fastest. The modes:
 
-* ``rackwise``: ``R`` steps (the budget; the rack is small, so it sees ~150 tokens per parameter);
-* ``stackwise_frozen_fresh``, ``stackwise_frozen_copy``: greedy stacking (earlier stacks frozen),
-  new stacks fresh or copied from the one before;
-* ``stackwise_train_copy``: progressive stacking (``prefix: train``) with copy_previous;
-* ``blockwise``: one block a phase, frozen prefix, copy_previous;
-* ``<best>+joint``: the stage-wise mode with the lowest loss at the budget, its phases shortened
-  to 75 % of the budget and a closing joint (end-to-end) phase of 25 % of R.
+* ``rackwise``: ``R`` steps (the budget; the rack is small, so it sees ~120 tokens per parameter),
+  one cosine schedule;
+* ``progressive``: today's progressive stacking, the baseline: 4 equal phases (depth 1, 2, 3, 4),
+  every active stack trains (``prefix: train``), a new stack copies the last one, and every phase
+  restarts warmup, cosine and AdamW;
+* ``grow_once`` (Bu 2025, with Gstack's operator): depth 1 for 75 % of the steps, then one growth to
+  4 stacks copying the whole small model (``copy_all``), one continuous warmup-stable-decay schedule
+  and the AdamW moments carried across the growth;
+* ``doubling`` (Gong et al. 2019): depths 1, 2, 4 in equal shares of the steps, ``copy_all``,
+  continuous WSD, moments carried;
+* ``midas`` (Saunshi et al. 2024): depths 1, 2, 3, 4 in equal shares, copies of the middle stacks
+  inserted in the middle (``copy_middle``), continuous WSD, moments carried;
+* ``greedy``: greedy stacking (earlier stacks frozen, ``prefix: frozen``), a new stack copies the
+  last one; from phase 1 on the embedding freezes with the prefix and the LM head trains as an
+  untied copy. (The old greedy, its embedding tied to the head and training, is
+  ``stackwise_frozen_copy`` in ``results/quality_before_growth.json``, the same budget.)
 
-Equal wall-clock: a mode's steps per phase are chosen so that its predicted training time
-(the planner's per-phase step cost relative to a rackwise step) equals R rackwise steps.
+Equal wall-clock: a mode's steps, split over its phases by the mode's shares, are chosen so that
+its predicted training time (the planner's per-phase step cost relative to a rackwise step)
+equals R rackwise steps.
 The prediction is imperfect (start-up, phase changes, small phases), so every figure is read off
 the measured clock instead: validation loss is logged with its wall time since launch, the
 budget ``W`` is rackwise's mean launch-to-exit time, and
@@ -26,10 +36,13 @@ budget ``W`` is rackwise's mean launch-to-exit time, and
 * ``val_loss_at_equal_wall``: the last validation loss at or before ``W`` (mean, sd over seeds);
 * ``wall_to_rackwise_final_loss``: seconds until the seed-mean curve first reaches rackwise's
   final mean validation loss (linear between evaluations), over rackwise's own time (null
-  when never reached).
+  when never reached);
+* ``flops_to_rackwise_final_loss``: the same point counted in training FLOPs (benchmarks/flops.py),
+  over rackwise's FLOPs to it.
 
-Runs go seed-major (every mode of seed 0, then seed 1, ...) so slow drifts of the machine spread
-over all modes. The learning rate is the default for every mode: nothing is tuned per mode.
+The warmup is 5 % of each schedule: of every phase with ``lr_schedule: per_phase``, of the whole
+run with ``continuous``. Runs go seed-major (every mode of seed 0, then seed 1, ...) so slow drifts
+of the machine spread over all modes. The learning rate is the default for every mode: nothing is tuned per mode.
 """
 
 from __future__ import annotations
@@ -57,18 +70,30 @@ MODEL = {
     "training.lr": 0.01, "training.progress_bar": False, "parallel.pipeline_stages": 1,
     "parallel.phase_layout": "elastic",
 }
-STAGEWISE = {"stackwise": {"training.training_architecture": "stackwise"},
-             "blockwise": {"training.training_architecture": "blockwise"}}
+PROGRESSIVE = {"training.training_architecture": "stackwise", "training.prefix": "train"}
+# The growth recipe of the literature: one schedule over the run, moments kept across growths.
+ONE_SCHEDULE = {"training.lr_schedule": "continuous", "training.lr_decay": "wsd",
+                "training.optimizer_across_phases": "carry"}
+GREEDY = {"training.training_architecture": "stackwise", "training.prefix": "frozen",
+          "training.growth_operator": "copy_last"}
+
+
+@dataclass(frozen=True)
+class Mode:
+    values: dict           # config overrides (besides MODEL and the step counts)
+    shares: tuple = ()     # each phase's share of the mode's steps; () = equal phases
+
+
 MODES = {
-    "rackwise": {"training.training_architecture": "rackwise"},
-    "stackwise_frozen_fresh": {**STAGEWISE["stackwise"], "training.growth_operator": "fresh"},
-    "stackwise_frozen_copy": {**STAGEWISE["stackwise"], "training.growth_operator": "copy_last"},
-    "stackwise_train_copy": {**STAGEWISE["stackwise"], "training.growth_operator": "copy_last",
-                             "training.prefix": "train"},
-    "blockwise": {**STAGEWISE["blockwise"], "training.growth_operator": "copy_last"},
+    "rackwise": Mode({"training.training_architecture": "rackwise"}),
+    "progressive": Mode({**PROGRESSIVE, "training.growth_operator": "copy_last"}),
+    "grow_once": Mode({**PROGRESSIVE, **ONE_SCHEDULE, "training.depth_schedule": [1, 4],
+                       "training.growth_operator": "copy_all"}, shares=(0.75, 0.25)),
+    "doubling": Mode({**PROGRESSIVE, **ONE_SCHEDULE, "training.depth_schedule": [1, 2, 4],
+                      "training.growth_operator": "copy_all"}),
+    "midas": Mode({**PROGRESSIVE, **ONE_SCHEDULE, "training.growth_operator": "copy_middle"}),
+    "greedy": Mode(GREEDY),
 }
-JOINT = "+joint"
-JOINT_FRACTION = 0.25  # share of R given to the closing joint phase of '<best>+joint'
 EVALS = 12             # validations spread over a run (besides those at phase ends)
 EVAL_BATCHES = 8
 WARMUP_FRACTION = 0.05  # of each phase's steps
@@ -99,24 +124,24 @@ def predicted_phase_costs(values: dict) -> list[float]:
 
 
 def mode_steps(mode: str, rack_steps: int) -> dict:
-    """The step settings that spend R rackwise steps' predicted time in ``mode``."""
-    base = mode.removesuffix(JOINT)
-    if base == "rackwise":
+    """The step settings that spend R rackwise steps' predicted time in ``mode``: total steps S split
+    by the mode's shares, with sum(S * share * cost) = R."""
+    if mode == "rackwise":
         return {"training.max_steps": rack_steps}
-    costs = predicted_phase_costs({**MODEL, **MODES[base], "training.steps_per_phase": 1})
-    joint = round(JOINT_FRACTION * rack_steps) if mode.endswith(JOINT) else 0
-    per_phase = max(2, round((rack_steps - joint) / sum(costs)))
-    return {"training.steps_per_phase": per_phase, "training.joint_steps": joint}
+    costs = predicted_phase_costs({**MODEL, **MODES[mode].values, "training.steps_per_phase": 1})
+    shares = MODES[mode].shares or (1 / len(costs),) * len(costs)
+    total = rack_steps / sum(share * cost for share, cost in zip(shares, costs, strict=True))
+    return {"training.steps_per_phase": [max(2, round(total * share)) for share in shares]}
 
 
 def run_values(mode: str, seed: int, rack_steps: int, out: Path) -> dict:
-    steps = mode_steps(mode, rack_steps)
-    phase_steps = steps.get("training.max_steps") or steps["training.steps_per_phase"]
-    total = len(step_flops_schedule(build_config({**MODEL, **MODES[mode.removesuffix(JOINT)], **steps})))
-    return {**MODEL, **MODES[mode.removesuffix(JOINT)], **steps, "training.seed": seed,
-            "training.output_dir": str(out), "training.save_interval": 0, "training.eval_batches": EVAL_BATCHES,
-            "training.eval_interval": max(1, total // EVALS), "training.log_interval": 50,
-            "training.warmup_steps": max(2, round(WARMUP_FRACTION * phase_steps))}
+    values = {**MODEL, **MODES[mode].values, **mode_steps(mode, rack_steps)}
+    total = len(step_flops_schedule(build_config(values)))
+    per_phase = values.get("training.lr_schedule", "per_phase") == "per_phase"
+    schedule_steps = min(values.get("training.steps_per_phase", [total])) if per_phase else total
+    return {**values, "training.seed": seed, "training.output_dir": str(out), "training.save_interval": 0,
+            "training.eval_batches": EVAL_BATCHES, "training.eval_interval": max(1, total // EVALS),
+            "training.log_interval": 50, "training.warmup_steps": max(2, round(WARMUP_FRACTION * schedule_steps))}
 
 
 # ----------------------------------------------------------------------------- running
@@ -146,10 +171,7 @@ def measure_quality(plan: QualityPlan, work: Path, log) -> dict:
         for mode in MODES:
             runs[mode].append(run_mode(mode, seed, plan, work, log))
     budget_s = statistics.mean(r["wall_s"] for r in runs["rackwise"])
-    best = min((m for m in MODES if m != "rackwise"), key=lambda m: loss_at(runs[m], budget_s)[0])
-    log(f"  best stage-wise mode at the budget: {best}; adding a closing joint phase")
-    runs[best + JOINT] = [run_mode(best + JOINT, seed, plan, work, log) for seed in plan.seeds]
-    return summarise(runs, plan, budget_s, best)
+    return summarise(runs, plan, budget_s)
 
 
 # ----------------------------------------------------------------------------- reading the curves
@@ -164,15 +186,15 @@ def loss_at(mode_runs: list[dict], wall_s: float) -> tuple[float, float, list[fl
     return statistics.mean(per_seed), sd, per_seed
 
 
-def mean_curve(mode_runs: list[dict]) -> list[tuple[float, float]]:
-    """(wall, loss) averaged over seeds point by point (the seeds evaluate at the same steps)."""
+def mean_curve(mode_runs: list[dict], x_key: str = "wall_s") -> list[tuple[float, float]]:
+    """(wall or FLOPs, loss) averaged over seeds point by point (the seeds evaluate at the same steps)."""
     n = min(len(r["curve"]) for r in mode_runs)
-    return [(statistics.mean(r["curve"][i]["wall_s"] for r in mode_runs),
+    return [(statistics.mean(r["curve"][i][x_key] for r in mode_runs),
              statistics.mean(r["curve"][i]["val_loss"] for r in mode_runs)) for i in range(n)]
 
 
 def first_reach(curve: list[tuple[float, float]], target: float) -> float | None:
-    """Seconds at which ``curve`` first gets to ``target`` or below, linear between points."""
+    """Where (seconds or FLOPs) ``curve`` first gets to ``target`` or below, linear between points."""
     for (w0, l0), (w1, l1) in itertools.pairwise(curve):
         if l1 <= target:
             if l0 <= target:
@@ -181,28 +203,34 @@ def first_reach(curve: list[tuple[float, float]], target: float) -> float | None
     return curve[0][0] if curve and curve[0][1] <= target else None
 
 
-def summarise(runs: dict[str, list[dict]], plan: QualityPlan, budget_s: float, best: str) -> dict:
+def summarise(runs: dict[str, list[dict]], plan: QualityPlan, budget_s: float) -> dict:
     rack_curve, parameters = mean_curve(runs["rackwise"]), parameter_count()
     target = rack_curve[-1][1]
     rack_time = first_reach(rack_curve, target)
-    at_wall, to_target, reach_s = {}, {}, {}
+    rack_flops = first_reach(mean_curve(runs["rackwise"], "flops"), target)
+    at_wall, to_target, reach_s, flops_to_target = {}, {}, {}, {}
     for mode, mode_runs in runs.items():
         mean, sd, seeds = loss_at(mode_runs, budget_s)
         at_wall[mode] = {"mean": round(mean, 4), "sd": round(sd, 4), "seeds": [round(s, 4) for s in seeds]}
         reach = first_reach(mean_curve(mode_runs), target)
         reach_s[mode] = None if reach is None else round(reach, 1)
         to_target[mode] = None if reach is None else round(reach / rack_time, 3)
+        flops = first_reach(mean_curve(mode_runs, "flops"), target)
+        flops_to_target[mode] = None if flops is None else round(flops / rack_flops, 3)
+    stagewise = {m: r for m, r in to_target.items() if m != "rackwise" and r is not None}
     return {
         "val_loss_at_equal_wall": at_wall,
         "wall_to_rackwise_final_loss": to_target,
+        "flops_to_rackwise_final_loss": flops_to_target,
         "budget": {"wall_s": round(budget_s, 1), "rackwise_steps": plan.rack_steps, "seeds": list(plan.seeds),
                    "rackwise_final_mean_val_loss": round(target, 4), "rackwise_time_to_it_s": round(rack_time, 1),
                    "rackwise_last_quarter_gain": round(last_quarter_gain(rack_curve), 4),
                    "rackwise_last_quarter_share_of_drop": round(last_quarter_share_of_drop(rack_curve), 4),
                    "parameters": parameters, "rackwise_tokens_per_parameter":
                        round(plan.rack_steps * tokens_per_rackwise_step() / parameters),
-                   "ranks": len(CORES), "pinned_cores": CORES, "model": MODEL, "modes": MODES,
-                   "joint_fraction": JOINT_FRACTION, "best_stagewise": best},
+                   "ranks": len(CORES), "pinned_cores": CORES, "model": MODEL,
+                   "modes": {m: {**mode.values, "shares": list(mode.shares)} for m, mode in MODES.items()},
+                   "best_stagewise": min(stagewise, key=stagewise.get) if stagewise else None},
         "detail": {mode: {"steps": mode_runs[0]["steps"],
                           "run_wall_s": round(statistics.mean(r["wall_s"] for r in mode_runs), 1),
                           "run_wall_vs_budget": round(statistics.mean(r["wall_s"] for r in mode_runs) / budget_s, 3),
@@ -250,14 +278,18 @@ def quality_table(q: dict) -> str:
              f"{100 * b['rackwise_last_quarter_gain']:.1f} % over its last quarter "
              f"({100 * b['rackwise_last_quarter_share_of_drop']:.1f} % of its whole drop).", "",
              "| mode | val loss at equal wall (mean ± sd) | wall to rackwise's final loss (× rackwise) | "
-             "run wall / budget | steps |", "|---|---|---|---|---|"]
+             "FLOPs to it (× rackwise) | run wall / budget | steps |", "|---|---|---|---|---|---|"]
     for mode, v in q["val_loss_at_equal_wall"].items():
-        ratio = q["wall_to_rackwise_final_loss"][mode]
+        wall, flops = q["wall_to_rackwise_final_loss"][mode], q["flops_to_rackwise_final_loss"][mode]
         d = q["detail"][mode]
         steps = ", ".join(f"{k.split('.')[-1]} {s}" for k, s in d["steps"].items() if s)
-        lines.append(f"| {mode} | {v['mean']:.3f} ± {v['sd']:.3f} | {'never' if ratio is None else f'{ratio:.2f}'} | "
+        lines.append(f"| {mode} | {v['mean']:.3f} ± {v['sd']:.3f} | {_ratio(wall)} | {_ratio(flops)} | "
                      f"{d['run_wall_vs_budget']:.2f} | {steps} |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f}"
 
 
 def main() -> None:

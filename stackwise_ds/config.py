@@ -158,6 +158,10 @@ class TrainingConfig:
     prefix: Prefix = Prefix.FROZEN
     """Stackwise/blockwise: the units a phase does not add are 'frozen' (forward only) or 'train' (progressive
     stacking: every active unit trains)."""
+    freeze_embedding: bool = True
+    """prefix 'frozen': from the second phase on, the input embedding freezes with the prefix, so the frozen units'
+    input never moves; a tied LM head then trains as its own copy of the embedding (the run's checkpoints from that
+    phase on hold an untied head). false: a tied head keeps training the shared matrix under the frozen units."""
     optimizer_across_phases: OptimizerAcrossPhases = OptimizerAcrossPhases.RESTART
     """'restart' (a fresh AdamW every phase) or 'carry' (AdamW moments and step count of every parameter that keeps
     training pass to the next phase, across any re-placement and ZeRO-1 re-sharding; grown units start with their
@@ -590,6 +594,11 @@ def _parse_choices(section: Any, key: str) -> None:
             _parse_choices(value, where)
         elif isinstance(hint, type) and issubclass(hint, Choice):
             setattr(section, f.name, hint.parse(value, where, ConfigError))
+
+
+def section_dict(section: Any) -> dict[str, Any]:
+    """A config section (e.g. ``ModelConfig``) as plain YAML/JSON types, as in ``StackWiseConfig.to_dict()``."""
+    return dataclasses.asdict(section, dict_factory=_plain_dict)
 
 
 def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -79,6 +79,13 @@ class AttentionMode(Choice):
     BIDIRECTIONAL = "bidirectional"
 
 
+class KernelFeatureMap(Choice):
+    """The positive feature map of kernel attention (``model.kernel.feature_map``)."""
+
+    ELU = "elu"
+    RELU = "relu"
+
+
 class Prefix(Choice):
     FROZEN = "frozen"
     TRAIN = "train"

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import StackWiseConfig
+from .config import ModelConfig, StackWiseConfig, TrainingConfig
 from .enums import Choice, Prefix, TrainingArchitecture
 from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, UnitKind  # noqa: F401 - re-exported
 
@@ -38,6 +38,7 @@ class Phase:
     active: int | None = None  # units (stacks for kind "stack", blocks for "block") active in this phase
     new_from: int = 0  # first unit this phase adds: units [new_from, active) are new, those before were active
     prefix_trains: bool = False  # the units active before this phase train too (training.prefix: train)
+    untied_head: bool = False  # a tied rack's LM head trains as its own copy of the frozen embedding
 
     @property
     def unit(self) -> int | None:
@@ -83,7 +84,8 @@ class Phase:
         """The embedding trains in the first phase (and in every phase when the prefix trains);
         otherwise its lookup is frozen compute afterwards.
 
-        A tied embedding still learns through the LM head, which always trains.
+        A tied embedding still learns through the LM head, which always trains, unless the phase
+        unties the head (``untied_head``, training.freeze_embedding).
         """
         return TRAIN if self.trains_everything or self.new_from == 0 or self.prefix_trains else FROZEN
 
@@ -115,8 +117,16 @@ def plan_phases(config: StackWiseConfig) -> list[Phase]:
     depths = t.depth_schedule if t.depth_schedule is not None else list(range(1, n + 1))
     steps = t.steps_per_phase if isinstance(t.steps_per_phase, list) else [t.steps_per_phase] * n
     prefix_trains = t.prefix == Prefix.TRAIN
+    untie = unties_head(config.model, t)
     phases = [Phase(i, kind, steps[i], active=depths[i], new_from=depths[i - 1] if i else 0,
-                    prefix_trains=prefix_trains, **shape) for i in range(n)]
-    if t.joint_steps > 0:
-        phases.append(Phase(n, PhaseKind.JOINT, t.joint_steps, **shape))
+                    prefix_trains=prefix_trains, untied_head=untie and i > 0, **shape) for i in range(n)]
+    if t.joint_steps > 0:  # once untied, the head stays its own matrix
+        phases.append(Phase(n, PhaseKind.JOINT, t.joint_steps, untied_head=untie and n > 1, **shape))
     return phases
+
+
+def unties_head(model: ModelConfig, t: TrainingConfig) -> bool:
+    """Whether a stage-wise run's phases after the first freeze the embedding and train an untied copy of a
+    tied LM head (``prefix: frozen`` with ``freeze_embedding``): the tied head would drag the embedding,
+    and with it the input of the frozen units."""
+    return model.tie_embeddings and t.prefix == Prefix.FROZEN and t.freeze_embedding

@@ -33,7 +33,7 @@ no optimizer state, no stashed activations.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from .config import ModelConfig, StackWiseConfig
@@ -320,8 +320,10 @@ def plan_phase_layouts(phases, units: list[LayerUnit], config: StackWiseConfig, 
     layouts = []
     for phase in phases:
         elastic = phase.stage_wise and config.parallel.phase_layout == ELASTIC
+        # an untied head holds its own weights, gradients and moments
+        planned = replace(config, model=replace(config.model, tie_embeddings=False)) if phase.untied_head else config
         try:
-            layouts.append(layout_for(phase.layer_roles(units), config, world_size, bf16, elastic))
+            layouts.append(layout_for(phase.layer_roles(units), planned, world_size, bf16, elastic))
         except LayoutError as exc:
             raise LayoutError(f"phase {phase.index + 1} ({phase.name}) cannot be placed: {exc}") from exc
     return layouts

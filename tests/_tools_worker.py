@@ -55,11 +55,12 @@ def build(spec: dict, world_size: int):
                                           gradient_accumulation_steps=GLOBAL_BATCH // MICRO // dp)
     config = StackWiseConfig.from_dict(raw)
     rack = create_rack_from_config(config)
-    pipe = rack_to_pipeline(rack, layout_for([TRAIN] * len(units_of(config)), config, world_size, False, elastic=False),
+    roles = [TRAIN] * len(units_of(config.model))
+    pipe = rack_to_pipeline(rack, layout_for(roles, config, world_size, False, elastic=False),
                             world_size)
     # The trainer's own engine and optimizer factory (rackwise: every layer trains): its parameter
     # groups, split to equal counts across stages, are what reshard must reproduce.
-    engine = build_engine(pipe, build_ds_config(config, dp), None,
+    engine = build_engine(pipe, build_ds_config(config.training, config.parallel, dp), None,
                           partial(make_optimizer, training=config.training, units=pipe.units),
                           lr_lambda=lambda step: min(1.0, (step + 1) / 3))
     return config, engine, dp

@@ -311,8 +311,9 @@ def test_reset_parameters_uses_gpt2_init():
     ((32, 64, 4, 8, "gqa"), {}, r"n_kv_heads \(8\) cannot exceed n_heads \(4\)"),
     ((32, 64, 4, 2, "mha"), {}, r"'mha' uses n_kv_heads == n_heads \(4\).*use attention_type 'gqa'"),
     ((32, 64, 4, 2, "mla"), {}, r"'mla' uses n_kv_heads == n_heads"),
-    ((32, 64, 4, None, "flash"), {}, r"unknown attention_type 'flash': choose one of mha, gqa, mla, kernel"),
-    ((32, 64, 4, None, "mha", "sideways"), {}, r"unknown attention_mode 'sideways': choose one of causal, bidirect"),
+    ((32, 64, 4, None, "flash"), {}, r"^attention_type is 'flash' but must be one of: mha, gqa, mla, kernel$"),
+    ((32, 64, 4, None, "mha", "sideways"), {},
+     r"^attention_mode is 'sideways' but must be one of: causal, bidirectional$"),
     ((0, 64, 4), {}, r"d_model \(0\) must be positive"),
     ((32, 0, 4), {}, r"d_ff \(0\) must be positive"),
     ((32, 64, 0), {}, r"n_heads \(0\) must be positive"),
@@ -333,7 +334,7 @@ def test_reset_parameters_uses_gpt2_init():
     ((32, 64, 4, None, "mla"), {"mla_q_lora_rank": -1}, r"mla_q_lora_rank \(-1\) must be >= 0: use 0 to project"),
     ((32, 64, 4, None, "kernel"), {"kernel_chunk_size": 0}, r"kernel_chunk_size \(0\) must be positive"),
     ((32, 64, 4, None, "kernel"), {"kernel_feature_map": "softmax"},
-     r"unknown kernel_feature_map 'softmax': choose one of elu, relu"),
+     r"^kernel_feature_map is 'softmax' but must be one of: elu, relu$"),
 ])
 def test_invalid_configuration_raises_a_helpful_error(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -343,7 +344,7 @@ def test_invalid_configuration_raises_a_helpful_error(args, kwargs, match):
 def test_build_attention_validates_like_block():
     common = dict(max_seq_len=64, rope_theta=1e4, dropout=0.0, mla_kv_lora_rank=16, mla_q_lora_rank=0,
                   mla_rope_head_dim=4, kernel_feature_map="elu", kernel_chunk_size=8)
-    with pytest.raises(ValueError, match="unknown attention_type 'linear'"):
+    with pytest.raises(ValueError, match="^attention_type is 'linear' but must be one of: mha, gqa, mla, kernel$"):
         build_attention("linear", D, H, None, "causal", **common)
     expected = {"mha": MultiHeadAttention, "gqa": MultiHeadAttention, "mla": MultiHeadLatentAttention,
                 "kernel": KernelAttention}

@@ -194,7 +194,7 @@ def test_unset_pipeline_depth_is_the_largest_that_divides_stacks_and_world(n_sta
 def test_ds_config_is_filled_from_yaml_and_contradictions_fail(tmp_path):
     config = StackWiseConfig.from_dict({"training": {"micro_batch_size": 2, "gradient_accumulation_steps": 3,
                                                      "grad_clip": 0.5, "precision": "fp32"}})
-    ds = build_ds_config(config, data_parallel_size=2)
+    ds = build_ds_config(config.training, config.parallel, data_parallel_size=2)
     assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
     assert ds["zero_optimization"]["stage"] == 1 and ds["bf16"]["enabled"] is False
@@ -203,10 +203,10 @@ def test_ds_config_is_filled_from_yaml_and_contradictions_fail(tmp_path):
     template.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4}))
     clash = StackWiseConfig.from_dict({"training": {"micro_batch_size": 2}, "parallel": {"ds_config": str(template)}})
     with pytest.raises(ConfigError, match="sets train_micro_batch_size_per_gpu = 4 but the run config gives 2"):
-        build_ds_config(clash, 1)
+        build_ds_config(clash.training, clash.parallel, 1)
     template.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match="has an 'optimizer' section"):
-        build_ds_config(clash, 1)
+        build_ds_config(clash.training, clash.parallel, 1)
 
 
 def test_user_paths_are_expanded(monkeypatch, tmp_path):
@@ -224,7 +224,7 @@ def test_malformed_override_value_and_non_object_ds_config(tmp_path):
     template.write_text("[1, 2]")
     config = StackWiseConfig.from_dict({"parallel": {"ds_config": str(template)}})
     with pytest.raises(ConfigError, match="holds a JSON list, not an object"):
-        build_ds_config(config, 1)
+        build_ds_config(config.training, config.parallel, 1)
 
 
 def test_resume_of_a_checkpoint_older_than_a_setting_compares_with_the_default(tmp_path):

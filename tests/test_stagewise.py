@@ -89,8 +89,9 @@ def test_stackwise_phase_bookkeeping_and_validation(stackwise_run):
 
 
 def test_blockwise_tied_two_stages(tmp_path):
+    # freeze_embedding=false: the tied weight on a frozen first stage and a training last stage (the old greedy mode)
     run_training(2, tmp_path, "training.training_architecture=blockwise", "training.steps_per_phase=2",
-                 "training.eval_interval=0")
+                 "training.eval_interval=0", "training.freeze_embedding=false")
     init = initial_rack()
     res = results(tmp_path)
     assert len(res["phases"]) == 4

@@ -149,7 +149,7 @@ def test_the_data_summary_line_and_a_bpe_short_of_its_vocabulary(tmp_path, capsy
     reached = built.tokenizer.vocab_size
     assert reached < 100_000
     config = StackWiseConfig.from_dict({"data": {"tokenizer": "bpe"}, "model": {"vocab_size": 100_000}})
-    print_data_summary(config, bpe_bundle(tmp_path, "c", vocab_size=100_000))
+    print_data_summary(config.data, config.model, bpe_bundle(tmp_path, "c", vocab_size=100_000))
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"[stackwise] data: packed windows loaded from cache entry {built.cache_path} (")
     assert f"tokenizer: a {reached:,}-token BPE trained on the training split" in lines[0]

@@ -367,11 +367,11 @@ def test_truncated_layer_file_is_reported_by_inspect_consolidate_and_generate(pp
 def test_checkpoint_of_another_architecture_is_refused(pp2_run, tmp_path):
     other = StackWiseConfig.from_dict({**TIED_GQA, "model": {**TIED_GQA["model"], "d_model": 64}})
     with pytest.raises(CheckpointError, match="another architecture.*model.d_model: checkpoint 32 vs config 64"):
-        load_rack(pp2_run["dir"], config=other)
+        load_rack(pp2_run["dir"], model=other.model)
     out = tmp_path / "m.safetensors"
     consolidate(pp2_run["dir"], out)
     with pytest.raises(CheckpointError, match="another architecture"):
-        load_rack(out, config=other)
+        load_rack(out, model=other.model)
 
 
 def test_generate_refuses_a_bidirectional_rack(tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import StackWiseConfig
+from ..config import DataConfig, ModelConfig, StackWiseConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer_json
 from ..enums import TokenizerKind
 from ..model import Rack, create_rack_from_config
@@ -33,8 +33,8 @@ RackState = OrderedDict[str, torch.Tensor]  # Rack parameter name -> tensor (a t
 def consolidate(checkpoint: str | Path, out: str | Path, tag: str | None = None) -> Path:
     """Write the weights of ``checkpoint`` (any number of stages) to ``out`` (.safetensors)."""
     ref = resolve_checkpoint(checkpoint, tag)
-    state = read_rack_state(ref)
-    return save_consolidated(state, ref.config, out, tag_tokenizer(ref.path, ref.config))
+    state, config = read_rack_state(ref), ref.config
+    return save_consolidated(state, config, out, tag_tokenizer(ref.path, config.data, config.model))
 
 
 def tokenizer_metadata(tokenizer: Tokenizer | None) -> dict[str, str]:
@@ -47,20 +47,20 @@ def tokenizer_metadata(tokenizer: Tokenizer | None) -> dict[str, str]:
     return entries
 
 
-def tag_tokenizer(tag_dir: Path, config: StackWiseConfig) -> Tokenizer | None:
+def tag_tokenizer(tag_dir: Path, data: DataConfig, model: ModelConfig) -> Tokenizer | None:
     """The tokenizer saved in a checkpoint tag; the byte tokenizer for a byte run saved without one
     (older versions); None when unknown."""
     path = Path(tag_dir) / TOKENIZER_FILE
     if path.is_file():
         return load_tokenizer_json(path.read_text(encoding="utf-8"), str(path))
-    return _byte_fallback(config)
+    return _byte_fallback(data, model)
 
 
-def _byte_fallback(config: StackWiseConfig) -> Tokenizer | None:
+def _byte_fallback(data: DataConfig, model: ModelConfig) -> Tokenizer | None:
     # Only a vocabulary of exactly the byte tokenizer's 258 ids: data.tokenizer is also 'byte' (the default)
     # in the config of a model imported without a tokenizer (tools/import_hf.py), whose ids >= 258 the byte
     # tokenizer would silently drop; a byte run saved by this version always carries its tokenizer.json.
-    if config.data.tokenizer == TokenizerKind.BYTE and config.model.vocab_size == ByteTokenizer().vocab_size:
+    if data.tokenizer == TokenizerKind.BYTE and model.vocab_size == ByteTokenizer().vocab_size:
         return ByteTokenizer()
     return None
 
@@ -75,7 +75,7 @@ def save_consolidated(state: dict[str, torch.Tensor], config: StackWiseConfig, o
     out.parent.mkdir(parents=True, exist_ok=True)
     if config.model.tie_embeddings:  # a Rack's state_dict lists the tied head too: store the matrix once
         state = {name: t for name, t in state.items() if name != "lm_head.weight"}
-    check_shapes(state, config, str(out))
+    check_shapes(state, config.model, str(out))
     tensors = {name: t.detach().contiguous().cpu() for name, t in state.items()}
     save_file(tensors, str(out), metadata={CONFIG_KEY: json.dumps(config.to_dict()), **tokenizer_metadata(tokenizer)})
     return out
@@ -95,26 +95,26 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
                               "tools/consolidate.py, import_hf.py or restack.py") from None
 
 
-def consolidated_tokenizer(path: Path, config: StackWiseConfig) -> Tokenizer | None:
+def consolidated_tokenizer(path: Path, data: DataConfig, model: ModelConfig) -> Tokenizer | None:
     """The tokenizer in a consolidated file's metadata (see :func:`tag_tokenizer` for the fallback)."""
     metadata = safetensors_metadata(path)
     if TOKENIZER_KEY in metadata:
         return load_tokenizer_json(metadata[TOKENIZER_KEY], str(path), metadata.get(TOKENIZER_EOS_KEY),
                                    metadata.get(TOKENIZER_MASK_KEY))
-    return _byte_fallback(config)
+    return _byte_fallback(data, model)
 
 
-def find_run_tokenizer(source: str | Path, tag: str | None, config: StackWiseConfig) -> Tokenizer | None:
+def find_run_tokenizer(source: str | Path, tag: str | None, data: DataConfig, model: ModelConfig) -> Tokenizer | None:
     """The tokenizer a checkpoint (its tag folder) or a consolidated file was trained with; None if unknown."""
     if Path(source).suffix == ".safetensors":
-        return consolidated_tokenizer(Path(source), config)
-    return tag_tokenizer(resolve_checkpoint(source, tag).path, config)
+        return consolidated_tokenizer(Path(source), data, model)
+    return tag_tokenizer(resolve_checkpoint(source, tag).path, data, model)
 
 
 def load_run_tokenizer(source: str | Path, tag: str | None = None, config: StackWiseConfig | None = None) -> Tokenizer:
     """:func:`find_run_tokenizer`, refusing a source that carries none."""
     config = config or load_rack_state(source, tag)[1]
-    tokenizer = find_run_tokenizer(source, tag, config)
+    tokenizer = find_run_tokenizer(source, tag, config.data, config.model)
     if tokenizer is None:
         raise CheckpointError(f"{source} carries no tokenizer (data.tokenizer {config.data.tokenizer!r}, "
                               f"{config.model.vocab_size} ids): give the one it was trained with (tools/generate.py "
@@ -141,33 +141,33 @@ def read_consolidated(path: str | Path) -> tuple[RackState, StackWiseConfig]:
 
 
 def load_rack_state(source: str | Path, tag: str | None = None,
-                    config: StackWiseConfig | dict | None = None) -> tuple[RackState, StackWiseConfig]:
-    """(Rack-named weights, the config they were trained with) from a .safetensors file or a checkpoint."""
-    wanted = StackWiseConfig.from_dict(config) if isinstance(config, dict) else config
+                    model: ModelConfig | None = None) -> tuple[RackState, StackWiseConfig]:
+    """(Rack-named weights, the config they were trained with) from a .safetensors file or a checkpoint;
+    ``model`` (optional) is the architecture the caller expects."""
     if Path(source).suffix == ".safetensors":
         state, saved = read_consolidated(source)
-        if wanted is not None:
-            check_architecture(saved, wanted, Path(source))
-        check_shapes(state, saved, str(source))
+        if model is not None:
+            check_architecture(saved.model, model, Path(source))
+        check_shapes(state, saved.model, str(source))
         return state, saved
     ref = resolve_checkpoint(source, tag)
-    return read_rack_state(ref, wanted), ref.config
+    return read_rack_state(ref, model), ref.config
 
 
-def load_rack(source: str | Path, tag: str | None = None, config: StackWiseConfig | dict | None = None,
+def load_rack(source: str | Path, tag: str | None = None, model: ModelConfig | None = None,
               dtype: torch.dtype | None = torch.float32) -> Rack:
     """A Rack with the weights of a consolidated ``.safetensors`` file or a checkpoint directory.
 
-    ``config`` (optional) is the architecture the caller expects: a checkpoint of another one is
+    ``model`` (optional) is the architecture the caller expects: a checkpoint of another one is
     refused, naming the differing keys. ``dtype`` casts the weights (None: keep the saved dtype).
     """
-    return load_rack_with_config(source, tag, config, dtype)[0]
+    return load_rack_with_config(source, tag, model, dtype)[0]
 
 
-def load_rack_with_config(source: str | Path, tag: str | None = None, config: StackWiseConfig | dict | None = None,
+def load_rack_with_config(source: str | Path, tag: str | None = None, model: ModelConfig | None = None,
                           dtype: torch.dtype | None = torch.float32) -> tuple[Rack, StackWiseConfig]:
     """:func:`load_rack`, plus the config the weights were trained with."""
-    state, saved = load_rack_state(source, tag, config)
+    state, saved = load_rack_state(source, tag, model)
     dtype = dtype or next(iter(state.values())).dtype
     with torch.device("meta"):  # skip the random init; every weight comes from the file
         rack = create_rack_from_config(saved)

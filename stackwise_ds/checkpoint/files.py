@@ -53,6 +53,7 @@ class TrainingState:
     training_architecture: str = "rackwise"
     tied_weight_max_abs_diff: float = 0.0  # at this checkpoint, across the stages holding a tied copy
     layout: dict[str, Any] = field(default_factory=dict)  # PhaseLayout of the phase that saved it
+    untied_head: bool = False  # the LM head of a tied config has its own layer file (training.freeze_embedding)
     config: dict[str, Any] = field(default_factory=dict)
 
 

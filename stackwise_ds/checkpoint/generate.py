@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import StackWiseConfig
+from ..config import ModelConfig
 from ..enums import AttentionMode
 from ..model import Rack
 from ..model.rack import DecodeCache
@@ -17,10 +17,10 @@ class GenerationError(ValueError):
     """A rack that cannot generate text left to right; the message says why."""
 
 
-def check_causal(config: StackWiseConfig) -> None:
-    if config.model.attention_mode != AttentionMode.CAUSAL:
+def check_causal(model: ModelConfig) -> None:
+    if model.attention_mode != AttentionMode.CAUSAL:
         raise GenerationError(
-            f"this rack uses model.attention_mode '{config.model.attention_mode}' (a masked LM): every position "
+            f"this rack uses model.attention_mode '{model.attention_mode}' (a masked LM): every position "
             "sees the whole sequence, so it cannot generate left to right; sample from a causal_lm run")
 
 
@@ -103,7 +103,7 @@ def generate_text(source: str | Path, prompt: str, max_new_tokens: int = 200, te
     from .consolidation import load_run_tokenizer
 
     rack, config = load_rack_with_config(source, tag)
-    check_causal(config)
+    check_causal(config.model)
     if tokenizer_path is None:
         tokenizer = load_run_tokenizer(source, tag, config)
     else:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from ..config import ConfigError, StackWiseConfig
+from ..config import ConfigError, ModelConfig, StackWiseConfig
 from ..data import TOKENIZER_FILE, Tokenizer, TokenizerError
 from ..data.tokenizer import load_tokenizer_file
 from ..enums import AttentionMode, AttentionType
@@ -59,9 +59,8 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------- export
 
 
-def check_llama_compatible(config: StackWiseConfig) -> None:
+def check_llama_compatible(m: ModelConfig) -> None:
     """Refuse racks whose computation a LlamaForCausalLM cannot reproduce, naming the feature."""
-    m = config.model
     if m.attention_type in (AttentionType.MLA, AttentionType.KERNEL):
         mla = m.attention_type == AttentionType.MLA
         kind = "multi-head latent attention (MLA)" if mla else "kernel (linear) attention"
@@ -73,11 +72,10 @@ def check_llama_compatible(config: StackWiseConfig) -> None:
                           "causally only; a bidirectional (masked-LM) rack has no Llama equivalent")
 
 
-def llama_config(config: StackWiseConfig, eos_id: int | None = None):
+def llama_config(m: ModelConfig, eos_id: int | None = None):
     """The ``transformers.LlamaConfig`` of a compatible rack whose tokenizer ends documents with ``eos_id``."""
     from transformers import LlamaConfig
 
-    m = config.model
     kwargs = dict(
         vocab_size=m.vocab_size, hidden_size=m.d_model, intermediate_size=m.resolved_d_ff,
         num_hidden_layers=m.n_blocks, num_attention_heads=m.n_heads,
@@ -95,10 +93,10 @@ def llama_config(config: StackWiseConfig, eos_id: int | None = None):
     return LlamaConfig(**kwargs)
 
 
-def rack_to_llama_names(config: StackWiseConfig) -> dict[str, str]:
-    bps = config.model.architecture.blocks_per_stack
+def rack_to_llama_names(model: ModelConfig) -> dict[str, str]:
+    bps = model.architecture.blocks_per_stack
     names = {}
-    for i in range(config.model.architecture.n_stacks):
+    for i in range(model.architecture.n_stacks):
         for j in range(bps):
             for ours, theirs in BLOCK_NAMES.items():
                 names[f"stacks.{i}.blocks.{j}.{ours}"] = f"model.layers.{i * bps + j}.{theirs}"
@@ -112,17 +110,17 @@ def export_hf(source: str | Path, out_dir: str | Path, tag: str | None = None) -
     from safetensors.torch import save_file
 
     state, config = load_rack_state(source, tag)
-    check_llama_compatible(config)
-    tokenizer = find_run_tokenizer(source, tag, config)
+    check_llama_compatible(config.model)
+    tokenizer = find_run_tokenizer(source, tag, config.data, config.model)
     if tokenizer is None:
         warnings.warn(f"{source} carries no tokenizer: the export has none (copy the run's tokenizer.json into the "
                       "checkpoint tag folder and export again to get one)", stacklevel=2)
-    names = rack_to_llama_names(config)
+    names = rack_to_llama_names(config.model)
     tensors = {names[n]: t.detach().contiguous().float() for n, t in state.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     eos_id = None if tokenizer is None else tokenizer.eos_id
-    llama_config(config, eos_id).save_pretrained(str(out_dir))
+    llama_config(config.model, eos_id).save_pretrained(str(out_dir))
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     if tokenizer is not None:
         save_hf_tokenizer(tokenizer, out_dir, config.model.max_seq_len)
@@ -156,7 +154,7 @@ def import_hf(hf_dir: str | Path, out: str | Path, n_stacks: int = 1) -> Path:
     raw = read_hf_config(hf_dir)
     config = config_from_llama(raw, n_stacks)
     hf_state = read_hf_weights(hf_dir)
-    names = {theirs: ours for ours, theirs in rack_to_llama_names(config).items()}
+    names = {theirs: ours for ours, theirs in rack_to_llama_names(config.model).items()}
     state = OrderedDict()
     for name, tensor in hf_state.items():
         if name.endswith("rotary_emb.inv_freq"):

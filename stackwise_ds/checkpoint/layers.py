@@ -18,7 +18,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..config import StackWiseConfig
+from ..config import ModelConfig, section_dict
 from ..layout import TIED_KEY, LayerUnit, UnitKind, layer_units, stage_boundaries
 from .files import CheckpointError, unreadable_files
 from .locate import CheckpointRef
@@ -27,8 +27,8 @@ TIED_PREFIX = f"tied_modules.{TIED_KEY}."
 WRAPPED = (UnitKind.EMBEDDING, UnitKind.HEAD)  # units stored through a wrapper whose attribute is the Rack name
 
 
-def units_of(config: StackWiseConfig) -> list[LayerUnit]:
-    arch = config.model.architecture
+def units_of(model: ModelConfig) -> list[LayerUnit]:
+    arch = model.architecture
     return layer_units(arch.n_stacks, arch.blocks_per_stack)
 
 
@@ -42,55 +42,55 @@ def layer_key(unit: LayerUnit, name: str) -> str:
     return name if unit.kind in WRAPPED else name[len(unit.rack_prefix):]
 
 
-def file_layers(config: StackWiseConfig) -> list[int]:
+def file_layers(model: ModelConfig) -> list[int]:
     """Layer indices that have a layer file: all but a tied LM head."""
-    units = units_of(config)
-    tied = config.model.tie_embeddings
+    units = units_of(model)
+    tied = model.tie_embeddings
     return [i for i, unit in enumerate(units) if not (tied and unit.kind == UnitKind.HEAD)]
 
 
-def pipe_name(config: StackWiseConfig, layer: int, key: str) -> str:
+def pipe_name(model: ModelConfig, layer: int, key: str) -> str:
     """PipelineModule parameter name of ``key`` of layer ``layer``."""
-    if config.model.tie_embeddings and layer == 0:
+    if model.tie_embeddings and layer == 0:
         return TIED_PREFIX + key
     return f"{layer}.{key}"
 
 
-def pipe_to_rack_names(config: StackWiseConfig) -> dict[str, str]:
+def pipe_to_rack_names(model: ModelConfig) -> dict[str, str]:
     """Every PipelineModule parameter name (all stages) -> its Rack name."""
-    units = units_of(config)
+    units = units_of(model)
     mapping = {}
     for layer, unit in enumerate(units):
-        for key in unit_keys(config, unit):
-            mapping[pipe_name(config, layer, key)] = rack_name(unit, key)
+        for key in unit_keys(model, unit):
+            mapping[pipe_name(model, layer, key)] = rack_name(unit, key)
     return mapping
 
 
-def unit_keys(config: StackWiseConfig, unit: LayerUnit) -> list[str]:
+def unit_keys(model: ModelConfig, unit: LayerUnit) -> list[str]:
     """Layer-file keys of ``unit`` for this architecture, in the layer module's parameter order."""
-    return [layer_key(unit, n) for n in rack_shapes(config) if n.startswith(unit.rack_prefix)]
+    return [layer_key(unit, n) for n in rack_shapes(model) if n.startswith(unit.rack_prefix)]
 
 
 _SHAPES_CACHE: dict[str, "OrderedDict[str, torch.Size]"] = {}
 
 
-def rack_shapes(config: StackWiseConfig) -> "OrderedDict[str, torch.Size]":
+def rack_shapes(model: ModelConfig) -> "OrderedDict[str, torch.Size]":
     """Rack parameter name -> shape, in Rack order (a tied head appears once, as ``embedding.weight``).
 
     Built on the meta device: no memory, no init cost; cached per model config.
     """
     from ..model import create_rack_from_config
 
-    key = json.dumps(config.to_dict()["model"], sort_keys=True)
+    key = json.dumps(section_dict(model), sort_keys=True)
     if key not in _SHAPES_CACHE:
         with torch.device("meta"):
-            rack = create_rack_from_config(config)
+            rack = create_rack_from_config(model)
         _SHAPES_CACHE[key] = OrderedDict((n, p.shape) for n, p in rack.named_parameters())
     return _SHAPES_CACHE[key]
 
 
-def stage_layers(config: StackWiseConfig, stages: int) -> list[range]:
-    arch = config.model.architecture
+def stage_layers(model: ModelConfig, stages: int) -> list[range]:
+    arch = model.architecture
     bounds = stage_boundaries(arch.n_stacks, arch.blocks_per_stack, stages)
     return [range(bounds[s], bounds[s + 1]) for s in range(stages)]
 
@@ -108,15 +108,15 @@ def read_layer_file(ref: CheckpointRef, layer: int) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_rack_state(ref: CheckpointRef, config: StackWiseConfig | None = None) -> "OrderedDict[str, torch.Tensor]":
+def read_rack_state(ref: CheckpointRef, model: ModelConfig | None = None) -> "OrderedDict[str, torch.Tensor]":
     """Every weight of the checkpoint under its Rack name (a tied head only as ``embedding.weight``).
 
-    ``config`` (default: the checkpoint's own) is the architecture the caller expects; a checkpoint
+    ``model`` (default: the checkpoint's own) is the architecture the caller expects; a checkpoint
     of another architecture is refused with the differing keys named.
     """
-    saved = ref.config
-    if config is not None:
-        check_architecture(saved, config, ref.path)
+    saved = ref.config.model
+    if model is not None:
+        check_architecture(saved, model, ref.path)
     units = units_of(saved)
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
     for layer in file_layers(saved):
@@ -127,15 +127,15 @@ def read_rack_state(ref: CheckpointRef, config: StackWiseConfig | None = None) -
     return state
 
 
-def check_architecture(saved: StackWiseConfig, wanted: StackWiseConfig, where) -> None:
+def check_architecture(saved: ModelConfig, wanted: ModelConfig, where) -> None:
     from .files import check_same_architecture
 
-    check_same_architecture(saved.to_dict()["model"], wanted.to_dict()["model"], where)
+    check_same_architecture(section_dict(saved), section_dict(wanted), where)
 
 
-def check_shapes(state: dict[str, torch.Tensor], config: StackWiseConfig, where: str) -> None:
-    """Refuse weights that do not fit the Rack of ``config``, naming the first mismatches."""
-    expected = rack_shapes(config)
+def check_shapes(state: dict[str, torch.Tensor], model: ModelConfig, where: str) -> None:
+    """Refuse weights that do not fit the Rack of ``model``, naming the first mismatches."""
+    expected = rack_shapes(model)
     missing = [n for n in expected if n not in state]
     unexpected = [n for n in state if n not in expected]
     wrong = [f"{n}: {tuple(state[n].shape)} vs {tuple(s)}" for n, s in expected.items()

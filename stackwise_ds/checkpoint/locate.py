@@ -48,10 +48,14 @@ class CheckpointRef:
 
 
 def config_of(state: TrainingState, where: Path) -> StackWiseConfig:
+    """The config of the weights in a tag: the run's, with an untied head where the tag's phase untied it."""
     if not state.config:
         raise CheckpointError(f"{where / STATE_FILE} holds no config: it was not written by the StackWise-DS "
                               "trainer; re-save the checkpoint with the trainer or mark_complete()")
-    return StackWiseConfig.from_dict(state.config)
+    config = StackWiseConfig.from_dict(state.config)
+    if state.untied_head:  # the weights are those of an untied rack: the tools read and write its head
+        config.model.tie_embeddings = False
+    return config
 
 
 def is_tag_dir(path: Path) -> bool:

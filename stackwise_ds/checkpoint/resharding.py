@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from ..config import StackWiseConfig
+from ..config import ModelConfig, StackWiseConfig, TrainingConfig
 from ..data.tokenizer import TOKENIZER_FILE
 from ..enums import LayoutKind
 from ..layout import UnitKind
@@ -109,16 +109,25 @@ def reshard(checkpoint: str | Path, out_dir: str | Path, pipeline_stages: int, d
     target = out_ckpt / ref.tag
     if target.exists() and any(target.iterdir()):
         raise CheckpointError(f"{target} already exists: pick an empty OUT_DIR (reshard never overwrites)")
-    source = read_source(ref, old_config)
+    source = read_source(ref)
     target.mkdir(parents=True, exist_ok=True)
     copy_layer_files(ref, target)
-    write_stages(source, new_config, target, pipeline_stages, data_parallel)
-    new_config.to_yaml(Path(out_dir) / "config.yaml")
+    write_stages(source, new_config.model, new_config.training, target, pipeline_stages, data_parallel)
+    run_config = with_run_model(new_config, ref)
+    run_config.to_yaml(Path(out_dir) / "config.yaml")
     copy_results(ref, Path(out_dir))
     # the files now follow the fixed layout of new_config: no recorded elastic layout to match on resume
-    state = TrainingState(**{**asdict(ref.state), "config": new_config.to_dict(), "layout": {}})
+    state = TrainingState(**{**asdict(ref.state), "config": run_config.to_dict(), "layout": {}})
     mark_complete(out_ckpt, ref.tag, state)  # last: the tag is complete only once everything is there
     return target
+
+
+def with_run_model(config: StackWiseConfig, ref: CheckpointRef) -> StackWiseConfig:
+    """``config`` with the run's own model settings: a tied run whose tag holds an untied head (``untied_head``,
+    read as untied by the tools) keeps resuming under its own tied config."""
+    run = copy.deepcopy(config)
+    run.model.tie_embeddings = StackWiseConfig.from_dict(ref.state.config).model.tie_embeddings
+    return run
 
 
 def new_layout_config(config: StackWiseConfig, stages: int, dp: int, samples: int, out_dir: Path) -> StackWiseConfig:
@@ -151,7 +160,7 @@ def source_micro_batches(ref: CheckpointRef) -> int:
 
 
 def copy_layer_files(ref: CheckpointRef, target: Path) -> None:
-    for layer in file_layers(ref.config):
+    for layer in file_layers(ref.config.model):
         if not ref.layer_file(layer).is_file():
             raise CheckpointError(f"checkpoint {ref.path} is partial: {ref.layer_file(layer).name} is missing; "
                                   "use another tag")
@@ -177,8 +186,10 @@ def copy_results(ref: CheckpointRef, out_dir: Path) -> None:
 # ----------------------------------------------------------------------------- reading the old layout
 
 
-def read_source(ref: CheckpointRef, config: StackWiseConfig) -> SourceOptimizer:
-    names = pipe_to_rack_names(config)
+def read_source(ref: CheckpointRef) -> SourceOptimizer:
+    """The optimizer state of every parameter of ``ref``, under its Rack name, with what the engines saved."""
+    config = ref.config
+    names = pipe_to_rack_names(config.model)
     source = SourceOptimizer()
     stage = 0
     while (ref.path / engine_state_file(stage)).is_file():
@@ -296,14 +307,14 @@ class NewGroup:
     params: list[tuple[str, str, torch.Size]] = field(default_factory=list)  # (pipe name, rack name, shape)
 
 
-def stage_parameters(config: StackWiseConfig, layers: range) -> list[tuple[str, str, torch.Size]]:
+def stage_parameters(model: ModelConfig, layers: range) -> list[tuple[str, str, torch.Size]]:
     """(pipe name, Rack name, shape) of a stage's parameters in PipelineModule.named_parameters() order.
 
     ``tied_modules`` is registered in PipelineModule.__init__, before the numbered layers, so a
     tied weight comes first on every stage holding one of its uses.
     """
-    units, shapes = units_of(config), rack_shapes(config)
-    tied = config.model.tie_embeddings
+    units, shapes = units_of(model), rack_shapes(model)
+    tied = model.tie_embeddings
     out = []
     if tied and any(units[i].kind in (UnitKind.EMBEDDING, UnitKind.HEAD) for i in layers):
         out.append((TIED_PREFIX + "embedding.weight", "embedding.weight", shapes["embedding.weight"]))
@@ -311,17 +322,17 @@ def stage_parameters(config: StackWiseConfig, layers: range) -> list[tuple[str, 
         unit = units[layer]
         if tied and unit.kind in (UnitKind.EMBEDDING, UnitKind.HEAD):
             continue
-        for key in unit_keys(config, unit):
+        for key in unit_keys(model, unit):
             rack = rack_name(unit, key)
-            out.append((pipe_name(config, layer, key), rack, shapes[rack]))
+            out.append((pipe_name(model, layer, key), rack, shapes[rack]))
     return out
 
 
-def stage_groups(config: StackWiseConfig, layers: range, source: SourceOptimizer) -> list[NewGroup]:
+def stage_groups(model: ModelConfig, layers: range, source: SourceOptimizer) -> list[NewGroup]:
     """The optimizer groups of a new stage: its trained parameters, grouped by hyper-parameters."""
     groups: dict[str, NewGroup] = {}
-    for pipe_param, rack, shape in stage_parameters(config, layers):
-        if not trains_here(config, rack, layers, source):
+    for pipe_param, rack, shape in stage_parameters(model, layers):
+        if not trains_here(model, rack, layers, source):
             continue
         state = source.params[rack]
         signature = group_signature(state.hyper)
@@ -329,14 +340,14 @@ def stage_groups(config: StackWiseConfig, layers: range, source: SourceOptimizer
     return list(groups.values())
 
 
-def trains_here(config: StackWiseConfig, rack: str, layers: range, source: SourceOptimizer) -> bool:
+def trains_here(model: ModelConfig, rack: str, layers: range, source: SourceOptimizer) -> bool:
     if rack not in source.params:
         return False
-    if not (config.model.tie_embeddings and rack == "embedding.weight"):
+    if not (model.tie_embeddings and rack == "embedding.weight"):
         return True
-    units = units_of(config)
+    units = units_of(model)
     holds_head = any(units[i].kind == UnitKind.HEAD for i in layers)
-    first_block = next(n for n in rack_shapes(config) if n.startswith("stacks.0.blocks.0."))
+    first_block = next(n for n in rack_shapes(model) if n.startswith("stacks.0.blocks.0."))
     return holds_head or first_block in source.params
 
 
@@ -355,11 +366,12 @@ def equalised_groups(per_stage: list[list[NewGroup]]) -> list[list[NewGroup]]:
     return out
 
 
-def write_stages(source: SourceOptimizer, new: StackWiseConfig, target: Path, stages: int, dp: int) -> None:
+def write_stages(source: SourceOptimizer, model: ModelConfig, training: TrainingConfig, target: Path, stages: int,
+                 dp: int) -> None:
     template = source.model_states[0]
-    per_stage = equalised_groups([stage_groups(new, layers, source) for layers in stage_layers(new, stages)])
+    per_stage = equalised_groups([stage_groups(model, layers, source) for layers in stage_layers(model, stages)])
     for stage, groups in enumerate(per_stage):
-        model_state = engine_state(template, groups, source, new, stages, dp)
+        model_state = engine_state(template, groups, source, training, stages, dp)
         torch.save(model_state, target / engine_state_file(stage))
         if not groups:
             continue  # a stage without trained parameters has no optimizer, hence no shard
@@ -372,7 +384,7 @@ def write_stages(source: SourceOptimizer, new: StackWiseConfig, target: Path, st
                        target / zero_shard_file(rank, stage, source.bf16_files))
 
 
-def engine_state(template: dict, groups: list[NewGroup], source: SourceOptimizer, config: StackWiseConfig,
+def engine_state(template: dict, groups: list[NewGroup], source: SourceOptimizer, training: TrainingConfig,
                  stages: int, dp: int) -> dict:
     """The mp_rank file of a new stage: the old engine state with layout-dependent fields rebuilt."""
     state = {k: v for k, v in template.items()}
@@ -385,7 +397,7 @@ def engine_state(template: dict, groups: list[NewGroup], source: SourceOptimizer
     state["dp_world_size"], state["mp_world_size"] = dp, stages
     if "checkpoint_parallel_dimensions" in state:
         state["checkpoint_parallel_dimensions"] = {**state["checkpoint_parallel_dimensions"], "pp_degree": stages}
-    state["ds_config"] = layout_ds_config(template.get("ds_config") or {}, config, dp)
+    state["ds_config"] = layout_ds_config(template.get("ds_config") or {}, training, dp)
     return state
 
 
@@ -403,9 +415,8 @@ def scheduler_state(groups: list[NewGroup], source: SourceOptimizer) -> dict | N
     return state
 
 
-def layout_ds_config(ds_config: dict, config: StackWiseConfig, dp: int) -> dict:
+def layout_ds_config(ds_config: dict, t: TrainingConfig, dp: int) -> dict:
     ds = copy.deepcopy(ds_config)
-    t = config.training
     ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
     ds["gradient_accumulation_steps"] = t.gradient_accumulation_steps
     ds["train_batch_size"] = t.micro_batch_size * t.gradient_accumulation_steps * dp

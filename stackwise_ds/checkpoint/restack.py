@@ -76,5 +76,5 @@ def restack(source: str | Path, out: str | Path, n_stacks: int, tag: str | None 
     new_config, changes = restacked_config(config, n_stacks)
     old_bps = config.model.architecture.blocks_per_stack
     new_state = restack_state(state, old_bps, new_config.model.architecture.blocks_per_stack)
-    tokenizer = find_run_tokenizer(source, tag, config)  # the function changes, the tokens do not
+    tokenizer = find_run_tokenizer(source, tag, config.data, config.model)  # the function changes, the tokens do not
     return save_consolidated(new_state, new_config, out, tokenizer), changes

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import StackWiseConfig
+from ..config import ModelConfig, StackWiseConfig
 from ..layout import TRAIN, LayerUnit, UnitKind
 from ..phases import Phase, plan_phases
 from ..placement import PhaseLayout
@@ -18,7 +18,7 @@ def describe(path: str | Path, tag: str | None = None) -> str:
     ref = resolve_checkpoint(path, tag)
     config = ref.config
     sections = [tags_section(split_path(path)[0], ref), run_section(ref, config),
-                model_section(config), units_section(ref, config)]
+                model_section(config.model), units_section(ref, config)]
     return "\n\n".join(sections)
 
 
@@ -61,10 +61,9 @@ def progress_line(phase_index: int, phase_step: int, phases: list[Phase]) -> str
     return f"in phase {phase_index} ({phase.name}), step {phase_step}/{phase.steps}"
 
 
-def model_section(config: StackWiseConfig) -> str:
-    m = config.model
+def model_section(m: ModelConfig) -> str:
     kv = m.n_kv_heads or m.n_heads
-    total = sum(s.numel() for s in rack_shapes(config).values())
+    total = sum(s.numel() for s in rack_shapes(m).values())
     return (f"model: d_model {m.d_model}, heads {m.n_heads} (kv {kv}), attention {m.attention_type} "
             f"{m.attention_mode}, d_ff {m.resolved_d_ff}, vocab {m.vocab_size}, max_seq_len {m.max_seq_len}, "
             f"{'tied' if m.tie_embeddings else 'untied'} embeddings{', frozen up-proj' if m.freeze_up_proj else ''}\n"
@@ -73,13 +72,13 @@ def model_section(config: StackWiseConfig) -> str:
 
 
 def units_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
-    units, shapes, phases = units_of(config), rack_shapes(config), plan_phases(config)
-    stage_of = {layer: str(s) for s, layers in enumerate(stage_layers(config, config.pipeline_stages))
+    units, shapes, phases = units_of(config.model), rack_shapes(config.model), plan_phases(config)
+    stage_of = {layer: str(s) for s, layers in enumerate(stage_layers(config.model, config.pipeline_stages))
                 for layer in layers}
     if ref.state.layout:  # the placement of the phase that saved this tag ('-': not placed, dormant)
         saved = PhaseLayout.from_dict(ref.state.layout)
         stage_of = {layer: str(saved.stage_of(layer)) if layer in saved.live else "-" for layer in stage_of}
-    status = {layer: _file_status(ref.layer_file(layer)) for layer in file_layers(config)}
+    status = {layer: _file_status(ref.layer_file(layer)) for layer in file_layers(config.model)}
     done = {r.get("index") for r in ref.state.finished_phases}
     current = ref.state.phase_index if ref.state.phase_step > 0 else None
     rows = [("layer", "unit", "params", "stage", "file", "trained in phases (* = in progress)")]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..enums import AttentionMode, AttentionType
+from ..enums import AttentionMode, AttentionType, KernelFeatureMap
 
 ATTENTION_TYPES = AttentionType.values()
 ATTENTION_MODES = AttentionMode.values()
@@ -30,11 +30,6 @@ ATTENTION_MODES = AttentionMode.values()
 def check_positive(name: str, value: int | float) -> None:
     if value <= 0:
         raise ValueError(f"{name} ({value}) must be positive: set it to a value > 0")
-
-
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}")
 
 
 def check_seq_len(seq_len: int, max_seq_len: int) -> None:
@@ -224,7 +219,7 @@ class MultiHeadAttention(nn.Module):
                  attention_mode: str = AttentionMode.CAUSAL, *, max_seq_len: int = 2048, rope_theta: float = 10000.0,
                  dropout: float = 0.0):
         super().__init__()
-        check_choice("attention_mode", attention_mode, ATTENTION_MODES)
+        AttentionMode.parse(attention_mode, "attention_mode")
         self.n_kv_heads, self.head_dim = resolve_heads(d_model, n_heads, n_kv_heads)
         check_rope_dim("head_dim = d_model / n_heads", self.head_dim,
                        "choose d_model and n_heads so that d_model / n_heads is even")
@@ -271,7 +266,7 @@ class MultiHeadLatentAttention(nn.Module):
                  kv_lora_rank: int = 64, q_lora_rank: int = 0, rope_head_dim: int = 16, max_seq_len: int = 2048,
                  rope_theta: float = 10000.0, dropout: float = 0.0, norm_eps: float = 1e-5):
         super().__init__()
-        check_choice("attention_mode", attention_mode, ATTENTION_MODES)
+        AttentionMode.parse(attention_mode, "attention_mode")
         _, self.head_dim = resolve_heads(d_model, n_heads, None)
         check_positive("mla_kv_lora_rank", kv_lora_rank)
         check_positive("mla_rope_head_dim", rope_head_dim)
@@ -347,8 +342,7 @@ def relu_feature_map(x: torch.Tensor) -> torch.Tensor:
 
 
 # Positive feature maps phi, so that phi(q) . phi(k) > 0 can normalise like softmax weights.
-FEATURE_MAPS = {"elu": elu_feature_map, "relu": relu_feature_map}
-KERNEL_FEATURE_MAPS = tuple(FEATURE_MAPS)
+FEATURE_MAPS = {KernelFeatureMap.ELU: elu_feature_map, KernelFeatureMap.RELU: relu_feature_map}
 
 
 class KernelAttention(nn.Module):
@@ -374,12 +368,12 @@ class KernelAttention(nn.Module):
                  attention_mode: str = AttentionMode.CAUSAL, *, feature_map: str = "elu", chunk_size: int = 64,
                  max_seq_len: int = 2048, rope_theta: float = 10000.0):
         super().__init__()
-        check_choice("attention_mode", attention_mode, ATTENTION_MODES)
+        AttentionMode.parse(attention_mode, "attention_mode")
         self.n_kv_heads, self.head_dim = resolve_heads(d_model, n_heads, n_kv_heads)
         check_rope_dim("head_dim = d_model / n_heads", self.head_dim,
                        "choose d_model and n_heads so that d_model / n_heads is even")
         check_positive("kernel_chunk_size", chunk_size)
-        check_choice("kernel_feature_map", feature_map, KERNEL_FEATURE_MAPS)
+        KernelFeatureMap.parse(feature_map, "kernel_feature_map")
         self.phi = FEATURE_MAPS[feature_map]
         self.feature_map, self.chunk_size = feature_map, chunk_size
         self.n_heads, self.causal = n_heads, attention_mode == AttentionMode.CAUSAL
@@ -493,8 +487,8 @@ def build_attention(attention_type: str, d_model: int, n_heads: int, n_kv_heads:
                     mla_kv_lora_rank: int, mla_q_lora_rank: int, mla_rope_head_dim: int,
                     kernel_feature_map: str, kernel_chunk_size: int, norm_eps: float = 1e-5) -> nn.Module:
     """The attention module for ``attention_type`` (one of ATTENTION_TYPES); x [B, T, D] -> [B, T, D]."""
-    check_choice("attention_type", attention_type, ATTENTION_TYPES)
-    check_choice("attention_mode", attention_mode, ATTENTION_MODES)
+    AttentionType.parse(attention_type, "attention_type")
+    AttentionMode.parse(attention_mode, "attention_mode")
     check_positive("max_seq_len", max_seq_len)
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout ({dropout}) must be in [0, 1): use 0.0 to disable it")

@@ -129,6 +129,15 @@ def make_lm_head(tied_to: nn.Embedding | None, vocab_size: int, d_model: int, in
     return head
 
 
+def untie_lm_head(rack: Rack) -> None:
+    """Give a tied rack's LM head its own Parameter, a copy of the embedding's current weight (a greedy run's
+    phases after the first train the head alone and keep the embedding frozen)."""
+    if rack.tie_embeddings:
+        weight = rack.embedding.weight
+        rack.lm_head.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        rack.tie_embeddings = False
+
+
 def block_name(stack_id: int, block_id: int) -> str:
     return f"stacks.{stack_id}.blocks.{block_id}"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, StackWiseConfig
+from ..config import ConfigError, ParallelConfig, TrainingConfig
 from ..enums import Precision
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -26,11 +26,11 @@ def resolve_precision(precision: Precision) -> Precision:
     return Precision(precision)
 
 
-def template_path(config: StackWiseConfig) -> Path:
-    choice = config.parallel.ds_config
+def template_path(training: TrainingConfig, parallel: ParallelConfig) -> Path:
+    choice = parallel.ds_config
     if choice != "auto":
         return Path(choice)
-    name = "gpu_bf16.json" if resolve_precision(config.training.precision) == Precision.BF16 else "cpu_fp32.json"
+    name = "gpu_bf16.json" if resolve_precision(training.precision) == Precision.BF16 else "cpu_fp32.json"
     return TEMPLATE_DIR / name
 
 
@@ -49,14 +49,13 @@ def load_template(path: Path) -> dict[str, Any]:
     return template
 
 
-def build_ds_config(config: StackWiseConfig, data_parallel_size: int,
+def build_ds_config(t: TrainingConfig, parallel: ParallelConfig, data_parallel_size: int,
                     gradient_accumulation_steps: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for this run and data-parallel degree.
 
     ``gradient_accumulation_steps`` (default: the run's) is the micro-batches per replica of an
     elastic phase, which keeps the global batch while the data-parallel degree changes."""
-    t = config.training
-    path = template_path(config)
+    path = template_path(t, parallel)
     ds = load_template(path)
     bf16 = resolve_precision(t.precision) == Precision.BF16
     accumulation = gradient_accumulation_steps or t.gradient_accumulation_steps
@@ -65,9 +64,9 @@ def build_ds_config(config: StackWiseConfig, data_parallel_size: int,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": t.micro_batch_size * accumulation * data_parallel_size,
         "gradient_clipping": t.grad_clip,
-        "zero_optimization.stage": config.parallel.zero_stage,
+        "zero_optimization.stage": parallel.zero_stage,
         "bf16.enabled": bf16,
-        "pipeline.activation_checkpoint_interval": config.parallel.activation_checkpoint_interval,
+        "pipeline.activation_checkpoint_interval": parallel.activation_checkpoint_interval,
     }
     for dotted, value in filled.items():
         _set_checked(ds, dotted, value, path)

@@ -40,6 +40,7 @@ class Checkpointer:
         """Checkpoint ``state``; ``moments``: also the per-layer optimizer moments the next phase starts from."""
         tag = ckpt.tag_for(state.global_step)
         self._check_tied_weights(pipeline, state)
+        state.untied_head = pipeline.untied_head()  # the tools then read the head's own layer file
         if self.rank == 0:  # re-saving a tag (a resume from before it): never a marker over half-new files
             ckpt.unmark(self.checkpoint_dir, tag)
         distributed.barrier()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import ConfigError, StackWiseConfig
+from ..config import ConfigError, DataConfig, ModelConfig, StackWiseConfig, TrainingConfig
 from ..data import (
     TOKENIZER_FILE,
     Tokenizer,
@@ -46,50 +46,49 @@ def load_bundle(config: StackWiseConfig):
     return bundle
 
 
-def print_data_summary(config: StackWiseConfig, bundle) -> None:
+def print_data_summary(data: DataConfig, model: ModelConfig, bundle) -> None:
     """One line on the data (cache hit or build, tokens, tokenizer), and a warning line for a short BPE."""
     from ..data.build import describe_bundle
 
-    for line in describe_bundle(bundle, config.data.tokenizer, config.model.vocab_size):
+    for line in describe_bundle(bundle, data.tokenizer, model.vocab_size):
         print(f"[stackwise] {line}", flush=True)
 
 
-def run_tokenizer(config: StackWiseConfig, bundle) -> Tokenizer | None:
+def run_tokenizer(data: DataConfig, model: ModelConfig, bundle) -> Tokenizer | None:
     """The tokenizer of the run's data; None when unknown (a user's dataloader with a 'bpe' config,
     or a vocabulary too small for the configured tokenizer)."""
     if bundle is not None:
         return bundle.tokenizer
-    if config.data.tokenizer == TokenizerKind.BPE:
+    if data.tokenizer == TokenizerKind.BPE:
         return None
     try:
-        tokenizer = make_tokenizer(config.data.tokenizer)
+        tokenizer = make_tokenizer(data.tokenizer)
     except ValueError:
         return None
-    return tokenizer if tokenizer.vocab_size <= config.model.vocab_size else None
+    return tokenizer if tokenizer.vocab_size <= model.vocab_size else None
 
 
-def save_tokenizer(config: StackWiseConfig, bundle, directory: Path) -> None:
+def save_tokenizer(data: DataConfig, model: ModelConfig, bundle, directory: Path) -> None:
     """Put the run's tokenizer.json into ``directory`` (a checkpoint tag), so tools need nothing else."""
-    tokenizer = run_tokenizer(config, bundle)
+    tokenizer = run_tokenizer(data, model, bundle)
     if tokenizer is not None:
         tokenizer.save(Path(directory) / TOKENIZER_FILE)
 
 
-def check_run_data(config: StackWiseConfig, bundle, global_batch: int) -> None:
+def check_run_data(model: ModelConfig, bundle, global_batch: int) -> None:
     """Fail on every rank alike, before any collective, when the data cannot feed this run."""
-    if bundle.tokenizer.vocab_size > config.model.vocab_size:
-        raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) is smaller than the tokenizer's "
+    if bundle.tokenizer.vocab_size > model.vocab_size:
+        raise ConfigError(f"model.vocab_size ({model.vocab_size}) is smaller than the tokenizer's "
                           f"{bundle.tokenizer.vocab_size} tokens: "
                           f"set model.vocab_size >= {bundle.tokenizer.vocab_size}")
     check_enough_data(bundle.train, global_batch)
 
 
-def replica_data(config: StackWiseConfig, bundle, global_batch: int, dp_rank: int, dp_size: int):
+def replica_data(t: TrainingConfig, bundle, global_batch: int, dp_rank: int, dp_size: int):
     """(training source, validation micro-batches) of data-parallel replica ``dp_rank`` of ``dp_size``.
 
     The global sample order and the validation set do not depend on ``dp_size``: a phase that
     changes the data-parallel degree continues at the same sample and validates on the same data."""
-    t = config.training
     train = RunData(bundle.train, global_batch_size=global_batch, micro_batch_size=t.micro_batch_size,
                     dp_rank=dp_rank, dp_size=dp_size, seed=t.seed)
     return train, validation_set(bundle.val, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)

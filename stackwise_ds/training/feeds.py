@@ -5,45 +5,46 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from ..config import ConfigError, StackWiseConfig
+from ..config import ConfigError, DataConfig, ModelConfig, TrainingConfig
 from ..placement import PhaseLayout
-
-
-def load_run_bundle(config: StackWiseConfig, global_batch: int, init_dir: Path | None, output_dir: Path, rank: int):
-    """The run's datasets (every rank loads them; the cache lets one tokenise while others wait)."""
-    from ..data import TOKENIZER_FILE
-    from .data_setup import check_run_data, load_bundle, print_data_summary
-    from .init_weights import check_run_tokenizer
-
-    bundle = load_bundle(config)
-    check_run_data(config, bundle, global_batch)
-    check_run_tokenizer(init_dir, config.training.init_from, bundle.tokenizer, config.data.tokenizer)
-    if rank == 0:  # <output_dir>/tokenizer.json: the run's tokens, for tools and users
-        bundle.tokenizer.save(output_dir / TOKENIZER_FILE)
-        print_data_summary(config, bundle)
-    return bundle
 
 
 class DataFeeds:
     """Hands each placement its replica's training source and validation set."""
 
-    def __init__(self, config: StackWiseConfig, world_size: int, global_batch: int, bundle,
-                 dataloader: Iterable | None, val_data: Iterable | None):
-        self.config = config
-        self.world_size = world_size
+    def __init__(self, training: TrainingConfig, data: DataConfig, model: ModelConfig, base_dp: int,
+                 global_batch: int, bundle, dataloader: Iterable | None, val_data: Iterable | None):
+        self.training = training
+        self.data = data
+        self.model = model
+        self.base_dp = base_dp  # the run's data-parallel degree: the replicas a user's dataloader feeds
         self.global_batch = global_batch
-        self.bundle = bundle  # the data of config.data; None with the user's dataloader
+        self.bundle = bundle  # the data of config.data (every rank loads it); None with the user's dataloader
         self.dataloader = dataloader
         self.val_data = val_data
+
+    def check_bundle(self, init_dir: Path | None, output_dir: Path, rank: int) -> None:
+        """Before any collective: the run's data fits the model and the tokenizer of ``init_dir`` (the
+        initial weights, if any); rank 0 writes <output_dir>/tokenizer.json and describes the data."""
+        from ..data import TOKENIZER_FILE
+        from .data_setup import check_run_data, print_data_summary
+        from .init_weights import check_run_tokenizer
+
+        bundle = self.bundle
+        check_run_data(self.model, bundle, self.global_batch)
+        check_run_tokenizer(init_dir, self.training.init_from, bundle.tokenizer, self.data.tokenizer)
+        if rank == 0:  # <output_dir>/tokenizer.json: the run's tokens, for tools and users
+            bundle.tokenizer.save(output_dir / TOKENIZER_FILE)
+            print_data_summary(self.data, self.model, bundle)
 
     def replica(self, layout: PhaseLayout, dp_rank: int):
         """(training source, validation set) of data-parallel replica ``dp_rank`` in ``layout``."""
         if self.dataloader is None:
             from .data_setup import replica_data
 
-            train, val = replica_data(self.config, self.bundle, self.global_batch, dp_rank, layout.data_parallel)
+            train, val = replica_data(self.training, self.bundle, self.global_batch, dp_rank, layout.data_parallel)
             return train, (val if self.val_data is None else _as_validation_set(self.val_data))
-        base_dp = self.world_size // self.config.pipeline_stages
+        base_dp = self.base_dp
         if layout.data_parallel != base_dp:
             raise ConfigError(
                 f"the dataloader given to train_architecture feeds {base_dp} data-parallel replica(s), but this "
@@ -55,7 +56,7 @@ class DataFeeds:
         """Put the run's tokenizer.json into ``directory`` (a checkpoint tag)."""
         from .data_setup import save_tokenizer
 
-        save_tokenizer(self.config, self.bundle, directory)
+        save_tokenizer(self.data, self.model, self.bundle, directory)
 
 
 def _as_validation_set(batches):

@@ -24,7 +24,7 @@ import torch
 from ..checkpoint.files import CheckpointError
 from ..checkpoint.layers import file_layers, layer_key, rack_name, rack_shapes, read_layer_file, unit_keys, units_of
 from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, is_tag_dir, list_tags, resolve_checkpoint
-from ..config import ConfigError, ModelConfig, StackWiseConfig
+from ..config import ConfigError, ModelConfig, StackWiseConfig, TrainingConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer_json, make_tokenizer
 from ..data.tokenizer import load_tokenizer_file, parse_tokenizer_json
 from ..enums import AttentionType, InitGrowth
@@ -47,7 +47,7 @@ class CheckpointSource:
         self._cached: tuple[int, dict] | None = None  # (layer, its file): a layer's tensors come in a row
 
     def tensor(self, name: str) -> torch.Tensor:
-        units = units_of(self.config)
+        units = units_of(self.config.model)
         layer = next(i for i, unit in enumerate(units) if name.startswith(unit.rack_prefix))
         if self._cached is None or self._cached[0] != layer:
             self._cached = (layer, read_layer_file(self.ref, layer))
@@ -57,7 +57,8 @@ class CheckpointSource:
         """(the tokenizer the source was trained with, or None when unknown; how to name it in data.tokenizer)."""
         from ..checkpoint.consolidation import tag_tokenizer
 
-        tokenizer, file = tag_tokenizer(self.ref.path, self.config), self.ref.path / TOKENIZER_FILE
+        tokenizer = tag_tokenizer(self.ref.path, self.config.data, self.config.model)
+        file = self.ref.path / TOKENIZER_FILE
         return tokenizer, str(file) if file.is_file() else "byte"
 
 
@@ -83,7 +84,7 @@ class ConsolidatedSource:
     def tokenizer(self) -> tuple[Tokenizer | None, str]:
         from ..checkpoint.consolidation import consolidated_tokenizer
 
-        tokenizer = consolidated_tokenizer(Path(self.path), self.config)
+        tokenizer = consolidated_tokenizer(Path(self.path), self.config.data, self.config.model)
         spec = "byte" if isinstance(tokenizer, ByteTokenizer) else \
             f"a tokenizer.json of the one in {self.path}'s metadata (tools/export_hf.py writes it)"
         return tokenizer, spec
@@ -103,7 +104,7 @@ class HFSource:
                               f"model.architecture.blocks_per_stack ({blocks_per_stack}) blocks: use a "
                               f"blocks_per_stack that divides {n_layers}")
         self.config = config_from_llama(raw, n_layers // blocks_per_stack)
-        self.names = rack_to_llama_names(self.config)
+        self.names = rack_to_llama_names(self.config.model)
         self.files = _hf_weight_files(self.dir)
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -153,8 +154,9 @@ ACCEPTED_SOURCES = ("give another run's output dir, its checkpoints/ folder or a
 HF_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-def open_source(path: str, target: StackWiseConfig):
-    """The weights at ``path``, whichever of the accepted forms it is."""
+def open_source(path: str, target: ModelConfig, output_dir: Path):
+    """The weights at ``path``, whichever of the accepted forms it is, for a rack of ``target`` (a Hugging Face
+    folder is cut into its stacks) in a run writing to ``output_dir`` (which is no source)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"training.init_from {path} does not exist: {ACCEPTED_SOURCES}")
@@ -164,8 +166,8 @@ def open_source(path: str, target: StackWiseConfig):
         raise CheckpointError(f"training.init_from {path} is a {p.suffix or 'plain'} file, which is not a source: "
                               f"{ACCEPTED_SOURCES} (a layer_XX-model_states.pt file: give its tag folder)")
     if (p / "config.json").is_file() and not (p / "checkpoints").is_dir() and not is_tag_dir(p):
-        return HFSource(path, target.model.architecture.blocks_per_stack)
-    check_holds_checkpoint(p, Path(target.training.output_dir))
+        return HFSource(path, target.architecture.blocks_per_stack)
+    check_holds_checkpoint(p, output_dir)
     return CheckpointSource(path)
 
 
@@ -217,13 +219,13 @@ def _architecture(model: ModelConfig) -> dict:
     return arch
 
 
-def check_compatible(source: StackWiseConfig, target: StackWiseConfig, where: str, growth: str) -> None:
+def check_compatible(source: ModelConfig, target: ModelConfig, where: str, growth: str) -> None:
     """Refuse a source whose blocks cannot fill the target rack, before anything is read."""
     check_depth(source, target, where)
-    theirs, ours = _architecture(source.model), _architecture(target.model)
+    theirs, ours = _architecture(source), _architecture(target)
     keys = [f"model.{k}: source {theirs.get(k)!r} vs config {ours.get(k)!r}"
             for k in ours if theirs.get(k) != ours.get(k)]
-    src_shapes, n_src = rack_shapes(source), source.model.architecture.n_stacks
+    src_shapes, n_src = rack_shapes(source), source.architecture.n_stacks
     tensors = []
     for name, shape in rack_shapes(target).items():
         src = source_name(name, n_src, growth)
@@ -236,9 +238,9 @@ def check_compatible(source: StackWiseConfig, target: StackWiseConfig, where: st
                           "to the source's values")
 
 
-def check_depth(source: StackWiseConfig, target: StackWiseConfig, where: str) -> None:
+def check_depth(source: ModelConfig, target: ModelConfig, where: str) -> None:
     """Same blocks per stack, and at least as many stacks as the source."""
-    s, t = source.model.architecture, target.model.architecture
+    s, t = source.architecture, target.architecture
     shapes = f"the source has {s.n_stacks} stacks x {s.blocks_per_stack} blocks, the config {t.n_stacks} x " \
              f"{t.blocks_per_stack}"
     if s.blocks_per_stack != t.blocks_per_stack:
@@ -252,12 +254,13 @@ def check_depth(source: StackWiseConfig, target: StackWiseConfig, where: str) ->
 # ----------------------------------------------------------------------------- conversion
 
 
-def layer_state(source, target: StackWiseConfig, layer: int, growth: str) -> dict[str, torch.Tensor]:
-    """The layer file of target pipeline layer ``layer`` (module keys -> fp32 tensors)."""
+def layer_state(source, target: ModelConfig, seed: int, layer: int, growth: str) -> dict[str, torch.Tensor]:
+    """The layer file of target pipeline layer ``layer`` (module keys -> fp32 tensors); a fresh block gets
+    its init under ``seed``."""
     unit = units_of(target)[layer]
     n_src = source.config.model.architecture.n_stacks
     if unit.kind == UnitKind.BLOCK and source_stack(unit.stack_id, n_src, growth) is None:
-        block = build_block(target.model, unit.stack_id, unit.block_id, target.training.seed)
+        block = build_block(target, unit.stack_id, unit.block_id, seed)
         return {k: v.detach().clone() for k, v in block.state_dict().items()}
     shapes, state = rack_shapes(target), {}
     for key in unit_keys(target, unit):
@@ -270,23 +273,22 @@ def layer_state(source, target: StackWiseConfig, layer: int, growth: str) -> dic
     return state
 
 
-def write_initial_weights(source, target: StackWiseConfig, out_dir: Path, rank: int = 0,
+def write_initial_weights(source, target: ModelConfig, training: TrainingConfig, out_dir: Path, rank: int = 0,
                           world_size: int = 1) -> list[int]:
     """This rank's share of the layer files of ``out_dir``; returns the layers written."""
-    growth = target.training.init_growth
+    growth = training.init_growth
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = file_layers(target)[rank::world_size]
     for layer in mine:
         final = layer_path(out_dir, layer)
         tmp = final.with_name(final.name + f".tmp{rank}")
-        torch.save(layer_state(source, target, layer, growth), tmp)
+        torch.save(layer_state(source, target, training.seed, layer, growth), tmp)
         os.replace(tmp, final)  # a kill mid-write never leaves a half file under the final name
     return mine
 
 
-def describe_growth(source: StackWiseConfig, target: StackWiseConfig) -> str:
-    n_src, n_tgt = source.model.architecture.n_stacks, target.model.architecture.n_stacks
-    growth = target.training.init_growth
+def describe_growth(source: ModelConfig, target: ModelConfig, growth: str) -> str:
+    n_src, n_tgt = source.architecture.n_stacks, target.architecture.n_stacks
     plan = ", ".join(f"{i}<-{'init' if source_stack(i, n_src, growth) is None else source_stack(i, n_src, growth)}"
                      for i in range(n_tgt))
     return f"{n_src} -> {n_tgt} stacks (target<-source: {plan})"
@@ -345,17 +347,18 @@ def run_tokenizer_before_data(data_tokenizer: str) -> Tokenizer | None:
 
 def initial_weights(target: StackWiseConfig, out_dir: Path, rank: int = 0, world_size: int = 1) -> str:
     """Check the source of ``training.init_from`` and write this rank's share of ``out_dir``; returns a summary."""
-    source = open_source(target.training.init_from, target)
-    check_compatible(source.config, target, source.where, target.training.init_growth)
+    t = target.training
+    source = open_source(t.init_from, target.model, Path(t.output_dir))
+    check_compatible(source.config.model, target.model, source.where, t.init_growth)
     source_tokenizer, source_spec = source.tokenizer()
     check_source_tokenizer(source_tokenizer, source_spec, source.where,
                            run_tokenizer_before_data(target.data.tokenizer), target.data.tokenizer)
-    write_initial_weights(source, target, out_dir, rank, world_size)
+    write_initial_weights(source, target.model, t, out_dir, rank, world_size)
     if rank == 0:  # for check_run_tokenizer once a 'bpe' is trained (none from an earlier attempt stays)
         (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
         if source_tokenizer is not None:
             source_tokenizer.save(out_dir / TOKENIZER_FILE)
-    return f"initial weights from {source.where}: {describe_growth(source.config, target)}"
+    return f"initial weights from {source.where}: {describe_growth(source.config.model, target.model, t.init_growth)}"
 
 
 def prepare_initial_weights(config: StackWiseConfig, output_dir: Path, rank: int, world_size: int) -> Path:

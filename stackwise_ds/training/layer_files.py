@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import files as ckpt
+from ..layout import LayerUnit
 from ..model import Rack, build_block
 from ..parallel import distributed
 from ..parallel.pipe import local_start
@@ -49,7 +50,16 @@ def load_layers(pipe, tag_dir: Path, sources: dict[int, int] | None = None) -> N
     with torch.no_grad():
         for layer, module in modules.items():
             device = next(module.parameters()).device
-            module.load_state_dict(torch.load(files[layer], map_location=device, weights_only=True))
+            state = torch.load(files[layer], map_location=device, weights_only=True)
+            module.load_state_dict(renamed_state(state, pipe.units[sources.get(layer, layer)], pipe.units[layer]))
+
+
+def renamed_state(state: dict, source: LayerUnit, target: LayerUnit) -> dict:
+    """A layer file's (or its moments') keys for a module of another kind: the embedding's matrix
+    (``embedding.weight``) as an untied LM head's (``lm_head.weight``). Blocks copy blocks under the same keys."""
+    if source.kind == target.kind:
+        return state
+    return {target.rack_prefix + key[len(source.rack_prefix):]: value for key, value in state.items()}
 
 
 def verify_on_every_rank(files: list[Path], tag_dir: Path) -> None:

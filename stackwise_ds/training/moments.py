@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from ..checkpoint import files as ckpt
-from ..layout import TRAIN
+from ..layout import TRAIN, LayerUnit
 from ..parallel.optimizer_state import layer_moments, set_layer_moments
-from .layer_files import local_layer_modules, verify_on_every_rank
+from .layer_files import local_layer_modules, renamed_state, verify_on_every_rank
 
 
 def save_moments(engine, pipe, tag_dir: Path) -> None:
@@ -18,12 +18,13 @@ def save_moments(engine, pipe, tag_dir: Path) -> None:
         torch.save(payload, tag_dir / ckpt.moments_file_name(layer))
 
 
-def carry_moments(engine, pipe, tag_dir: Path, trained: list, sources: dict[int, int], tied: bool) -> None:
+def carry_moments(engine, pipe, tag_dir: Path, units: list[LayerUnit], trained: list, sources: dict[int, int],
+                  tied: bool) -> None:
     """Start this phase's optimizer from the moments the previous phase's end wrote in ``tag_dir`` (the
     newest tag): each layer that trains takes those of the layer it starts as (``sources``), if that one
-    trained (``trained``: the previous phase's role of every layer). Continuing and resuming at a phase
-    boundary both read the files, bit for bit alike. ``tied``: the tied weight (layer 0's file) trains
-    through the head."""
+    trained (``trained``: the previous phase's role of every layer of ``units``). Continuing and resuming at
+    a phase boundary both read the files, bit for bit alike. ``tied``: the tied weight (layer 0's file)
+    trained through the previous phase's head."""
     modules = local_layer_modules(pipe)
     files = {}
     for layer, module in modules.items():
@@ -33,4 +34,7 @@ def carry_moments(engine, pipe, tag_dir: Path, trained: list, sources: dict[int,
             files[layer] = tag_dir / ckpt.moments_file_name(source)
     verify_on_every_rank(sorted(set(files.values())), tag_dir)
     payloads = {layer: torch.load(path, map_location="cpu", weights_only=True) for layer, path in files.items()}
+    for layer in payloads:  # an untied head's moments start as the tied matrix's, named as the embedding's
+        moments = payloads[layer]["moments"]
+        payloads[layer]["moments"] = renamed_state(moments, units[sources.get(layer, layer)], units[layer])
     set_layer_moments(engine, modules, payloads)

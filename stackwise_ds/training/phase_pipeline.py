@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import gc
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..config import StackWiseConfig
+from ..config import ModelConfig, ParallelConfig, TrainingConfig
 from ..layout import LayerUnit, UnitKind
-from ..model import Rack, create_rack_from_config
+from ..model import Rack, create_rack_from_config, untie_lm_head
 from ..parallel import distributed
 from ..parallel.ds_config import build_ds_config
 from ..parallel.engine import build_engine, forget_process_groups
@@ -26,49 +27,70 @@ from .optim import make_optimizer
 class PhasePipeline:
     """The standing pipeline: re-formed when a phase's layout changes, kept while it stays."""
 
-    def __init__(self, config: StackWiseConfig, rank: int, world_size: int, units: list[LayerUnit],
-                 user_rack: Rack | None, feeds: DataFeeds):
-        self.config = config
+    def __init__(self, model: ModelConfig, training: TrainingConfig, parallel: ParallelConfig, rank: int,
+                 world_size: int, units: list[LayerUnit], user_rack: Rack | None, feeds: DataFeeds):
+        self.model = model
+        self.training = training
+        self.parallel = parallel
         self.rank = rank
         self.world_size = world_size
         self.units = units
         self.user_rack = user_rack
         self.feeds = feeds
         self.pipe = self.engine = self.layout = self.ds_config = None
+        self.head_tied: bool | None = None  # whether the placed pipeline ties the LM head to the embedding
         self.groups_before = None  # the process groups before this pipeline's: what retiring it keeps
         self.train_source = self.val_source = None  # this replica's data in the placed layout
 
-    def take_layout(self, layout: PhaseLayout, weights_dir: Path | None, sources: dict[int, int]) -> None:
-        """Place ``layout`` unless it stands already; a standing pipeline re-reads the grown layers' sources."""
-        if not layout.same_placement(self.layout):
-            self.place(layout, weights_dir, sources)
+    def take_layout(self, layout: PhaseLayout, weights_dir: Path | None, sources: dict[int, int],
+                    tied: bool) -> None:
+        """Place ``layout`` (its LM head tied to the embedding when ``tied``) unless it stands already, head
+        included; a standing pipeline re-reads the grown layers' sources."""
+        if not layout.same_placement(self.layout) or tied != self.head_tied:
+            self.place(layout, weights_dir, sources, tied)
         elif sources:
             load_layers(self.pipe, weights_dir, sources)
 
-    def place(self, layout: PhaseLayout, weights_dir: Path | None, sources: dict[int, int]) -> None:
-        """Re-form the pipeline for ``layout``: retire the old one, build this rank's stage, fill it
-        from ``weights_dir``'s layer files (``sources``: a growth's layer -> the layer it copies)."""
+    def place(self, layout: PhaseLayout, weights_dir: Path | None, sources: dict[int, int], tied: bool) -> None:
+        """Re-form the pipeline for ``layout``: retire the old one, build this rank's stage (its head untied
+        unless ``tied``), fill it from ``weights_dir``'s layer files (``sources``: a growth's layer -> the
+        layer it copies)."""
         self.retire()
         self.groups_before = distributed.live_process_groups()
-        rack = self.user_rack if self.user_rack is not None else self._build_stage_rack(layout)
-        cfg = self.config
-        self.pipe = rack_to_pipeline(rack, layout, self.world_size, cfg.parallel.activation_checkpoint_interval)
-        self.layout = layout
-        self.ds_config = build_ds_config(cfg, layout.data_parallel, layout.gradient_accumulation_steps)
+        rack = self._stage_rack(layout, tied)
+        self.pipe = rack_to_pipeline(rack, layout, self.world_size, self.parallel.activation_checkpoint_interval)
+        self.layout, self.head_tied = layout, tied
+        self.ds_config = build_ds_config(self.training, self.parallel, layout.data_parallel,
+                                         layout.gradient_accumulation_steps)
         self.train_source, self.val_source = self.feeds.replica(layout, data_parallel_rank(self.pipe))
         if weights_dir is not None:
             load_layers(self.pipe, weights_dir, sources)
 
-    def _build_stage_rack(self, layout: PhaseLayout) -> Rack:
-        """The configured Rack with real weights only in this rank's stage of ``layout`` (the rest on meta)."""
+    def _build_stage_rack(self, layout: PhaseLayout, tied: bool) -> Rack:
+        """The configured Rack (its head untied unless ``tied``) with real weights only in this rank's stage of
+        ``layout`` (the rest on meta)."""
         stage = stage_of_rank(self.rank, layout.pipeline_stages, self.world_size)
-        local = layout.rack_modules(stage, self.units, self.config.model.tie_embeddings)
-        return create_rack_from_config(self.config, materialize=local.__contains__)
+        local = layout.rack_modules(stage, self.units, tied)
+        model = replace(self.model, tie_embeddings=tied)
+        return create_rack_from_config(model, seed=self.training.seed, materialize=local.__contains__)
+
+    def _stage_rack(self, layout: PhaseLayout, tied: bool) -> Rack:
+        """The Rack this rank's stage of ``layout`` wraps: the caller's (untied when the phase unties it), or
+        one built here."""
+        if self.user_rack is None:
+            return self._build_stage_rack(layout, tied)
+        if not tied:
+            untie_lm_head(self.user_rack)
+        return self.user_rack
+
+    def untied_head(self) -> bool:
+        """Whether the placed pipeline's head is its own copy of a tied config's embedding (what a tag records)."""
+        return self.model.tie_embeddings and not self.head_tied
 
     def build_engine(self, phase: Phase, phases: list[Phase]):
         """A fresh engine for ``phase``: its trainable set, a new optimizer and its LR schedule."""
         roles = None if phase.kind == PhaseKind.RACK else dict(enumerate(phase.layer_roles(self.pipe.units)))
-        training = self.config.training
+        training = self.training
         self.engine = build_engine(self.pipe, self.ds_config, roles,
                                    optimizer_factory=partial(make_optimizer, training=training, units=self.pipe.units),
                                    lr_lambda=phase_lr_lambda(phase, phases, training))
@@ -89,8 +111,7 @@ class PhasePipeline:
 
     def save_unplaced_layers(self, tag_dir: Path, source_dir: Path | None) -> None:
         """Collective: the files of the layers this layout does not place (see ``save_unplaced_layers``)."""
-        tied = self.config.model.tie_embeddings
         unplaced = [i for i, unit in enumerate(self.units)
-                    if i not in self.layout.live and not (tied and unit.kind == UnitKind.HEAD)]
-        save_unplaced_layers(tag_dir, unplaced, self.units, self.user_rack, self.config.model,
-                             self.config.training.seed, self.rank, self.world_size, source_dir)
+                    if i not in self.layout.live and not (self.head_tied and unit.kind == UnitKind.HEAD)]
+        save_unplaced_layers(tag_dir, unplaced, self.units, self.user_rack, self.model, self.training.seed,
+                             self.rank, self.world_size, source_dir)

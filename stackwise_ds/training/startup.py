@@ -5,9 +5,10 @@ from __future__ import annotations
 import socket
 import uuid
 from pathlib import Path
+from typing import Callable
 
 from ..checkpoint import files as ckpt
-from ..config import ParallelConfig, StackWiseConfig
+from ..config import ParallelConfig
 from ..parallel import distributed
 from ..parallel.watchdog import PeerWatchdog
 from .output_lock import OutputDirLock
@@ -91,10 +92,11 @@ def start_watchdog(output_dir: Path, rank: int, world_size: int, peer_timeout_s:
     return PeerWatchdog(output_dir / ".heartbeat" / run_id, rank, world_size, timeout_s=peer_timeout_s).start()
 
 
-def prepare_output_dir(output_dir: Path, rank: int, config_to_write: StackWiseConfig | None) -> None:
-    """Collective: rank 0 creates checkpoints/ and writes ``config_to_write`` as config.yaml (None: keeps it)."""
+def prepare_output_dir(output_dir: Path, rank: int, write_config: Callable[[Path], None] | None) -> None:
+    """Collective: rank 0 creates checkpoints/ and has ``write_config`` (the run config's ``to_yaml``) write
+    config.yaml (None: keeps it)."""
     if rank == 0:
         (output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        if config_to_write is not None:
-            config_to_write.to_yaml(output_dir / "config.yaml")
+        if write_config is not None:
+            write_config(output_dir / "config.yaml")
     distributed.barrier()

@@ -33,7 +33,7 @@ from ..parallel.ds_config import resolve_precision
 from ..phases import Phase, plan_phases
 from ..placement import PhaseLayout, plan_phase_layouts
 from .checkpoints import Checkpointer
-from .feeds import DataFeeds, load_run_bundle
+from .feeds import DataFeeds
 from .growth import phase_layer_sources
 from .loop import PhaseRun, StepLoop
 from .metrics import RunHistory, count_process_groups, current_rss_mb, resource_usage, val_loss_at
@@ -94,7 +94,7 @@ class ArchitectureTrainer:
         groups_before = count_process_groups()
         history = RunHistory(self.output_dir)
         plan = self._plan(rank, world_size, history)
-        prepare_output_dir(self.output_dir, rank, None if plan.finished_before else cfg)
+        prepare_output_dir(self.output_dir, rank, None if plan.finished_before else cfg.to_yaml)
         runner = self._phase_runner(rank, world_size, plan, history, rack, (dataloader, val_data))
         state = runner.run_all(plan)
         history.results["process_groups"] = {"before": groups_before, "after": count_process_groups()}
@@ -137,18 +137,25 @@ class ArchitectureTrainer:
         cfg, t = self.config, self.config.training
         global_batch = self._global_batch(world_size)
         dataloader, val_data = user_data
-        bundle = None if dataloader is not None else load_run_bundle(cfg, global_batch, plan.init_dir,
-                                                                     self.output_dir, rank)
-        feeds = DataFeeds(cfg, world_size, global_batch, bundle, dataloader, val_data)
+        feeds = DataFeeds(t, cfg.data, cfg.model, world_size // cfg.pipeline_stages, global_batch,
+                          self._load_bundle() if dataloader is None else None, dataloader, val_data)
+        if dataloader is None:
+            feeds.check_bundle(plan.init_dir, self.output_dir, rank)
         monitor = Monitor(self.output_dir, enabled=rank == 0, progress_bar=t.progress_bar,
                           log_interval=t.log_interval)
-        pipeline = PhasePipeline(cfg, rank, world_size, self._units(), rack, feeds)
+        pipeline = PhasePipeline(cfg.model, t, cfg.parallel, rank, world_size, self._units(), rack, feeds)
         checkpointer = Checkpointer(self.checkpoint_dir, t, rank, monitor, history, feeds.save_tokenizer,
                                     weights_tag=plan.start.tag, init_dir=plan.init_dir)
         loop = StepLoop(t, cfg.data.seq_len, cfg.model.architecture.n_stacks, global_batch, monitor, history,
                         self.checkpoint_dir)
         return PhaseRunner(t, cfg.parallel, cfg.model, world_size, pipeline, checkpointer, loop, monitor, history,
                            plan.start.tag)
+
+    def _load_bundle(self):
+        """The datasets of config.data (every rank loads them; the cache lets one tokenise while others wait)."""
+        from .data_setup import load_bundle
+
+        return load_bundle(self.config)
 
     def _global_batch(self, world_size: int) -> int:
         t = self.config.training
@@ -169,7 +176,7 @@ class PhaseRunner:
                  pipeline: PhasePipeline, checkpointer: Checkpointer, loop: StepLoop, monitor: Monitor,
                  history: RunHistory, resume_tag: str | None):
         self.training = training
-        self.tied = model.tie_embeddings  # the tied weight trains through the head: its moments are carried
+        self.tied = model.tie_embeddings  # the config ties the head; a phase may untie it (freeze_embedding)
         self.zero_stage = parallel.zero_stage
         self.world_size = world_size
         self.pipeline = pipeline
@@ -213,23 +220,32 @@ class PhaseRunner:
         resuming_mid_phase = self.resume_tag is not None and state.phase_step > 0
         if resuming_mid_phase:
             check_resumed_layout(layout, state, self.checkpointer.checkpoint_dir / self.resume_tag, self.world_size)
-        sources = self._growth_sources(phase, state)
-        self.pipeline.take_layout(layout, self.checkpointer.weights_dir(), sources)
+        sources = self._growth_sources(phase, phases, state)
+        self.pipeline.take_layout(layout, self.checkpointer.weights_dir(), sources, self._head_tied(phase))
         engine = self.pipeline.build_engine(phase, phases)
         if resuming_mid_phase:
             load_resume_checkpoint(engine, self.pipeline.pipe, self.checkpointer.checkpoint_dir, self.resume_tag,
                                    self.zero_stage, self.monitor)
         elif self._carries_optimizer() and phase.index > 0:
-            trained = phases[phase.index - 1].layer_roles(self.pipeline.units)
-            carry_moments(engine, self.pipeline.pipe, self.checkpointer.weights_dir(), trained, sources, self.tied)
+            previous, units = phases[phase.index - 1], self.pipeline.units
+            carry_moments(engine, self.pipeline.pipe, self.checkpointer.weights_dir(), units,
+                          previous.layer_roles(units), sources, self._head_tied(previous))
         self.resume_tag = None
         return engine
 
-    def _growth_sources(self, phase: Phase, state: ckpt.TrainingState) -> dict[int, int]:
-        """At the start of a growing phase: pipeline layer -> the layer whose weights it starts as."""
+    def _growth_sources(self, phase: Phase, phases: list[Phase], state: ckpt.TrainingState) -> dict[int, int]:
+        """At the start of a growing phase: pipeline layer -> the layer whose weights it starts as; the head of
+        the first phase that unties it starts as the embedding (layer 0, the tied matrix)."""
         if state.phase_step:
             return {}
-        return phase_layer_sources(self.pipeline.units, phase, self.training.growth_operator)
+        units = self.pipeline.units
+        sources = phase_layer_sources(units, phase, self.training.growth_operator)
+        if phase.index > 0 and self._head_tied(phases[phase.index - 1]) and not self._head_tied(phase):
+            sources[len(units) - 1] = 0
+        return sources
+
+    def _head_tied(self, phase: Phase) -> bool:
+        return self.tied and not phase.untied_head
 
     def _carries_optimizer(self) -> bool:
         return self.training.optimizer_across_phases == OptimizerAcrossPhases.CARRY
