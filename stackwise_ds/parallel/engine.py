@@ -107,6 +107,7 @@ from .roles import (
     TRAIN_STAGE,
     RolePlan,
     StageRole,
+    apply_frozen_precision,
     apply_layer_roles,
     layer_parameters,
     make_plan,
@@ -154,6 +155,8 @@ def build_engine(pipe_module: PipelineModule, ds_config: dict, layer_roles: dict
                              model_parameters=[p for _, p in named], lr_scheduler=scheduler,
                              mpu=mpu, config=config, config_class=config_class)
     engine._configure_python_gc()
+    # after the engine moved the module to its device: frozen layers get their bf16/int8 forward
+    engine.frozen_weight_bytes = apply_frozen_precision(pipe_module)
     pipe_module._stagewise_engine = weakref.ref(engine)
     _check_zero_param_groups(engine)
     return engine

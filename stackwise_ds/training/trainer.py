@@ -307,7 +307,8 @@ class ArchitectureTrainer:
         self.groups_before = distributed.live_process_groups()
         rack = self.user_rack if self.user_rack is not None else self._build_stage_rack(layout)
         cfg = self.config
-        self.pipe = rack_to_pipeline(rack, layout, self.world_size, cfg.parallel.activation_checkpoint_interval)
+        self.pipe = rack_to_pipeline(rack, layout, self.world_size, cfg.parallel.activation_checkpoint_interval,
+                                     stack_precision=cfg.stack_frozen_precisions())
         self.layout = layout
         self.ds_config = build_ds_config(cfg, layout.data_parallel, layout.gradient_accumulation_steps)
         self.train_source, self.val_source = self._replica_data(layout)
