@@ -7,6 +7,8 @@ estimate, the config checks. Multiprocess: a real 2-rank stackwise run with int8
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -226,8 +228,9 @@ def test_int8_frozen_stackwise_run_trains_and_checkpoints_full_precision(tmp_pat
     frozen in place); a run with frozen_precision 'same' is the reference."""
     common = ["training.training_architecture=stackwise", f"training.steps_per_phase={STEPS}",
               "training.save_interval=2", "training.eval_interval=0", "parallel.phase_layout=fixed"]
-    run_training(2, tmp_path / "int8", *common, "training.frozen_precision=int8")
-    run_training(2, tmp_path / "same", *common)
+    converted = run_training(2, tmp_path / "int8", *common, "training.frozen_precision=int8")
+    assert "[stackwise] stage 0: frozen layers 1, 2 run in int8" in converted.stdout
+    assert "run in" not in run_training(2, tmp_path / "same", *common).stdout
     int8, same = results(tmp_path / "int8")["phases"], results(tmp_path / "same")["phases"]
     assert int8[0]["losses"] == same[0]["losses"], "phase 1 freezes nothing: the same run, bit for bit"
     assert int8[1]["losses"] != same[1]["losses"], "phase 2 runs stack 0 in int8"
@@ -242,3 +245,28 @@ def test_int8_frozen_stackwise_run_trains_and_checkpoints_full_precision(tmp_pat
             assert later.keys() == at_end.keys() and all(torch.equal(later[k], at_end[k]) for k in at_end)
         assert not torch.equal(layer_state(tmp_path / "int8", 2 * STEPS, 3 + b)["attn.q_proj.weight"],
                                layer_state(tmp_path / "int8", end0, 3 + b)["attn.q_proj.weight"]), "stack 1 trains"
+
+
+@pytest.mark.multiprocess
+def test_per_stack_precision_on_the_elastic_layout_resumes_mid_phase_bit_for_bit(tmp_path):
+    """3 stacks on the elastic layout (frozen stacks re-placed from the phase-end files, then converted):
+    stack 0 int8, stack 1 bf16. A resume from the middle of the last phase converts the same weights
+    again: the same losses, bit for bit, and the frozen stacks' files are still their phase ends'."""
+    args = ["training.training_architecture=stackwise", "training.steps_per_phase=2", "training.save_interval=1",
+            "training.eval_interval=0", "model.architecture.n_stacks=3", "model.architecture.blocks_per_stack=1",
+            "training.stack_precision=[int8, bf16, same]"]
+    run = tmp_path / "run"
+    first = run_training(2, run, *args)
+    assert "frozen layers 1 run in int8" in first.stdout and "frozen layers 1, 2 run in bf16, int8" in first.stdout
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step00000006")  # died after step 5, mid phase 3
+    shutil.rmtree(resumed / "tensorboard")
+    proc = run_training(2, resumed, *args)
+    assert "step00000005" in proc.stdout
+    assert results(resumed)["losses"] == results(run)["losses"]
+    for stack, end in ((0, 2), (1, 4)):  # layer 1 + stack (one block per stack)
+        at_end = layer_state(run, end, 1 + stack)
+        for out in (run, resumed):
+            final = layer_state(out, 6, 1 + stack)
+            assert all(torch.equal(final[k], at_end[k]) for k in at_end), (stack, out)

@@ -100,6 +100,7 @@ from torch import nn
 from ..layout import UnitKind
 from .distributed import all_gather_objects
 from .pipe import local_start
+from .precision import describe_frozen
 from .roles import (
     FORWARD_ONLY,
     RELAY,
@@ -157,6 +158,9 @@ def build_engine(pipe_module: PipelineModule, ds_config: dict, layer_roles: dict
     engine._configure_python_gc()
     # after the engine moved the module to its device: frozen layers get their bf16/int8 forward
     engine.frozen_weight_bytes = apply_frozen_precision(pipe_module)
+    if engine.frozen_weight_bytes and grid.get_data_parallel_id() == 0:
+        print("[stackwise] " + describe_frozen(grid.get_stage_id(), engine.frozen_weight_bytes,
+                                               pipe_module.frozen_precision), flush=True)
     pipe_module._stagewise_engine = weakref.ref(engine)
     _check_zero_param_groups(engine)
     return engine

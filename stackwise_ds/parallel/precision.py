@@ -163,6 +163,14 @@ class FrozenCompute:
         return self.compute(inputs)
 
 
+def describe_frozen(stage: int, sizes: dict[int, tuple[int, int]], precisions: dict[int, FrozenPrecision]) -> str:
+    """One log line, e.g. 'stage 0: frozen layers 1, 2 run in int8 (weights 0.10 MB instead of 0.39 MB)'."""
+    kinds = ", ".join(sorted({str(precisions[layer]) for layer in sizes}))
+    full, converted = (sum(pair[i] for pair in sizes.values()) / 2**20 for i in (0, 1))
+    return (f"stage {stage}: frozen layers {', '.join(map(str, sorted(sizes)))} run in {kinds} "
+            f"(weights {converted:.2f} MB instead of {full:.2f} MB)")
+
+
 def layer_precisions(units, stack_precisions: list[FrozenPrecision] | None) -> dict[int, FrozenPrecision]:
     """Pipeline layer -> the precision it runs in while frozen: its stack's, for blocks; others stay."""
     if not stack_precisions:
