@@ -225,9 +225,11 @@ STEPS = 4
 @pytest.mark.multiprocess
 def test_int8_frozen_stackwise_run_trains_and_checkpoints_full_precision(tmp_path):
     """2 ranks, 2 stacks, phase 2 freezes stack 0 in int8 on the fixed pipeline (the trained stack turns
-    frozen in place); a run with frozen_precision 'same' is the reference."""
+    frozen in place), then a joint phase trains it again from its full-precision weights; a run with
+    frozen_precision 'same' is the reference."""
     common = ["training.training_architecture=stackwise", f"training.steps_per_phase={STEPS}",
-              "training.save_interval=2", "training.eval_interval=0", "parallel.phase_layout=fixed"]
+              "training.save_interval=2", "training.eval_interval=0", "parallel.phase_layout=fixed",
+              "training.joint_steps=2"]
     converted = run_training(2, tmp_path / "int8", *common, "training.frozen_precision=int8")
     assert "[stackwise] stage 0: frozen layers 1, 2 run in int8" in converted.stdout
     assert "run in" not in run_training(2, tmp_path / "same", *common).stdout
@@ -245,6 +247,10 @@ def test_int8_frozen_stackwise_run_trains_and_checkpoints_full_precision(tmp_pat
             assert later.keys() == at_end.keys() and all(torch.equal(later[k], at_end[k]) for k in at_end)
         assert not torch.equal(layer_state(tmp_path / "int8", 2 * STEPS, 3 + b)["attn.q_proj.weight"],
                                layer_state(tmp_path / "int8", end0, 3 + b)["attn.q_proj.weight"]), "stack 1 trains"
+        joint = layer_state(tmp_path / "int8", 2 * STEPS + 2, 1 + b)
+        assert not torch.equal(joint["attn.q_proj.weight"], at_end["attn.q_proj.weight"]), "joint: stack 0 trains"
+    assert [p["kind"] for p in int8] == ["stack", "stack", "joint"]
+    assert int8[2]["val_loss_after"] < int8[2]["val_loss_before"]
 
 
 @pytest.mark.multiprocess

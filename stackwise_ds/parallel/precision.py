@@ -92,6 +92,13 @@ class Bf16Forward(nn.Module):
         return self.module(x.to(torch.bfloat16)).to(x.dtype)
 
 
+def converts(layer: nn.Module, precision: FrozenPrecision) -> bool:
+    """Whether ``precision`` changes how ``layer`` is held (bf16 does not for weights already in bf16)."""
+    if precision == FrozenPrecision.SAME:
+        return False
+    return precision == FrozenPrecision.INT8 or any(p.dtype != torch.bfloat16 for p in layer.parameters())
+
+
 def converted_copy(layer: nn.Module, precision: FrozenPrecision) -> nn.Module:
     """A forward-only copy of ``layer`` in ``precision`` (bf16 or int8), on the layer's device."""
     compute = copy.deepcopy(layer).requires_grad_(False)

@@ -35,7 +35,7 @@ from torch import nn
 from ..enums import Choice
 from ..layout import DORMANT, FROZEN, TRAIN, LayerRole  # noqa: F401 - re-exported for the engine
 from .pipe import local_start
-from .precision import FrozenCompute
+from .precision import FrozenCompute, converts
 
 
 class StageRole(Choice):
@@ -204,6 +204,8 @@ def apply_frozen_precision(module) -> dict[int, tuple[int, int]]:
     for offset, entry in enumerate(module.forward_funcs):
         precision = precisions.get(start + offset)
         if precision is None or not isinstance(entry, RoleGate) or entry.role != FROZEN:
+            continue
+        if not converts(entry.layer, precision):  # bf16 weights (a bf16 run) in bf16: nothing to gain
             continue
         device = next(entry.layer.parameters()).device
         entry.frozen_compute = FrozenCompute(entry.layer, precision, device)
