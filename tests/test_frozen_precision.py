@@ -87,11 +87,13 @@ def test_int8_quantization_is_per_output_channel_and_the_fallback_matmul_agrees(
     assert q.abs().amax(dim=1).eq(127).all(), "every row uses its whole int8 range (its own scale)"
     assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
-    packed = int8_matmul(x, q, scales)
-    monkeypatch.setitem(precision._PACKED_MM_WORKS, ("cpu", torch.float32), False)
-    fallback = int8_matmul(x, q, scales)
-    assert torch.allclose(packed, fallback, rtol=1e-4, atol=1e-4)
-    assert relative(fallback, x @ w.T) < 0.01
+    assert relative(int8_matmul(x, q, scales), x @ w.T) < 0.01  # fp32: dequantize, fp32 matmul
+    packed = int8_matmul(x.bfloat16(), q, scales)  # bf16: torch's packed int8 kernel
+    assert precision._PACKED_MM_WORKS[("cpu", torch.bfloat16)], "torch's int8 kernel runs on CPU in bf16"
+    monkeypatch.setitem(precision._PACKED_MM_WORKS, ("cpu", torch.bfloat16), False)
+    fallback = int8_matmul(x.bfloat16(), q, scales)
+    assert packed.dtype == fallback.dtype == torch.bfloat16
+    assert relative(packed.float(), fallback.float()) < 0.01
 
 
 # ----------------------------------------------------------------------------- full-precision weights kept

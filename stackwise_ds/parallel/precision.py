@@ -6,9 +6,10 @@ forward can run on a converted copy (``training.frozen_precision`` / ``training.
 * ``bf16``: the copy's weights are bf16 and its forward runs in bf16; the input is cast to bf16 and
   the output back to the input's dtype, so the activations between pipeline layers keep theirs.
 * ``int8``: every ``nn.Linear`` of the copy becomes an ``Int8WeightOnlyLinear`` (int8 weights, one
-  fp32 scale per output channel, symmetric); norms and the activations keep their dtype. The matmul
-  is torch's own ``torch._weight_int8pack_mm`` (what torchao's int8 weight-only path calls on CPU),
-  or a dequantize-then-matmul where that op is missing or refuses the device/dtype.
+  fp32 scale per output channel, symmetric); norms and the activations keep their dtype. With bf16
+  activations the matmul is torch's own ``torch._weight_int8pack_mm`` (what torchao's int8
+  weight-only path calls), with fp32 activations, or where that op is missing or refuses the
+  device, a dequantize-then-matmul (see ``int8_matmul``).
 
 Checkpoints keep the full-precision weights: the layer module itself stays registered in the
 PipelineModule with the same Parameters (names, ``requires_grad``, optimizer membership unchanged);
@@ -48,10 +49,14 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [N, in] @ (q * scales[:, None]).T -> [N, out] in x's dtype."""
+    """x [N, in] @ (q * scales[:, None]).T -> [N, out] in x's dtype.
+
+    bf16 activations (GPU runs) use torch's packed int8 kernel; fp32 activations (CPU runs) dequantize
+    the weight per call and use the fp32 matmul: the packed kernel has no fast fp32 path (about 30x
+    slower than the fp32 matmul on CPU, measured with torch 2.13)."""
     scales = scales.to(x.dtype)
     key = (x.device.type, x.dtype)
-    if _PACKED_MM_WORKS.get(key, True) and hasattr(torch, "_weight_int8pack_mm"):
+    if x.dtype == torch.bfloat16 and _PACKED_MM_WORKS.get(key, True) and hasattr(torch, "_weight_int8pack_mm"):
         try:
             out = torch._weight_int8pack_mm(x.contiguous(), q, scales)
             _PACKED_MM_WORKS[key] = True
