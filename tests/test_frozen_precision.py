@@ -96,6 +96,14 @@ def test_int8_quantization_is_per_output_channel_and_the_fallback_matmul_agrees(
     assert relative(packed.float(), fallback.float()) < 0.01
 
 
+def test_each_block_takes_its_stacks_precision():
+    """Blocks (also blockwise units) run in their stack's entry; embedding, norm and head never convert."""
+    units = layer_units(2, 2)  # embedding, stack 0 blocks (1, 2), stack 1 blocks (3, 4), norm, head
+    assert precision.layer_precisions(units, [INT8, SAME]) == {1: INT8, 2: INT8}
+    assert precision.layer_precisions(units, [BF16, INT8]) == {1: BF16, 2: BF16, 3: INT8, 4: INT8}
+    assert precision.layer_precisions(units, None) == {}
+
+
 # ----------------------------------------------------------------------------- full-precision weights kept
 
 def test_converted_layer_keeps_its_full_precision_weights_bit_for_bit():

@@ -54,6 +54,10 @@ norm over the train group. Because ZeRO reduces once per param group, ``build_en
 splits groups (same hyperparameters) so every train stage has the same count, then checks it
 (an error, never a hang, if a stage has too few parameters to split).
 
+Frozen precision. Once the engine has placed the module on its device, frozen layers that
+``rack_to_pipeline`` gave a bf16/int8 precision get a converted forward (``roles.apply_frozen_precision``,
+``precision.py``); their own full-precision Parameters stay registered, so checkpoints are unchanged.
+
 Rebuilding. Each phase calls ``build_engine`` again on the same module; the previous engine is
 destroyed first (its ZeRO gradient hooks and module forward hooks would keep firing into a dead
 optimizer, and its flat buffer would stay alive through frozen parameters). Process groups are
