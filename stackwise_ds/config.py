@@ -30,6 +30,7 @@ from .enums import (
     AttentionType,
     Choice,
     DataSource,
+    FrozenPrecision,
     GrowthOperator,
     InitGrowth,
     LayoutKind,
@@ -199,6 +200,14 @@ class TrainingConfig:
     """Global gradient-norm clip over the trainable parameters (0 = off)."""
     precision: Precision = Precision.AUTO
     """'auto' (bf16 on GPU, fp32 on CPU), 'fp32' or 'bf16'."""
+    frozen_precision: FrozenPrecision = FrozenPrecision.SAME
+    """Stackwise/blockwise with prefix 'frozen': what a frozen stack's weights are held and run in while it is frozen:
+    'same' (the training precision), 'bf16' (bf16 weights and forward, activations cast back) or 'int8' (weight-only
+    int8 with per-output-channel scales, torch's own int8 matmul). Training stacks keep the training precision, and
+    checkpoints always hold the full-precision weights."""
+    stack_precision: Optional[list[FrozenPrecision]] = None
+    """Per-stack frozen_precision, one entry per stack (e.g. [int8, bf16, same, same]), applied while that stack is
+    frozen; when set it overrides frozen_precision (None = frozen_precision for every stack)."""
     log_interval: int = 10
     """Log per-stage memory and per-stack gradient norms every this many steps (and, without a progress bar, print a
     line of step, loss and tokens/s)."""
@@ -414,6 +423,30 @@ class StackWiseConfig:
         if t.stack_lr_scale is not None and len(t.stack_lr_scale) != arch.n_stacks:
             raise ConfigError(f"training.stack_lr_scale has {len(t.stack_lr_scale)} values for "
                               f"{arch.n_stacks} stacks: give one multiplier per stack")
+        self._validate_frozen_precision()
+
+    def _validate_frozen_precision(self) -> None:
+        t, n_stacks = self.training, self.model.architecture.n_stacks
+        if t.stack_precision is not None:
+            if len(t.stack_precision) != n_stacks:
+                raise ConfigError(f"training.stack_precision has {len(t.stack_precision)} entries for {n_stacks} "
+                                  f"stacks: give one of {', '.join(FrozenPrecision.values())} per stack")
+            t.stack_precision = [FrozenPrecision.parse(value, f"training.stack_precision[{i}]", ConfigError)
+                                 for i, value in enumerate(t.stack_precision)]
+        freezes = t.training_architecture != TrainingArchitecture.RACKWISE and t.prefix == Prefix.FROZEN
+        if not freezes and any(p != FrozenPrecision.SAME for p in self.stack_frozen_precisions()):
+            key = "stack_precision" if t.stack_precision is not None else "frozen_precision"
+            raise ConfigError(f"training.{key} asks for a lower precision of frozen stacks, but this run freezes "
+                              f"none (training_architecture '{t.training_architecture}', prefix '{t.prefix}'): "
+                              "frozen stacks exist only in stackwise/blockwise runs with training.prefix 'frozen'; "
+                              f"remove training.{key} or set it to 'same'")
+
+    def stack_frozen_precisions(self) -> list[FrozenPrecision]:
+        """The precision each stack runs in while frozen (stack_precision, else frozen_precision for all)."""
+        t = self.training
+        if t.stack_precision is not None:
+            return list(t.stack_precision)
+        return [t.frozen_precision] * self.model.architecture.n_stacks
 
     @property
     def n_units(self) -> int:
@@ -544,6 +577,9 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in typing.get_args(hint):
             return None
+        options = [option for option in typing.get_args(hint) if option is not type(None)]
+        if len(options) == 1:  # Optional[X]: X's own message names what is wrong (e.g. which list item)
+            return _coerce(options[0], value, key)
         for option in typing.get_args(hint):
             if option is type(None):
                 continue
@@ -602,7 +638,14 @@ def section_dict(section: Any) -> dict[str, Any]:
 
 
 def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
-    return {key: value.value if isinstance(value, Enum) else value for key, value in items}
+    return {key: _plain(value) for key, value in items}
+
+
+def _plain(value: Any) -> Any:
+    """An enum member as its string, also inside a list (e.g. training.stack_precision)."""
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value.value if isinstance(value, Enum) else value
 
 
 def _check_positive(key: str, value: int | float) -> None:

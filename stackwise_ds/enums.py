@@ -126,5 +126,13 @@ class Precision(Choice):
     BF16 = "bf16"
 
 
+class FrozenPrecision(Choice):
+    """What a frozen stack's weights are held and computed in (``parallel/precision.py``)."""
+
+    SAME = "same"
+    BF16 = "bf16"
+    INT8 = "int8"
+
+
 class NonfinitePolicy(Choice):
     STOP = "stop"

@@ -27,7 +27,9 @@ every placed layer holds its weights; a training layer also holds its gradients,
 the optimizer state (AdamW moments, plus fp32 master weights under bf16) divided by the
 data-parallel degree under ZeRO-1, and the activations of the micro-batches in flight
 (``min(m, p - s)`` on stage ``s`` under 1F1B). Frozen layers hold weights only: no gradient,
-no optimizer state, no stashed activations.
+no optimizer state, no stashed activations; a frozen block's weights count in its stack's frozen
+precision (``training.frozen_precision`` / ``stack_precision``): 2 bytes a parameter in bf16,
+1 + 4/d_model in int8 (the int8 weight and one fp32 scale per output channel).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from .config import ModelConfig, StackWiseConfig
-from .enums import AttentionType, LayoutKind
+from .enums import AttentionType, FrozenPrecision, LayoutKind
 from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, stage_boundaries
 
 ELASTIC, FIXED = LayoutKind.ELASTIC, LayoutKind.FIXED
@@ -71,6 +73,7 @@ class Resources:
     bf16: bool = False
     zero_stage: int = 1
     max_rank_memory_mb: float | None = None
+    frozen_bytes_per_param: tuple[float, ...] = ()  # per pipeline layer while frozen; () or 0: the weights' own
 
     @property
     def global_batch(self) -> int:
@@ -269,9 +272,11 @@ def _stage_memory_mb(layers, stage, roles, costs, res: Resources, p, dp, m) -> f
     shard = dp if res.zero_stage >= 1 else 1
     in_flight = min(m, p - stage)
     total = 0.0
+    frozen_bytes = res.frozen_bytes_per_param
     for i in layers:
         c = costs[i]
-        total += c.params * weight_bytes
+        total += c.params * (frozen_bytes[i] if roles[i] == FROZEN and frozen_bytes and frozen_bytes[i]
+                             else weight_bytes)
         if roles[i] == TRAIN:
             total += c.params * (4 + optimizer_bytes / shard) + in_flight * c.activation_bytes
     return total / MB
@@ -309,7 +314,18 @@ def run_resources(config: StackWiseConfig, world_size: int, bf16: bool) -> Resou
     return Resources(world_size=world_size, n_stacks=arch.n_stacks, blocks_per_stack=arch.blocks_per_stack,
                      pipeline_stages=config.pipeline_stages, micro_batch_size=t.micro_batch_size,
                      gradient_accumulation_steps=t.gradient_accumulation_steps, bf16=bf16,
-                     zero_stage=config.parallel.zero_stage, max_rank_memory_mb=config.parallel.max_rank_memory_mb)
+                     zero_stage=config.parallel.zero_stage, max_rank_memory_mb=config.parallel.max_rank_memory_mb,
+                     frozen_bytes_per_param=frozen_bytes_per_param(config.model, config.stack_frozen_precisions()))
+
+
+def frozen_bytes_per_param(model: ModelConfig, precisions: list[FrozenPrecision]) -> tuple[float, ...]:
+    """Bytes per parameter of each pipeline layer while frozen: its stack's frozen precision for blocks,
+    0 (the weights' own bytes) for 'same' and for the embedding, norm and head."""
+    bytes_of = {FrozenPrecision.SAME: 0.0, FrozenPrecision.BF16: 2.0,
+                FrozenPrecision.INT8: 1.0 + 4.0 / model.d_model}
+    per_stack = model.architecture.blocks_per_stack
+    blocks = [bytes_of[precisions[b // per_stack]] for b in range(model.n_blocks)]
+    return (0.0, *blocks, 0.0, 0.0)
 
 
 def plan_phase_layouts(phases, units: list[LayerUnit], config: StackWiseConfig, world_size: int,

@@ -54,6 +54,10 @@ norm over the train group. Because ZeRO reduces once per param group, ``build_en
 splits groups (same hyperparameters) so every train stage has the same count, then checks it
 (an error, never a hang, if a stage has too few parameters to split).
 
+Frozen precision. Once the engine has placed the module on its device, frozen layers that
+``rack_to_pipeline`` gave a bf16/int8 precision get a converted forward (``roles.apply_frozen_precision``,
+``precision.py``); their own full-precision Parameters stay registered, so checkpoints are unchanged.
+
 Rebuilding. Each phase calls ``build_engine`` again on the same module; the previous engine is
 destroyed first (its ZeRO gradient hooks and module forward hooks would keep firing into a dead
 optimizer, and its flat buffer would stay alive through frozen parameters). Process groups are
@@ -100,6 +104,7 @@ from torch import nn
 from ..layout import UnitKind
 from .distributed import all_gather_objects
 from .pipe import local_start
+from .precision import describe_frozen
 from .roles import (
     FORWARD_ONLY,
     RELAY,
@@ -107,6 +112,7 @@ from .roles import (
     TRAIN_STAGE,
     RolePlan,
     StageRole,
+    apply_frozen_precision,
     apply_layer_roles,
     layer_parameters,
     make_plan,
@@ -154,6 +160,11 @@ def build_engine(pipe_module: PipelineModule, ds_config: dict, layer_roles: dict
                              model_parameters=[p for _, p in named], lr_scheduler=scheduler,
                              mpu=mpu, config=config, config_class=config_class)
     engine._configure_python_gc()
+    # after the engine moved the module to its device: frozen layers get their bf16/int8 forward
+    engine.frozen_weight_bytes = apply_frozen_precision(pipe_module)
+    if engine.frozen_weight_bytes and grid.get_data_parallel_id() == 0:
+        print("[stackwise] " + describe_frozen(grid.get_stage_id(), engine.frozen_weight_bytes,
+                                               pipe_module.frozen_precision), flush=True)
     pipe_module._stagewise_engine = weakref.ref(engine)
     _check_zero_param_groups(engine)
     return engine

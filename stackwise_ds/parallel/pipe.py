@@ -24,9 +24,11 @@ from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from torch import nn
 
 from ..console import deepspeed_prints
+from ..enums import FrozenPrecision
 from ..layout import TIED_KEY, LayerUnit, UnitKind, layer_units
 from ..model import Block, Rack
 from ..placement import PhaseLayout
+from .precision import layer_precisions
 
 PARTITION_PREFIX = "stacks:"
 
@@ -130,12 +132,14 @@ def stage_of_rank(rank: int, stages: int, world_size: int) -> int:
     return pipeline_topology(stages, world_size).get_coord(rank).pipe
 
 
-def rack_to_pipeline(rack: Rack, layout: PhaseLayout, world_size: int,
-                     activation_checkpoint_interval: int = 0) -> RackPipelineModule:
+def rack_to_pipeline(rack: Rack, layout: PhaseLayout, world_size: int, activation_checkpoint_interval: int = 0,
+                     stack_precision: list[FrozenPrecision] | None = None) -> RackPipelineModule:
     """Wrap ``rack``'s own modules (same Parameters) into the pipeline ``layout`` describes.
 
     Only the modules of this rank's stage need real weights: the rest may stay on the meta
-    device (see ``PhaseLayout.rack_modules``), DeepSpeed never touches them."""
+    device (see ``PhaseLayout.rack_modules``), DeepSpeed never touches them. ``stack_precision``
+    (one per stack, ``StackWiseConfig.stack_frozen_precisions``) is the precision each stack's
+    blocks run in whenever a phase freezes them (``precision.py``; applied by ``build_engine``)."""
     import deepspeed.comm as dist
 
     units = layer_units(len(rack.stacks), len(rack.stacks[0].blocks))
@@ -145,7 +149,7 @@ def rack_to_pipeline(rack: Rack, layout: PhaseLayout, world_size: int,
     layers = [_layer_spec(rack, unit) if index in layout.live else unplaced_layer
               for index, unit in enumerate(units)]
     with deepspeed_prints():  # DeepSpeed prints its seed settings and topology on rank 0
-        return RackPipelineModule(
+        pipe = RackPipelineModule(
             layers=layers, topology=pipeline_topology(stages, world_size), loss_fn=lm_loss,
             partition_method=PARTITION_PREFIX + ",".join(map(str, layout.parts)),
             activation_checkpoint_interval=activation_checkpoint_interval, units=units,
@@ -153,6 +157,8 @@ def rack_to_pipeline(rack: Rack, layout: PhaseLayout, world_size: int,
             # requiring grad) would return an output without grad_fn and cut the first stage's backward.
             checkpointable_layers=[Block.__name__],
         )
+    pipe.frozen_precision = layer_precisions(units, stack_precision)
+    return pipe
 
 
 def _layer_spec(rack: Rack, unit: LayerUnit):

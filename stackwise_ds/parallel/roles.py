@@ -35,6 +35,7 @@ from torch import nn
 from ..enums import Choice
 from ..layout import DORMANT, FROZEN, TRAIN, LayerRole  # noqa: F401 - re-exported for the engine
 from .pipe import local_start
+from .precision import FrozenCompute, converts
 
 
 class StageRole(Choice):
@@ -135,12 +136,13 @@ class RoleGate:
             raise ValueError(f"RoleGate wraps frozen or dormant layers, not {role!r}")
         self.layer = layer
         self.role = role
+        self.frozen_compute: FrozenCompute | None = None  # a frozen layer's converted forward, if any
 
     def __call__(self, inputs):
         if self.role == DORMANT:
             return inputs
         with torch.no_grad():
-            return self.layer(inputs)
+            return (self.frozen_compute or self.layer)(inputs)
 
     def __getattr__(self, name):
         if name == "layer":  # not set yet (e.g. during unpickling): avoid infinite recursion
@@ -189,3 +191,23 @@ def apply_layer_roles(module, plan: RolePlan) -> None:
         param.grad = None
     # PipelineModule caches which layer blocks it checkpoints; the gates changed the answer.
     module.is_checkpointable_results_interval = None
+
+
+def apply_frozen_precision(module) -> dict[int, tuple[int, int]]:
+    """Give this stage's frozen layers their converted forward (``module.frozen_precision``: pipeline
+    layer -> precision, set by ``rack_to_pipeline``); returns layer -> (full, converted) weight bytes.
+
+    Call it once the engine has placed the module on its device: the copy is made there, and the
+    layer's own full-precision weights then move to a file-backed map (see ``precision.py``)."""
+    precisions = getattr(module, "frozen_precision", None) or {}
+    start, sizes = local_start(module), {}
+    for offset, entry in enumerate(module.forward_funcs):
+        precision = precisions.get(start + offset)
+        if precision is None or not isinstance(entry, RoleGate) or entry.role != FROZEN:
+            continue
+        if not converts(entry.layer, precision):  # bf16 weights (a bf16 run) in bf16: nothing to gain
+            continue
+        device = next(entry.layer.parameters()).device
+        entry.frozen_compute = FrozenCompute(entry.layer, precision, device)
+        sizes[start + offset] = (entry.frozen_compute.full_bytes, entry.frozen_compute.converted_bytes)
+    return sizes
