@@ -6,8 +6,9 @@ pipeline, or, for stackwise/blockwise phases under ``parallel.phase_layout: elas
 the live layers re-partitioned over every rank. When the layout changes, the previous
 engine, PipelineModule and their process groups are destroyed and the new pipeline is
 filled from the per-layer files of the newest checkpoint (``layer_files``). Each phase
-then builds a fresh stage-aware engine (new trainable set, new optimizer, restarted LR
-schedule), trains its step budget, validates, and checkpoints. Re-running with the same
+then builds a fresh stage-aware engine (its trainable set and optimizer, the LR schedule of
+``training.lr_schedule``, AdamW moments carried under ``optimizer_across_phases: carry``),
+trains its step budget, validates, and checkpoints. Re-running with the same
 ``output_dir`` resumes from the newest complete checkpoint at the same phase, step and
 sample.
 
