@@ -235,6 +235,12 @@ class TrainingConfig:
     nonfinite_policy: NonfinitePolicy = NonfinitePolicy.STOP
     """On a non-finite loss: 'stop' (report step and phase, keep the last good checkpoint, exit non-zero)."""
 
+    def frozen_precisions(self, n_stacks: int) -> list[FrozenPrecision]:
+        """The precision each of ``n_stacks`` stacks runs in while frozen: stack_precision, else frozen_precision."""
+        if self.stack_precision is not None:
+            return list(self.stack_precision)
+        return [self.frozen_precision] * n_stacks
+
 
 # --------------------------------------------------------------------------- data
 
@@ -442,11 +448,8 @@ class StackWiseConfig:
                               f"remove training.{key} or set it to 'same'")
 
     def stack_frozen_precisions(self) -> list[FrozenPrecision]:
-        """The precision each stack runs in while frozen (stack_precision, else frozen_precision for all)."""
-        t = self.training
-        if t.stack_precision is not None:
-            return list(t.stack_precision)
-        return [t.frozen_precision] * self.model.architecture.n_stacks
+        """The precision each stack runs in while frozen (``TrainingConfig.frozen_precisions``)."""
+        return self.training.frozen_precisions(self.model.architecture.n_stacks)
 
     @property
     def n_units(self) -> int:

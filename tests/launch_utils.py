@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -81,3 +82,15 @@ def scalars(output_dir: Path, tag: str) -> list[tuple[int, float]]:
 
 def relative_close(a: list[float], b: list[float], rtol: float) -> bool:
     return len(a) == len(b) and all(abs(x - y) <= rtol * abs(y) for x, y in zip(a, b, strict=True))
+
+
+def resumed_copy(run: Path, tmp_path: Path, last_kept_step: int) -> Path:
+    """A copy of a finished run's output dir with only the checkpoints up to ``last_kept_step`` (and no
+    TensorBoard logs): relaunching on it resumes from that step, as after a kill."""
+    out = tmp_path / "resumed"
+    shutil.copytree(run, out)
+    for tag in (out / "checkpoints").glob("step*"):
+        if int(tag.name[4:]) > last_kept_step:
+            shutil.rmtree(tag)
+    shutil.rmtree(out / "tensorboard")
+    return out

@@ -6,12 +6,11 @@ layout (tied rack, 2 stacks of 1 block, 3 steps a phase, a tag every 2 steps) is
 on its files, its resumes and its consolidated model.
 """
 
-import shutil
 
 import pytest
 import torch
 
-from launch_utils import TINY, layer_state, results, run_training, scalars, state
+from launch_utils import TINY, layer_state, results, resumed_copy, run_training, scalars, state
 from stackwise_ds.checkpoint.files import TrainingState
 from stackwise_ds.checkpoint.locate import config_of
 from stackwise_ds.config import StackWiseConfig, apply_overrides
@@ -98,16 +97,6 @@ def test_the_untied_head_starts_with_the_tied_matrix_moments(greedy_run):
     assert {int(s["step"]) for s in shard["base_optimizer_state"]["state"].values()} == {2 * STEPS}
     moments = torch.load(tag / f"layer_{HEAD:02d}-optim_moments.pt", weights_only=True)
     assert set(moments["moments"]) == {"lm_head.weight"}
-
-
-def resumed_copy(run, tmp_path, last_kept_step):
-    out = tmp_path / "resumed"
-    shutil.copytree(run, out)
-    for tag in (out / "checkpoints").glob("step*"):
-        if int(tag.name[4:]) > last_kept_step:
-            shutil.rmtree(tag)
-    shutil.rmtree(out / "tensorboard")
-    return out
 
 
 @pytest.mark.multiprocess

@@ -7,12 +7,11 @@ trains the whole rack in its one phase and then a joint phase with ``optimizer_a
 growing runs (copy_all and copy_middle).
 """
 
-import shutil
 
 import pytest
 import torch
 
-from launch_utils import layer_state, relative_close, results, run_training, scalars, state
+from launch_utils import layer_state, relative_close, results, resumed_copy, run_training, scalars, state
 from stackwise_ds.training.lr import lr_multiplier
 
 pytestmark = pytest.mark.multiprocess
@@ -69,16 +68,6 @@ def test_continuous_lr_warms_up_once_across_phases(carry_run, rackwise_run):
     expected = [1e-3 * lr_multiplier(s + 1, 2 * STEPS, 2, 0.1) for s in range(2 * STEPS)]
     assert relative_close(lrs, expected, 1e-6), lrs
     assert relative_close(lrs, [v for _, v in scalars(rackwise_run, "train/lr")], 1e-6)
-
-
-def resumed_copy(run, tmp_path, last_kept_step):
-    out = tmp_path / "resumed"
-    shutil.copytree(run, out)
-    for tag in (out / "checkpoints").glob("step*"):
-        if int(tag.name[4:]) > last_kept_step:
-            shutil.rmtree(tag)
-    shutil.rmtree(out / "tensorboard")
-    return out
 
 
 @pytest.mark.parametrize("kept", [STEPS, STEPS + 1], ids=["phase_boundary", "mid_phase"])

@@ -59,19 +59,13 @@ class PhasePipeline:
         self.groups_before = distributed.live_process_groups()
         rack = self._stage_rack(layout, tied)
         self.pipe = rack_to_pipeline(rack, layout, self.world_size, self.parallel.activation_checkpoint_interval,
-                                     stack_precision=self._stack_precisions())
+                                     stack_precision=self.training.frozen_precisions(self.model.architecture.n_stacks))
         self.layout, self.head_tied = layout, tied
         self.ds_config = build_ds_config(self.training, self.parallel, layout.data_parallel,
                                          layout.gradient_accumulation_steps)
         self.train_source, self.val_source = self.feeds.replica(layout, data_parallel_rank(self.pipe))
         if weights_dir is not None:
             load_layers(self.pipe, weights_dir, sources)
-
-    def _stack_precisions(self) -> list:
-        """The precision each stack runs in while frozen (training.stack_precision, else frozen_precision)."""
-        t = self.training
-        return list(t.stack_precision) if t.stack_precision is not None else \
-            [t.frozen_precision] * self.model.architecture.n_stacks
 
     def _build_stage_rack(self, layout: PhaseLayout, tied: bool) -> Rack:
         """The configured Rack (its head untied unless ``tied``) with real weights only in this rank's stage of
