@@ -270,3 +270,20 @@ def test_bf16_storage_within_its_bound_stays_close_and_the_rest_is_computed(unca
     assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) < 0.02
     read, computed, advanced = cache_lines(proc.stdout)["stack 3/3"]
     assert advanced == 19 and computed > 0 and read + computed == 80
+
+
+@pytest.mark.multiprocess
+def test_a_forward_only_first_stage_serves_the_cache_and_a_prefix_spanning_stages_computes(tmp_path):
+    """The fixed 2-stage pipeline of a 4-stack rack (stage 0: embedding, stacks 1-2): phases 2 and 3 cache on the
+    forward-only first stage and send what it read; phase 4's prefix reaches stage 1, so it computes, once warned."""
+    fixed = [*RUN, "model.architecture.n_stacks=4", "parallel.phase_layout=fixed", "parallel.pipeline_stages=2",
+             "data.max_bytes=700"]  # 19 windows, 4 a step: 10 steps are about two epochs
+    run_training(2, tmp_path / "off", *fixed)
+    proc = run_training(2, tmp_path / "on", *fixed, *CACHE)
+    assert results(tmp_path / "on")["losses"] == results(tmp_path / "off")["losses"]
+    stats = [p.get("stack_cache") for p in results(tmp_path / "on")["phases"]]
+    assert stats[1] == {"read": 21, "computed": 19, "advanced": 0, "ranks": 1}
+    assert stats[2] == {"read": 40, "computed": 0, "advanced": 19, "ranks": 1}
+    assert stats[3]["ranks"] == 0
+    assert len(re.findall(r"WARNING stack cache: the frozen prefix \(layers 0-3\) spans 2 pipeline stages",
+                          proc.stdout)) == 1

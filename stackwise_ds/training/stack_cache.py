@@ -77,8 +77,9 @@ class ActivationCache:
         self.applies = True
         if layout.parts[1] <= boundary:
             self._warn("stages", f"the frozen prefix (layers 0-{boundary}) spans {layout.stage_of(boundary) + 1} "
-                       "pipeline stages; the cache needs it on the first: this phase runs it (fewer pipeline "
-                       "stages, e.g. a higher parallel.max_rank_memory_mb, let the cache work)")
+                       "pipeline stages but the cache needs it on the first: this phase runs it (parallel.phase_layout "
+                       "'elastic', fewer parallel.pipeline_stages or a higher parallel.max_rank_memory_mb place it "
+                       "on one)")
             return train_source
         first_stage = layout.stage_of(0) == pipe.stage_id
         store = self._prepare(pipe, boundary, train_source.train, first_stage)
