@@ -153,6 +153,16 @@ def test_a_user_dataloader_cannot_repeat_phases_or_key_the_cache():
         check_user_dataloader(StackWiseConfig.from_dict(cache_config(phase_data="repeat", stack_cache="off")).training)
 
 
+def test_a_run_may_resume_with_the_cache_switched_or_moved_but_not_with_other_phase_data(tmp_path):
+    from stackwise_ds.checkpoint.files import CheckpointError, check_resumable_changes
+
+    saved = StackWiseConfig.from_dict(cache_config(stack_cache="off")).to_dict()
+    moved = StackWiseConfig.from_dict(cache_config(stack_cache_dir=str(tmp_path), stack_cache_max_gb=2.0)).to_dict()
+    check_resumable_changes(saved, moved, tmp_path)
+    with pytest.raises(CheckpointError, match="training.phase_data: checkpoint 'continue' vs config 'repeat'"):
+        check_resumable_changes(saved, StackWiseConfig.from_dict(cache_config(phase_data="repeat")).to_dict(), tmp_path)
+
+
 def test_a_keyed_stream_carries_each_rows_dataset_index(tmp_path):
     from stackwise_ds.data import TrainBatchStream
     from stackwise_ds.data.packing import PackedDataset
