@@ -73,8 +73,10 @@ def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 class RackPipelineModule(PipelineModule):
     """PipelineModule partitioned at explicit layer boundaries (``partition_method='stacks:0,5,9'``)."""
 
-    def __init__(self, *args, units: list[LayerUnit], **kwargs):
-        self.units = units  # plain list: safe to set before nn.Module.__init__
+    def __init__(self, *args, units: list[LayerUnit], frozen_precision: dict[int, FrozenPrecision] | None = None,
+                 **kwargs):
+        self.units = units  # plain list and dict: safe to set before nn.Module.__init__
+        self.frozen_precision = frozen_precision or {}  # pipeline layer -> its precision while frozen
         super().__init__(*args, **kwargs)
 
     def _partition_layers(self, method: str = "uniform") -> None:
@@ -153,11 +155,11 @@ def rack_to_pipeline(rack: Rack, layout: PhaseLayout, world_size: int, activatio
             layers=layers, topology=pipeline_topology(stages, world_size), loss_fn=lm_loss,
             partition_method=PARTITION_PREFIX + ",".join(map(str, layout.parts)),
             activation_checkpoint_interval=activation_checkpoint_interval, units=units,
+            frozen_precision=layer_precisions(units, stack_precision),
             # Only blocks: DeepSpeed's reentrant checkpoint of the embedding (token ids in, nothing
             # requiring grad) would return an output without grad_fn and cut the first stage's backward.
             checkpointable_layers=[Block.__name__],
         )
-    pipe.frozen_precision = layer_precisions(units, stack_precision)
     return pipe
 
 
