@@ -151,6 +151,11 @@ class StackCache(Choice):
     OFF = "off"
     DISK = "disk"
 
+    @classmethod
+    def _missing_(cls, value):
+        # YAML 1.1 reads a bare `off` as false (`stack_cache: off`, `--set training.stack_cache=off`)
+        return cls.OFF if value is False else None
+
 
 class CacheDtype(Choice):
     """How cached activations are stored: exact ('fp32') or at half the bytes ('bf16')."""

@@ -144,6 +144,17 @@ def test_settings_the_cache_cannot_serve_are_refused_with_the_fix(training, mode
         StackWiseConfig.from_dict(raw)
 
 
+def test_a_bare_yaml_off_means_off(tmp_path):
+    from stackwise_ds.config import StackWiseConfig as Config
+
+    (tmp_path / "run.yaml").write_text("training:\n  training_architecture: stackwise\n  stack_cache: off\n")
+    assert Config.from_yaml(tmp_path / "run.yaml").training.stack_cache == "off"
+    assert Config.from_yaml(tmp_path / "run.yaml", ["training.stack_cache=disk"]).training.stack_cache == "disk"
+    assert Config.from_yaml(tmp_path / "run.yaml", ["training.stack_cache=off"]).training.stack_cache == "off"
+    with pytest.raises(ConfigError, match="training.stack_cache is 'True' but must be one of: off, disk"):
+        Config.from_yaml(tmp_path / "run.yaml", ["training.stack_cache=true"])
+
+
 def test_a_user_dataloader_cannot_repeat_phases_or_key_the_cache():
     from stackwise_ds.training.feeds import check_user_dataloader
 
