@@ -46,6 +46,7 @@ from benchmarks.common import (
     read_results,
     section_cli,
     steady_step_times,
+    warm_torch_extensions,
 )
 
 CORES = [0, 1]
@@ -155,6 +156,7 @@ def in_process_figures() -> dict:
 
 def measure_frozen_precision(plan: dict, work: Path, log) -> dict:
     steps, runs = plan["steps"], {p: [] for p in SETTINGS}
+    warm_torch_extensions()  # not in the first run's start-up
     logged, walls = {}, {p: [] for p in SETTINGS}
     for rep in range(plan["reps"]):
         for precision in SETTINGS:

@@ -225,7 +225,7 @@ def step_stack_cache(ctx: Context) -> dict:
 
     if "stack_cache" not in {f.name for f in dataclasses.fields(TrainingConfig)}:
         return {"skipped": "this checkout has no training.stack_cache"}
-    from benchmarks.stack_cache import EPOCHS, epoch_steps, training_windows
+    from benchmarks.stack_cache import EPOCHS, epoch_steps, training_windows, yaml_string
 
     base = {**ctx.run, "training.phase_data": "repeat", "data.val_fraction": 0.05,
             "data.max_bytes": CACHE_BYTES["cpu" if ctx.cpu_smoke else "gpu"]}
@@ -234,7 +234,7 @@ def step_stack_cache(ctx: Context) -> dict:
     base["training.steps_per_phase"] = EPOCHS * epoch
     figures, losses = {"training_windows": windows, "epoch_steps": epoch}, {}
     for cache in ("off", "disk"):
-        values = {**base, "training.stack_cache": cache, "training.stack_cache_dtype": "fp32"}
+        values = {**base, "training.stack_cache": yaml_string(cache), "training.stack_cache_dtype": "fp32"}
         out, log, wall = train_on_one_device(values, ctx, f"stack_cache_{cache}")
         figures[cache] = run_figures(out, values, log, wall)
         figures[cache]["cache_log"] = [line for line in log.splitlines() if "stack cache" in line.lower()][:5]

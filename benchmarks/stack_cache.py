@@ -41,6 +41,7 @@ from benchmarks.common import (
     read_results,
     section_cli,
     steady_step_times,
+    warm_torch_extensions,
 )
 from benchmarks.elastic import startup_s
 
@@ -80,9 +81,14 @@ def training_windows(values: dict) -> int:
     return len(load_bundle(build_config(values)).train)
 
 
+def yaml_string(value: str) -> str:
+    """A --set value that YAML reads as this string: a bare off/on/yes/no is a boolean in YAML 1.1."""
+    return f"'{value}'"
+
+
 def run_values(base: dict, cache: str, steps: int, out: Path) -> dict:
     shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint (or cache) would make it resume
-    return {**base, "training.stack_cache": cache, "training.stack_cache_dtype": "fp32",
+    return {**base, "training.stack_cache": yaml_string(cache), "training.stack_cache_dtype": "fp32",
             "training.steps_per_phase": steps, "training.output_dir": str(out)}
 
 
@@ -105,6 +111,7 @@ def cache_lines(log: str) -> list[str]:
 
 def measure_stack_cache(max_bytes: int, work: Path, log) -> dict:
     base = base_values(max_bytes)
+    warm_torch_extensions()  # not in the first run's start-up
     windows = training_windows(base)
     epoch = epoch_steps(windows, global_batch(base))
     steps = EPOCHS * epoch
