@@ -54,7 +54,7 @@ CPU_RUN = {"model.d_model": 64, "model.n_heads": 4, "model.max_seq_len": 64,
 COMMON = {"training.training_architecture": "stackwise", "training.prefix": "frozen",
           "parallel.phase_layout": "elastic", "training.warmup_steps": 2, "training.eval_interval": 0,
           "training.eval_batches": 4, "training.save_interval": 0, "training.progress_bar": False}
-CACHE_BYTES = {"gpu": 600_000, "cpu": 20_000}  # a split of ~2 dozen (GPU) / ~2 (CPU) steps an epoch
+CACHE_BYTES = {"gpu": 600_000, "cpu": 4_000}  # a split of ~18 (GPU: 64 windows a step) / ~15 (CPU) steps an epoch
 WARMUP = 3  # first steps of a phase left out of its median (CUDA autotuning, allocator growth)
 INT8_REL_TOLERANCE = 0.03
 
