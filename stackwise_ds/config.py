@@ -28,6 +28,7 @@ import yaml
 from .enums import (
     AttentionMode,
     AttentionType,
+    CacheDtype,
     Choice,
     DataSource,
     FrozenPrecision,
@@ -39,8 +40,10 @@ from .enums import (
     NonfinitePolicy,
     Objective,
     OptimizerAcrossPhases,
+    PhaseData,
     Precision,
     Prefix,
+    StackCache,
     TokenizerKind,
     TrainingArchitecture,
 )
@@ -208,6 +211,24 @@ class TrainingConfig:
     stack_precision: Optional[list[FrozenPrecision]] = None
     """Per-stack frozen_precision, one entry per stack (e.g. [int8, bf16, same, same]), applied while that stack is
     frozen; when set it overrides frozen_precision (None = frozen_precision for every stack)."""
+    phase_data: PhaseData = PhaseData.CONTINUE
+    """Stackwise/blockwise: 'continue' (each phase takes the sample order on where the last one stopped) or 'repeat'
+    (every phase starts again at the order's first window, so all phases train on the same windows, as classical
+    layer-wise training does)."""
+    stack_cache: StackCache = StackCache.OFF
+    """prefix 'frozen': 'disk' keeps, per training window, the activations the frozen prefix hands the training stack
+    (a file-backed map under stack_cache_dir), so a window that comes again (a later epoch, phase_data 'repeat')
+    skips the frozen forward; at a phase change the just-frozen stack runs once over the cached windows. 'off':
+    the prefix runs every time. Needs the frozen embedding (phases after the first), model.dropout 0 and the data of
+    config.data; the prefix must sit on the first pipeline stage (else that phase computes, with a warning)."""
+    stack_cache_dtype: CacheDtype = CacheDtype.FP32
+    """How the cache stores activations: 'fp32' (exact: the losses are bitwise those without the cache) or 'bf16'
+    (half the disk; the training stack sees bf16-rounded inputs)."""
+    stack_cache_max_gb: float = 16.0
+    """Bound on the cache's file on each node; windows beyond it are computed each time (with one warning)."""
+    stack_cache_dir: Optional[str] = None
+    """Where the cache lives (None = <output_dir>/stack_cache); a node-local disk is faster than a network one.
+    Removed at the end of a run; a run that stops early resumes with it."""
     log_interval: int = 10
     """Log per-stage memory and per-stack gradient norms every this many steps (and, without a progress bar, print a
     line of step, loss and tokens/s)."""
@@ -323,6 +344,7 @@ class StackWiseConfig:
         t, d, p = self.training, self.data, self.parallel
         t.output_dir = os.path.expanduser(t.output_dir)
         t.init_from = None if t.init_from is None else os.path.expanduser(t.init_from)
+        t.stack_cache_dir = None if t.stack_cache_dir is None else os.path.expanduser(t.stack_cache_dir)
         d.paths = [os.path.expanduser(path) for path in d.paths]
         d.cache_dir = None if d.cache_dir is None else os.path.expanduser(d.cache_dir)
         d.tokenizer = d.tokenizer if d.tokenizer in TokenizerKind.values() else os.path.expanduser(d.tokenizer)
@@ -430,6 +452,7 @@ class StackWiseConfig:
             raise ConfigError(f"training.stack_lr_scale has {len(t.stack_lr_scale)} values for "
                               f"{arch.n_stacks} stacks: give one multiplier per stack")
         self._validate_frozen_precision()
+        self._validate_stack_cache()
 
     def _validate_frozen_precision(self) -> None:
         t, n_stacks = self.training, self.model.architecture.n_stacks
@@ -446,6 +469,24 @@ class StackWiseConfig:
                               f"none (training_architecture '{t.training_architecture}', prefix '{t.prefix}'): "
                               "frozen stacks exist only in stackwise/blockwise runs with training.prefix 'frozen'; "
                               f"remove training.{key} or set it to 'same'")
+
+    def _validate_stack_cache(self) -> None:
+        t, m = self.training, self.model
+        if t.stack_cache == StackCache.OFF:
+            return
+        _check_positive("training.stack_cache_max_gb", t.stack_cache_max_gb)
+        if t.training_architecture == TrainingArchitecture.RACKWISE or t.prefix != Prefix.FROZEN:
+            raise ConfigError(f"training.stack_cache 'disk' keeps the activations of a frozen prefix, but this run "
+                              f"freezes none (training_architecture '{t.training_architecture}', prefix '{t.prefix}'): "
+                              "use a stackwise/blockwise run with training.prefix 'frozen', or stack_cache 'off'")
+        if m.tie_embeddings and not t.freeze_embedding:
+            raise ConfigError("training.stack_cache 'disk' needs a frozen embedding, but training.freeze_embedding is "
+                              "false with tied embeddings, so the LM head keeps changing the prefix's input: set "
+                              "training.freeze_embedding true, or stack_cache 'off'")
+        if m.dropout:
+            raise ConfigError(f"training.stack_cache 'disk' stores one forward of the frozen prefix per window, "
+                              f"but model.dropout ({m.dropout}) would draw new noise in every forward: set "
+                              "model.dropout 0, or stack_cache 'off'")
 
     def stack_frozen_precisions(self) -> list[FrozenPrecision]:
         """The precision each stack runs in while frozen (``TrainingConfig.frozen_precisions``)."""

@@ -136,3 +136,24 @@ class FrozenPrecision(Choice):
 
 class NonfinitePolicy(Choice):
     STOP = "stop"
+
+
+class PhaseData(Choice):
+    """Which windows a stage-wise phase trains on: the sample order continued, or the same windows again."""
+
+    CONTINUE = "continue"
+    REPEAT = "repeat"
+
+
+class StackCache(Choice):
+    """Whether the activations a frozen prefix hands the training stack are kept ('disk') or recomputed."""
+
+    OFF = "off"
+    DISK = "disk"
+
+
+class CacheDtype(Choice):
+    """How cached activations are stored: exact ('fp32') or at half the bytes ('bf16')."""
+
+    FP32 = "fp32"
+    BF16 = "bf16"

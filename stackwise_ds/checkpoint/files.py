@@ -177,6 +177,7 @@ RESUMABLE_CHANGES = frozenset({
     "training.output_dir", "training.max_steps", "training.steps_per_phase", "training.joint_steps",
     "training.log_interval", "training.eval_interval", "training.eval_batches", "training.save_interval",
     "training.keep_checkpoints", "training.keep_phase_ends",
+    "training.stack_cache", "training.stack_cache_max_gb", "training.stack_cache_dir",  # fp32 or off: same numbers
     "training.resume", "training.progress_bar", "training.init_from", "training.init_growth",
     "data.cache_dir", "parallel.peer_timeout_s",
     "parallel.collective_timeout_s", "parallel.pipeline_stages", "parallel.phase_layout",

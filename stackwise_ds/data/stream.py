@@ -8,7 +8,9 @@ of ``micro_batch_size``. The only state is ``consumed_samples`` (global), so sto
 restarting anywhere on a step boundary reproduces the uninterrupted stream exactly.
 
 Each ``next()`` returns ``(input_ids [mbs, T], labels [mbs, T])`` -- the data-iterator
-format DeepSpeed's PipelineEngine consumes (it calls next() grad_accum times per step).
+format DeepSpeed's PipelineEngine consumes (it calls next() grad_accum times per step) -- or,
+``with_window_ids``, ``((input_ids, window_ids [mbs]), labels)``: the dataset index of each row
+travels with it to the first stage, where the stack cache keys activations by it.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class TrainBatchStream:
     def __init__(
         self, dataset: PackedDataset, *, global_batch_size: int, micro_batch_size: int,
         dp_rank: int, dp_world_size: int, seed: int, consumed_samples: int = 0,
-        start_step: int | None = None,
+        start_step: int | None = None, with_window_ids: bool = False,
     ) -> None:
         _validate_batch_geometry(global_batch_size, micro_batch_size, dp_rank, dp_world_size)
         if len(dataset) == 0:
@@ -72,6 +74,7 @@ class TrainBatchStream:
         self.dp_world_size = dp_world_size
         self.seed = seed
         self.grad_accum = global_batch_size // (micro_batch_size * dp_world_size)
+        self.with_window_ids = with_window_ids
         self.consumed_samples = consumed_samples
         self._micro_step = 0  # micro-batches already yielded within the current step
         self._epoch_orders: dict[int, np.ndarray] = {}
@@ -110,8 +113,10 @@ class TrainBatchStream:
     def __iter__(self) -> TrainBatchStream:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = collate(self.dataset, self.micro_batch_indices(self.consumed_samples, self._micro_step))
+    def __next__(self) -> tuple:
+        indices = self.micro_batch_indices(self.consumed_samples, self._micro_step)
+        inputs, labels = collate(self.dataset, indices)
+        batch = ((inputs, torch.from_numpy(indices)), labels) if self.with_window_ids else (inputs, labels)
         self._micro_step += 1
         if self._micro_step == self.grad_accum:
             self._micro_step = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +23,19 @@ class RunData:
     """This rank's training stream, positioned anew at any global sample count."""
 
     def __init__(self, train, *, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                 seed: int):
+                 seed: int, with_window_ids: bool = False):
         self.train = train
         self.kwargs = dict(global_batch_size=global_batch_size, micro_batch_size=micro_batch_size,
-                           dp_rank=dp_rank, dp_world_size=dp_size, seed=seed)
+                           dp_rank=dp_rank, dp_world_size=dp_size, seed=seed, with_window_ids=with_window_ids)
 
     def at_position(self, consumed_samples: int) -> TrainBatchStream:
         return TrainBatchStream(self.train, consumed_samples=consumed_samples, **self.kwargs)
+
+    def with_window_ids(self) -> RunData:
+        """The same stream, each micro-batch's inputs paired with its rows' dataset indices (the stack cache's keys)."""
+        keyed = copy.copy(self)
+        keyed.kwargs = {**self.kwargs, "with_window_ids": True}
+        return keyed
 
 
 def load_bundle(config: StackWiseConfig):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..config import ConfigError, DataConfig, ModelConfig, TrainingConfig
+from ..enums import PhaseData, StackCache
 from ..placement import PhaseLayout
 
 
@@ -22,6 +23,8 @@ class DataFeeds:
         self.bundle = bundle  # the data of config.data (every rank loads it); None with the user's dataloader
         self.dataloader = dataloader
         self.val_data = val_data
+        if dataloader is not None:
+            check_user_dataloader(training)
 
     def check_bundle(self, init_dir: Path | None, output_dir: Path, rank: int) -> None:
         """Before any collective: the run's data fits the model and the tokenizer of ``init_dir`` (the
@@ -57,6 +60,18 @@ class DataFeeds:
         from .data_setup import save_tokenizer
 
         save_tokenizer(self.data, self.model, self.bundle, directory)
+
+
+def check_user_dataloader(training: TrainingConfig) -> None:
+    """Settings that need the data of config.data (its sample order, its window indices), not a user's loader."""
+    if training.phase_data == PhaseData.REPEAT:
+        raise ConfigError("training.phase_data 'repeat' starts every phase at the first window again, which a "
+                          "dataloader passed to train_architecture cannot do: let the trainer build the data from "
+                          "config.data, or set phase_data 'continue'")
+    if training.stack_cache == StackCache.DISK:
+        raise ConfigError("training.stack_cache 'disk' keys activations by each window's index in the data of "
+                          "config.data, which a dataloader passed to train_architecture does not give: let the trainer "
+                          "build the data, or set stack_cache 'off'")
 
 
 def _as_validation_set(batches):

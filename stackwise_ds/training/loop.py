@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterator
 
 from ..checkpoint import files as ckpt
 from ..config import TrainingConfig
+from ..enums import PhaseData
 from ..parallel import distributed
 from ..phases import Phase
 from .errors import NonFiniteLossError
@@ -45,11 +46,18 @@ class StepLoop:
 
     def train(self, run: PhaseRun, losses: list[float]) -> None:
         """Train until the phase's step budget is spent, appending each step's loss to ``losses``."""
-        data = train_iterator(run.train_source, run.state.consumed_samples)
+        data = train_iterator(run.train_source, self.data_position(run.state))
         while run.state.phase_step < run.phase.steps:
             loss, seconds = self._train_step(run, data)
             losses.append(loss)
             self._after_step(run, loss, seconds)
+
+    def data_position(self, state: ckpt.TrainingState) -> int:
+        """The global sample the phase's next step reads: where the run stands, or, with phase_data 'repeat', where
+        the phase stands (every phase starts at the order's first window)."""
+        if self.training.phase_data == PhaseData.REPEAT:
+            return state.phase_step * self.global_batch
+        return state.consumed_samples
 
     def _train_step(self, run: PhaseRun, data: Iterator) -> tuple[float, float]:
         state, phase = run.state, run.phase

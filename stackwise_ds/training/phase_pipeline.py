@@ -22,13 +22,15 @@ from .feeds import DataFeeds
 from .layer_files import load_layers, save_unplaced_layers
 from .lr import phase_lr_lambda
 from .optim import make_optimizer
+from .stack_cache import ActivationCache
 
 
 class PhasePipeline:
     """The standing pipeline: re-formed when a phase's layout changes, kept while it stays."""
 
     def __init__(self, model: ModelConfig, training: TrainingConfig, parallel: ParallelConfig, rank: int,
-                 world_size: int, units: list[LayerUnit], user_rack: Rack | None, feeds: DataFeeds):
+                 world_size: int, units: list[LayerUnit], user_rack: Rack | None, feeds: DataFeeds,
+                 stack_cache: ActivationCache | None = None):
         self.model = model
         self.training = training
         self.parallel = parallel
@@ -40,7 +42,9 @@ class PhasePipeline:
         self.pipe = self.engine = self.layout = self.ds_config = None
         self.head_tied: bool | None = None  # whether the placed pipeline ties the LM head to the embedding
         self.groups_before = None  # the process groups before this pipeline's: what retiring it keeps
-        self.train_source = self.val_source = None  # this replica's data in the placed layout
+        self.replica_train = self.val_source = None  # this replica's data in the placed layout
+        self.train_source = None  # what the phase reads: replica_train, its rows keyed for the stack cache
+        self.stack_cache = stack_cache  # training.stack_cache 'disk'; None: off
 
     def take_layout(self, layout: PhaseLayout, weights_dir: Path | None, sources: dict[int, int],
                     tied: bool) -> None:
@@ -63,7 +67,7 @@ class PhasePipeline:
         self.layout, self.head_tied = layout, tied
         self.ds_config = build_ds_config(self.training, self.parallel, layout.data_parallel,
                                          layout.gradient_accumulation_steps)
-        self.train_source, self.val_source = self.feeds.replica(layout, data_parallel_rank(self.pipe))
+        self.replica_train, self.val_source = self.feeds.replica(layout, data_parallel_rank(self.pipe))
         if weights_dir is not None:
             load_layers(self.pipe, weights_dir, sources)
 
@@ -89,13 +93,22 @@ class PhasePipeline:
         return self.model.tie_embeddings and not self.head_tied
 
     def build_engine(self, phase: Phase, phases: list[Phase]):
-        """A fresh engine for ``phase``: its trainable set, a new optimizer and its LR schedule."""
-        roles = None if phase.kind == PhaseKind.RACK else dict(enumerate(phase.layer_roles(self.pipe.units)))
+        """A fresh engine for ``phase``: its trainable set, a new optimizer and its LR schedule; the stack cache
+        serves its frozen prefix."""
+        layer_roles = phase.layer_roles(self.pipe.units)
+        roles = None if phase.kind == PhaseKind.RACK else dict(enumerate(layer_roles))
         training = self.training
         self.engine = build_engine(self.pipe, self.ds_config, roles,
                                    optimizer_factory=partial(make_optimizer, training=training, units=self.pipe.units),
                                    lr_lambda=phase_lr_lambda(phase, phases, training))
+        self.train_source = self.replica_train
+        if self.stack_cache is not None:
+            self.train_source = self.stack_cache.attach(self.pipe, layer_roles, self.layout, self.replica_train)
         return self.engine
+
+    def cache_stats(self) -> dict[str, int] | None:
+        """Collective: the stack cache's windows of the phase (read, computed, advanced); None when off."""
+        return None if self.stack_cache is None else self.stack_cache.phase_stats()
 
     def retire(self) -> None:
         """Destroy the engine, the PipelineModule and every process group they created."""

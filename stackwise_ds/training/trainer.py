@@ -42,6 +42,7 @@ from .moments import carry_moments
 from .monitor import Monitor
 from .phase_pipeline import PhasePipeline
 from .resume import ResumePoint, check_resumed_layout, find_resume_point, load_resume_checkpoint
+from .stack_cache import ActivationCache
 from .startup import (
     check_shared_output_dir,
     check_writable,
@@ -144,7 +145,10 @@ class ArchitectureTrainer:
             feeds.check_bundle(plan.init_dir, self.output_dir, rank)
         monitor = Monitor(self.output_dir, enabled=rank == 0, progress_bar=t.progress_bar,
                           log_interval=t.log_interval)
-        pipeline = PhasePipeline(cfg.model, t, cfg.parallel, rank, world_size, self._units(), rack, feeds)
+        stack_cache = (ActivationCache(t, self.output_dir, cfg.data.seq_len, cfg.model.d_model, rank)
+                       if ActivationCache.wanted(t) else None)
+        pipeline = PhasePipeline(cfg.model, t, cfg.parallel, rank, world_size, self._units(), rack, feeds,
+                                 stack_cache)
         checkpointer = Checkpointer(self.checkpoint_dir, t, rank, monitor, history, feeds.save_tokenizer,
                                     weights_tag=plan.start.tag, init_dir=plan.init_dir)
         loop = StepLoop(t, cfg.data.seq_len, cfg.model.architecture.n_stacks, global_batch, monitor, history,
@@ -200,6 +204,8 @@ class PhaseRunner:
         finally:
             self.monitor.close()
         self.pipeline.retire()
+        if self.pipeline.stack_cache is not None:
+            self.pipeline.stack_cache.remove()
         return state
 
     def run_phase(self, phase: Phase, layout: PhaseLayout, phases: list[Phase],
@@ -267,6 +273,12 @@ class PhaseRunner:
         """Validate, record and checkpoint the phase's end (also the last phase's: a run may be extended)."""
         record["val_loss_after"] = self.loop.validate(engine, self.pipeline.val_source, state.global_step)
         record["end_global_step"] = state.global_step
+        cache = self.pipeline.cache_stats()
+        if cache is not None:
+            record["stack_cache"] = cache
+            self.monitor.message(f"[stackwise] stack cache, phase {phase.name}: " + (
+                f"{cache['read']} windows read, {cache['computed']} computed, {cache['advanced']} advanced"
+                if cache["ranks"] else "not in use (see the warning), the frozen prefix ran every time"))
         self.monitor.close_bar()
         self.monitor.message(f"[stackwise] phase {phase.name} done: val loss "
                              f"{record.get('val_loss_before', float('nan')):.4f} -> {record['val_loss_after']:.4f}")

@@ -1,7 +1,9 @@
 /* LD_PRELOAD shim for tests, making one folder behave like a full or a read-only filesystem:
- * - writes to any file whose path contains $FULL_DISK_PATH fail with ENOSPC (a full disk);
+ * - writes to (or allocating space for) any file whose path contains $FULL_DISK_PATH fail with ENOSPC (a full
+ *   disk);
  * - opening for writing any path that contains $READONLY_PATH fails with EROFS (a read-only mount).
- * - removing a file whose path contains $KILL_ON_UNLINK kills the process (see the end).
+ * - removing a file whose path contains $KILL_ON_UNLINK, or a folder whose path contains $KILL_ON_RMDIR, kills the
+ *   process (see the end).
  * Everything else works normally. Python's file objects and torch's zip writer (libstdc++
  * streams) both end in these libc calls. */
 #define _GNU_SOURCE
@@ -44,6 +46,14 @@ ssize_t pwrite64(int fd, const void *buf, size_t count, off64_t offset) {
     REAL(pwrite64); FAIL_IF_FULL(fd); return real(fd, buf, count, offset);
 }
 
+/* posix_fallocate reports its error as the return value, not in errno. */
+int posix_fallocate(int fd, off_t offset, off_t len) {
+    REAL(posix_fallocate); if (is_full(fd)) return ENOSPC; return real(fd, offset, len);
+}
+int posix_fallocate64(int fd, off64_t offset, off64_t len) {
+    REAL(posix_fallocate64); if (is_full(fd)) return ENOSPC; return real(fd, offset, len);
+}
+
 static int is_readonly(const char *path, int flags) {
     const char *needle = getenv("READONLY_PATH");
     if (needle == NULL || *needle == '\0' || path == NULL) return 0;
@@ -69,9 +79,21 @@ static void kill_if_doomed(const char *path) {
     if (needle != NULL && *needle != '\0' && path != NULL && strstr(path, needle) != NULL) kill(getpid(), SIGKILL);
 }
 
+/* Removing a folder whose path contains $KILL_ON_RMDIR SIGKILLs the process first: only a deletion removes a
+ * folder, never a save (which may unlink a file of the same tag first), so this kills at one chosen deletion. */
+static void kill_if_doomed_folder(const char *path) {
+    const char *needle = getenv("KILL_ON_RMDIR");
+    if (needle != NULL && *needle != '\0' && path != NULL && strstr(path, needle) != NULL) kill(getpid(), SIGKILL);
+}
+
 int unlink(const char *path) {
     REAL(unlink); kill_if_doomed(path); return real(path);
 }
 int unlinkat(int dirfd, const char *path, int flags) {
-    REAL(unlinkat); kill_if_doomed(path); return real(dirfd, path, flags);
+    REAL(unlinkat); kill_if_doomed(path);
+    if (flags & AT_REMOVEDIR) kill_if_doomed_folder(path);
+    return real(dirfd, path, flags);
+}
+int rmdir(const char *path) {
+    REAL(rmdir); kill_if_doomed_folder(path); return real(path);
 }

@@ -1,0 +1,216 @@
+"""training.stack_cache: keep the frozen prefix's output per training window, so a window that comes again skips it.
+
+In a phase whose embedding and first units are frozen (``prefix: frozen``, phases after the first), the
+activations entering the first training layer depend only on the window. ``ActivationCache.attach`` (every
+rank, after each phase's engine is built) serves them from an ``ActivationStore`` on the first stage:
+
+* the store is keyed by the frozen prefix's weights (and their frozen precision), the training data and
+  the storage dtype, so a resumed run finds its store again and a changed prefix never reads a stale one;
+* at a phase change, the store of the previous prefix advances by one unit: the just-frozen layers run
+  forward once over its windows (shared out over the node's first-stage ranks), instead of the whole
+  prefix from the embedding when each window comes again; the old store is then removed;
+* it is the node's (``<stack_cache_dir>/<host>/<key>``): the first-stage ranks of a node read and write
+  one store, whatever replica meets a window;
+* a store that cannot be allocated (a full disk, no permission) leaves the phase computing, with one
+  warning; so does a layout that spreads the prefix over several stages (the cache lives on the first).
+
+The training stream then carries each row's window index (``RunData.with_window_ids``). At the run's
+clean end the stores are removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import TrainingConfig
+from ..enums import CacheDtype, StackCache
+from ..parallel import distributed
+from ..parallel.prefix_cache import advance_store, install_prefix_cache
+from ..parallel.roles import unwrap
+from ..placement import PhaseLayout
+from .activation_store import ActivationStore, StoreMeta, create_store, read_meta, slots_within
+
+FROZEN = "frozen"
+
+
+def cached_boundary(layer_roles: list[str]) -> int | None:
+    """The last layer of the frozen run from the embedding (layer 0) on, when it holds at least one block."""
+    boundary = -1
+    while boundary + 1 < len(layer_roles) and layer_roles[boundary + 1] == FROZEN:
+        boundary += 1
+    return boundary if boundary >= 1 else None
+
+
+class ActivationCache:
+    """The run's stack cache: attached to each phase's first stage, removed at the run's end."""
+
+    def __init__(self, training: TrainingConfig, output_dir: Path, seq_len: int, d_model: int, rank: int):
+        self.training = training
+        self.root = Path(training.stack_cache_dir or output_dir / "stack_cache") / socket.gethostname()
+        self.seq_len, self.d_model = seq_len, d_model
+        self.rank = rank
+        self.prefix = None  # this phase's CachedPrefix on this rank, if any
+        self.advanced = 0  # windows the phase's start advanced on this rank
+        self.applies = False  # whether the phase has a frozen prefix to cache (the same on every rank)
+        self.stores: set[Path] = set()  # the stores this launch used (removed at the end)
+        self._warned: set[str] = set()  # the kinds of fallback already reported
+        self._peers: list[tuple[int, str, bool]] = []  # (rank, host, on the first stage) of every rank, per phase
+
+    @staticmethod
+    def wanted(training: TrainingConfig) -> bool:
+        return training.stack_cache == StackCache.DISK
+
+    def attach(self, pipe, layer_roles: list[str], layout: PhaseLayout, train_source):
+        """Collective. Serve this phase's frozen prefix from the store on the first stage; returns the training
+        source the phase reads (its rows carrying window ids where the cache is installed)."""
+        self.prefix, self.advanced, self.applies = None, 0, False
+        boundary = cached_boundary(layer_roles)
+        if boundary is None:
+            return train_source
+        self.applies = True
+        if layout.parts[1] <= boundary:
+            self._warn("stages", f"the frozen prefix (layers 0-{boundary}) spans {layout.stage_of(boundary) + 1} "
+                       "pipeline stages but the cache needs it on the first: this phase runs it (parallel.phase_layout "
+                       "'elastic', fewer parallel.pipeline_stages or a higher parallel.max_rank_memory_mb place it "
+                       "on one)")
+            return train_source
+        first_stage = layout.stage_of(0) == pipe.stage_id
+        store = self._prepare(pipe, boundary, train_source.train, first_stage)
+        if store is None:
+            return train_source
+        self.prefix = install_prefix_cache(pipe, boundary, store, self.d_model)
+        return train_source.with_window_ids()
+
+    def _prepare(self, pipe, boundary: int, dataset, first_stage: bool) -> ActivationStore | None:
+        """Collective: the node's leader makes (or finds) the store, then the first-stage ranks open it and
+        advance the previous prefix's store into it."""
+        keys = prefix_keys(pipe, boundary, dataset, self.training.stack_cache_dtype) if first_stage else []
+        leader = self._leader(first_stage)
+        meta = self._meta(keys[-1], boundary, len(dataset)) if first_stage else None
+        if leader:
+            self._make_store(meta)
+        distributed.barrier()
+        store = ActivationStore.open(self.root / meta.key) if first_stage else None
+        previous = self._previous_store(keys) if store is not None else None
+        if previous is not None:
+            self._advance(pipe, previous, store)
+        distributed.barrier()
+        if leader and previous is not None:
+            shutil.rmtree(previous.folder, ignore_errors=True)
+        if store is not None:
+            self.stores.add(store.folder)
+        return store
+
+    def _meta(self, key: str, boundary: int, n_windows: int) -> StoreMeta:
+        t = self.training
+        capacity = slots_within(t.stack_cache_max_gb, n_windows, self.seq_len, self.d_model, t.stack_cache_dtype)
+        return StoreMeta(key, boundary, n_windows, capacity, self.seq_len, self.d_model, t.stack_cache_dtype)
+
+    def _make_store(self, meta: StoreMeta) -> None:
+        """The leader's part: reuse a finished store of this key (a resumed run), else allocate one."""
+        if read_meta(self.root / meta.key) == meta:
+            return
+        if meta.capacity < meta.n_windows:
+            need = meta.n_windows * meta.slot_bytes / 2**30
+            self._warn("bound", f"training.stack_cache_max_gb ({self.training.stack_cache_max_gb}) holds "
+                       f"{meta.capacity} of the {meta.n_windows} training windows; the others run the frozen prefix "
+                       f"every time (all of them need {need:.2f} GiB)", every_rank=True)
+        if meta.capacity == 0:
+            return
+        try:
+            create_store(self.root / meta.key, meta)
+        except OSError as exc:
+            size = meta.capacity * meta.slot_bytes / 2**30
+            self._warn("allocate", f"could not allocate {size:.2f} GiB in {self.root} ({exc.strerror or exc}); the "
+                       "frozen prefix runs every time (free space, or set training.stack_cache_dir or a lower "
+                       "training.stack_cache_max_gb)", every_rank=True)
+
+    def _previous_store(self, keys: list[str]) -> ActivationStore | None:
+        """The store of a shorter frozen prefix of these weights (the previous phase's), if one is on disk."""
+        for boundary in range(len(keys) - 2, 0, -1):
+            store = ActivationStore.open(self.root / keys[boundary])
+            if store is not None and store.meta.boundary == boundary:
+                return store
+        return None
+
+    def _advance(self, pipe, previous: ActivationStore, store: ActivationStore) -> None:
+        """This rank's share of the windows the previous store holds and the new one lacks."""
+        todo = [w for w in previous.filled() if w < store.meta.capacity and store.sums[w] == 0]
+        share, parts = self._first_stage_share()
+        mine = todo[share::parts]
+        self.advanced = advance_store(pipe, previous.meta.boundary, store.meta.boundary, previous, store,
+                                      np.asarray(mine, dtype=np.int64), self.training.micro_batch_size)
+
+    def _first_stage_share(self) -> tuple[int, int]:
+        ranks = self._first_stage_ranks_here()
+        return ranks.index(self.rank), len(ranks)
+
+    def _leader(self, first_stage: bool) -> bool:
+        """Collective: whether this rank makes the node's store (the lowest first-stage rank of its host)."""
+        rows = distributed.all_gather_objects((self.rank, socket.gethostname(), first_stage))
+        self._peers = rows
+        ranks = self._first_stage_ranks_here()
+        return first_stage and ranks[0] == self.rank
+
+    def _first_stage_ranks_here(self) -> list[int]:
+        host = socket.gethostname()
+        return sorted(rank for rank, peer_host, first in self._peers if first and peer_host == host)
+
+    def _warn(self, kind: str, message: str, every_rank: bool = False) -> None:
+        """Once a run for each ``kind`` of fallback: on rank 0, or on each rank that meets it."""
+        if kind not in self._warned and (every_rank or self.rank == 0):
+            print(f"[stackwise] WARNING stack cache: {message}", flush=True)
+        self._warned.add(kind)
+
+    def phase_stats(self) -> dict[str, int] | None:
+        """Collective: windows read from the store, run through the prefix, and advanced, and the ranks serving
+        them, over every rank; None in a phase without a frozen prefix."""
+        if not self.applies:
+            return None
+        local = [self.prefix.read, self.prefix.computed, 1] if self.prefix is not None else [0, 0, 0]
+        rows = distributed.all_gather_floats([*local, self.advanced])
+        names = ("read", "computed", "ranks", "advanced")
+        return {name: int(sum(r[i] for r in rows)) for i, name in enumerate(names)}
+
+    def remove(self) -> None:
+        """Collective, at the run's clean end: the stores are scratch; free their disk."""
+        distributed.barrier()
+        for folder in self.stores:
+            shutil.rmtree(folder, ignore_errors=True)
+        made_here = [self.root.parent] if self.training.stack_cache_dir is None else []  # <output_dir>/stack_cache
+        for folder in (self.root, *made_here):
+            with contextlib.suppress(OSError):  # not empty (another run's stores), or another rank was quicker
+                folder.rmdir()
+
+
+def prefix_keys(pipe, boundary: int, dataset, dtype: CacheDtype) -> list[str]:
+    """keys[b]: the store key of the prefix ending at layer b (b <= ``boundary``): a digest of the data, the
+    storage dtype and, layer by layer, the weights and frozen precision."""
+    digest = hashlib.blake2b(f"{dtype}|{data_fingerprint(dataset)}".encode(), digest_size=16)
+    precisions = getattr(pipe, "frozen_precision", None) or {}
+    keys = []
+    for layer in range(boundary + 1):
+        digest.update(f"|{layer}:{precisions.get(layer, 'same')}".encode())
+        for name, tensor in unwrap(pipe.forward_funcs[layer]).state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        keys.append(digest.copy().hexdigest())
+    return keys
+
+
+def data_fingerprint(dataset) -> str:
+    """The training split, recognisably: its size and a digest of a few windows at both ends and the middle."""
+    n = len(dataset)
+    digest = hashlib.blake2b(f"{n}".encode(), digest_size=16)
+    for index in sorted({*range(min(n, 4)), n // 2, *range(max(0, n - 4), n)}):
+        inputs, labels = dataset[index]
+        digest.update(inputs.numpy().tobytes())
+        digest.update(labels.numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,299 @@
+"""training.stack_cache: the frozen prefix's activations kept per window, advanced at phase changes, resumed.
+
+The fast tests cover the store (exact fp32, rounded bf16, the size bound, a torn slot), the gate (hits skip the
+prefix), the settings and the data. The multi-process tests share a handful of tiny 2-rank runs of a 3-stack
+rack with ``phase_data: repeat`` (about two epochs a phase): the cache's losses are bitwise those without it,
+a kill mid-phase and at a phase boundary resumes onto the same losses, a full disk and the size bound fall back.
+"""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from launch_utils import results, run_training
+from stackwise_ds.config import ConfigError, StackWiseConfig
+from stackwise_ds.enums import CacheDtype
+from stackwise_ds.parallel.prefix_cache import install_prefix_cache
+from stackwise_ds.parallel.roles import DORMANT, FROZEN, TRAIN, RoleGate
+from stackwise_ds.training.activation_store import ActivationStore, StoreMeta, create_store, slots_within
+from stackwise_ds.training.stack_cache import cached_boundary
+
+T, D = 8, 4
+
+
+def make_store(tmp_path, n_windows=6, capacity=6, dtype=CacheDtype.FP32) -> ActivationStore:
+    meta = StoreMeta("k", boundary=2, n_windows=n_windows, capacity=capacity, seq_len=T, d_model=D, dtype=dtype)
+    create_store(tmp_path / "store", meta)
+    return ActivationStore.open(tmp_path / "store")
+
+
+def test_an_fp32_store_gives_back_exactly_what_it_kept_and_only_that(tmp_path):
+    store = make_store(tmp_path)
+    rows = torch.randn(3, T, D)
+    store.put(np.array([4, 0, 2]), rows)
+    hit, got = store.get(np.array([0, 1, 2, 4]))
+    assert hit.tolist() == [True, False, True, True]
+    assert torch.equal(got, rows[[1, 2, 0]])
+    assert sorted(store.filled().tolist()) == [0, 2, 4]
+    # another process (another rank) opening the same folder sees the same slots
+    assert torch.equal(ActivationStore.open(tmp_path / "store").get(np.array([4]))[1], rows[:1])
+
+
+def test_a_bf16_store_rounds_as_bf16_and_round_trip_says_what_a_read_returns(tmp_path):
+    store = make_store(tmp_path, dtype=CacheDtype.BF16)
+    rows = torch.randn(2, T, D)
+    store.put(np.array([0, 1]), rows)
+    _, got = store.get(np.array([0, 1]))
+    assert torch.equal(got, rows.to(torch.bfloat16).float())
+    assert not torch.equal(got, rows)
+    assert torch.equal(store.round_trip(rows), got)
+    assert (tmp_path / "store" / "activations.bin").stat().st_size == 6 * T * D * 2  # half of fp32
+
+
+def test_windows_beyond_the_size_bound_are_never_kept(tmp_path):
+    assert slots_within(max_gb=3 * T * D * 4 / 2**30, n_windows=6, seq_len=T, d_model=D, dtype=CacheDtype.FP32) == 3
+    assert slots_within(max_gb=100.0, n_windows=6, seq_len=T, d_model=D, dtype=CacheDtype.FP32) == 6
+    store = make_store(tmp_path, capacity=3)
+    store.put(np.array([2, 3, 5]), torch.randn(3, T, D))
+    hit, _ = store.get(np.array([2, 3, 5]))
+    assert hit.tolist() == [True, False, False]
+    assert (tmp_path / "store" / "activations.bin").stat().st_size == 3 * T * D * 4
+
+
+def test_a_torn_slot_reads_as_empty(tmp_path):
+    """A write cut short (a crash): the slot's checksum no longer matches, so it is computed again."""
+    store = make_store(tmp_path)
+    store.put(np.array([1]), torch.randn(1, T, D))
+    store.slots[1, 0, 0] += 1.0
+    assert store.get(np.array([1]))[0].tolist() == [False]
+
+
+def test_a_store_that_cannot_be_allocated_raises_and_leaves_nothing(tmp_path):
+    meta = StoreMeta("k", 2, n_windows=4, capacity=4, seq_len=T, d_model=D, dtype=CacheDtype.FP32)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "activations.bin").mkdir()  # cannot be opened as a file
+    with pytest.raises(OSError):
+        create_store(tmp_path / "store", meta)
+    assert ActivationStore.open(tmp_path / "store") is None
+
+
+def test_the_cached_boundary_is_the_frozen_run_from_the_embedding():
+    assert cached_boundary([FROZEN, FROZEN, FROZEN, TRAIN, TRAIN]) == 2
+    assert cached_boundary([FROZEN, FROZEN, TRAIN, DORMANT, TRAIN]) == 1
+    assert cached_boundary([TRAIN, FROZEN, TRAIN]) is None  # the embedding trains: nothing fixed to cache
+    assert cached_boundary([FROZEN, TRAIN, TRAIN]) is None  # only the lookup: nothing worth caching
+
+
+class Counting(nn.Module):
+    """A stand-in frozen layer that counts the rows it computes."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(scale))
+        self.rows = 0
+
+    def forward(self, x):
+        self.rows += x.shape[0]
+        return x.float().unsqueeze(-1).expand(*x.shape, D) * self.scale if x.dim() == 2 else x * self.scale
+
+
+class Stage:
+    """A first stage's ``forward_funcs`` (all a stage needs to have for install_prefix_cache)."""
+
+    def __init__(self, layers):
+        self.forward_funcs = [RoleGate(layer, FROZEN) for layer in layers]
+        self._local_start = 0
+
+
+def test_the_gate_reads_kept_windows_and_runs_the_prefix_only_for_new_ones(tmp_path):
+    embed, block = Counting(1.0), Counting(3.0)
+    stage = Stage([embed, block])
+    gate = install_prefix_cache(stage, boundary=1, store=make_store(tmp_path), d_model=D)
+    assert stage.forward_funcs[1](torch.ones(1)) is not None and gate.layer is embed  # layer 1 passes through
+    tokens = torch.arange(2 * T).reshape(2, T)
+    first = gate((tokens, torch.tensor([3, 5])))
+    assert torch.equal(first, gate.run_prefix(tokens)) and block.rows == 4  # computed, then once more to compare
+    mixed = gate((torch.stack([tokens[1], tokens[0] + 1]), torch.tensor([5, 0])))
+    assert block.rows == 5, "window 5 was kept: only window 0 runs the prefix"
+    assert torch.equal(mixed[0], first[1])
+    assert (gate.read, gate.computed) == (1, 3)
+    assert torch.equal(gate(tokens), first), "plain inputs (validation) run the prefix"
+
+
+def cache_config(**training):
+    return {"model": {"d_model": 64, "n_heads": 4, "max_seq_len": 64}, "data": {"seq_len": 32},
+            "training": {"training_architecture": "stackwise", "stack_cache": "disk", **training}}
+
+
+@pytest.mark.parametrize("training, model, fragment", [
+    ({"training_architecture": "rackwise"}, {}, "freezes none"),
+    ({"prefix": "train"}, {}, "freezes none"),
+    ({"freeze_embedding": False}, {}, "needs a frozen embedding"),
+    ({}, {"dropout": 0.1}, "model.dropout"),
+    ({"stack_cache_max_gb": 0}, {}, "stack_cache_max_gb must be positive"),
+    ({"stack_cache_dtype": "fp16"}, {}, "must be one of: fp32, bf16"),
+    ({"phase_data": "again"}, {}, "must be one of: continue, repeat"),
+])
+def test_settings_the_cache_cannot_serve_are_refused_with_the_fix(training, model, fragment):
+    raw = cache_config(**training)
+    raw["model"].update(model)
+    with pytest.raises(ConfigError, match=re.escape(fragment)):
+        StackWiseConfig.from_dict(raw)
+
+
+def test_a_user_dataloader_cannot_repeat_phases_or_key_the_cache():
+    from stackwise_ds.training.feeds import check_user_dataloader
+
+    with pytest.raises(ConfigError, match="train_architecture does not give"):
+        check_user_dataloader(StackWiseConfig.from_dict(cache_config()).training)
+    with pytest.raises(ConfigError, match="phase_data 'repeat'"):
+        check_user_dataloader(StackWiseConfig.from_dict(cache_config(phase_data="repeat", stack_cache="off")).training)
+
+
+def test_a_run_may_resume_with_the_cache_switched_or_moved_but_not_with_other_phase_data(tmp_path):
+    from stackwise_ds.checkpoint.files import CheckpointError, check_resumable_changes
+
+    saved = StackWiseConfig.from_dict(cache_config(stack_cache="off")).to_dict()
+    moved = StackWiseConfig.from_dict(cache_config(stack_cache_dir=str(tmp_path), stack_cache_max_gb=2.0)).to_dict()
+    check_resumable_changes(saved, moved, tmp_path)
+    with pytest.raises(CheckpointError, match="training.phase_data: checkpoint 'continue' vs config 'repeat'"):
+        check_resumable_changes(saved, StackWiseConfig.from_dict(cache_config(phase_data="repeat")).to_dict(), tmp_path)
+
+
+def test_a_keyed_stream_carries_each_rows_dataset_index(tmp_path):
+    from stackwise_ds.data import TrainBatchStream
+    from stackwise_ds.data.packing import PackedDataset
+
+    dataset = PackedDataset((np.arange(40 * (T + 1)) % 250).reshape(40, T + 1), np.arange(40))
+    plain = TrainBatchStream(dataset, global_batch_size=4, micro_batch_size=2, dp_rank=1, dp_world_size=2, seed=3)
+    keyed = TrainBatchStream(dataset, global_batch_size=4, micro_batch_size=2, dp_rank=1, dp_world_size=2, seed=3,
+                             with_window_ids=True)
+    for _ in range(5):
+        inputs, labels = next(plain)
+        (keyed_inputs, ids), keyed_labels = next(keyed)
+        assert torch.equal(inputs, keyed_inputs) and torch.equal(labels, keyed_labels)
+        assert torch.equal(torch.stack([dataset[int(i)][0] for i in ids]), inputs)
+
+
+def test_repeated_phase_data_starts_every_phase_at_the_first_window():
+    from stackwise_ds.checkpoint.files import TrainingState
+    from stackwise_ds.training.loop import StepLoop
+
+    state = TrainingState(phase_index=2, phase_step=3, global_step=23, consumed_samples=23 * 8)
+    for phase_data, position in (("repeat", 3 * 8), ("continue", 23 * 8)):
+        training = StackWiseConfig.from_dict(cache_config(phase_data=phase_data, stack_cache="off")).training
+        loop = StepLoop(training, seq_len=T, n_stacks=3, global_batch=8, monitor=None, history=None,
+                        checkpoint_dir=None)
+        assert loop.data_position(state) == position
+
+
+# ----------------------------------------------------------------------------------------- multi-process runs
+
+# 3 stacks of 1 block, 38 training windows, 8 windows a step over 2 ranks: 10 steps are about two epochs a phase.
+# Phase 1 trains the embedding (nothing to cache); phase 2 caches stack 1's input; phase 3 advances it by stack 2.
+RUN = ["model.architecture.n_stacks=3", "model.architecture.blocks_per_stack=1", "data.max_bytes=1400",
+       "data.val_fraction=0.1", "training.training_architecture=stackwise", "training.steps_per_phase=10",
+       "training.phase_data=repeat", "training.eval_interval=0", "training.save_interval=0",
+       "parallel.peer_timeout_s=10"]
+CACHE = ["training.stack_cache=disk"]
+WINDOWS = 38
+
+
+def cache_lines(stdout: str) -> dict[str, tuple[int, int, int]]:
+    """Phase name -> (read, computed, advanced), from the log line each cached phase ends with."""
+    pattern = r"stack cache, phase (\S+ \d/\d): (\d+) windows read, (\d+) computed, (\d+) advanced"
+    return {m[0]: tuple(map(int, m[1:])) for m in re.findall(pattern, stdout)}
+
+
+@pytest.fixture(scope="module")
+def uncached(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uncached") / "run"
+    run_training(2, out, *RUN)
+    return results(out)
+
+
+@pytest.mark.multiprocess
+def test_fp32_cache_gives_bitwise_the_losses_of_computing_and_skips_the_prefix(uncached, tmp_path):
+    out = tmp_path / "run"
+    proc = run_training(2, out, *RUN, *CACHE)
+    cached = results(out)
+    assert cached["losses"] == uncached["losses"]
+    assert [p["val_loss_after"] for p in cached["phases"]] == [p["val_loss_after"] for p in uncached["phases"]]
+    stats = [p.get("stack_cache") for p in cached["phases"]]
+    assert stats[0] is None, "phase 1 trains the embedding: nothing to cache"
+    # phase 2: each window runs the frozen prefix once (its first epoch), every later visit reads it
+    assert stats[1] == {"computed": WINDOWS, "read": 10 * 8 - WINDOWS, "advanced": 0, "ranks": 2}
+    # phase 3: the store advanced by stack 2 once, then every step read it: the prefix never ran
+    assert stats[2] == {"computed": 0, "read": 10 * 8, "advanced": WINDOWS, "ranks": 2}
+    assert cache_lines(proc.stdout)["stack 3/3"] == (80, 0, WINDOWS)
+    assert not (out / "stack_cache").exists(), "the run's end removes the cache"
+
+
+@pytest.mark.multiprocess
+def test_a_kill_mid_phase_and_at_a_phase_boundary_resumes_onto_the_same_losses(uncached, tmp_path):
+    """Killed after the checkpoints of step 16 (mid phase 2, its store half read) and step 20 (phase 2's end, before
+    phase 3 advanced the store): each re-run continues from the store on disk, and the losses are the same."""
+    from test_filesystem_faults import build_fault_shim
+    from test_reliability import resumed_step
+
+    out, shim = tmp_path / "run", str(build_fault_shim(tmp_path))
+    keep = [*RUN, *CACHE, "training.save_interval=4", "training.keep_checkpoints=1", "training.keep_phase_ends=false"]
+    for doomed in ("step00000012", "step00000016"):  # retention deletes it right after saving 16, then 20
+        killed = run_training(2, out, *keep, expect_ok=False, env={"LD_PRELOAD": shim, "KILL_ON_RMDIR": doomed})
+        assert killed.returncode != 0
+        assert any((out / "stack_cache").rglob("activations.bin")), "the kill left the store"
+        if doomed == "step00000016":
+            assert resumed_step(killed.stdout) == 16
+            assert cache_lines(killed.stdout)["stack 2/3"] == (32, 0, 0), "after the resume every window is read"
+    proc = run_training(2, out, *keep)
+    assert "phase 3/3 stack 3/3: steps 0..10" in proc.stdout and "phase 2/3" not in proc.stdout  # from 20
+    assert cache_lines(proc.stdout)["stack 3/3"] == (80, 0, WINDOWS), "the resumed boundary advanced the store"
+    assert results(out)["losses"] == uncached["losses"]
+
+
+@pytest.mark.multiprocess
+def test_a_full_disk_falls_back_to_computing_with_one_warning(uncached, tmp_path):
+    from test_filesystem_faults import build_fault_shim
+
+    out = tmp_path / "run"
+    full = {"LD_PRELOAD": str(build_fault_shim(tmp_path)), "FULL_DISK_PATH": str(out / "stack_cache")}
+    proc = run_training(2, out, *RUN, *CACHE, env=full)
+    warnings = re.findall(r"WARNING stack cache: could not allocate .*No space left on device", proc.stdout)
+    assert len(warnings) == 1, proc.stdout[-3000:]
+    assert results(out)["losses"] == uncached["losses"]
+    assert "stack cache, phase stack 3/3: not in use (see the warning), the frozen prefix ran every time" in proc.stdout
+    assert not any((out / "stack_cache").rglob("*.bin")), "no half-made store is left"
+
+
+@pytest.mark.multiprocess
+def test_bf16_storage_within_its_bound_stays_close_and_the_rest_is_computed(uncached, tmp_path):
+    out = tmp_path / "run"
+    half = 19.5 * 32 * 64 * 2 / 2**30  # 19 of the 38 windows' bf16 activations (T 32, d_model 64)
+    proc = run_training(2, out, *RUN, *CACHE, "training.stack_cache_dtype=bf16", f"training.stack_cache_max_gb={half}")
+    assert len(re.findall(r"holds 19 of the 38 training windows", proc.stdout)) == 1, proc.stdout[-3000:]
+    losses, reference = results(out)["losses"], uncached["losses"]
+    assert losses[:10] == reference[:10], "phase 1 has no frozen prefix"
+    assert losses != reference, "bf16 storage rounds the training stack's input"
+    assert max(abs(a - b) for a, b in zip(losses, reference, strict=True)) < 0.02
+    read, computed, advanced = cache_lines(proc.stdout)["stack 3/3"]
+    assert advanced == 19 and computed > 0 and read + computed == 80
+
+
+@pytest.mark.multiprocess
+def test_a_forward_only_first_stage_serves_the_cache_and_a_prefix_spanning_stages_computes(tmp_path):
+    """The fixed 2-stage pipeline of a 4-stack rack (stage 0: embedding, stacks 1-2): phases 2 and 3 cache on the
+    forward-only first stage and send what it read; phase 4's prefix reaches stage 1, so it computes, once warned."""
+    fixed = [*RUN, "model.architecture.n_stacks=4", "parallel.phase_layout=fixed", "parallel.pipeline_stages=2",
+             "data.max_bytes=700"]  # 19 windows, 4 a step: 10 steps are about two epochs
+    run_training(2, tmp_path / "off", *fixed)
+    proc = run_training(2, tmp_path / "on", *fixed, *CACHE)
+    assert results(tmp_path / "on")["losses"] == results(tmp_path / "off")["losses"]
+    stats = [p.get("stack_cache") for p in results(tmp_path / "on")["phases"]]
+    assert stats[1] == {"read": 21, "computed": 19, "advanced": 0, "ranks": 1}
+    assert stats[2] == {"read": 40, "computed": 0, "advanced": 19, "ranks": 1}
+    assert stats[3]["ranks"] == 0
+    assert len(re.findall(r"WARNING stack cache: the frozen prefix \(layers 0-3\) spans 2 pipeline stages",
+                          proc.stdout)) == 1
