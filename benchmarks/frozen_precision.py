@@ -2,8 +2,8 @@
 """Frozen stacks in fp32 (``same``), bf16 and int8: the last stackwise phase's step time, the frozen weights' bytes
 and the final validation loss.
 
-    python -m benchmarks.frozen_precision            # ~4 min on 2 idle cores; merges into results/latest.json
-    python -m benchmarks.frozen_precision --quick    # ~1.5 min, merges into results/quick.json
+    python -m benchmarks.frozen_precision            # ~3.5 min on 2 idle cores; merges into results/latest.json
+    python -m benchmarks.frozen_precision --quick    # ~1 min, merges into results/quick.json
 
 The benchmark rack (4 stacks x 2 blocks) trained stackwise with ``prefix: frozen`` and the elastic layout on 2
 ranks, each pinned to its own core (``benchmarks/pinned.py``), once per ``training.frozen_precision``

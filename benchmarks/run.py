@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """StackWise-DS CPU benchmarks: every figure of DESIGN.md's "Figures to reach" that a CPU can measure.
 
-    python -m benchmarks.run            # full run (~52 min on 2 idle cores) -> benchmarks/results/latest.json
-    python -m benchmarks.run --quick    # smoke run (~13 min)               -> benchmarks/results/quick.json
+    python -m benchmarks.run            # full run (~51 min on 2 idle cores) -> benchmarks/results/latest.json
+    python -m benchmarks.run --quick    # smoke run (~12 min)               -> benchmarks/results/quick.json
 
 Writes the JSON, two PNGs (validation loss vs FLOPs and vs training time) and a markdown
 table next to it. Real training runs go through ``launch/train.py`` (the trainer, with
@@ -112,7 +112,7 @@ def _pp2_rss(pipeline: dict) -> dict[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="StackWise-DS CPU benchmarks")
-    parser.add_argument("--quick", action="store_true", help="smoke run, about 10 minutes -> results/quick.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run, about 12 minutes -> results/quick.json")
     parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR), help="scratch training outputs")
     args = parser.parse_args()
     kind = "quick" if args.quick else "full"

@@ -2,8 +2,8 @@
 """Whole-run wall-clock of a 4-stack greedy run whose phases repeat the same windows, with and without the stack
 cache (the frozen prefix's activations kept on disk).
 
-    python -m benchmarks.stack_cache            # ~3 min on 2 idle cores; merges into results/latest.json
-    python -m benchmarks.stack_cache --quick    # ~1 min, merges into results/quick.json
+    python -m benchmarks.stack_cache            # ~2 min on 2 idle cores; merges into results/latest.json
+    python -m benchmarks.stack_cache --quick    # ~45 s, merges into results/quick.json
 
 The benchmark rack (4 stacks x 2 blocks) trained stackwise with ``prefix: frozen`` (the frozen embedding and
 prefix of greedy stacking), the elastic layout on 2 ranks each pinned to its own core (``benchmarks/pinned.py``),
