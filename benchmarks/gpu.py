@@ -31,7 +31,8 @@ H100_SXM_BF16_DENSE_TFLOPS = 989.0  # the design contract's reference peak (NVID
 # device's own peak is reported beside the one against an H100 SXM.
 DEVICE_PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "GH200": 989.0, "A100": 312.0,
                       "L40S": 362.0, "A10G": 70.0}
-TINY_CPU_MODEL = {"model.d_model": 64, "model.n_heads": 4, "model.max_seq_len": 64, "data.seq_len": 64,
+TINY_CPU_MODEL = {"model.d_model": 64, "model.n_heads": 4, "model.n_kv_heads": 4, "model.d_ff": 256,
+                  "model.max_seq_len": 64, "data.seq_len": 64,
                   "model.architecture.n_stacks": 2, "model.architecture.blocks_per_stack": 1,
                   "training.micro_batch_size": 2, "training.gradient_accumulation_steps": 2,
                   "training.precision": "fp32", "data.max_files": 40}
@@ -44,6 +45,8 @@ def parse_args() -> argparse.Namespace:
                         help="first steps left out (CUDA/cuBLAS autotuning, allocator growth; default 10)")
     parser.add_argument("--micro-batch-size", type=int, default=None, help="override training.micro_batch_size")
     parser.add_argument("--grad-accum", type=int, default=None, help="override training.gradient_accumulation_steps")
+    parser.add_argument("--max-bytes", type=int, default=None,
+                        help="read at most this much text (data.max_bytes; a shorter BPE build, e.g. in gpu_check.sh)")
     parser.add_argument("--out", default=str(RESULTS_DIR / "gpu.json"))
     parser.add_argument("--cpu-smoke", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -66,6 +69,8 @@ def run_values(args: argparse.Namespace, output_dir: Path) -> dict:
         values["training.micro_batch_size"] = args.micro_batch_size
     if args.grad_accum:
         values["training.gradient_accumulation_steps"] = args.grad_accum
+    if args.max_bytes:
+        values["data.max_bytes"] = args.max_bytes
     if args.cpu_smoke:
         values.update(TINY_CPU_MODEL)
     return values

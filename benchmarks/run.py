@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """StackWise-DS CPU benchmarks: every figure of DESIGN.md's "Figures to reach" that a CPU can measure.
 
-    python -m benchmarks.run            # full run (~80 min on 2 idle cores) -> benchmarks/results/latest.json
-    python -m benchmarks.run --quick    # smoke run (~10 min)               -> benchmarks/results/quick.json
+    python -m benchmarks.run            # full run (~51 min on 2 idle cores) -> benchmarks/results/latest.json
+    python -m benchmarks.run --quick    # smoke run (~12 min)               -> benchmarks/results/quick.json
 
 Writes the JSON, two PNGs (validation loss vs FLOPs and vs training time) and a markdown
 table next to it. Real training runs go through ``launch/train.py`` (the trainer, with
@@ -21,11 +21,15 @@ from pathlib import Path
 
 from benchmarks.common import DEFAULT_WORK_DIR, MODEL, RESULTS_DIR, TORCH_THREADS, load_average
 from benchmarks.elastic import FULL_STEPS, QUICK_STEPS, measure_elastic
+from benchmarks.frozen_precision import FULL as FROZEN_FULL
+from benchmarks.frozen_precision import QUICK as FROZEN_QUICK
+from benchmarks.frozen_precision import frozen_precision_table, measure_frozen_precision
 from benchmarks.modes import ModesPlan, measure_modes
 from benchmarks.plots import plot_modes, plot_quality
 from benchmarks.quality import PLANS as QUALITY_PLANS
 from benchmarks.quality import measure_quality, quality_table
 from benchmarks.report import markdown_table
+from benchmarks.stack_cache import FULL_BYTES, QUICK_BYTES, measure_stack_cache, stack_cache_table
 from benchmarks.timing import TimingPlan, measure_pipeline, measure_throughput
 
 # Full: 3 interleaved repetitions (a median needs 3), 20 timed steps of which 5 warm up
@@ -74,10 +78,16 @@ def run(kind: str, work: Path) -> dict:
     modes = section("modes at equal FLOPs", lambda: measure_modes(plan["modes"], work, log), meta)
     elastic = section("elastic vs fixed phase layout, 2 pinned ranks",
                       lambda: measure_elastic(QUICK_STEPS if kind == "quick" else FULL_STEPS, work, log), meta)
+    frozen = section("frozen stacks in fp32, bf16 and int8, 2 pinned ranks",
+                     lambda: measure_frozen_precision(FROZEN_QUICK if kind == "quick" else FROZEN_FULL, work, log),
+                     meta)
+    cache = section("stack cache off vs disk, greedy with phase_data repeat, 2 pinned ranks",
+                    lambda: measure_stack_cache(QUICK_BYTES if kind == "quick" else FULL_BYTES, work, log), meta)
     quality = section("quality at equal wall-clock, 2 pinned ranks",
                       lambda: measure_quality(QUALITY_PLANS[kind], work, log), meta)
     meta["total_seconds"] = round(time.perf_counter() - start, 1)
-    return {**assemble(meta, throughput, pipeline, modes), **elastic, "quality": quality}
+    return {**assemble(meta, throughput, pipeline, modes), **elastic, "frozen_precision": frozen,
+            "stack_cache": cache, "quality": quality}
 
 
 def assemble(meta: dict, throughput: dict, pipeline: dict, modes: dict) -> dict:
@@ -102,7 +112,7 @@ def _pp2_rss(pipeline: dict) -> dict[int, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="StackWise-DS CPU benchmarks")
-    parser.add_argument("--quick", action="store_true", help="smoke run, about 10 minutes -> results/quick.json")
+    parser.add_argument("--quick", action="store_true", help="smoke run, about 12 minutes -> results/quick.json")
     parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR), help="scratch training outputs")
     args = parser.parse_args()
     kind = "quick" if args.quick else "full"
@@ -114,6 +124,8 @@ def main() -> None:
     result["quality"]["plots"] = [str(Path(p).relative_to(RESULTS_DIR.parents[1]))
                                   for p in plot_quality(result["quality"], RESULTS_DIR / f"{name}_quality")]
     (RESULTS_DIR / f"{name}_quality_table.md").write_text(quality_table(result["quality"]))
+    (RESULTS_DIR / f"{name}_frozen_precision_table.md").write_text(frozen_precision_table(result["frozen_precision"]))
+    (RESULTS_DIR / f"{name}_stack_cache_table.md").write_text(stack_cache_table(result["stack_cache"]))
     (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=1))
     (RESULTS_DIR / f"{name}_table.md").write_text(markdown_table(result))
     log(f"wrote {RESULTS_DIR / f'{name}.json'} in {result['meta']['total_seconds']:.0f} s")
