@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from launch_utils import TINY, layer_state, relative_close, results, run_training
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
@@ -87,7 +88,14 @@ def test_int8_quantization_is_per_output_channel_and_the_fallback_matmul_agrees(
     assert q.abs().amax(dim=1).eq(127).all(), "every row uses its whole int8 range (its own scale)"
     assert ((q.float() * scales[:, None] - w).abs() <= scales[:, None] / 2 + 1e-7).all()
     x = torch.randn(5, 64, generator=torch.Generator().manual_seed(2))
-    assert relative(int8_matmul(x, q, scales), x @ w.T) < 0.01  # fp32: dequantize, fp32 matmul
+    on_this_cpu, has_bf16_units = int8_matmul(x, q, scales), precision.cpu_has_bf16_matmul()
+    assert on_this_cpu.dtype == torch.float32 and relative(on_this_cpu, x @ w.T) < 0.01
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
+    dequantized = int8_matmul(x, q, scales)
+    assert relative(dequantized, x @ w.T) < 0.01
+    assert torch.equal(dequantized, F.linear(x, q.float()) * scales), "without bf16 units: the exact fp32 dequantize"
+    if has_bf16_units:  # fp32 activations go through a bf16 matmul (about 0.3x the fp32 one's time)
+        assert not torch.equal(on_this_cpu, dequantized)
     packed = int8_matmul(x.bfloat16(), q, scales)  # bf16: torch's packed int8 kernel
     assert precision._PACKED_MM_WORKS[("cpu", torch.bfloat16)], "torch's int8 kernel runs on CPU in bf16"
     monkeypatch.setitem(precision._PACKED_MM_WORKS, ("cpu", torch.bfloat16), False)
