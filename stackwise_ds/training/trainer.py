@@ -15,7 +15,8 @@ sample.
 The trainer coordinates; the parts live beside it: ``startup`` (distributed init, the output
 dir's lock and checks, the watchdog), ``resume`` and ``checkpoints`` (where a run continues
 from, saving tags), ``phase_pipeline`` (placement and engine), ``loop`` (steps and validation),
-``metrics`` (results.json and statistics) and ``feeds`` (each replica's data).
+``metrics`` (results.json and statistics), ``feeds`` (each replica's data) and ``stack_cache`` (the frozen prefix's
+activations kept per window, ``training.stack_cache``).
 """
 
 from __future__ import annotations
