@@ -34,6 +34,7 @@ from .enums import (
     FrozenPrecision,
     GrowthOperator,
     InitGrowth,
+    KernelFeatureMap,
     LayoutKind,
     LrDecay,
     LrSchedule,
@@ -80,7 +81,7 @@ class MLAConfig:
 class KernelAttentionConfig:
     """Linear attention with a positive feature map; used when attention_type is 'kernel'."""
 
-    feature_map: str = "elu"
+    feature_map: KernelFeatureMap = KernelFeatureMap.ELU
     """'elu' (elu(x)+1) or 'relu'."""
     chunk_size: int = 64
     """Chunk length of the causal O(T) scan."""

@@ -143,6 +143,8 @@ def test_legacy_and_new_key_in_conflict_is_an_error():
     ({"model": {"attention_type": "flash"}},
      "model.attention_type is 'flash' but must be one of: mha, gqa, mla, kernel"),
     ({"model": {"attention_mode": "sideways"}}, "model.attention_mode is 'sideways'"),
+    ({"model": {"kernel": {"feature_map": "tanh"}}},
+     "model.kernel.feature_map is 'tanh' but must be one of: elu, relu"),
     ({"model": {"d_model": 0}}, "model.d_model must be positive"),
     ({"model": {"attention_type": "mla", "n_kv_heads": 2}}, "remove n_kv_heads, or use 'gqa' or 'kernel'"),
     ({"model": {"architecture": {"n_stacks": -1}}}, "n_stacks must be positive"),
