@@ -31,6 +31,11 @@ def test_tensorboard_has_the_scalars(two_stage_run):
         assert scalars(two_stage_run, tag), f"no {tag} in TensorBoard"
     assert [step for step, _ in scalars(two_stage_run, "train/loss")] == [1, 2, 3, 4, 5, 6]
     assert all(v > 0 for _, v in scalars(two_stage_run, "train/tokens_per_sec"))
+    # step k logs the rate it trained with (lr 1e-3, 2 warmup steps, cosine to 0.1 over 6 steps), not the next one's
+    from stackwise_ds.training.lr import lr_multiplier
+
+    logged = [v for _, v in scalars(two_stage_run, "train/lr")]
+    assert relative_close(logged, [1e-3 * lr_multiplier(k, 6, 2, 0.1) for k in range(6)], 1e-6)
     assert scalars(two_stage_run, "memory/stage1_rss_mb")
 
 

@@ -31,6 +31,15 @@ class PhaseRun:
     save: Callable[[], None]  # checkpoint the run mid-phase
 
 
+@dataclass
+class StepRecord:
+    """One optimizer step as logged: its loss, its wall-clock and the learning rate it used."""
+
+    loss: float
+    seconds: float
+    lr: float | None  # None on a stage without an optimizer
+
+
 class StepLoop:
     """Runs a phase's steps, logs them to the monitor and the history, validates and saves at intervals."""
 
@@ -48,9 +57,9 @@ class StepLoop:
         """Train until the phase's step budget is spent, appending each step's loss to ``losses``."""
         data = train_iterator(run.train_source, self.data_position(run.state))
         while run.state.phase_step < run.phase.steps:
-            loss, seconds = self._train_step(run, data)
-            losses.append(loss)
-            self._after_step(run, loss, seconds)
+            step = self._train_step(run, data)
+            losses.append(step.loss)
+            self._after_step(run, step)
 
     def data_position(self, state: ckpt.TrainingState) -> int:
         """The global sample the phase's next step reads: where the run stands, or, with phase_data 'repeat', where
@@ -59,8 +68,9 @@ class StepLoop:
             return state.phase_step * self.global_batch
         return state.consumed_samples
 
-    def _train_step(self, run: PhaseRun, data: Iterator) -> tuple[float, float]:
+    def _train_step(self, run: PhaseRun, data: Iterator) -> StepRecord:
         state, phase = run.state, run.phase
+        lr = run.engine.get_lr()[0] if run.engine.optimizer is not None else None  # the step's: read before it steps
         start = time.perf_counter()
         loss = float(run.engine.train_batch(data))
         seconds = time.perf_counter() - start
@@ -72,11 +82,11 @@ class StepLoop:
         state.phase_step += 1
         state.global_step += 1
         state.consumed_samples += self.global_batch
-        return loss, seconds
+        return StepRecord(loss, seconds, lr)
 
-    def _after_step(self, run: PhaseRun, loss: float, seconds: float) -> None:
+    def _after_step(self, run: PhaseRun, record: StepRecord) -> None:
         t, phase, step = self.training, run.phase, run.state.global_step
-        self._log_step(run, loss, seconds)
+        self._log_step(run, record)
         if t.log_interval and step % t.log_interval == 0:
             log_stage_stats(self.monitor, run.engine, run.stage, self.n_stacks, step)
         last_step = run.state.phase_step == phase.steps
@@ -85,14 +95,13 @@ class StepLoop:
         if t.save_interval and step % t.save_interval == 0 and not last_step:
             run.save()
 
-    def _log_step(self, run: PhaseRun, loss: float, seconds: float) -> None:
-        engine, phase = run.engine, run.phase
-        tokens_per_s = self.global_batch * self.seq_len / max(seconds, 1e-9)
+    def _log_step(self, run: PhaseRun, record: StepRecord) -> None:
+        phase, loss = run.phase, record.loss
+        tokens_per_s = self.global_batch * self.seq_len / max(record.seconds, 1e-9)
         self.history.add_loss(loss)
         self.monitor.step(phase, loss, tokens_per_s)
-        self.monitor.scalars({"train/loss": loss, f"train/loss_phase{phase.index}": loss,
-                              "train/lr": engine.get_lr()[0] if engine.optimizer is not None else None,
-                              "train/tokens_per_sec": tokens_per_s, "train/step_time_s": seconds,
+        self.monitor.scalars({"train/loss": loss, f"train/loss_phase{phase.index}": loss, "train/lr": record.lr,
+                              "train/tokens_per_sec": tokens_per_s, "train/step_time_s": record.seconds,
                               "train/phase": phase.index}, run.state.global_step)
 
     def validate(self, engine, val_source, step: int) -> float:
