@@ -242,7 +242,7 @@ class TrainingConfig:
     keep_checkpoints: Optional[int] = 3
     """Keep the newest N complete checkpoint tags and delete older ones after each save (0 or null = keep all)."""
     keep_phase_ends: bool = True
-    """Also keep every phase's final tag (growth, tools/restack.py and tools/reshard.py start from them)."""
+    """Also keep every phase's final tag (growth, stackwise-restack and stackwise-reshard start from them)."""
     resume: bool = True
     """Continue from the latest checkpoint in output_dir when there is one."""
     init_from: Optional[str] = None

@@ -164,5 +164,5 @@ def test_mid_phase_resume_with_another_world_size_is_refused(elastic_run, tmp_pa
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if "was saved mid-phase with the layout" in line]
     assert len(errors) == 2, proc.stderr[-3000:]
-    assert "2 stage(s) x 2 data-parallel" in errors[0] and "tools/reshard.py" in errors[0]
+    assert "2 stage(s) x 2 data-parallel" in errors[0] and "stackwise-reshard" in errors[0]
     assert sorted(p.name for p in (out / "checkpoints").rglob("*")) == kept

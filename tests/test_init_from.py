@@ -118,7 +118,7 @@ def test_fewer_stacks_or_other_blocks_per_stack_are_refused(overrides, expected,
     src, _ = source_file(tmp_path, "model.architecture.n_stacks=2")
     with pytest.raises(ConfigError) as error:
         initial_weights(config(*overrides, f"training.init_from={src}"), tmp_path / "init")
-    assert expected in str(error.value) and "tools/restack.py" in str(error.value)
+    assert expected in str(error.value) and "stackwise-restack" in str(error.value)
 
 
 def test_init_growth_is_validated_and_init_from_expands_home():

@@ -58,7 +58,7 @@ def tag_tokenizer(tag_dir: Path, data: DataConfig, model: ModelConfig) -> Tokeni
 
 def _byte_fallback(data: DataConfig, model: ModelConfig) -> Tokenizer | None:
     # Only a vocabulary of exactly the byte tokenizer's 258 ids: data.tokenizer is also 'byte' (the default)
-    # in the config of a model imported without a tokenizer (tools/import_hf.py), whose ids >= 258 the byte
+    # in the config of a model imported without a tokenizer (stackwise-import-hf), whose ids >= 258 the byte
     # tokenizer would silently drop; a byte run saved by this version always carries its tokenizer.json.
     if data.tokenizer == TokenizerKind.BYTE and model.vocab_size == ByteTokenizer().vocab_size:
         return ByteTokenizer()
@@ -92,7 +92,7 @@ def safetensors_metadata(path: str | Path) -> dict[str, str]:
     except SafetensorError as exc:
         raise CheckpointError(f"{path} is not a readable safetensors file ({exc}): it is truncated, corrupt or "
                               "another format under a .safetensors name; give a file written by "
-                              "tools/consolidate.py, import_hf.py or restack.py") from None
+                              "stackwise-consolidate, stackwise-import-hf or stackwise-restack") from None
 
 
 def consolidated_tokenizer(path: Path, data: DataConfig, model: ModelConfig) -> Tokenizer | None:
@@ -117,7 +117,7 @@ def load_run_tokenizer(source: str | Path, tag: str | None = None, config: Stack
     tokenizer = find_run_tokenizer(source, tag, config.data, config.model)
     if tokenizer is None:
         raise CheckpointError(f"{source} carries no tokenizer (data.tokenizer {config.data.tokenizer!r}, "
-                              f"{config.model.vocab_size} ids): give the one it was trained with (tools/generate.py "
+                              f"{config.model.vocab_size} ids): give the one it was trained with (stackwise-generate "
                               f"--tokenizer PATH: a {TOKENIZER_FILE} or a folder holding one), or copy the run's "
                               f"<output_dir>/{TOKENIZER_FILE} into the checkpoint tag folder and consolidate again")
     return tokenizer
@@ -129,13 +129,13 @@ def read_consolidated(path: str | Path) -> tuple[RackState, StackWiseConfig]:
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"{path} does not exist: pass a .safetensors file written by tools/consolidate.py")
+        raise CheckpointError(f"{path} does not exist: pass a .safetensors file written by stackwise-consolidate")
     safetensors_metadata(path)  # a file that is no safetensors: named here
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
         if CONFIG_KEY not in metadata:
             raise CheckpointError(f"{path} has no '{CONFIG_KEY}' metadata, so the rack it belongs to is unknown: "
-                                  "write it with tools/consolidate.py or tools/import_hf.py")
+                                  "write it with stackwise-consolidate or stackwise-import-hf")
         state = OrderedDict((name, handle.get_tensor(name)) for name in handle.keys())
     return state, StackWiseConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
 

@@ -66,7 +66,7 @@ def check_llama_compatible(m: ModelConfig) -> None:
         kind = "multi-head latent attention (MLA)" if mla else "kernel (linear) attention"
         raise ExportError(f"model.attention_type '{m.attention_type}' ({kind}) has no LlamaForCausalLM equivalent: "
                           "only 'mha' and 'gqa' racks export to Llama; keep this model in the StackWise format "
-                          "(tools/consolidate.py)")
+                          "(stackwise-consolidate)")
     if m.attention_mode != AttentionMode.CAUSAL:
         raise ExportError(f"model.attention_mode '{m.attention_mode}' does not map: LlamaForCausalLM attends "
                           "causally only; a bidirectional (masked-LM) rack has no Llama equivalent")

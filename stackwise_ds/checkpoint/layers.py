@@ -104,7 +104,7 @@ def read_layer_file(ref: CheckpointRef, layer: int) -> dict[str, torch.Tensor]:
     problems = unreadable_files([path])  # a truncated or bit-flipped file: say so, not a zip traceback
     if problems:
         raise CheckpointError(f"checkpoint {ref.path} is corrupt: {problems[0]} (pipeline layer {layer}); "
-                              "use another tag (tools/inspect_checkpoint.py lists them)")
+                              "use another tag (stackwise-inspect lists them)")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

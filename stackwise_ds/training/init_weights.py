@@ -32,7 +32,7 @@ from ..layout import UnitKind
 from ..model import build_block
 from .layer_files import layer_path
 
-RESTACK_HINT = "regroup the source's blocks with python tools/restack.py SOURCE OUT.safetensors --n-stacks N"
+RESTACK_HINT = "regroup the source's blocks with stackwise-restack SOURCE OUT.safetensors --n-stacks N"
 
 
 # ----------------------------------------------------------------------------- sources
@@ -63,7 +63,7 @@ class CheckpointSource:
 
 
 class ConsolidatedSource:
-    """A .safetensors file of tools/consolidate.py, import_hf.py or restack.py (config in its metadata)."""
+    """A .safetensors file of stackwise-consolidate, -import-hf or -restack (config in its metadata)."""
 
     def __init__(self, path: str):
         from ..checkpoint.consolidation import CONFIG_KEY, safetensors_metadata
@@ -72,7 +72,7 @@ class ConsolidatedSource:
         metadata = safetensors_metadata(path)
         if CONFIG_KEY not in metadata:
             raise CheckpointError(f"training.init_from {path} has no '{CONFIG_KEY}' metadata, so its rack is unknown: "
-                                  "write it with tools/consolidate.py, import_hf.py or restack.py")
+                                  "write it with stackwise-consolidate, stackwise-import-hf or stackwise-restack")
         self.config = StackWiseConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -86,7 +86,7 @@ class ConsolidatedSource:
 
         tokenizer = consolidated_tokenizer(Path(self.path), self.config.data, self.config.model)
         spec = "byte" if isinstance(tokenizer, ByteTokenizer) else \
-            f"a tokenizer.json of the one in {self.path}'s metadata (tools/export_hf.py writes it)"
+            f"a tokenizer.json of the one in {self.path}'s metadata (stackwise-export-hf writes it)"
         return tokenizer, spec
 
 
