@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from launch_utils import results, run_training
+from launch_utils import results, run_training, scalars
 from stackwise_ds.config import ConfigError, StackWiseConfig
 from stackwise_ds.enums import CacheDtype
 from stackwise_ds.parallel.prefix_cache import install_prefix_cache
@@ -241,6 +241,7 @@ def test_fp32_cache_gives_bitwise_the_losses_of_computing_and_skips_the_prefix(u
     assert stats[2] == {"computed": 0, "read": 10 * 8, "advanced": WINDOWS, "ranks": 2}
     assert cache_lines(proc.stdout)["stack 3/3"] == (80, 0, WINDOWS)
     assert not (out / "stack_cache").exists(), "the run's end removes the cache"
+    assert scalars(out, "stack_cache/read_share") == [(20, pytest.approx((80 - WINDOWS) / 80)), (30, 1.0)]
 
 
 @pytest.mark.multiprocess

@@ -270,16 +270,24 @@ class PhaseRunner:
             record["val_loss_before"] = self.history.val_loss_at(start)
         return record
 
+    def _report_cache(self, phase: Phase, record: dict[str, Any], step: int) -> None:
+        """Collective: the stack cache's windows of the phase, into its record, the log and TensorBoard."""
+        cache = self.pipeline.cache_stats()
+        if cache is None:
+            return
+        record["stack_cache"] = cache
+        self.monitor.message(f"[stackwise] stack cache, phase {phase.name}: " + (
+            f"{cache['read']} windows read, {cache['computed']} computed, {cache['advanced']} advanced"
+            if cache["ranks"] else "not in use (see the warning), the frozen prefix ran every time"))
+        served = cache["read"] + cache["computed"]
+        self.monitor.scalars({"stack_cache/read_share": cache["read"] / served if served else 0.0,
+                              "stack_cache/advanced": cache["advanced"]}, step)
+
     def _close_phase(self, phase: Phase, engine, state: ckpt.TrainingState, record: dict[str, Any]) -> None:
         """Validate, record and checkpoint the phase's end (also the last phase's: a run may be extended)."""
         record["val_loss_after"] = self.loop.validate(engine, self.pipeline.val_source, state.global_step)
         record["end_global_step"] = state.global_step
-        cache = self.pipeline.cache_stats()
-        if cache is not None:
-            record["stack_cache"] = cache
-            self.monitor.message(f"[stackwise] stack cache, phase {phase.name}: " + (
-                f"{cache['read']} windows read, {cache['computed']} computed, {cache['advanced']} advanced"
-                if cache["ranks"] else "not in use (see the warning), the frozen prefix ran every time"))
+        self._report_cache(phase, record, state.global_step)
         self.monitor.close_bar()
         self.monitor.message(f"[stackwise] phase {phase.name} done: val loss "
                              f"{record.get('val_loss_before', float('nan')):.4f} -> {record['val_loss_after']:.4f}")
