@@ -61,3 +61,12 @@ def stage_boundaries(n_stacks: int, blocks_per_stack: int, stages: int) -> list[
     blocks_per_stage = n_stacks // stages * blocks_per_stack
     n_layers = n_stacks * blocks_per_stack + 3
     return [0] + [1 + s * blocks_per_stage for s in range(1, stages)] + [n_layers]
+
+
+def cached_boundary(layer_roles: list[str]) -> int | None:
+    """The last layer of the frozen run from the embedding (layer 0) on, when it holds at least one block: the
+    prefix whose output ``training.stack_cache`` keeps; None when the phase has none."""
+    boundary = -1
+    while boundary + 1 < len(layer_roles) and layer_roles[boundary + 1] == FROZEN:
+        boundary += 1
+    return boundary if boundary >= 1 else None

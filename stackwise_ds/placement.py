@@ -18,7 +18,9 @@ forward is 2 FLOPs per weight-matrix multiply-accumulate plus 4·T·d per token 
 frozen one 1x (no_grad), a dormant one nothing. A stage's cost is the sum of its layers'; a
 step of ``m`` micro-batches over stage costs ``c_s`` takes about ``sum(c_s) + (m - 1) * max(c_s)``
 (fill and drain, then the slowest stage sets the pace). Among the layouts that fit the memory
-bound, the plan with the lowest predicted step time wins (ties: the shallower pipeline).
+bound, the plan with the lowest predicted step time wins (ties: the shallower pipeline). With
+``training.stack_cache: disk`` a phase's frozen prefix stays on the first stage, where the cache reads it
+instead of running it, and costs nothing, unless no such placement fits.
 Communication is not modelled: on GPUs inside a node it is small next to compute for these
 activation sizes; ``benchmarks/`` reports predicted against measured step times.
 
@@ -39,8 +41,8 @@ from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 
 from .config import ModelConfig, StackWiseConfig
-from .enums import AttentionType, FrozenPrecision, LayoutKind
-from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, stage_boundaries
+from .enums import AttentionType, FrozenPrecision, LayoutKind, StackCache
+from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, cached_boundary, stage_boundaries
 
 ELASTIC, FIXED = LayoutKind.ELASTIC, LayoutKind.FIXED
 # The FLOP convention shared with benchmarks/flops.py: forward + backward = 3 forwards,
@@ -74,6 +76,7 @@ class Resources:
     zero_stage: int = 1
     max_rank_memory_mb: float | None = None
     frozen_bytes_per_param: tuple[float, ...] = ()  # per pipeline layer while frozen; () or 0: the weights' own
+    cache_frozen_prefix: bool = False  # training.stack_cache 'disk': a frozen prefix on stage 0 is read, not run
 
     @property
     def global_batch(self) -> int:
@@ -190,19 +193,16 @@ def fixed_layout(roles: list[str], costs: list[LayerCost], res: Resources) -> Ph
 
 
 def elastic_layout(roles: list[str], costs: list[LayerCost], res: Resources) -> PhaseLayout:
-    """The fastest predicted placement of the live (non-dormant) layers that fits the memory bound."""
+    """The fastest predicted placement of the live (non-dormant) layers that fits the memory bound.
+
+    Under ``res.cache_frozen_prefix`` a phase's frozen prefix (``layout.cached_boundary``) is kept on the first
+    stage, where the stack cache serves it, and counts no compute; only when no such placement fits does the
+    prefix spread (that phase then runs it)."""
     live = tuple(i for i, role in enumerate(roles) if role != DORMANT)
-    candidates, smallest = [], None
-    for p in (p for p in range(1, res.world_size + 1) if res.world_size % p == 0 and p <= len(live)):
-        dp = res.world_size // p
-        if res.global_batch % (res.micro_batch_size * dp):
-            continue  # this data-parallel degree cannot split the global batch into whole micro-batches
-        starts = _balanced_starts(live, roles, costs, res, p, dp)
-        if starts is None:
-            fallback = _evaluate(ELASTIC, _parts(live, _even_starts(live, p), len(roles)), live, roles, costs, res, dp)
-            smallest = min(smallest or fallback, fallback, key=lambda lay: max(lay.stage_memory_mb))
-            continue
-        candidates.append(_evaluate(ELASTIC, _parts(live, starts, len(roles)), live, roles, costs, res, dp))
+    boundary = cached_boundary(roles) if res.cache_frozen_prefix else None
+    candidates, smallest = _elastic_candidates(live, roles, costs, res, boundary)
+    if not candidates and boundary is not None:
+        candidates, smallest = _elastic_candidates(live, roles, costs, res, None)
     if not candidates and smallest is None:
         raise LayoutError(
             f"no pipeline depth can place this phase's {len(live)} live layers on {res.world_size} rank(s): a depth "
@@ -219,6 +219,30 @@ def elastic_layout(roles: list[str], costs: list[LayerCost], res: Resources) -> 
     return min(candidates, key=lambda lay: (lay.predicted_step_flops, lay.pipeline_stages))
 
 
+def _elastic_candidates(live, roles, costs, res: Resources, cached: int | None):
+    """(the balanced placement of every usable depth that fits, the even split needing least memory of those that
+    do not); ``cached``: layers 0..cached stay on stage 0 and cost nothing."""
+    candidates, smallest = [], None
+    for p in (p for p in range(1, res.world_size + 1) if res.world_size % p == 0 and p <= len(live)):
+        dp = res.world_size // p
+        if res.global_batch % (res.micro_batch_size * dp):
+            continue  # this data-parallel degree cannot split the global batch into whole micro-batches
+        starts = _balanced_starts(live, roles, costs, res, p, dp, cached)
+        if starts is None:
+            even = _parts(live, _even_starts(live, p), len(roles))
+            fallback = _evaluate(ELASTIC, even, live, roles, costs, res, dp)
+            smallest = min(smallest or fallback, fallback, key=lambda lay: max(lay.stage_memory_mb))
+            continue
+        candidates.append(_evaluate(ELASTIC, _parts(live, starts, len(roles)), live, roles, costs, res, dp, cached))
+    return candidates, smallest
+
+
+def _layer_flops(costs, roles, cached: int | None = None) -> list[float]:
+    """Per micro-batch FLOPs of every pipeline layer in its role; a cached prefix (layers 0..cached) is read."""
+    return [0.0 if cached is not None and i <= cached else c.forward_flops * ROLE_FACTOR[roles[i]]
+            for i, c in enumerate(costs)]
+
+
 class LayoutError(ValueError):
     """No layout satisfies the constraints; the message says which and what to change."""
 
@@ -232,12 +256,16 @@ def _even_starts(live: tuple[int, ...], p: int) -> list[int]:
     return [len(live) * s // p for s in range(p)]
 
 
-def _balanced_starts(live, roles, costs, res: Resources, p: int, dp: int) -> list[int] | None:
+def _balanced_starts(live, roles, costs, res: Resources, p: int, dp: int,
+                     cached: int | None = None) -> list[int] | None:
     """Split ``live`` into ``p`` contiguous non-empty stages minimising the slowest stage's cost,
-    each within the memory bound; returns the index (into ``live``) where each stage starts."""
+    each within the memory bound (``cached``: layers 0..cached on the first stage); returns the index (into
+    ``live``) where each stage starts."""
     n = len(live)
     m = res.global_batch // (res.micro_batch_size * dp)
-    cost = [costs[i].forward_flops * ROLE_FACTOR[roles[i]] for i in live]
+    flops = _layer_flops(costs, roles, cached)
+    cost = [flops[i] for i in live]
+    first_stop = 1 if cached is None else live.index(cached) + 1  # stage 0 ends no earlier
 
     @lru_cache(maxsize=None)
     def best(stage: int, first: int) -> tuple[float, tuple[int, ...]] | None:
@@ -245,7 +273,7 @@ def _balanced_starts(live, roles, costs, res: Resources, p: int, dp: int) -> lis
         if stage == p - 1:
             return (sum(cost[first:]), (first,)) if _fits(live[first:], stage, roles, costs, res, p, dp, m) else None
         result = None
-        for stop in range(first + 1, n - (p - 1 - stage) + 1):
+        for stop in range(max(first + 1, first_stop if stage == 0 else 0), n - (p - 1 - stage) + 1):
             if not _fits(live[first:stop], stage, roles, costs, res, p, dp, m):
                 break  # a longer stage only needs more memory
             rest = best(stage + 1, stop)
@@ -282,11 +310,12 @@ def _stage_memory_mb(layers, stage, roles, costs, res: Resources, p, dp, m) -> f
     return total / MB
 
 
-def _evaluate(kind, parts, live, roles, costs, res: Resources, dp: int) -> PhaseLayout:
+def _evaluate(kind, parts, live, roles, costs, res: Resources, dp: int, cached: int | None = None) -> PhaseLayout:
     p = len(parts) - 1
     m = res.global_batch // (res.micro_batch_size * dp)
     stage_sets = [[i for i in live if parts[s] <= i < parts[s + 1]] for s in range(p)]
-    flops = tuple(sum(costs[i].forward_flops * ROLE_FACTOR[roles[i]] for i in layers) for layers in stage_sets)
+    layer_flops = _layer_flops(costs, roles, cached)
+    flops = tuple(sum(layer_flops[i] for i in layers) for layers in stage_sets)
     memory = tuple(round(_stage_memory_mb(layers, s, roles, costs, res, p, dp, m), 3)
                    for s, layers in enumerate(stage_sets))
     step = pipeline_step_flops(flops, m)
@@ -315,7 +344,8 @@ def run_resources(config: StackWiseConfig, world_size: int, bf16: bool) -> Resou
                      pipeline_stages=config.pipeline_stages, micro_batch_size=t.micro_batch_size,
                      gradient_accumulation_steps=t.gradient_accumulation_steps, bf16=bf16,
                      zero_stage=config.parallel.zero_stage, max_rank_memory_mb=config.parallel.max_rank_memory_mb,
-                     frozen_bytes_per_param=frozen_bytes_per_param(config.model, config.stack_frozen_precisions()))
+                     frozen_bytes_per_param=frozen_bytes_per_param(config.model, config.stack_frozen_precisions()),
+                     cache_frozen_prefix=t.stack_cache == StackCache.DISK)
 
 
 def frozen_bytes_per_param(model: ModelConfig, precisions: list[FrozenPrecision]) -> tuple[float, ...]:

@@ -115,3 +115,26 @@ def test_no_usable_depth_is_a_layout_error():
     costs = [LayerCost(1.0, 1, 0.0)] * 4
     with pytest.raises(LayoutError, match=r"no pipeline depth can place this phase's 3 live layers on 4 rank"):
         elastic_layout([TRAIN, DORMANT, TRAIN, TRAIN], costs, res)
+
+
+def test_with_the_stack_cache_a_frozen_prefix_stays_on_the_first_stage_and_costs_nothing():
+    """Under a bound that forces 4 stages, the plain planner spreads the frozen prefix of phases 3 and 4 over
+    two stages (the cache could not serve it); with stack_cache 'disk' it keeps it on stage 0, predicted free."""
+    def plans(cache):
+        return phase_layouts(config("model.architecture.n_stacks=4", "training.training_architecture=stackwise",
+                                    "parallel.pipeline_stages=2", "parallel.max_rank_memory_mb=1.6",
+                                    f"training.stack_cache={cache}"), 4)
+
+    plain, cached = plans("off"), plans("disk")
+    prefix_ends = {2: 4, 3: 6}  # phase index -> last frozen layer (embedding 0, blocks 1..8: 2 a stack)
+    for phase, end in prefix_ends.items():
+        assert plain[phase].stage_of(end) > 0, "the cost-balanced plan spreads the prefix"
+        assert cached[phase].stage_of(end) == 0 and cached[phase].pipeline_stages == 4
+        assert max(cached[phase].stage_memory_mb) <= 1.6
+        assert cached[phase].stage_flops[0] < plain[phase].stage_flops[0], "a cached prefix is read, not run"
+        assert cached[phase].predicted_vs_rackwise < plain[phase].predicted_vs_rackwise
+    assert cached[0] == plain[0], "phase 1 trains the embedding: nothing to cache"
+    # a bound no prefix-on-stage-0 plan meets: the planner spreads the prefix as without the cache
+    tight = config("model.architecture.n_stacks=4", "training.training_architecture=stackwise",
+                   "parallel.pipeline_stages=2", "parallel.max_rank_memory_mb=1.5", "training.stack_cache=disk")
+    assert phase_layouts(tight, 4)[3].stage_of(6) > 0

@@ -16,10 +16,10 @@ from torch import nn
 from launch_utils import results, run_training, scalars
 from stackwise_ds.config import ConfigError, StackWiseConfig
 from stackwise_ds.enums import CacheDtype
+from stackwise_ds.layout import cached_boundary
 from stackwise_ds.parallel.prefix_cache import install_prefix_cache
 from stackwise_ds.parallel.roles import DORMANT, FROZEN, TRAIN, RoleGate
 from stackwise_ds.training.activation_store import ActivationStore, StoreMeta, create_store, slots_within
-from stackwise_ds.training.stack_cache import cached_boundary
 
 T, D = 8, 4
 

@@ -64,7 +64,8 @@ def check_resumed_layout(layout: PhaseLayout, state: ckpt.TrainingState, tag_dir
         raise ckpt.CheckpointError(
             f"checkpoint {tag_dir} was saved mid-phase with the layout "
             f"'{saved.describe()}' but this launch plans '{layout.describe()}' (world size {world_size}): "
-            "relaunch with the world size and parallel.* settings of the saved run, or convert the tag with "
+            "relaunch with the world size, parallel.* and training.stack_cache settings of the saved run, or convert "
+            "the tag with "
             f"stackwise-reshard {tag_dir} NEW_OUTPUT_DIR --pipeline-stages P "
             "--data-parallel D (it continues on the fixed pipeline)")
 

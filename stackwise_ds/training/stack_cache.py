@@ -31,21 +31,12 @@ import torch
 
 from ..config import TrainingConfig
 from ..enums import CacheDtype, StackCache
+from ..layout import cached_boundary
 from ..parallel import distributed
 from ..parallel.prefix_cache import advance_store, install_prefix_cache
 from ..parallel.roles import unwrap
 from ..placement import PhaseLayout
 from .activation_store import ActivationStore, StoreMeta, create_store, read_meta, slots_within
-
-FROZEN = "frozen"
-
-
-def cached_boundary(layer_roles: list[str]) -> int | None:
-    """The last layer of the frozen run from the embedding (layer 0) on, when it holds at least one block."""
-    boundary = -1
-    while boundary + 1 < len(layer_roles) and layer_roles[boundary + 1] == FROZEN:
-        boundary += 1
-    return boundary if boundary >= 1 else None
 
 
 class ActivationCache:
