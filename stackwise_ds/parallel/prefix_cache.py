@@ -89,8 +89,8 @@ def advance_store(module, old_boundary: int, new_boundary: int, old_store, new_s
     """Run layers ``old_boundary + 1 .. new_boundary`` (frozen, on this stage) once over the windows ``ids`` of
     ``old_store`` and keep their outputs in ``new_store``; returns the windows advanced."""
     gates = module.forward_funcs[old_boundary + 1:new_boundary + 1]
-    device = next(unwrap(module.forward_funcs[0]).parameters()).device
-    dtype = next(unwrap(module.forward_funcs[0]).parameters()).dtype
+    weight = next(unwrap(module.forward_funcs[0]).parameters())  # where and in what the stage computes
+    device, dtype = weight.device, weight.dtype
     done = 0
     with torch.no_grad():
         for start in range(0, len(ids), chunk):

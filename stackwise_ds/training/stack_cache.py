@@ -52,7 +52,6 @@ class ActivationCache:
         self.applies = False  # whether the phase has a frozen prefix to cache (the same on every rank)
         self.stores: set[Path] = set()  # the stores this launch used (removed at the end)
         self._warned: set[str] = set()  # the kinds of fallback already reported
-        self._peers: list[tuple[int, str, bool]] = []  # (rank, host, on the first stage) of every rank, per phase
 
     @staticmethod
     def wanted(training: TrainingConfig) -> bool:
@@ -72,7 +71,7 @@ class ActivationCache:
                        "'elastic', fewer parallel.pipeline_stages or a higher parallel.max_rank_memory_mb place it "
                        "on one)")
             return train_source
-        first_stage = layout.stage_of(0) == pipe.stage_id
+        first_stage = pipe.stage_id == 0
         store = self._prepare(pipe, boundary, train_source.train, first_stage)
         if store is None:
             return train_source
@@ -83,7 +82,8 @@ class ActivationCache:
         """Collective: the node's leader makes (or finds) the store, then the first-stage ranks open it and
         advance the previous prefix's store into it."""
         keys = prefix_keys(pipe, boundary, dataset, self.training.stack_cache_dtype) if first_stage else []
-        leader = self._leader(first_stage)
+        here = self._first_stage_ranks_here(first_stage)
+        leader = first_stage and here[0] == self.rank  # makes the node's store
         meta = self._meta(keys[-1], boundary, len(dataset)) if first_stage else None
         if leader:
             self._make_store(meta)
@@ -91,7 +91,7 @@ class ActivationCache:
         store = ActivationStore.open(self.root / meta.key) if first_stage else None
         previous = self._previous_store(keys) if store is not None else None
         if previous is not None:
-            self._advance(pipe, previous, store)
+            self._advance(pipe, previous, store, here)
         distributed.barrier()
         if leader and previous is not None:
             shutil.rmtree(previous.folder, ignore_errors=True)
@@ -131,28 +131,19 @@ class ActivationCache:
                 return store
         return None
 
-    def _advance(self, pipe, previous: ActivationStore, store: ActivationStore) -> None:
-        """This rank's share of the windows the previous store holds and the new one lacks."""
+    def _advance(self, pipe, previous: ActivationStore, store: ActivationStore, here: list[int]) -> None:
+        """This rank's share (of the node's first-stage ranks ``here``) of the windows the previous store holds
+        and the new one lacks."""
         todo = [w for w in previous.filled() if w < store.meta.capacity and store.sums[w] == 0]
-        share, parts = self._first_stage_share()
-        mine = todo[share::parts]
+        mine = todo[here.index(self.rank)::len(here)]
         self.advanced = advance_store(pipe, previous.meta.boundary, store.meta.boundary, previous, store,
                                       np.asarray(mine, dtype=np.int64), self.training.micro_batch_size)
 
-    def _first_stage_share(self) -> tuple[int, int]:
-        ranks = self._first_stage_ranks_here()
-        return ranks.index(self.rank), len(ranks)
-
-    def _leader(self, first_stage: bool) -> bool:
-        """Collective: whether this rank makes the node's store (the lowest first-stage rank of its host)."""
-        rows = distributed.all_gather_objects((self.rank, socket.gethostname(), first_stage))
-        self._peers = rows
-        ranks = self._first_stage_ranks_here()
-        return first_stage and ranks[0] == self.rank
-
-    def _first_stage_ranks_here(self) -> list[int]:
+    def _first_stage_ranks_here(self, first_stage: bool) -> list[int]:
+        """Collective: the first-stage ranks of this rank's host, lowest first (the lowest makes its store)."""
         host = socket.gethostname()
-        return sorted(rank for rank, peer_host, first in self._peers if first and peer_host == host)
+        rows = distributed.all_gather_objects((self.rank, host, first_stage))
+        return sorted(rank for rank, peer_host, first in rows if first and peer_host == host)
 
     def _warn(self, kind: str, message: str, every_rank: bool = False) -> None:
         """Once a run for each ``kind`` of fallback: on rank 0, or on each rank that meets it."""

@@ -72,28 +72,23 @@ int open64(const char *path, int flags, ...) OPEN_LIKE(open64, path)
 int openat(int dirfd, const char *path, int flags, ...) OPEN_LIKE(openat, dirfd, path)
 int openat64(int dirfd, const char *path, int flags, ...) OPEN_LIKE(openat64, dirfd, path)
 
-/* Removing any file whose path contains $KILL_ON_UNLINK SIGKILLs the process first: a crash at a
- * chosen point of a deletion (shutil.rmtree removes by name under a folder fd: unlinkat). */
-static void kill_if_doomed(const char *path) {
-    const char *needle = getenv("KILL_ON_UNLINK");
-    if (needle != NULL && *needle != '\0' && path != NULL && strstr(path, needle) != NULL) kill(getpid(), SIGKILL);
-}
-
-/* Removing a folder whose path contains $KILL_ON_RMDIR SIGKILLs the process first: only a deletion removes a
- * folder, never a save (which may unlink a file of the same tag first), so this kills at one chosen deletion. */
-static void kill_if_doomed_folder(const char *path) {
-    const char *needle = getenv("KILL_ON_RMDIR");
+/* Removing a file whose path contains $KILL_ON_UNLINK, or a folder whose path contains $KILL_ON_RMDIR, SIGKILLs
+ * the process first: a crash at a chosen point of a deletion (shutil.rmtree removes by name under a folder fd:
+ * unlinkat). Only a deletion removes a folder, never a save (which may unlink a file of the same tag first), so
+ * $KILL_ON_RMDIR kills at one chosen deletion. */
+static void kill_if_doomed(const char *variable, const char *path) {
+    const char *needle = getenv(variable);
     if (needle != NULL && *needle != '\0' && path != NULL && strstr(path, needle) != NULL) kill(getpid(), SIGKILL);
 }
 
 int unlink(const char *path) {
-    REAL(unlink); kill_if_doomed(path); return real(path);
+    REAL(unlink); kill_if_doomed("KILL_ON_UNLINK", path); return real(path);
 }
 int unlinkat(int dirfd, const char *path, int flags) {
-    REAL(unlinkat); kill_if_doomed(path);
-    if (flags & AT_REMOVEDIR) kill_if_doomed_folder(path);
+    REAL(unlinkat); kill_if_doomed("KILL_ON_UNLINK", path);
+    if (flags & AT_REMOVEDIR) kill_if_doomed("KILL_ON_RMDIR", path);
     return real(dirfd, path, flags);
 }
 int rmdir(const char *path) {
-    REAL(rmdir); kill_if_doomed_folder(path); return real(path);
+    REAL(rmdir); kill_if_doomed("KILL_ON_RMDIR", path); return real(path);
 }
