@@ -8,8 +8,9 @@ forward can run on a converted copy (``training.frozen_precision`` / ``training.
 * ``int8``: every ``nn.Linear`` of the copy becomes an ``Int8WeightOnlyLinear`` (int8 weights, one
   fp32 scale per output channel, symmetric); norms and the activations keep their dtype. With bf16
   activations the matmul is torch's own ``torch._weight_int8pack_mm`` (what torchao's int8
-  weight-only path calls), with fp32 activations, or where that op is missing or refuses the
-  device, a dequantize-then-matmul (see ``int8_matmul``).
+  weight-only path calls); with fp32 activations it is a bf16 matmul of the int8 values on a CPU with
+  bf16 matrix units, else (or where the packed op is missing or refuses the device) a
+  dequantize-then-matmul (see ``int8_matmul``).
 
 Checkpoints keep the full-precision weights: the layer module itself stays registered in the
 PipelineModule with the same Parameters (names, ``requires_grad``, optimizer membership unchanged);
