@@ -167,6 +167,15 @@ class TrainingConfig:
     """prefix 'frozen': from the second phase on, the input embedding freezes with the prefix, so the frozen units'
     input never moves; a tied LM head then trains as its own copy of the embedding (the run's checkpoints from that
     phase on hold an untied head). false: a tied head keeps training the shared matrix under the frozen units."""
+    frozen_stacks: list[int] = field(default_factory=list)
+    """Stacks frozen for the whole run, in any training_architecture (e.g. [1] in a rackwise run of 2 stacks trains
+    stack 0 through a frozen stack 1). A frozen stack may sit anywhere: one after a trained layer passes the gradient
+    back to it (forward with autograd for its input only, no weight gradient, no optimizer state). Stage-wise runs add
+    these to what each phase freezes. frozen_precision / stack_precision apply to them."""
+    freeze_head: bool = False
+    """Freeze the final norm and the LM head in every phase (with tied embeddings the embedding too: one matrix), so
+    only blocks train: LLaMA Pro's choice when expanding a model (only the inserted blocks train). false: they train
+    in every phase (literature: a frozen head cripples stage-wise training from scratch)."""
     optimizer_across_phases: OptimizerAcrossPhases = OptimizerAcrossPhases.RESTART
     """'restart' (a fresh AdamW every phase) or 'carry' (AdamW moments and step count of every parameter that keeps
     training pass to the next phase, across any re-placement and ZeRO-1 re-sharding; grown units start with their
@@ -452,6 +461,7 @@ class StackWiseConfig:
         if t.stack_lr_scale is not None and len(t.stack_lr_scale) != arch.n_stacks:
             raise ConfigError(f"training.stack_lr_scale has {len(t.stack_lr_scale)} values for "
                               f"{arch.n_stacks} stacks: give one multiplier per stack")
+        self._validate_frozen_stacks()
         self._validate_frozen_precision()
         self._validate_stack_cache()
 
@@ -463,13 +473,22 @@ class StackWiseConfig:
                                   f"stacks: give one of {', '.join(FrozenPrecision.values())} per stack")
             t.stack_precision = [FrozenPrecision.parse(value, f"training.stack_precision[{i}]", ConfigError)
                                  for i, value in enumerate(t.stack_precision)]
-        freezes = t.training_architecture != TrainingArchitecture.RACKWISE and t.prefix == Prefix.FROZEN
+        freezes = (t.training_architecture != TrainingArchitecture.RACKWISE and t.prefix == Prefix.FROZEN
+                   or bool(t.frozen_stacks))
         if not freezes and any(p != FrozenPrecision.SAME for p in self.stack_frozen_precisions()):
             key = "stack_precision" if t.stack_precision is not None else "frozen_precision"
             raise ConfigError(f"training.{key} asks for a lower precision of frozen stacks, but this run freezes "
-                              f"none (training_architecture '{t.training_architecture}', prefix '{t.prefix}'): "
-                              "frozen stacks exist only in stackwise/blockwise runs with training.prefix 'frozen'; "
-                              f"remove training.{key} or set it to 'same'")
+                              f"none (training_architecture '{t.training_architecture}', prefix '{t.prefix}', no "
+                              "training.frozen_stacks): frozen stacks exist in stackwise/blockwise runs with "
+                              f"training.prefix 'frozen' or with training.frozen_stacks; remove training.{key} or set "
+                              "it to 'same'")
+
+    def _validate_frozen_stacks(self) -> None:
+        t, n_stacks = self.training, self.model.architecture.n_stacks
+        bad = [i for i in t.frozen_stacks if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_stacks]
+        if bad or len(set(t.frozen_stacks)) != len(t.frozen_stacks):
+            raise ConfigError(f"training.frozen_stacks is {t.frozen_stacks}: give distinct stack indices from 0 to "
+                              f"{n_stacks - 1} (model.architecture.n_stacks is {n_stacks})")
 
     def _validate_stack_cache(self) -> None:
         t, m = self.training, self.model

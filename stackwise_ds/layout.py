@@ -15,14 +15,29 @@ TIED_KEY = "embed"  # DeepSpeed TiedLayerSpec key of the embedding / LM head
 
 
 class LayerRole(Choice):
-    """Role of a pipeline layer in a phase: trains, runs forward only under no_grad, or is skipped (identity)."""
+    """Role of a pipeline layer in a phase: trains; frozen before every trained layer (forward only, under no_grad);
+    frozen after a trained one (forward with autograd for its input only: the gradient passes through to the trained
+    layers before it, its weights get none); or skipped (identity)."""
 
     TRAIN = "train"
     FROZEN = "frozen"
+    FROZEN_BACKPROP = "frozen_backprop"
     DORMANT = "dormant"
 
 
 TRAIN, FROZEN, DORMANT = LayerRole.TRAIN, LayerRole.FROZEN, LayerRole.DORMANT
+FROZEN_BACKPROP = LayerRole.FROZEN_BACKPROP
+NOT_TRAINED = (FROZEN, FROZEN_BACKPROP)
+
+
+def resolve_frozen(roles: list[str]) -> list[LayerRole]:
+    """Say which frozen layers the gradient must pass through: a frozen layer after the first trained one becomes
+    FROZEN_BACKPROP (its no_grad forward would cut the gradient path of the trained layers before it); one before
+    every trained layer stays FROZEN (nothing upstream needs a gradient). Idempotent."""
+    roles = [LayerRole(r) for r in roles]
+    first_train = next((i for i, r in enumerate(roles) if r == TRAIN), len(roles))
+    return [(FROZEN_BACKPROP if i > first_train else FROZEN) if r in NOT_TRAINED else r
+            for i, r in enumerate(roles)]
 
 
 class UnitKind(Choice):

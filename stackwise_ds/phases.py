@@ -6,17 +6,19 @@ stage-wise run to its next depth: ``training.depth_schedule`` lists the active u
 phase, the units it adds TRAIN; the units that were already active are FROZEN (forward only,
 no grad) with ``training.prefix: frozen``, or keep training with ``prefix: train``
 (progressive stacking); units beyond the active count are DORMANT (not placed, identity), and
-the final norm and the LM head TRAIN. These roles are plain strings so the parallel layer can
-map them onto pipeline stages without importing training code.
+the final norm and the LM head TRAIN. ``training.frozen_stacks`` freeze those stacks in every
+phase (any mode); a frozen layer after a trained one passes the gradient back
+(``layout.resolve_frozen``). These roles are plain strings so the parallel layer can map them
+onto pipeline stages without importing training code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import ModelConfig, StackWiseConfig, TrainingConfig
+from .config import ConfigError, ModelConfig, StackWiseConfig, TrainingConfig
 from .enums import Choice, Prefix, TrainingArchitecture
-from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, UnitKind  # noqa: F401 - re-exported
+from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, UnitKind, layer_units, resolve_frozen
 
 
 class PhaseKind(Choice):
@@ -39,6 +41,9 @@ class Phase:
     new_from: int = 0  # first unit this phase adds: units [new_from, active) are new, those before were active
     prefix_trains: bool = False  # the units active before this phase train too (training.prefix: train)
     untied_head: bool = False  # a tied rack's LM head trains as its own copy of the frozen embedding
+    frozen_stacks: frozenset[int] = frozenset()  # stacks frozen in every phase (training.frozen_stacks)
+    frozen_head: bool = False  # the final norm and LM head (and a tied embedding) frozen (training.freeze_head)
+    tied: bool = False  # the LM head is the embedding matrix (model.tie_embeddings, not untied by this phase)
 
     @property
     def unit(self) -> int | None:
@@ -71,7 +76,11 @@ class Phase:
         return self.kind in (PhaseKind.RACK, PhaseKind.JOINT)
 
     def block_role(self, stack_id: int, block_id: int) -> str:
-        """Role of block ``block_id`` of stack ``stack_id`` in this phase."""
+        """Role of block ``block_id`` of stack ``stack_id`` in this phase (before ``resolve_frozen``)."""
+        role = self._unit_block_role(stack_id, block_id)
+        return FROZEN if role == TRAIN and stack_id in self.frozen_stacks else role
+
+    def _unit_block_role(self, stack_id: int, block_id: int) -> str:
         if self.trains_everything:
             return TRAIN
         position = stack_id if self.kind == PhaseKind.STACK else stack_id * self.blocks_per_stack + block_id
@@ -87,6 +96,8 @@ class Phase:
         A tied embedding still learns through the LM head, which always trains, unless the phase
         unties the head (``untied_head``, training.freeze_embedding).
         """
+        if self.frozen_head and self.tied:
+            return FROZEN
         return TRAIN if self.trains_everything or self.new_from == 0 or self.prefix_trains else FROZEN
 
     @property
@@ -95,33 +106,46 @@ class Phase:
         return self.kind in (PhaseKind.STACK, PhaseKind.BLOCK)
 
     def unit_role(self, unit: LayerUnit) -> str:
-        """Role of one pipeline layer in this phase; the final norm and LM head always train."""
+        """Role of one pipeline layer in this phase; the final norm and LM head train unless ``frozen_head``."""
         if unit.kind == UnitKind.BLOCK:
             return self.block_role(unit.stack_id, unit.block_id)
         if unit.kind == UnitKind.EMBEDDING:
             return self.embedding_role
-        return TRAIN
+        return FROZEN if self.frozen_head else TRAIN
 
     def layer_roles(self, units: list[LayerUnit]) -> list[str]:
-        return [self.unit_role(unit) for unit in units]
+        """Every pipeline layer's role; a frozen layer after a trained one is FROZEN_BACKPROP."""
+        return resolve_frozen([self.unit_role(unit) for unit in units])
 
 
 def plan_phases(config: StackWiseConfig) -> list[Phase]:
     """The ordered phases of a run, the optional joint phase last."""
     t, arch = config.training, config.model.architecture
-    shape = dict(n_stacks=arch.n_stacks, blocks_per_stack=arch.blocks_per_stack)
+    untie = unties_head(config.model, t)
+    shape = dict(n_stacks=arch.n_stacks, blocks_per_stack=arch.blocks_per_stack,
+                 frozen_stacks=frozenset(t.frozen_stacks), frozen_head=t.freeze_head, tied=config.model.tie_embeddings)
     if t.training_architecture == TrainingArchitecture.RACKWISE:
-        return [Phase(0, PhaseKind.RACK, t.max_steps, **shape)]
+        return _checked([Phase(0, PhaseKind.RACK, t.max_steps, **shape)])
     kind = PhaseKind.STACK if t.training_architecture == TrainingArchitecture.STACKWISE else PhaseKind.BLOCK
     n = config.n_phases
     depths = t.depth_schedule if t.depth_schedule is not None else list(range(1, n + 1))
     steps = t.steps_per_phase if isinstance(t.steps_per_phase, list) else [t.steps_per_phase] * n
     prefix_trains = t.prefix == Prefix.TRAIN
-    untie = unties_head(config.model, t)
     phases = [Phase(i, kind, steps[i], active=depths[i], new_from=depths[i - 1] if i else 0,
                     prefix_trains=prefix_trains, untied_head=untie and i > 0, **shape) for i in range(n)]
     if t.joint_steps > 0:  # once untied, the head stays its own matrix
         phases.append(Phase(n, PhaseKind.JOINT, t.joint_steps, untied_head=untie and n > 1, **shape))
+    return _checked(phases)
+
+
+def _checked(phases: list[Phase]) -> list[Phase]:
+    """Refuse a phase in which nothing trains (every unit it places frozen), naming the settings to change."""
+    units = layer_units(phases[0].n_stacks, phases[0].blocks_per_stack)
+    for phase in phases:
+        if TRAIN not in phase.layer_roles(units):
+            raise ConfigError(f"phase {phase.index + 1} ({phase.name}) trains nothing: every unit it places is frozen "
+                              "(training.frozen_stacks and training.freeze_head); unfreeze a stack it trains or set "
+                              "training.freeze_head=false")
     return phases
 
 
@@ -129,4 +153,4 @@ def unties_head(model: ModelConfig, t: TrainingConfig) -> bool:
     """Whether a stage-wise run's phases after the first freeze the embedding and train an untied copy of a
     tied LM head (``prefix: frozen`` with ``freeze_embedding``): the tied head would drag the embedding,
     and with it the input of the frozen units."""
-    return model.tie_embeddings and t.prefix == Prefix.FROZEN and t.freeze_embedding
+    return model.tie_embeddings and t.prefix == Prefix.FROZEN and t.freeze_embedding and not t.freeze_head

@@ -15,7 +15,8 @@ dormant units are not built at all -- and they are re-partitioned over every ran
 Cost model (per micro-batch, FLOPs; the same convention as ``benchmarks/flops.py``): a layer's
 forward is 2 FLOPs per weight-matrix multiply-accumulate plus 4·T·d per token of attention
 (4·d·d_head for kernel attention); a training layer costs forward + backward = 3x its forward, a
-frozen one 1x (no_grad), a dormant one nothing. A stage's cost is the sum of its layers'; a
+frozen one after a trained layer 2x (forward + its input's gradient, no weight gradient), a frozen one
+before every trained layer 1x (no_grad), a dormant one nothing. A stage's cost is the sum of its layers'; a
 step of ``m`` micro-batches over stage costs ``c_s`` takes about ``sum(c_s) + (m - 1) * max(c_s)``
 (fill and drain, then the slowest stage sets the pace). Among the layouts that fit the memory
 bound, the plan with the lowest predicted step time wins (ties: the shallower pipeline). With
@@ -29,9 +30,10 @@ every placed layer holds its weights; a training layer also holds its gradients,
 the optimizer state (AdamW moments, plus fp32 master weights under bf16) divided by the
 data-parallel degree under ZeRO-1, and the activations of the micro-batches in flight
 (``min(m, p - s)`` on stage ``s`` under 1F1B). Frozen layers hold weights only: no gradient,
-no optimizer state, no stashed activations; a frozen block's weights count in its stack's frozen
-precision (``training.frozen_precision`` / ``stack_precision``): 2 bytes a parameter in bf16,
-1 + 4/d_model in int8 (the int8 weight and one fp32 scale per output channel).
+no optimizer state, and no stashed activations unless the gradient passes through them (after a
+trained layer); a frozen block's weights count in its stack's frozen precision
+(``training.frozen_precision`` / ``stack_precision``): 2 bytes a parameter in bf16, 1 + 4/d_model
+in int8 (the int8 weight and one fp32 scale per output channel).
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ from functools import lru_cache
 
 from .config import ModelConfig, StackWiseConfig
 from .enums import AttentionType, FrozenPrecision, LayoutKind, StackCache
-from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, cached_boundary, stage_boundaries
+from .layout import DORMANT, FROZEN, FROZEN_BACKPROP, NOT_TRAINED, TRAIN, LayerUnit, cached_boundary, stage_boundaries
 
 ELASTIC, FIXED = LayoutKind.ELASTIC, LayoutKind.FIXED
 # The FLOP convention shared with benchmarks/flops.py: forward + backward = 3 forwards,
-# forward only under no_grad = 1, skipped = 0; attention QK^T (2·T·d) + AV (2·T·d) per token
+# forward + the input's gradient only (a frozen layer the gradient passes through) = 2, forward only under no_grad = 1,
+# skipped = 0; attention QK^T (2·T·d) + AV (2·T·d) per token
 # per block, the whole T x T counted even when causal.
-ROLE_FACTOR = {TRAIN: 3.0, FROZEN: 1.0, DORMANT: 0.0}
+ROLE_FACTOR = {TRAIN: 3.0, FROZEN_BACKPROP: 2.0, FROZEN: 1.0, DORMANT: 0.0}
 ATTN_FLOPS_PER_TD = 4
 MB = 2**20
 
@@ -303,10 +306,12 @@ def _stage_memory_mb(layers, stage, roles, costs, res: Resources, p, dp, m) -> f
     frozen_bytes = res.frozen_bytes_per_param
     for i in layers:
         c = costs[i]
-        total += c.params * (frozen_bytes[i] if roles[i] == FROZEN and frozen_bytes and frozen_bytes[i]
+        total += c.params * (frozen_bytes[i] if roles[i] in NOT_TRAINED and frozen_bytes and frozen_bytes[i]
                              else weight_bytes)
         if roles[i] == TRAIN:
-            total += c.params * (4 + optimizer_bytes / shard) + in_flight * c.activation_bytes
+            total += c.params * (4 + optimizer_bytes / shard)
+        if roles[i] in (TRAIN, FROZEN_BACKPROP):  # both keep their inputs for the backward pass
+            total += in_flight * c.activation_bytes
     return total / MB
 
 

@@ -29,7 +29,17 @@ from deepspeed.runtime.pipe.schedule import (
     SendGrad,
 )
 
-from stackwise_ds.parallel.roles import DORMANT, FORWARD_ONLY, FROZEN, RELAY, TRAIN, TRAIN_STAGE, make_plan
+from stackwise_ds.parallel.roles import (
+    BACKPROP,
+    DORMANT,
+    FORWARD_ONLY,
+    FROZEN,
+    FROZEN_BACKPROP,
+    RELAY,
+    TRAIN,
+    TRAIN_STAGE,
+    make_plan,
+)
 from stackwise_ds.parallel.schedule import CountStep, StageWiseTrainSchedule, SyncTiedWeights
 
 WORKER = Path(__file__).with_name("_frozen_worker.py")
@@ -229,28 +239,43 @@ def test_make_plan_derives_stage_roles_and_rejects_bad_layouts():
     assert plan.stage_roles == (FORWARD_ONLY, TRAIN_STAGE, RELAY, TRAIN_STAGE)
     assert [plan.sends_grad(s) for s in range(4)] == [False, False, True, True]
     assert make_plan(None, [0, 2, 4]).stage_roles == (TRAIN_STAGE, TRAIN_STAGE)
-    with pytest.raises(ValueError, match="frozen layer 2 comes after train layer 0"):
-        make_plan({0: TRAIN, 1: TRAIN, 2: FROZEN, 3: TRAIN}, [0, 2, 4])
     with pytest.raises(ValueError, match="missing"):
         make_plan({0: TRAIN}, [0, 1, 2])
     with pytest.raises(ValueError, match="last pipeline stage"):
         make_plan({0: TRAIN, 1: DORMANT}, [0, 1, 2])
+    with pytest.raises(ValueError, match="no pipeline layer has role 'train'"):
+        make_plan({0: FROZEN, 1: FROZEN}, [0, 1, 2])
+
+
+def test_frozen_layers_after_a_train_layer_pass_the_gradient_through():
+    # a frozen layer after the first train layer backpropagates; one before it stays no_grad
+    plan = make_plan({0: FROZEN, 1: TRAIN, 2: FROZEN, 3: DORMANT, 4: FROZEN, 5: TRAIN, 6: FROZEN},
+                     [0, 1, 2, 3, 4, 5, 7])
+    assert plan.layer_roles == (FROZEN, TRAIN, FROZEN_BACKPROP, DORMANT, FROZEN_BACKPROP, TRAIN, FROZEN_BACKPROP)
+    assert plan.stage_roles == (FORWARD_ONLY, TRAIN_STAGE, BACKPROP, RELAY, BACKPROP, TRAIN_STAGE)
+    assert [plan.sends_grad(s) for s in range(6)] == [False, False, True, True, True, True]
+    # a frozen last stage (LM head and last stack frozen) computes the loss and backpropagates
+    assert make_plan({0: FROZEN, 1: TRAIN, 2: FROZEN, 3: FROZEN}, [0, 2, 4]).stage_roles == (TRAIN_STAGE, BACKPROP)
+    # an explicit frozen_backprop before every train layer gets nothing to pass a gradient to: plain frozen
+    assert make_plan({0: FROZEN_BACKPROP, 1: TRAIN}, [0, 1, 2]).layer_roles == (FROZEN, TRAIN)
 
 
 def _layouts(max_stages: int = 5):
-    """Every valid stage-role pattern: forward-only prefix, a train stage, then train/relay, train last."""
+    """Every valid stage-role pattern: forward-only prefix, a train stage, then train/relay/backprop, and a last stage
+    that trains or backpropagates."""
     for stages in range(2, max_stages + 1):
         for n_forward in range(stages):
             middle = stages - n_forward - 2
             if middle < 0:
                 yield (FORWARD_ONLY,) * n_forward + (TRAIN_STAGE,)
                 continue
-            for mid in itertools.product((TRAIN_STAGE, RELAY), repeat=middle):
-                yield (FORWARD_ONLY,) * n_forward + (TRAIN_STAGE, *mid, TRAIN_STAGE)
+            for *mid, last in itertools.product((TRAIN_STAGE, RELAY, BACKPROP), repeat=middle + 1):
+                if last != RELAY:
+                    yield (FORWARD_ONLY,) * n_forward + (TRAIN_STAGE, *mid, last)
 
 
 def _schedules(stage_roles: tuple[str, ...], micro_batches: int) -> list[list]:
-    layer_role = {FORWARD_ONLY: FROZEN, TRAIN_STAGE: TRAIN, RELAY: DORMANT}
+    layer_role = {FORWARD_ONLY: FROZEN, TRAIN_STAGE: TRAIN, RELAY: DORMANT, BACKPROP: FROZEN}
     plan = make_plan({s: layer_role[r] for s, r in enumerate(stage_roles)}, list(range(len(stage_roles) + 1)))
     assert plan.stage_roles == stage_roles
     return [[cmd for step in StageWiseTrainSchedule(micro_batches, len(stage_roles), s, plan) for cmd in step]

@@ -8,8 +8,11 @@ takes one role per pipeline layer -- ``"train"``, ``"frozen"`` (forward under no
 ``"dormant"`` (identity) -- or ``None`` (everything trains: rackwise, DeepSpeed's own behaviour),
 and returns a ``StageWiseEngine`` (a ``PipelineEngine``) for this phase. Stage roles follow
 (``roles.make_plan``): *forward-only* stages before the first train stage, *relay* stages (all
-dormant) after it, *train* stages. Layers are gated by wrapping their
-``PipelineModule.forward_funcs`` entries in ``roles.RoleGate``: parameter names, registered
+dormant) after it, *backprop* stages after it (frozen layers the gradient passes through: forward with
+autograd, backward for the input's gradient only, no optimizer), *train* stages. A ``"frozen"`` layer
+after a train layer becomes ``"frozen_backprop"`` (``layout.resolve_frozen``): frozen anywhere.
+Layers are gated by wrapping their ``PipelineModule.forward_funcs`` entries in ``roles.RoleGate``:
+parameter names, registered
 submodules and per-layer checkpoint files are untouched, so ``pipe.py`` marks nothing -- any
 ``PipelineModule`` works (tied layers are ``TiedLayerSpec``; the head's ``forward_fn`` partial
 is looked through to find its parameters). ``requires_grad`` is set per phase, never widened
@@ -21,6 +24,7 @@ SendGrad, RecvGrad, ReduceGrads or OptimizerStep. Train and relay stages run Dee
 ``TrainSchedule`` as a sub-pipeline that starts at the first train stage; that stage receives
 activations that do not require grad and sends no gradient back. Relays run the same p2p
 instructions, but their ForwardPass/BackwardPass hand activation/gradient on unchanged.
+Backprop stages run the 1F1B instructions of a train stage with their own backward (no optimizer).
 Stages without optimizer end the batch with ``CountStep`` (step counters) instead of the
 reductions and ``OptimizerStep``. Deadlock-freedom under blocking send/recv is argued in
 schedule.py and checked for every layout up to 5 stages in tests/test_frozen_engine.py.
@@ -106,6 +110,7 @@ from .distributed import all_gather_objects
 from .pipe import local_start
 from .precision import describe_frozen
 from .roles import (
+    BACKPROP,
     FORWARD_ONLY,
     RELAY,
     TRAIN,
@@ -230,9 +235,26 @@ class StageWiseEngine(PipelineEngine):
             super()._exec_forward_pass(buffer_id)
 
     def _exec_backward_pass(self, buffer_id):
-        if self.stage_role != RELAY:
-            return super()._exec_backward_pass(buffer_id)
-        # Hand the received output gradient on as the input gradient _exec_send_grads sends.
+        if self.stage_role == RELAY:
+            return self._relay_gradient(buffer_id)
+        if self.stage_role == BACKPROP:
+            return self._backprop_through_frozen(buffer_id)
+        return super()._exec_backward_pass(buffer_id)
+
+    def _backprop_through_frozen(self, buffer_id):
+        """A stage of frozen layers behind a train stage: autograd yields its input's gradient only (its parameters
+        require none), which ``_exec_send_grads`` sends on. DeepSpeed's own backward needs an optimizer."""
+        if self.is_last_stage():
+            # as DeepSpeedEngine.backward scales it (no loss scaler in fp32/bf16): each micro-batch is 1/gas of the step
+            (self.loss / self.gradient_accumulation_steps()).backward()
+            return
+        outputs = [t for t in _as_tuple(self.pipe_buffers['outputs'][buffer_id]) if t.is_floating_point()]
+        torch.autograd.backward(outputs, grad_tensors=list(_as_tuple(self.grad_layer)))
+        self.pipe_buffers['output_tensors'][buffer_id] = None
+        self.pipe_buffers['outputs'][buffer_id] = None
+
+    def _relay_gradient(self, buffer_id):
+        """Hand the received output gradient on as the input gradient ``_exec_send_grads`` sends."""
         inputs = _as_tuple(self.pipe_buffers['inputs'][buffer_id])
         floats = [t for t in inputs if t.is_floating_point()]
         for tensor, grad in zip(floats, _as_tuple(self.grad_layer), strict=True):

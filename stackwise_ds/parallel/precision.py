@@ -1,7 +1,9 @@
 """Frozen layers in a lower precision: bf16, or weight-only int8 with per-output-channel scales.
 
-A frozen layer (role FROZEN: forward only, no gradient) never changes during its phase, so its
-forward can run on a converted copy (``training.frozen_precision`` / ``training.stack_precision``):
+A frozen layer never changes during its phase, so its forward can run on a converted copy (role FROZEN:
+forward only, no gradient; role FROZEN_BACKPROP: the gradient of its input passes back through the
+converted copy, in bf16 through the bf16 weights, in int8 through the dequantized weight, and no weight
+gradient is ever computed) (``training.frozen_precision`` / ``training.stack_precision``):
 
 * ``bf16``: the copy's weights are bf16 and its forward runs in bf16; the input is cast to bf16 and
   the output back to the input's dtype, so the activations between pipeline layers keep theirs.
@@ -80,6 +82,21 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     return F.linear(x, q.to(x.dtype)) * scales
 
 
+class _Int8Linear(torch.autograd.Function):
+    """``int8_matmul`` for a frozen layer the gradient passes through (role frozen_backprop): the backward computes
+    the input's gradient through the dequantized weight (as QLoRA does) and never a weight gradient."""
+
+    @staticmethod
+    def forward(ctx, x, q, scales):  # x [N, in] -> [N, out]
+        ctx.save_for_backward(q, scales)
+        return int8_matmul(x, q, scales)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # [N, out] -> [N, in]: grad_out @ (q * scales[:, None])
+        q, scales = ctx.saved_tensors
+        return (grad_out * scales.to(grad_out.dtype)) @ q.to(grad_out.dtype), None, None
+
+
 class Int8WeightOnlyLinear(nn.Module):
     """A frozen ``nn.Linear`` with int8 weights and per-output-channel scales (no parameters, buffers only)."""
 
@@ -92,7 +109,11 @@ class Int8WeightOnlyLinear(nn.Module):
         self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
-        out = int8_matmul(x.reshape(-1, self.in_features), self.weight_int8, self.scales)
+        flat = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and flat.requires_grad:
+            out = _Int8Linear.apply(flat, self.weight_int8, self.scales)
+        else:
+            out = int8_matmul(flat, self.weight_int8, self.scales)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 

@@ -17,8 +17,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..layout import FROZEN
 from .pipe import local_start
-from .roles import FROZEN, RoleGate, unwrap
+from .roles import RoleGate, unwrap
 
 
 class CachedPrefix(RoleGate):

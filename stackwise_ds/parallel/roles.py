@@ -3,11 +3,13 @@
 Layer roles (``stackwise_ds.layout.LayerRole``, the same as ``stackwise_ds.phases``):
 
 * ``"train"``   -- normal forward with autograd; parameters go to this stage's optimizer.
-* ``"frozen"``  -- forward under ``torch.no_grad()``; parameters never get a gradient.
+* ``"frozen"``  -- before every train layer: forward under ``torch.no_grad()``; parameters never get a gradient.
+* ``"frozen_backprop"`` -- after a train layer: forward with autograd, so the gradient of its input reaches the
+  train layers before it, but its parameters do not require grad (no weight gradient, no optimizer state).
+  ``make_plan`` turns a ``"frozen"`` layer that sits after a train layer into this role (``layout.resolve_frozen``).
 * ``"dormant"`` -- identity: the layer's input is returned unchanged, nothing is computed.
 
-Frozen layers must all come before every train layer (a frozen layer after a trained one would
-cut the gradient path), and the last stage must train (it computes the loss).
+The last stage computes the loss: it must train or backpropagate (hold a train or frozen_backprop layer).
 
 Stage roles (``StageRole``, a type of its own), derived from the layer roles and the partition
 (``PipelineModule.parts``):
@@ -16,6 +18,9 @@ Stage roles (``StageRole``, a type of its own), derived from the layer roles and
   its micro-batches forward under no_grad, never receives or sends a gradient, no optimizer.
 * ``"relay"``        -- an all-dormant stage after the first train stage: forwards activations
   and gradients unchanged, computes nothing, no optimizer.
+* ``"backprop"``     -- a stage after the first train stage whose layers are frozen_backprop (and dormant):
+  1F1B forward/backward like a train stage, but its backward computes only its input's gradient, which it
+  sends on; no optimizer, no gradient buffers, no ZeRO partition.
 * ``"train"``        -- a stage holding train layers: 1F1B forward/backward and an optimizer over
   its train parameters. It sends its input's gradient back only when an earlier stage trains.
 
@@ -33,9 +38,13 @@ import torch
 from torch import nn
 
 from ..enums import Choice
-from ..layout import DORMANT, FROZEN, TRAIN, LayerRole  # noqa: F401 - re-exported for the engine
+from ..layout import DORMANT, FROZEN, FROZEN_BACKPROP, NOT_TRAINED, TRAIN, LayerRole, resolve_frozen
 from .pipe import local_start
 from .precision import FrozenCompute, converts
+
+__all__ = ["DORMANT", "FROZEN", "FROZEN_BACKPROP", "TRAIN", "LayerRole",  # the layer roles, re-exported
+           "StageRole", "FORWARD_ONLY", "RELAY", "BACKPROP", "TRAIN_STAGE", "RolePlan", "make_plan", "RoleGate",
+           "unwrap", "layer_parameters", "apply_layer_roles", "apply_frozen_precision"]
 
 
 class StageRole(Choice):
@@ -43,10 +52,12 @@ class StageRole(Choice):
 
     FORWARD_ONLY = "forward_only"
     RELAY = "relay"
+    BACKPROP = "backprop"
     TRAIN = "train"
 
 
 FORWARD_ONLY, RELAY, TRAIN_STAGE = StageRole.FORWARD_ONLY, StageRole.RELAY, StageRole.TRAIN
+BACKPROP = StageRole.BACKPROP
 
 # Attribute remembering a parameter's own trainability (e.g. a fixed random projection) the
 # first time roles are applied, so that phases only ever narrow it, never widen it.
@@ -102,29 +113,29 @@ def make_plan(layer_roles: dict[int, str] | None, parts: list[int]) -> RolePlan:
         bad = {i: r for i, r in layer_roles.items() if r not in LayerRole.values()}
         if bad:
             raise ValueError(f"unknown layer roles {bad}: use one of {LayerRole.values()}")
-        roles = tuple(LayerRole(layer_roles[i]) for i in range(num_layers))
+        roles = tuple(resolve_frozen([layer_roles[i] for i in range(num_layers)]))
     trained = [i for i, r in enumerate(roles) if r == TRAIN]
-    frozen = [i for i, r in enumerate(roles) if r == FROZEN]
     if not trained:
         raise ValueError("no pipeline layer has role 'train': nothing to optimize in this phase")
-    if frozen and max(frozen) > min(trained):
-        raise ValueError(f"frozen layer {max(frozen)} comes after train layer {min(trained)}: its no_grad "
-                         "forward would cut the gradient path; frozen layers must precede all train layers")
     stage_roles = tuple(_stage_role(roles[parts[s]:parts[s + 1]], parts[s] > min(trained))
                         for s in range(len(parts) - 1))
-    if stage_roles[-1] != TRAIN_STAGE:
-        raise ValueError("the last pipeline stage computes the loss and must hold a 'train' layer")
+    if stage_roles[-1] not in (TRAIN_STAGE, BACKPROP):
+        raise ValueError("the last pipeline stage computes the loss: it must hold a 'train' layer or a frozen one "
+                         "after a train layer (the final norm and LM head are not dormant)")
     return RolePlan(roles, tuple(parts), stage_roles)
 
 
 def _stage_role(roles: tuple[LayerRole, ...], after_first_train_layer: bool) -> StageRole:
     if TRAIN in roles:
         return TRAIN_STAGE
-    return RELAY if after_first_train_layer else FORWARD_ONLY
+    if not after_first_train_layer:
+        return FORWARD_ONLY
+    return BACKPROP if FROZEN_BACKPROP in roles else RELAY
 
 
 class RoleGate:
-    """A ``forward_funcs`` entry running its layer as FROZEN (no_grad) or DORMANT (identity).
+    """A ``forward_funcs`` entry running its layer as FROZEN (no_grad), FROZEN_BACKPROP (autograd, for the input's
+    gradient only: the layer's parameters do not require grad) or DORMANT (identity).
 
     Attribute access falls through to the wrapped layer, so DeepSpeed's per-layer
     ``state_dict``/``load_state_dict`` checkpointing sees the layer itself. Train layers are
@@ -132,8 +143,8 @@ class RoleGate:
     """
 
     def __init__(self, layer, role: LayerRole):
-        if role not in (FROZEN, DORMANT):
-            raise ValueError(f"RoleGate wraps frozen or dormant layers, not {role!r}")
+        if role == TRAIN:
+            raise ValueError("RoleGate wraps frozen or dormant layers, not 'train' ones")
         self.layer = layer
         self.role = role
         self.frozen_compute: FrozenCompute | None = None  # a frozen layer's converted forward, if any
@@ -141,8 +152,11 @@ class RoleGate:
     def __call__(self, inputs):
         if self.role == DORMANT:
             return inputs
+        compute = self.frozen_compute or self.layer
+        if self.role == FROZEN_BACKPROP:
+            return compute(inputs)
         with torch.no_grad():
-            return (self.frozen_compute or self.layer)(inputs)
+            return compute(inputs)
 
     def __getattr__(self, name):
         if name == "layer":  # not set yet (e.g. during unpickling): avoid infinite recursion
@@ -203,7 +217,7 @@ def apply_frozen_precision(module) -> dict[int, tuple[int, int]]:
     start, sizes = local_start(module), {}
     for offset, entry in enumerate(module.forward_funcs):
         precision = precisions.get(start + offset)
-        if precision is None or not isinstance(entry, RoleGate) or entry.role != FROZEN:
+        if precision is None or not isinstance(entry, RoleGate) or entry.role not in NOT_TRAINED:
             continue
         if not converts(entry.layer, precision):  # bf16 weights (a bf16 run) in bf16: nothing to gain
             continue

@@ -8,7 +8,8 @@ is what makes 1F1B deadlock-free, is kept exactly), with three edits:
 * stage ``f`` (if ``f > 0``) receives each micro-batch's activation from stage ``f-1`` right before
   the forward pass, and, being the sub-pipeline's first stage, never sends a gradient back;
 * only the real first/last stages load micro-batches (stage 0 the inputs, stage S-1 the labels);
-* relays skip the reduction/optimizer instructions (they hold no parameters to update).
+* relays and backprop stages (frozen layers the gradient passes through) skip the reduction/optimizer
+  instructions (they hold no parameters to update).
 
 Forward-only stages run ``[Load | Recv] -> Forward -> Send`` per micro-batch. Their only peers
 downstream are consumers: stage ``f`` posts its receives in micro-batch order, and nothing it
@@ -35,9 +36,10 @@ from deepspeed.runtime.pipe.schedule import (
     TrainSchedule,
 )
 
-from .roles import FORWARD_ONLY, RELAY, RolePlan
+from .roles import BACKPROP, FORWARD_ONLY, RELAY, RolePlan
 
 _MODEL_UPDATE = (ReduceTiedGrads, ReduceGrads, OptimizerStep)
+_NO_OPTIMIZER = (RELAY, BACKPROP)  # stages of the backprop sub-pipeline that update nothing
 
 
 class SyncTiedWeights(PipeInstruction):
@@ -91,11 +93,11 @@ class StageWiseTrainSchedule(PipeSchedule):
                 adapted.insert(0, RecvActivation(cmd.buffer_id))  # before any load of labels
             if isinstance(cmd, LoadMicroBatch) and not (self.is_first_stage or self.is_last_stage):
                 continue
-            if isinstance(cmd, _MODEL_UPDATE) and self.role == RELAY:
+            if isinstance(cmd, _MODEL_UPDATE) and self.role in _NO_OPTIMIZER:
                 continue
             adapted.append(cmd)
         if any(isinstance(cmd, OptimizerStep) for cmd in cmds):
             adapted.append(SyncTiedWeights())
-            if self.role == RELAY:
+            if self.role in _NO_OPTIMIZER:
                 adapted.append(CountStep())
         return adapted

@@ -10,13 +10,13 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, ParallelConfig, TrainingConfig
-from ..layout import LayerUnit, UnitKind
+from ..layout import TRAIN, LayerUnit, UnitKind
 from ..model import Rack, create_rack_from_config, untie_lm_head
 from ..parallel import distributed
 from ..parallel.ds_config import build_ds_config
 from ..parallel.engine import build_engine, forget_process_groups
 from ..parallel.pipe import data_parallel_rank, rack_to_pipeline, stage_of_rank
-from ..phases import Phase, PhaseKind
+from ..phases import Phase
 from ..placement import PhaseLayout
 from .feeds import DataFeeds
 from .layer_files import load_layers, save_unplaced_layers
@@ -96,7 +96,7 @@ class PhasePipeline:
         """A fresh engine for ``phase``: its trainable set, a new optimizer and its LR schedule; the stack cache
         serves its frozen prefix."""
         layer_roles = phase.layer_roles(self.pipe.units)
-        roles = None if phase.kind == PhaseKind.RACK else dict(enumerate(layer_roles))
+        roles = None if all(role == TRAIN for role in layer_roles) else dict(enumerate(layer_roles))
         training = self.training
         self.engine = build_engine(self.pipe, self.ds_config, roles,
                                    optimizer_factory=partial(make_optimizer, training=training, units=self.pipe.units),
