@@ -245,11 +245,11 @@ class StageWiseEngine(PipelineEngine):
         """A stage of frozen layers behind a train stage: autograd yields its input's gradient only (its parameters
         require none), which ``_exec_send_grads`` sends on. DeepSpeed's own backward needs an optimizer."""
         if self.is_last_stage():
-            # as DeepSpeedEngine.backward scales it (no loss scaler in fp32/bf16): each micro-batch is 1/gas of the step
+            # as DeepSpeedEngine.backward scales it (no loss scaler in fp32/bf16): a micro-batch is 1/gas of a step
             (self.loss / self.gradient_accumulation_steps()).backward()
             return
         outputs = [t for t in _as_tuple(self.pipe_buffers['outputs'][buffer_id]) if t.is_floating_point()]
-        torch.autograd.backward(outputs, grad_tensors=list(_as_tuple(self.grad_layer)))
+        torch.autograd.backward(outputs, grad_tensors=list(_as_tuple(self.grad_layer)))  # already 1/gas of the step
         self.pipe_buffers['output_tensors'][buffer_id] = None
         self.pipe_buffers['outputs'][buffer_id] = None
 
@@ -260,6 +260,16 @@ class StageWiseEngine(PipelineEngine):
         for tensor, grad in zip(floats, _as_tuple(self.grad_layer), strict=True):
             tensor.grad = grad.clone()
         self.pipe_buffers['outputs'][buffer_id] = None
+
+    def _backward_prologue(self):
+        # DeepSpeedEngine.forward hooks every forward's outputs to run this (and the per-tensor scaling below) when
+        # their backward starts: optimizer bookkeeping, and a refusal of any backward but engine.backward. A stage
+        # without optimizer (backprop) runs its own backward, scaled once, as _backprop_through_frozen says.
+        if self.optimizer is not None:
+            super()._backward_prologue()
+
+    def _backward_prologue_per_tensor(self, grad):
+        return grad if self.optimizer is None else super()._backward_prologue_per_tensor(grad)
 
     def _exec_reduce_grads(self):
         self._record_layer_grad_norms()
