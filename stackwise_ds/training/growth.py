@@ -17,14 +17,23 @@ positions hold *added* units (the others hold old units, maybe moved up: copy_mi
 pipeline layers, which every placement reads from the per-layer files of the previous phase's end
 (moment files too, with ``optimizer_across_phases: carry``), so a copy needs no live transfer and
 continuing and resuming at a phase boundary are the same code path.
+
+``training.growth_init: identity`` then zeroes the added units' ``RESIDUAL_WRITERS`` (attention
+``o_proj`` and SwiGLU ``down_proj``; ``phase_zeroed_layers``), and their carried moments: a pre-norm
+block writing zero into the residual stream is the identity, so the grown rack computes exactly what
+the smaller one did (LLaMA Pro's block expansion, Wu et al. 2024).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
-from ..enums import GrowthOperator
+import torch
+from torch import nn
+
+from ..enums import GrowthInit, GrowthOperator
 from ..layout import LayerUnit, UnitKind
+from ..model.block import RESIDUAL_WRITERS
 from ..phases import Phase, PhaseKind
 
 # How positions 0..new-1 of a growth from ``old`` units start: (the old unit each position starts as, None for
@@ -76,7 +85,7 @@ def unit_sources(old: int, new: int, operator: GrowthOperator) -> dict[int, int]
 
 
 def added_units(old: int, new: int, operator: GrowthOperator) -> list[int]:
-    """The positions that hold the units a growth from ``old`` to ``new`` adds."""
+    """The positions that hold the units a growth from ``old`` to ``new`` adds (what growth_init 'identity' zeroes)."""
     return list(growth_order(old, new, operator)[1])
 
 
@@ -85,6 +94,16 @@ def phase_layer_sources(units: list[LayerUnit], phase: Phase, operator: GrowthOp
     if not phase.grows:
         return {}
     return layer_sources(units, phase, unit_sources(phase.new_from, phase.active, operator))
+
+
+def phase_zeroed_layers(units: list[LayerUnit], phase: Phase, operator: GrowthOperator,
+                        growth_init: GrowthInit) -> frozenset[int]:
+    """The pipeline layers whose residual writers start ``phase`` at zero: every block of the units it adds, under
+    growth_init 'identity' (empty unless the phase grows)."""
+    if not phase.grows or growth_init != GrowthInit.IDENTITY:
+        return frozenset()
+    layers = unit_layers(units, phase)
+    return frozenset(layer for unit in added_units(phase.new_from, phase.active, operator) for layer in layers[unit])
 
 
 def unit_layers(units: list[LayerUnit], phase: Phase) -> list[list[int]]:
@@ -100,3 +119,22 @@ def layer_sources(units: list[LayerUnit], phase: Phase, by_unit: dict[int, int])
     layers = unit_layers(units, phase)
     return {dst_layer: src_layer for dst, src in by_unit.items()
             for dst_layer, src_layer in zip(layers[dst], layers[src], strict=True)}
+
+
+def zero_residual_writers(modules: dict[int, nn.Module], layers: Iterable[int]) -> None:
+    """Zero the residual writers of the blocks of ``modules`` (pipeline layer -> Block) among ``layers``, in place
+    (the parameters' version bumps, so a converted frozen copy follows)."""
+    with torch.no_grad():
+        for layer in sorted(set(layers) & modules.keys()):
+            parameters = dict(modules[layer].named_parameters())
+            for name in RESIDUAL_WRITERS:
+                parameters[name].zero_()
+
+
+def zeroed_residual_writers(state: dict) -> dict:
+    """A Block's state (its layer file: key -> tensor) or its moments (key -> {moment: tensor}) with the residual
+    writers' entries at zero; the other entries are shared, not copied."""
+    def zeros(value):
+        return {k: zeros(v) for k, v in value.items()} if isinstance(value, dict) else torch.zeros_like(value)
+
+    return {key: zeros(value) if key in RESIDUAL_WRITERS else value for key, value in state.items()}
