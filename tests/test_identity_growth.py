@@ -2,7 +2,7 @@
 attention o_proj and SwiGLU down_proj are zero, so the grown rack computes exactly what the smaller one did.
 
 In-process: every operator's growth applied to a Rack through the functions the trainer uses (layer sources,
-zeroed layers, zeroing), and the carried moments. One real run shows the validation loss
+zeroed layers, zeroing), the init_from path, and the carried moments. One real run shows the validation loss
 unchanged across a growth.
 """
 
@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from launch_utils import layer_state, results, run_training
+from stackwise_ds.checkpoint.consolidation import save_consolidated
+from stackwise_ds.checkpoint.layers import file_layers, rack_name, units_of
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.layout import UnitKind, layer_units
 from stackwise_ds.model import create_rack_from_config
@@ -25,6 +27,7 @@ from stackwise_ds.training.growth import (
     phase_zeroed_layers,
     zero_residual_writers,
 )
+from stackwise_ds.training.init_weights import initial_weights
 from stackwise_ds.training.moments import carried_payloads
 
 SMALL = ["model.d_model=32", "model.n_heads=2", "model.n_kv_heads=1", "model.max_seq_len=16", "data.seq_len=16",
@@ -143,6 +146,43 @@ def test_only_a_growing_phase_zeroes():
 def test_growth_init_is_validated():
     with pytest.raises(ConfigError, match="training.growth_init is 'zero' but must be one of: copy, identity"):
         config("training.growth_init=zero")
+
+
+# ----------------------------------------------------------------------------- init_from
+
+
+def rack_from_layer_files(folder, cfg: StackWiseConfig):
+    """The Rack whose weights are the layer files in ``folder`` (an untied rack: every layer has a file)."""
+    units, state = units_of(cfg.model), {}
+    for layer in file_layers(cfg.model):
+        for key, value in torch.load(folder / f"layer_{layer:02d}-model_states.pt", weights_only=True).items():
+            state[rack_name(units[layer], key)] = value
+    rack = create_rack_from_config(cfg)
+    rack.load_state_dict(state)
+    return rack.eval()
+
+
+@pytest.mark.parametrize("init_growth", ["stack", "fresh"])
+def test_identity_growth_from_init_from_keeps_the_sources_logits(tmp_path, init_growth):
+    """A 2-stack source grown to 4 stacks: stacks 2, 3 are added (their residual writers zero, the rest as
+    init_growth says), stacks 0, 1 are the source's, and the grown rack's logits are the source's."""
+    source_cfg = config("model.architecture.n_stacks=2")
+    source = scrambled_rack(source_cfg)
+    path = save_consolidated(dict(source.state_dict()), source_cfg, tmp_path / "source.safetensors")
+    target = config("model.architecture.n_stacks=4", f"training.init_from={path}",
+                    f"training.init_growth={init_growth}", "training.growth_init=identity")
+    assert "o_proj and down_proj zeroed" in initial_weights(target, tmp_path / "init")
+    grown = rack_from_layer_files(tmp_path / "init", target)
+    torch.testing.assert_close(logits(grown, 8), logits(source, 4), rtol=1e-6, atol=1e-6)
+    seeded = create_rack_from_config(target)
+    for stack in (2, 3):
+        for block, grown_block in enumerate(grown.stacks[stack].blocks):
+            start = (source.stacks[stack % 2] if init_growth == "stack" else seeded.stacks[stack]).blocks[block]
+            for key, value in grown_block.state_dict().items():
+                want = torch.zeros_like(value) if key in RESIDUAL_WRITERS else start.state_dict()[key]
+                assert torch.equal(value, want), (stack, block, key)
+    assert all(torch.equal(a, b) for a, b in zip(grown.stacks[:2].parameters(), source.stacks.parameters(),
+                                                  strict=True)), "the source's stacks are not added: kept as they are"
 
 
 # ----------------------------------------------------------------------------- carried moments
