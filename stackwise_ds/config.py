@@ -32,6 +32,7 @@ from .enums import (
     Choice,
     DataSource,
     FrozenPrecision,
+    GrowthInit,
     GrowthOperator,
     InitGrowth,
     KernelFeatureMap,
@@ -160,6 +161,13 @@ class TrainingConfig:
     'copy_all' (Gstack: growing from m units, new unit j copies unit j mod m) or 'copy_middle' (MIDAS: copies of the
     middle units inserted in the middle, later units move up). Replaces new_unit_init (fresh / copy_previous =
     copy_last)."""
+    growth_init: GrowthInit = GrowthInit.COPY
+    """'copy' (the added units start as growth_operator says) or 'identity' (then their blocks' attention o_proj and
+    SwiGLU down_proj start at zero, carried AdamW moments of those too, so the grown rack computes exactly what the
+    smaller one did, as LLaMA Pro's block expansion). The added units: the positions after the old ones (fresh,
+    copy_last, copy_all), copy_middle's inserted copies (not the later units that move up), and with init_from the
+    stacks beyond the source's (a stage-wise run from init_from zeroes every stack its growths add, source stacks
+    too). A unit is a stack (stackwise, every block of it) or a block (blockwise)."""
     prefix: Prefix = Prefix.FROZEN
     """Stackwise/blockwise: the units a phase does not add are 'frozen' (forward only) or 'train' (progressive
     stacking: every active unit trains)."""

@@ -100,6 +100,13 @@ class GrowthOperator(Choice):
     COPY_MIDDLE = "copy_middle"
 
 
+class GrowthInit(Choice):
+    """What a growth does to the units it adds once ``growth_operator`` has started them (``training/growth.py``)."""
+
+    COPY = "copy"
+    IDENTITY = "identity"
+
+
 class LrSchedule(Choice):
     PER_PHASE = "per_phase"
     CONTINUOUS = "continuous"

@@ -8,7 +8,7 @@ import pytest
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.layout import DORMANT, FROZEN, TRAIN, layer_units
 from stackwise_ds.phases import plan_phases
-from stackwise_ds.training.growth import phase_layer_sources, unit_sources
+from stackwise_ds.training.growth import added_units, phase_layer_sources, unit_sources
 from stackwise_ds.training.lr import lr_multiplier, phase_lr_lambda
 
 
@@ -31,6 +31,16 @@ STACKWISE_4 = ["model.architecture.n_stacks=4", "model.architecture.blocks_per_s
 def test_growth_operators_order_the_old_units(operator, old, new, expected):
     sources = unit_sources(old, new, operator)
     assert [sources.get(position, position) for position in range(new)] == expected
+
+
+@pytest.mark.parametrize("operator,old,new,added", [
+    ("fresh", 2, 4, [2, 3]), ("copy_last", 2, 4, [2, 3]), ("copy_all", 2, 5, [2, 3, 4]),
+    ("copy_middle", 3, 4, [2]),  # [0, 1, 1', 2]: the copy of 1 is added, old unit 2 moves up to 3
+    ("copy_middle", 4, 6, [3, 4]),  # [0, 1, 2, 1', 2', 3]
+    ("copy_middle", 1, 3, [1, 2]), ("copy_all", 0, 2, []), ("copy_last", 3, 3, []),
+])
+def test_each_operator_names_the_units_it_adds(operator, old, new, added):
+    assert added_units(old, new, operator) == added
 
 
 def test_copy_all_and_copy_middle_by_rack_name():

@@ -18,7 +18,11 @@ from torch import nn
 from ..enums import AttentionMode, AttentionType
 from .attention import RMSNorm, build_attention, check_positive
 
-__all__ = ["Block", "RMSNorm", "SwiGLU"]
+__all__ = ["RESIDUAL_WRITERS", "Block", "RMSNorm", "SwiGLU"]
+
+# A Block's two matrices that write into the residual stream (its state_dict keys, for every attention type):
+# with both at zero, the pre-norm block is the identity.
+RESIDUAL_WRITERS = ("attn.o_proj.weight", "ffn.down_proj.weight")
 
 
 class SwiGLU(nn.Module):

@@ -11,41 +11,82 @@ position copies:
 * ``copy_middle`` (MIDAS, Saunshi et al. 2024): the middle ``min(n - m, m)`` units are repeated
   right after themselves until the model holds ``n`` units; the units after the middle move up.
 
-The result is a map position -> source unit over unit indices; ``layer_sources`` turns it into
+Each operator says two things (``OPERATORS``): the old unit every position starts as, and which
+positions hold *added* units (the others hold old units, maybe moved up: copy_middle's later units).
+``unit_sources`` is the first as a map position -> source unit; ``layer_sources`` turns it into
 pipeline layers, which every placement reads from the per-layer files of the previous phase's end
 (moment files too, with ``optimizer_across_phases: carry``), so a copy needs no live transfer and
 continuing and resuming at a phase boundary are the same code path.
+
+``training.growth_init: identity`` then zeroes the added units' ``RESIDUAL_WRITERS`` (attention
+``o_proj`` and SwiGLU ``down_proj``; ``phase_zeroed_layers``), and their carried moments: a pre-norm
+block writing zero into the residual stream is the identity, so the grown rack computes exactly what
+the smaller one did (LLaMA Pro's block expansion, Wu et al. 2024).
 """
 
 from __future__ import annotations
 
-from ..enums import GrowthOperator
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from ..enums import GrowthInit, GrowthOperator
 from ..layout import LayerUnit, UnitKind
+from ..model.block import RESIDUAL_WRITERS
 from ..phases import Phase, PhaseKind
+
+# How positions 0..new-1 of a growth from ``old`` units start: (the old unit each position starts as, None for
+# its own seeded init; the positions holding added units). A new operator is one more entry.
+GrowthOrder = tuple[list[int | None], range | list[int]]
+
+
+def _fresh(old: int, new: int) -> GrowthOrder:
+    return [*range(old), *[None] * (new - old)], range(old, new)
+
+
+def _copy_last(old: int, new: int) -> GrowthOrder:
+    return [*range(old), *[old - 1] * (new - old)], range(old, new)
+
+
+def _copy_all(old: int, new: int) -> GrowthOrder:
+    return [j % old for j in range(new)], range(old, new)
+
+
+def _copy_middle(old: int, new: int) -> GrowthOrder:
+    """MIDAS order, e.g. 4 -> 6: [0, 1, 2, 1, 2, 3]; 1 -> 3: [0, 0, 0]; 3 -> 4: [0, 1, 1, 2]. The added units
+    are the inserted copies (4 -> 6: positions 3, 4); the old units after the middle move up."""
+    width = min(new - old, old)
+    start = (old - width) // 2
+    end = start + width
+    copies = (list(range(start, end)) * -(-(new - old) // width))[:new - old]
+    return [*range(end), *copies, *range(end, old)], range(end, end + new - old)
+
+
+OPERATORS: dict[GrowthOperator, Callable[[int, int], GrowthOrder]] = {
+    GrowthOperator.FRESH: _fresh, GrowthOperator.COPY_LAST: _copy_last,
+    GrowthOperator.COPY_ALL: _copy_all, GrowthOperator.COPY_MIDDLE: _copy_middle,
+}
+
+
+def growth_order(old: int, new: int, operator: GrowthOperator) -> GrowthOrder:
+    """``operator``'s order of a growth from ``old`` to ``new`` units (no growth: every unit in place, none added)."""
+    if new <= old or old == 0:
+        return list(range(new)), []
+    if operator not in OPERATORS:
+        raise ValueError(f"unknown growth operator {operator!r}")
+    return OPERATORS[operator](old, new)
 
 
 def unit_sources(old: int, new: int, operator: GrowthOperator) -> dict[int, int]:
     """Position -> the old unit it starts as, for the positions that do not keep their own weights."""
-    if new <= old or old == 0 or operator == GrowthOperator.FRESH:
-        return {}
-    if operator == GrowthOperator.COPY_LAST:
-        order = [*range(old), *[old - 1] * (new - old)]
-    elif operator == GrowthOperator.COPY_ALL:
-        order = [j % old for j in range(new)]
-    elif operator == GrowthOperator.COPY_MIDDLE:
-        order = _middle_copies(old, new)
-    else:
-        raise ValueError(f"unknown growth operator {operator!r}")
-    return {position: source for position, source in enumerate(order) if position != source}
+    order, _ = growth_order(old, new, operator)
+    return {position: source for position, source in enumerate(order) if source not in (None, position)}
 
 
-def _middle_copies(old: int, new: int) -> list[int]:
-    """MIDAS order, e.g. 4 -> 6: [0, 1, 2, 1, 2, 3]; 1 -> 3: [0, 0, 0]; 3 -> 4: [0, 1, 1, 2]."""
-    width = min(new - old, old)
-    start = (old - width) // 2
-    middle = list(range(start, start + width))
-    copies = (middle * -(-(new - old) // width))[:new - old]
-    return [*range(start + width), *copies, *range(start + width, old)]
+def added_units(old: int, new: int, operator: GrowthOperator) -> list[int]:
+    """The positions that hold the units a growth from ``old`` to ``new`` adds (what growth_init 'identity' zeroes)."""
+    return list(growth_order(old, new, operator)[1])
 
 
 def phase_layer_sources(units: list[LayerUnit], phase: Phase, operator: GrowthOperator) -> dict[int, int]:
@@ -55,11 +96,45 @@ def phase_layer_sources(units: list[LayerUnit], phase: Phase, operator: GrowthOp
     return layer_sources(units, phase, unit_sources(phase.new_from, phase.active, operator))
 
 
-def layer_sources(units: list[LayerUnit], phase: Phase, by_unit: dict[int, int]) -> dict[int, int]:
-    """A unit map in pipeline layers: every block of a stack (stackwise), or the block itself."""
+def phase_zeroed_layers(units: list[LayerUnit], phase: Phase, operator: GrowthOperator,
+                        growth_init: GrowthInit) -> frozenset[int]:
+    """The pipeline layers whose residual writers start ``phase`` at zero: every block of the units it adds, under
+    growth_init 'identity' (empty unless the phase grows)."""
+    if not phase.grows or growth_init != GrowthInit.IDENTITY:
+        return frozenset()
+    layers = unit_layers(units, phase)
+    return frozenset(layer for unit in added_units(phase.new_from, phase.active, operator) for layer in layers[unit])
+
+
+def unit_layers(units: list[LayerUnit], phase: Phase) -> list[list[int]]:
+    """Unit -> its pipeline layers, in block order: every block of a stack (stackwise), or the block itself."""
     index = {(u.stack_id, u.block_id): i for i, u in enumerate(units) if u.kind == UnitKind.BLOCK}
     if phase.kind == PhaseKind.STACK:
-        return {index[(dst, b)]: index[(src, b)] for dst, src in by_unit.items()
-                for b in range(phase.blocks_per_stack)}
-    return {index[divmod(dst, phase.blocks_per_stack)]: index[divmod(src, phase.blocks_per_stack)]
-            for dst, src in by_unit.items()}
+        return [[index[(s, b)] for b in range(phase.blocks_per_stack)] for s in range(phase.n_stacks)]
+    return [[index[divmod(block, phase.blocks_per_stack)]] for block in range(phase.n_units)]
+
+
+def layer_sources(units: list[LayerUnit], phase: Phase, by_unit: dict[int, int]) -> dict[int, int]:
+    """A unit map in pipeline layers: block b of a stack copies block b of its source stack (stackwise)."""
+    layers = unit_layers(units, phase)
+    return {dst_layer: src_layer for dst, src in by_unit.items()
+            for dst_layer, src_layer in zip(layers[dst], layers[src], strict=True)}
+
+
+def zero_residual_writers(modules: dict[int, nn.Module], layers: Iterable[int]) -> None:
+    """Zero the residual writers of the blocks of ``modules`` (pipeline layer -> Block) among ``layers``, in place
+    (the parameters' version bumps, so a converted frozen copy follows)."""
+    with torch.no_grad():
+        for layer in sorted(set(layers) & modules.keys()):
+            parameters = dict(modules[layer].named_parameters())
+            for name in RESIDUAL_WRITERS:
+                parameters[name].zero_()
+
+
+def zeroed_residual_writers(state: dict) -> dict:
+    """A Block's state (its layer file: key -> tensor) or its moments (key -> {moment: tensor}) with the residual
+    writers' entries at zero; the other entries are shared, not copied."""
+    def zeros(value):
+        return {k: zeros(v) for k, v in value.items()} if isinstance(value, dict) else torch.zeros_like(value)
+
+    return {key: zeros(value) if key in RESIDUAL_WRITERS else value for key, value in state.items()}

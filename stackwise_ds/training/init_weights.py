@@ -9,7 +9,9 @@ keeps the source's later stacks. The folder is never taken for a checkpoint (``l
 
 Growth (target stacks T > source stacks n, same blocks per stack): ``init_growth: stack`` fills
 target stack i from source stack i mod n (G_stack); ``fresh`` gives stacks n..T-1 their seeded
-init. Embedding, final norm and LM head always come from the source.
+init. Embedding, final norm and LM head always come from the source. With ``growth_init: identity``
+the added stacks n..T-1 then get zero residual writers (``growth.zeroed_residual_writers``): the grown
+rack computes what the source does.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, is_tag_dir, list_tags, reso
 from ..config import ConfigError, ModelConfig, StackWiseConfig, TrainingConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer_json, make_tokenizer
 from ..data.tokenizer import load_tokenizer_file, parse_tokenizer_json
-from ..enums import AttentionType, InitGrowth
+from ..enums import AttentionType, GrowthInit, InitGrowth
 from ..layout import UnitKind
 from ..model import build_block
+from .growth import zeroed_residual_writers
 from .layer_files import layer_path
 
 RESTACK_HINT = "regroup the source's blocks with stackwise-restack SOURCE OUT.safetensors --n-stacks N"
@@ -254,9 +257,17 @@ def check_depth(source: ModelConfig, target: ModelConfig, where: str) -> None:
 # ----------------------------------------------------------------------------- conversion
 
 
-def layer_state(source, target: ModelConfig, seed: int, layer: int, growth: str) -> dict[str, torch.Tensor]:
-    """The layer file of target pipeline layer ``layer`` (module keys -> fp32 tensors); a fresh block gets
-    its init under ``seed``."""
+def layer_state(source, target: ModelConfig, training: TrainingConfig, layer: int) -> dict[str, torch.Tensor]:
+    """The layer file of target pipeline layer ``layer`` (module keys -> fp32 tensors): a block of a stack the
+    growth adds has its residual writers at zero under growth_init 'identity'."""
+    state = _source_layer_state(source, target, training.seed, layer, training.init_growth)
+    unit = units_of(target)[layer]
+    added = unit.kind == UnitKind.BLOCK and unit.stack_id >= source.config.model.architecture.n_stacks
+    return zeroed_residual_writers(state) if added and training.growth_init == GrowthInit.IDENTITY else state
+
+
+def _source_layer_state(source, target: ModelConfig, seed: int, layer: int, growth: str) -> dict[str, torch.Tensor]:
+    """Target pipeline layer ``layer`` as the source (or, for a fresh block, its init under ``seed``) gives it."""
     unit = units_of(target)[layer]
     n_src = source.config.model.architecture.n_stacks
     if unit.kind == UnitKind.BLOCK and source_stack(unit.stack_id, n_src, growth) is None:
@@ -276,13 +287,12 @@ def layer_state(source, target: ModelConfig, seed: int, layer: int, growth: str)
 def write_initial_weights(source, target: ModelConfig, training: TrainingConfig, out_dir: Path, rank: int = 0,
                           world_size: int = 1) -> list[int]:
     """This rank's share of the layer files of ``out_dir``; returns the layers written."""
-    growth = training.init_growth
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = file_layers(target)[rank::world_size]
     for layer in mine:
         final = layer_path(out_dir, layer)
         tmp = final.with_name(final.name + f".tmp{rank}")
-        torch.save(layer_state(source, target, training.seed, layer, growth), tmp)
+        torch.save(layer_state(source, target, training, layer), tmp)
         os.replace(tmp, final)  # a kill mid-write never leaves a half file under the final name
     return mine
 
@@ -358,7 +368,10 @@ def initial_weights(target: StackWiseConfig, out_dir: Path, rank: int = 0, world
         (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
         if source_tokenizer is not None:
             source_tokenizer.save(out_dir / TOKENIZER_FILE)
-    return f"initial weights from {source.where}: {describe_growth(source.config.model, target.model, t.init_growth)}"
+    zeroed = t.growth_init == GrowthInit.IDENTITY and target.model.architecture.n_stacks > \
+        source.config.model.architecture.n_stacks
+    return (f"initial weights from {source.where}: {describe_growth(source.config.model, target.model, t.init_growth)}"
+            + (", the added stacks' o_proj and down_proj zeroed (growth_init identity)" if zeroed else ""))
 
 
 def prepare_initial_weights(config: StackWiseConfig, output_dir: Path, rank: int, world_size: int) -> Path:

@@ -19,7 +19,8 @@ from ..parallel.pipe import data_parallel_rank, rack_to_pipeline, stage_of_rank
 from ..phases import Phase
 from ..placement import PhaseLayout
 from .feeds import DataFeeds
-from .layer_files import load_layers, save_unplaced_layers
+from .growth import zero_residual_writers
+from .layer_files import load_layers, local_layer_modules, save_unplaced_layers
 from .lr import phase_lr_lambda
 from .optim import make_optimizer
 from .stack_cache import ActivationCache
@@ -47,13 +48,15 @@ class PhasePipeline:
         self.stack_cache = stack_cache  # training.stack_cache 'disk'; None: off
 
     def take_layout(self, layout: PhaseLayout, weights_dir: Path | None, sources: dict[int, int],
-                    tied: bool) -> None:
+                    tied: bool, zeroed: frozenset[int] = frozenset()) -> None:
         """Place ``layout`` (its LM head tied to the embedding when ``tied``) unless it stands already, head
-        included; a standing pipeline re-reads the grown layers' sources."""
+        included; a standing pipeline re-reads the grown layers' sources. The residual writers of the layers
+        ``zeroed`` (growth_init 'identity') then start at zero."""
         if not layout.same_placement(self.layout) or tied != self.head_tied:
             self.place(layout, weights_dir, sources, tied)
         elif sources:
             load_layers(self.pipe, weights_dir, sources)
+        zero_residual_writers(local_layer_modules(self.pipe), zeroed)
 
     def place(self, layout: PhaseLayout, weights_dir: Path | None, sources: dict[int, int], tied: bool) -> None:
         """Re-form the pipeline for ``layout``: retire the old one, build this rank's stage (its head untied

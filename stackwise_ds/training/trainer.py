@@ -36,7 +36,7 @@ from ..phases import Phase, plan_phases
 from ..placement import PhaseLayout, plan_phase_layouts
 from .checkpoints import Checkpointer
 from .feeds import DataFeeds
-from .growth import phase_layer_sources
+from .growth import phase_layer_sources, phase_zeroed_layers
 from .loop import PhaseRun, StepLoop
 from .metrics import RunHistory, count_process_groups, current_rss_mb, resource_usage, val_loss_at
 from .moments import carry_moments
@@ -228,8 +228,8 @@ class PhaseRunner:
         resuming_mid_phase = self.resume_tag is not None and state.phase_step > 0
         if resuming_mid_phase:
             check_resumed_layout(layout, state, self.checkpointer.checkpoint_dir / self.resume_tag, self.world_size)
-        sources = self._growth_sources(phase, phases, state)
-        self.pipeline.take_layout(layout, self.checkpointer.weights_dir(), sources, self._head_tied(phase))
+        sources, zeroed = self._growth_sources(phase, phases, state), self._zeroed_layers(phase, state)
+        self.pipeline.take_layout(layout, self.checkpointer.weights_dir(), sources, self._head_tied(phase), zeroed)
         engine = self.pipeline.build_engine(phase, phases)
         if resuming_mid_phase:
             load_resume_checkpoint(engine, self.pipeline.pipe, self.checkpointer.checkpoint_dir, self.resume_tag,
@@ -237,7 +237,7 @@ class PhaseRunner:
         elif self._carries_optimizer() and phase.index > 0:
             previous, units = phases[phase.index - 1], self.pipeline.units
             carry_moments(engine, self.pipeline.pipe, self.checkpointer.weights_dir(), units,
-                          previous.layer_roles(units), sources, self._head_tied(previous))
+                          previous.layer_roles(units), sources, self._head_tied(previous), zeroed)
         self.resume_tag = None
         return engine
 
@@ -251,6 +251,13 @@ class PhaseRunner:
         if phase.index > 0 and self._head_tied(phases[phase.index - 1]) and not self._head_tied(phase):
             sources[len(units) - 1] = 0
         return sources
+
+    def _zeroed_layers(self, phase: Phase, state: ckpt.TrainingState) -> frozenset[int]:
+        """At the start of a growing phase under growth_init 'identity': the layers of the units it adds."""
+        if state.phase_step:
+            return frozenset()
+        return phase_zeroed_layers(self.pipeline.units, phase, self.training.growth_operator,
+                                   self.training.growth_init)
 
     def _head_tied(self, phase: Phase) -> bool:
         return self.tied and not phase.untied_head
