@@ -136,7 +136,7 @@ def eval_main(argv: list[str] | None = None) -> int:
     def body() -> None:
         import torch
 
-        from .checkpoint.evaluate import evaluate
+        from .checkpoint.evaluation import evaluate
 
         result = evaluate(args.model, args.config, args.overrides, args.tag, getattr(torch, args.dtype))
         if os.environ.get("RANK", "0") == "0":

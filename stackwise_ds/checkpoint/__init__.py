@@ -18,7 +18,7 @@ _EXPORTS = {
     "CheckpointRef": "locate", "list_tags": "locate", "resolve_checkpoint": "locate",
     "reshard": "resharding", "export_hf": "hf", "import_hf": "hf", "check_llama_compatible": "hf",
     "ExportError": "hf", "describe": "summary", "generate_text": "generate", "GenerationError": "generate",
-    "evaluate": "evaluate", "Evaluation": "evaluate",
+    "evaluate": "evaluation", "Evaluation": "evaluation",
 }
 
 __all__ = sorted(_EXPORTS)

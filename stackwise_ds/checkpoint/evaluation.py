@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..config import ConfigError, StackWiseConfig, apply_overrides, read_config_yaml, section_dict
-from ..data import IGNORE_INDEX, Tokenizer
+from ..data import IGNORE_INDEX, Tokenizer, make_tokenizer
 from ..enums import TokenizerKind
 from ..model import Rack
 from .consolidation import find_run_tokenizer, load_rack_with_config
@@ -136,7 +136,7 @@ def evaluation_data(config: StackWiseConfig, run_config: StackWiseConfig, tokeni
     from ..training.data_setup import load_bundle
 
     bundle = load_bundle(config, packing_tokenizer(config, run_config, tokenizer))
-    if tokenizer is not None:
+    if tokenizer is not None:  # a 'bpe' data build may have trained its BPE anew
         check_same_tokenizer(bundle.tokenizer, tokenizer, config.data.tokenizer)
     return bundle
 
@@ -147,10 +147,7 @@ def packing_tokenizer(config: StackWiseConfig, run_config: StackWiseConfig,
     text (its split is made before the BPE trains); or the tokenizer data.tokenizer names instead of the run's."""
     spec, run_spec = config.data.tokenizer, run_config.data.tokenizer
     if spec != run_spec:
-        if spec == TokenizerKind.BPE:
-            raise ConfigError("data.tokenizer 'bpe' would train a new BPE on this data, but the model was trained "
-                              f"with data.tokenizer {run_spec!r}: drop data.tokenizer (the model's own is used)")
-        return spec  # checked against the model's once built (see check_same_tokenizer)
+        return named_tokenizer(spec, run_spec, run_config.model.vocab_size, tokenizer)
     if tokenizer is None:
         raise ConfigError(f"the model carries no tokenizer (data.tokenizer {run_spec!r}, {run_config.model.vocab_size} "
                           "ids, e.g. imported without one): set data.tokenizer to the tokenizer.json it was trained "
@@ -158,6 +155,20 @@ def packing_tokenizer(config: StackWiseConfig, run_config: StackWiseConfig,
     if spec == TokenizerKind.BPE and same_bpe_build(config, run_config):
         return spec
     return tokenizer
+
+
+def named_tokenizer(spec: str, run_spec: str, vocab_size: int, tokenizer: Tokenizer | None) -> Tokenizer:
+    """The tokenizer data.tokenizer names instead of the run's: it must be the model's (when the model has one)."""
+    if spec == TokenizerKind.BPE:
+        raise ConfigError("data.tokenizer 'bpe' would train a new BPE on this data, but the model was trained with "
+                          f"data.tokenizer {run_spec!r}: drop data.tokenizer (the model's own is used)")
+    named = make_tokenizer(spec)
+    if tokenizer is not None:
+        check_same_tokenizer(named, tokenizer, spec)
+    elif named.vocab_size > vocab_size:
+        raise ConfigError(f"data.tokenizer {spec!r} has {named.vocab_size} tokens, more than the model's vocab_size "
+                          f"({vocab_size}): the model was not trained with it; give its own tokenizer")
+    return named
 
 
 def same_bpe_build(config: StackWiseConfig, run_config: StackWiseConfig) -> bool:
