@@ -142,8 +142,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(json.dumps(result.to_dict()) if args.json else result.line(), flush=True)
 
-    code = run_tool("eval", body)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched: leave without tearing down the process group
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    code = run_tool(f"eval (rank {os.environ['RANK']})" if launched else "eval", body)
+    if launched:  # leave without tearing down the process group (see exit_process)
         from .parallel.distributed import exit_process
 
         exit_process(code)

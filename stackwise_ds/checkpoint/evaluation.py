@@ -13,7 +13,15 @@ Its model section cannot change (the model is MODEL's).
 
 Under a launcher (``deepspeed --num_gpus N``) every rank holds the whole rack and evaluates its share of
 the micro-batches, dealt round-robin as the trainer deals them to data-parallel replicas; the loss is the
-mean over all of them, the same number as on one process.
+mean over all of them, the same number as on one process. (Why not a pipeline: evaluation keeps no
+optimizer state, gradients or activations for backward, about 2 bytes a parameter in bf16 against the ~16
+of training, so a rack that needed a pipeline of up to ~8 ranks to train fits one rank to evaluate; sharing
+windows needs no engine.)
+
+The rack is the whole rack as every tool loads it (full-precision weights, every unit): the training's
+own number for the run's last tag (up to the rounding of stacks validated frozen in bf16 or int8, which
+the checkpoint holds exactly); a mid-run tag of a growing (stack- or blockwise) run also runs the
+units its phase had not placed yet, which the trainer's validation then skipped.
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ def evaluate(source: str | Path, config_path: str | Path | None = None, override
     consolidated .safetensors file) on the data of ``config_path`` (None: the run's own) and ``overrides``.
 
     Every input is checked before a process group starts; under a launcher this is collective."""
+    tag = None if Path(source).suffix == ".safetensors" else resolve_checkpoint(source, tag).tag  # fixed from here on
     rack, run_config = load_rack_with_config(source, tag, dtype=dtype)
     config = evaluation_config(run_config, config_path, list(overrides))
     bundle = evaluation_data(config, run_config, find_run_tokenizer(source, tag, run_config.data, run_config.model))
@@ -84,7 +93,6 @@ def evaluate(source: str | Path, config_path: str | Path | None = None, override
     losses, tokens = batch_losses(rack.to(eval_device()), batches.batches[:batches.real])
     loss = mean_validation_loss(losses)
     micro_batches, tokens = (int(x) for x in sum_over_ranks([len(losses), tokens]))
-    tag = None if Path(source).suffix == ".safetensors" else resolve_checkpoint(source, tag).tag
     return Evaluation(loss, micro_batches * config.training.micro_batch_size, tokens, micro_batches, str(source),
                       tag, world_size, config, str(bundle.cache_path))
 
