@@ -370,16 +370,7 @@ class StackWiseConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "StackWiseConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
-        return cls.from_dict(apply_overrides(raw, overrides or []))
+        return cls.from_dict(apply_overrides(read_config_yaml(path), overrides or []))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON types only: every enum member becomes its string."""
@@ -622,6 +613,20 @@ class StackWiseConfig:
                 f"({n_stacks}) and the world size), unset it to get the largest, or launch a multiple of "
                 f"{stages} processes")
         return world_size // stages
+
+
+def read_config_yaml(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a config YAML file (not yet checked against the schema)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist: pass an existing YAML file to --config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}")
+    return raw
 
 
 # --------------------------------------------------------------------------- strict building

@@ -7,6 +7,7 @@
     stackwise-import-hf     import a local Llama folder as a consolidated StackWise file
     stackwise-restack       regroup a rack's blocks into another number of stacks
     stackwise-generate      sample text from a trained causal rack
+    stackwise-eval          validation loss and perplexity of a trained rack on the data a config describes
 
 ``tools/<name>.py`` runs the same ``main`` from a checkout. Each ``main`` only parses arguments
 and calls one library function through ``run_tool`` (user errors: one line, status 2).
@@ -15,6 +16,8 @@ and calls one library function through ``run_tool`` (user errors: one line, stat
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -102,6 +105,50 @@ def generate_main(argv: list[str] | None = None) -> int:
                             args.top_k or None, args.seed, args.tag, args.tokenizer))
 
     return run_tool("generate", body)
+
+
+def eval_main(argv: list[str] | None = None) -> int:
+    parser = _parser("stackwise-eval", """
+        Validation loss and perplexity of a trained rack on the data a config describes.
+
+            stackwise-eval runs/stackwise                               # the run's own validation windows
+            stackwise-eval rack.safetensors --config other.yaml --json  # e.g. data.source text_files, data.paths
+            deepspeed --num_gpus 4 tools/eval.py runs/stackwise --config other.yaml   # a share of windows per rank
+
+        MODEL is a run (<output_dir>, checkpoints/ or a tag folder) or a consolidated .safetensors file. The
+        config is MODEL's own with the --config file's keys, then --set, on top (its model section cannot
+        change). The windows are those training validates on: the first training.eval_batches micro-batches
+        of training.micro_batch_size windows of the validation split of config.data (its seed, val_fraction,
+        seq_len), tokenised with the model's tokenizer; the loss is the trainer's validation loss.
+        """)
+    parser.add_argument("model", help="run dir, checkpoints/ or tag folder, or a consolidated .safetensors file")
+    parser.add_argument("--config", help="YAML whose keys go on top of the model's config (default: none, i.e. "
+                                         "the run's own data)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set training.eval_batches=64 (repeatable)")
+    parser.add_argument("--tag", help="checkpoint tag (default: the newest complete one)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="weights and activations (the loss is always fp32); default float32")
+    parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # from the deepspeed launcher
+    args = parser.parse_args(argv)
+
+    def body() -> None:
+        import torch
+
+        from .checkpoint.evaluation import evaluate
+
+        result = evaluate(args.model, args.config, args.overrides, args.tag, getattr(torch, args.dtype))
+        if os.environ.get("RANK", "0") == "0":
+            print(json.dumps(result.to_dict()) if args.json else result.line(), flush=True)
+
+    launched = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    code = run_tool(f"eval (rank {os.environ['RANK']})" if launched else "eval", body)
+    if launched:  # leave without tearing down the process group (see exit_process)
+        from .parallel.distributed import exit_process
+
+        exit_process(code)
+    return code
 
 
 def import_hf_main(argv: list[str] | None = None) -> int:

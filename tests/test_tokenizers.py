@@ -221,6 +221,22 @@ def test_bpe_run_trains_and_leaves_its_tokenizer_everywhere(bpe_run):
 
 
 @pytest.mark.multiprocess
+def test_eval_of_a_bpe_run_rebuilds_its_split_and_reads_other_text_with_its_bpe(bpe_run, tmp_path):
+    from stackwise_ds.checkpoint.evaluation import evaluate
+
+    final = results(bpe_run)["phases"][-1]["val_loss_after"]
+    assert evaluate(bpe_run).loss == pytest.approx(final, abs=1e-6)
+    # an empty data cache: the 'bpe' data build runs again (split, BPE training, packing) to the same windows
+    rebuilt = evaluate(bpe_run, overrides=[f"data.cache_dir={tmp_path / 'cache'}"])
+    assert rebuilt.loss == pytest.approx(final, abs=1e-6) and rebuilt.cache_entry.startswith(str(tmp_path))
+    text = tmp_path / "text" / "a.txt"
+    text.parent.mkdir()
+    text.write_text("".join(f"def f{i}(a, b):\n    return a * {i} + b\n\n" for i in range(3000)))
+    other = evaluate(bpe_run, overrides=["data.source=text_files", f"data.paths=[{text.parent}]"])  # no new BPE
+    assert other.windows == 4 and abs(other.loss - final) > 0.01
+
+
+@pytest.mark.multiprocess
 @pytest.mark.parametrize("kind", ["byte", "bpe"])
 def test_transformers_generate_on_the_export_equals_tools_generate(kind, request, tmp_path):
     from safetensors import safe_open

@@ -1,8 +1,8 @@
-"""Checkpoint tools: consolidate, load, reshard, export/import Hugging Face Llama, inspect, generate.
+"""Checkpoint tools: consolidate, load, reshard, export/import Hugging Face Llama, inspect, generate, evaluate.
 
 The command-line wrappers live in ``tools/``; everything they do is a function here::
 
-    from stackwise_ds.checkpoint import consolidate, load_rack, reshard, export_hf, import_hf, describe
+    from stackwise_ds.checkpoint import consolidate, load_rack, reshard, export_hf, import_hf, describe, evaluate
 
 Names resolve lazily (PEP 562), so ``import stackwise_ds.checkpoint.cli`` stays light.
 """
@@ -18,6 +18,7 @@ _EXPORTS = {
     "CheckpointRef": "locate", "list_tags": "locate", "resolve_checkpoint": "locate",
     "reshard": "resharding", "export_hf": "hf", "import_hf": "hf", "check_llama_compatible": "hf",
     "ExportError": "hf", "describe": "summary", "generate_text": "generate", "GenerationError": "generate",
+    "evaluate": "evaluation", "Evaluation": "evaluation",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -27,6 +27,7 @@ from .tokenizer import (
     Tokenizer,
     TokenizerError,
     check_bpe_vocab,
+    check_vocab,
     load_tokenizer_json,
     make_tokenizer,
     token_dtype,
@@ -181,8 +182,11 @@ def _pack_bpe_into(out_dir: Path, scratch: Path, src: _Source, vocab_size: int, 
             "n_train_windows": n_train}
 
 
-def _tokenizer_key(spec: str, vocab_size: int | None, seq_len: int, val_fraction: float, seed: int):
+def _tokenizer_key(spec: str | Tokenizer, vocab_size: int | None, seq_len: int, val_fraction: float, seed: int):
     """(the tokenizer, or None for a BPE trained during the build; its data-cache key inputs)."""
+    if isinstance(spec, Tokenizer):  # a tokenizer already made (a trained model's): keyed by its ids, as a path is
+        check_vocab(spec, vocab_size)
+        return spec, {"tokenizer": spec.name}
     if spec != TokenizerKind.BPE:
         tokenizer = make_tokenizer(spec, vocab_size)
         return tokenizer, {"tokenizer": tokenizer.name}
@@ -201,16 +205,17 @@ def build_datasets(
     seq_len: int = 256, val_fraction: float = 0.01, seed: int = 0,
     objective: str = Objective.CAUSAL_LM, mask_prob: float = 0.15,
     max_files: int | None = None, max_bytes: int | None = None,
-    cache_dir: str | None = None, tokenizer: str = TokenizerKind.BYTE, vocab_size: int | None = None,
+    cache_dir: str | None = None, tokenizer: str | Tokenizer = TokenizerKind.BYTE,
+    vocab_size: int | None = None,
 ) -> DataBundle:
     """Packed, split, cached datasets for the trainer. Safe to call from every rank at once.
 
     ``max_files`` caps files (stdlib/text_files) or documents (hf); ``max_bytes`` caps the raw
     text read. The cache is keyed by the source content fingerprint, tokenizer and seq_len;
     seed/val_fraction/objective are applied on load, so changing them reuses the cache.
-    ``tokenizer`` is data.tokenizer ('byte', 'bpe' or a tokenizer.json / folder path) and
-    ``vocab_size`` model.vocab_size: a 'bpe' is trained to it inside the (locked, one-process)
-    cache build, on the training split only, so its key also holds seed and val_fraction.
+    ``tokenizer`` is data.tokenizer ('byte', 'bpe' or a tokenizer.json / folder path), or a Tokenizer
+    (a trained model's), and ``vocab_size`` model.vocab_size: a 'bpe' is trained to it inside the
+    (locked, one-process) cache build, on the training split only, so its key also holds seed and val_fraction.
     """
     _validate_args(source, paths, hf_name, seq_len, val_fraction, objective, mask_prob, max_files, max_bytes)
     tok, tok_key = _tokenizer_key(tokenizer, vocab_size, seq_len, val_fraction, seed)

@@ -38,8 +38,9 @@ class RunData:
         return keyed
 
 
-def load_bundle(config: StackWiseConfig):
-    """The run's datasets (with their tokenizer)."""
+def load_bundle(config: StackWiseConfig, tokenizer: Tokenizer | None = None):
+    """The run's datasets (with their tokenizer): tokenised by ``tokenizer`` when given (a trained model's),
+    else as data.tokenizer says."""
     d, t = config.data, config.training
     if not t.progress_bar:  # datasets' own bars (split generation, tokenising) follow training.progress_bar
         import datasets
@@ -49,7 +50,7 @@ def load_bundle(config: StackWiseConfig):
                             hf_split=d.hf_split, text_field=d.text_field, seq_len=d.seq_len,
                             val_fraction=d.val_fraction, seed=t.seed, objective=t.objective, mask_prob=d.mask_prob,
                             max_files=d.max_files, max_bytes=d.max_bytes, cache_dir=d.cache_dir,
-                            tokenizer=d.tokenizer, vocab_size=config.model.vocab_size)
+                            tokenizer=tokenizer or d.tokenizer, vocab_size=config.model.vocab_size)
     return bundle
 
 

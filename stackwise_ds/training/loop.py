@@ -11,10 +11,9 @@ from typing import Any, Callable, Iterator
 from ..checkpoint import files as ckpt
 from ..config import TrainingConfig
 from ..enums import PhaseData
-from ..parallel import distributed
 from ..phases import Phase
 from .errors import NonFiniteLossError
-from .metrics import RunHistory, log_stage_stats
+from .metrics import RunHistory, log_stage_stats, mean_validation_loss
 from .monitor import Monitor
 
 
@@ -111,8 +110,7 @@ class StepLoop:
         losses = engine.eval_batch(iter(val_source.batches), num_micro_batches=len(val_source.batches),
                                    reduce_output=None, bcast_loss=False)
         real = [float(loss) for loss in losses[:val_source.real]] if engine.is_last_stage() else []
-        rows = distributed.all_gather_floats([sum(real), len(real)])
-        val_loss = sum(r[0] for r in rows) / max(sum(r[1] for r in rows), 1)
+        val_loss = mean_validation_loss(real)
         self.history.add_validation(step, val_loss)
         self.monitor.scalars({"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50.0))}, step)
         self.monitor.flush()

@@ -61,6 +61,22 @@ def val_loss_at(history: list, step: int) -> float:
     return next((loss for at, loss in reversed(history) if at == step), float("nan"))
 
 
+def mean_validation_loss(batch_losses: list[float]) -> float:
+    """Collective: the mean of every rank's validation micro-batch losses (each the mean over its labelled
+    tokens), as a run reports it whatever the ranks' shares; a rank without a process group is the world."""
+    total, count = sum_over_ranks([sum(batch_losses), len(batch_losses)])
+    return total / max(count, 1)
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Collective: ``values`` (same length on every rank) summed over the ranks; local without a process group."""
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        return list(values)
+    return [sum(column) for column in zip(*distributed.all_gather_floats(values), strict=True)]
+
+
 def log_stage_stats(monitor: Monitor, engine, stage: int, n_stacks: int, step: int) -> None:
     """Memory and per-stack gradient norm of every stage, gathered to rank 0.
 
