@@ -158,9 +158,14 @@ class TrainingConfig:
     """Steps of a closing end-to-end phase after the last stackwise/blockwise phase (0 = none)."""
     growth_operator: GrowthOperator = GrowthOperator.FRESH
     """How the units a phase adds start: 'fresh' (their own seeded init), 'copy_last' (copies of the last active unit),
-    'copy_all' (Gstack: growing from m units, new unit j copies unit j mod m) or 'copy_middle' (MIDAS: copies of the
-    middle units inserted in the middle, later units move up). Replaces new_unit_init (fresh / copy_previous =
-    copy_last)."""
+    'copy_all' (Gstack: growing from m units, new unit j copies unit j mod m), 'copy_middle' (MIDAS: copies of the
+    middle units inserted in the middle, later units move up) or 'interleave' (LLaMA Pro: after every
+    interleave_every-th old unit comes a copy of it, e.g. 2 -> 4 gives [0, 0', 1, 1']). With prefix 'frozen' the old
+    units freeze wherever they now sit and only the added units train. Replaces new_unit_init (fresh / copy_previous
+    = copy_last)."""
+    interleave_every: int = 1
+    """growth_operator 'interleave': a copy follows every this-many old units; a growth from m units adds at most
+    m // interleave_every."""
     growth_init: GrowthInit = GrowthInit.COPY
     """'copy' (the added units start as growth_operator says) or 'identity' (then their blocks' attention o_proj and
     SwiGLU down_proj start at zero, carried AdamW moments of those too, so the grown rack computes exactly what the
@@ -562,14 +567,24 @@ class StackWiseConfig:
         if t.growth_warmup_steps < 0 or not 0.0 <= t.growth_warmup_start <= 1.0:
             raise ConfigError(f"training.growth_warmup_steps ({t.growth_warmup_steps}) must be >= 0 and "
                               f"training.growth_warmup_start ({t.growth_warmup_start}) in [0, 1]")
-        if (t.growth_operator == GrowthOperator.COPY_MIDDLE and t.prefix == Prefix.FROZEN
-                and t.training_architecture != TrainingArchitecture.RACKWISE):
-            raise ConfigError("training.growth_operator 'copy_middle' moves the units after the middle up, so a "
-                              "frozen prefix would freeze copies, not the units trained before: use training.prefix "
-                              "'train' with it (as MIDAS does), or another growth_operator")
+        self._validate_interleave()
         if t.growth_warmup_steps and t.lr_schedule != LrSchedule.CONTINUOUS:
             raise ConfigError("training.growth_warmup_steps needs training.lr_schedule 'continuous': with "
                               "'per_phase' every phase already warms up from 0")
+
+    def _validate_interleave(self) -> None:
+        t = self.training
+        if t.interleave_every < 1:
+            raise ConfigError(f"training.interleave_every ({t.interleave_every}) must be >= 1")
+        if t.growth_operator != GrowthOperator.INTERLEAVE or t.training_architecture == TrainingArchitecture.RACKWISE:
+            return
+        depths = t.depth_schedule or list(range(1, self.n_phases + 1))
+        for old, new in zip(depths, depths[1:], strict=False):
+            if new - old > old // t.interleave_every:
+                raise ConfigError(f"training.growth_operator 'interleave' inserts one copy after every "
+                                  f"{t.interleave_every} old unit(s), so {old} units grow to at most "
+                                  f"{old + old // t.interleave_every}, but training.depth_schedule grows {old} -> "
+                                  f"{new}: lower interleave_every or grow in smaller steps")
 
     def _validate_parallel(self) -> None:
         n_stacks, stages = self.model.architecture.n_stacks, self.pipeline_stages

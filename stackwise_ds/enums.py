@@ -98,6 +98,7 @@ class GrowthOperator(Choice):
     COPY_LAST = "copy_last"
     COPY_ALL = "copy_all"
     COPY_MIDDLE = "copy_middle"
+    INTERLEAVE = "interleave"
 
 
 class GrowthInit(Choice):

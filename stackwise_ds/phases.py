@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from .config import ConfigError, ModelConfig, StackWiseConfig, TrainingConfig
 from .enums import Choice, Prefix, TrainingArchitecture
+from .growth_order import growth_order
 from .layout import DORMANT, FROZEN, TRAIN, LayerUnit, UnitKind, layer_units, resolve_frozen
 
 
@@ -41,6 +42,9 @@ class Phase:
     new_from: int = 0  # first unit this phase adds: units [new_from, active) are new, those before were active
     prefix_trains: bool = False  # the units active before this phase train too (training.prefix: train)
     untied_head: bool = False  # a tied rack's LM head trains as its own copy of the frozen embedding
+    added: tuple[int, ...] | None = None  # the units this phase adds (None: new_from .. active-1); the other active
+    # units are the old ones, wherever the growth operator moved them (copy_middle, interleave)
+    interleave_every: int = 1  # growth_operator 'interleave': its spacing (training.interleave_every)
     frozen_stacks: frozenset[int] = frozenset()  # stacks frozen in every phase (training.frozen_stacks)
     frozen_head: bool = False  # the final norm and LM head (and a tied embedding) frozen (training.freeze_head)
     tied: bool = False  # the LM head is the embedding matrix (model.tie_embeddings, not untied by this phase)
@@ -84,9 +88,14 @@ class Phase:
         if self.trains_everything:
             return TRAIN
         position = stack_id if self.kind == PhaseKind.STACK else stack_id * self.blocks_per_stack + block_id
-        if position < self.new_from:
-            return TRAIN if self.prefix_trains else FROZEN
-        return TRAIN if position < self.active else DORMANT
+        if position >= self.active:
+            return DORMANT
+        return TRAIN if self.prefix_trains or position in self.added_units else FROZEN
+
+    @property
+    def added_units(self) -> tuple[int, ...]:
+        """The units this phase adds (all active ones in the first phase)."""
+        return tuple(range(self.new_from, self.active)) if self.added is None else self.added
 
     @property
     def embedding_role(self) -> str:
@@ -131,8 +140,11 @@ def plan_phases(config: StackWiseConfig) -> list[Phase]:
     depths = t.depth_schedule if t.depth_schedule is not None else list(range(1, n + 1))
     steps = t.steps_per_phase if isinstance(t.steps_per_phase, list) else [t.steps_per_phase] * n
     prefix_trains = t.prefix == Prefix.TRAIN
-    phases = [Phase(i, kind, steps[i], active=depths[i], new_from=depths[i - 1] if i else 0,
-                    prefix_trains=prefix_trains, untied_head=untie and i > 0, **shape) for i in range(n)]
+    added = [None] + [tuple(growth_order(old, new, t.growth_operator, t.interleave_every)[1])
+                      for old, new in zip(depths, depths[1:], strict=False)]
+    phases = [Phase(i, kind, steps[i], active=depths[i], new_from=depths[i - 1] if i else 0, added=added[i],
+                    interleave_every=t.interleave_every, prefix_trains=prefix_trains, untied_head=untie and i > 0,
+                    **shape) for i in range(n)]
     if t.joint_steps > 0:  # once untied, the head stays its own matrix
         phases.append(Phase(n, PhaseKind.JOINT, t.joint_steps, untied_head=untie and n > 1, **shape))
     return _checked(phases)

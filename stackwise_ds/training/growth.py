@@ -9,10 +9,13 @@ position copies:
 * ``copy_all`` (Gstack, Du et al. 2024): new unit ``j`` copies unit ``j mod m``, i.e. the whole
   small model is repeated;
 * ``copy_middle`` (MIDAS, Saunshi et al. 2024): the middle ``min(n - m, m)`` units are repeated
-  right after themselves until the model holds ``n`` units; the units after the middle move up.
+  right after themselves until the model holds ``n`` units; the units after the middle move up;
+* ``interleave`` (LLaMA Pro, Wu et al. 2024): after every ``training.interleave_every``-th old unit
+  comes a copy of it, e.g. 2 -> 4 with every 1: ``[0, 0', 1, 1']``; the old units move up.
 
-Each operator says two things (``OPERATORS``): the old unit every position starts as, and which
-positions hold *added* units (the others hold old units, maybe moved up: copy_middle's later units).
+Each operator says two things (``stackwise_ds.growth_order.OPERATORS``, pure arithmetic): the old
+unit every position starts as, and which positions hold *added* units (the others hold old units,
+maybe moved up: copy_middle's and interleave's later units).
 ``unit_sources`` is the first as a map position -> source unit; ``layer_sources`` turns it into
 pipeline layers, which every placement reads from the per-layer files of the previous phase's end
 (moment files too, with ``optimizer_across_phases: carry``), so a copy needs no live transfer and
@@ -26,74 +29,34 @@ the smaller one did (LLaMA Pro's block expansion, Wu et al. 2024).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 from ..enums import GrowthInit, GrowthOperator
+from ..growth_order import growth_order
 from ..layout import LayerUnit, UnitKind
 from ..model.block import RESIDUAL_WRITERS
 from ..phases import Phase, PhaseKind
 
-# How positions 0..new-1 of a growth from ``old`` units start: (the old unit each position starts as, None for
-# its own seeded init; the positions holding added units). A new operator is one more entry.
-GrowthOrder = tuple[list[int | None], range | list[int]]
 
-
-def _fresh(old: int, new: int) -> GrowthOrder:
-    return [*range(old), *[None] * (new - old)], range(old, new)
-
-
-def _copy_last(old: int, new: int) -> GrowthOrder:
-    return [*range(old), *[old - 1] * (new - old)], range(old, new)
-
-
-def _copy_all(old: int, new: int) -> GrowthOrder:
-    return [j % old for j in range(new)], range(old, new)
-
-
-def _copy_middle(old: int, new: int) -> GrowthOrder:
-    """MIDAS order, e.g. 4 -> 6: [0, 1, 2, 1, 2, 3]; 1 -> 3: [0, 0, 0]; 3 -> 4: [0, 1, 1, 2]. The added units
-    are the inserted copies (4 -> 6: positions 3, 4); the old units after the middle move up."""
-    width = min(new - old, old)
-    start = (old - width) // 2
-    end = start + width
-    copies = (list(range(start, end)) * -(-(new - old) // width))[:new - old]
-    return [*range(end), *copies, *range(end, old)], range(end, end + new - old)
-
-
-OPERATORS: dict[GrowthOperator, Callable[[int, int], GrowthOrder]] = {
-    GrowthOperator.FRESH: _fresh, GrowthOperator.COPY_LAST: _copy_last,
-    GrowthOperator.COPY_ALL: _copy_all, GrowthOperator.COPY_MIDDLE: _copy_middle,
-}
-
-
-def growth_order(old: int, new: int, operator: GrowthOperator) -> GrowthOrder:
-    """``operator``'s order of a growth from ``old`` to ``new`` units (no growth: every unit in place, none added)."""
-    if new <= old or old == 0:
-        return list(range(new)), []
-    if operator not in OPERATORS:
-        raise ValueError(f"unknown growth operator {operator!r}")
-    return OPERATORS[operator](old, new)
-
-
-def unit_sources(old: int, new: int, operator: GrowthOperator) -> dict[int, int]:
+def unit_sources(old: int, new: int, operator: GrowthOperator, every: int = 1) -> dict[int, int]:
     """Position -> the old unit it starts as, for the positions that do not keep their own weights."""
-    order, _ = growth_order(old, new, operator)
+    order, _ = growth_order(old, new, operator, every)
     return {position: source for position, source in enumerate(order) if source not in (None, position)}
 
 
-def added_units(old: int, new: int, operator: GrowthOperator) -> list[int]:
+def added_units(old: int, new: int, operator: GrowthOperator, every: int = 1) -> list[int]:
     """The positions that hold the units a growth from ``old`` to ``new`` adds (what growth_init 'identity' zeroes)."""
-    return list(growth_order(old, new, operator)[1])
+    return list(growth_order(old, new, operator, every)[1])
 
 
 def phase_layer_sources(units: list[LayerUnit], phase: Phase, operator: GrowthOperator) -> dict[int, int]:
     """Pipeline layer -> layer whose weights it starts ``phase`` with (empty unless the phase grows)."""
     if not phase.grows:
         return {}
-    return layer_sources(units, phase, unit_sources(phase.new_from, phase.active, operator))
+    return layer_sources(units, phase, unit_sources(phase.new_from, phase.active, operator, phase.interleave_every))
 
 
 def phase_zeroed_layers(units: list[LayerUnit], phase: Phase, operator: GrowthOperator,
@@ -103,7 +66,8 @@ def phase_zeroed_layers(units: list[LayerUnit], phase: Phase, operator: GrowthOp
     if not phase.grows or growth_init != GrowthInit.IDENTITY:
         return frozenset()
     layers = unit_layers(units, phase)
-    return frozenset(layer for unit in added_units(phase.new_from, phase.active, operator) for layer in layers[unit])
+    added = added_units(phase.new_from, phase.active, operator, phase.interleave_every)
+    return frozenset(layer for unit in added for layer in layers[unit])
 
 
 def unit_layers(units: list[LayerUnit], phase: Phase) -> list[list[int]]:
