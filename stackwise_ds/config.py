@@ -185,6 +185,10 @@ class TrainingConfig:
     stack 0 through a frozen stack 1). A frozen stack may sit anywhere: one after a trained layer passes the gradient
     back to it (forward with autograd for its input only, no weight gradient, no optimizer state). Stage-wise runs add
     these to what each phase freezes. frozen_precision / stack_precision apply to them."""
+    freeze_source: bool = False
+    """With init_from: freeze, for the whole run, the stacks that start as a source stack (every stack but those
+    init_growth adds), so only the added stacks train: LLaMA Pro's block expansion with init_growth 'interleave' and
+    growth_init 'identity'. Adds to frozen_stacks."""
     freeze_head: bool = False
     """Freeze the final norm and the LM head in every phase (with tied embeddings the embedding too: one matrix), so
     only blocks train: LLaMA Pro's choice when expanding a model (only the inserted blocks train). false: they train
@@ -271,8 +275,9 @@ class TrainingConfig:
     """Start a fresh run from these weights: a run dir, its checkpoints/ or a tag folder, a consolidated .safetensors,
     or a local Hugging Face Llama folder (None = seeded init; a checkpoint in output_dir resumes instead)."""
     init_growth: InitGrowth = InitGrowth.STACK
-    """With init_from and more stacks than the source: 'stack' (stack i starts as source stack i mod n, G_stack) or
-    'fresh' (the new stacks get their seeded init)."""
+    """With init_from and more stacks than the source: 'stack' (stack i starts as source stack i mod n, G_stack),
+    'fresh' (the new stacks get their seeded init) or 'interleave' (LLaMA Pro: a copy after every interleave_every-th
+    source stack, e.g. 4 -> 6 with interleave_every 2 gives [0, 1, 1', 2, 3, 3'])."""
     progress_bar: bool = True
     """tqdm bar on rank 0 (phase, step, loss, tokens/s); when false, a plain line every log_interval steps (and no
     progress bars while data is prepared)."""
@@ -489,6 +494,9 @@ class StackWiseConfig:
 
     def _validate_frozen_stacks(self) -> None:
         t, n_stacks = self.training, self.model.architecture.n_stacks
+        if t.freeze_source and t.init_from is None:
+            raise ConfigError("training.freeze_source freezes the stacks that come from training.init_from, but "
+                              "init_from is not set: set training.init_from, or training.freeze_source=false")
         bad = [i for i in t.frozen_stacks if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n_stacks]
         if bad or len(set(t.frozen_stacks)) != len(t.frozen_stacks):
             raise ConfigError(f"training.frozen_stacks is {t.frozen_stacks}: give distinct stack indices from 0 to "

@@ -126,6 +126,7 @@ class OptimizerAcrossPhases(Choice):
 class InitGrowth(Choice):
     STACK = "stack"
     FRESH = "fresh"
+    INTERLEAVE = "interleave"
 
 
 class Precision(Choice):

@@ -127,12 +127,14 @@ class Phase:
         return resolve_frozen([self.unit_role(unit) for unit in units])
 
 
-def plan_phases(config: StackWiseConfig) -> list[Phase]:
-    """The ordered phases of a run, the optional joint phase last."""
+def plan_phases(config: StackWiseConfig, source_stacks: tuple[int, ...] = ()) -> list[Phase]:
+    """The ordered phases of a run, the optional joint phase last; ``source_stacks`` (training.freeze_source: the
+    stacks that came from init_from) freeze with training.frozen_stacks."""
     t, arch = config.training, config.model.architecture
     untie = unties_head(config.model, t)
     shape = dict(n_stacks=arch.n_stacks, blocks_per_stack=arch.blocks_per_stack,
-                 frozen_stacks=frozenset(t.frozen_stacks), frozen_head=t.freeze_head, tied=config.model.tie_embeddings)
+                 frozen_stacks=frozenset(t.frozen_stacks) | frozenset(source_stacks), frozen_head=t.freeze_head,
+                 tied=config.model.tie_embeddings)
     if t.training_architecture == TrainingArchitecture.RACKWISE:
         return _checked([Phase(0, PhaseKind.RACK, t.max_steps, **shape)])
     kind = PhaseKind.STACK if t.training_architecture == TrainingArchitecture.STACKWISE else PhaseKind.BLOCK

@@ -6,9 +6,9 @@ import math
 import pytest
 
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
-from stackwise_ds.layout import DORMANT, FROZEN, TRAIN, layer_units
+from stackwise_ds.layout import DORMANT, FROZEN, FROZEN_BACKPROP, TRAIN, layer_units
 from stackwise_ds.phases import plan_phases
-from stackwise_ds.training.growth import added_units, phase_layer_sources, unit_sources
+from stackwise_ds.training.growth import added_units, phase_layer_sources, phase_zeroed_layers, unit_sources
 from stackwise_ds.training.lr import lr_multiplier, phase_lr_lambda
 
 
@@ -139,3 +139,31 @@ def test_new_unit_init_migrates_to_growth_operator():
         assert config(*STACKWISE_4, "training.new_unit_init=copy_previous").training.growth_operator == "copy_last"
     with pytest.raises(ConfigError, match="keep only the new key"):
         config("training.new_unit_init=copy_previous", "training.growth_operator=copy_all")
+
+
+@pytest.mark.parametrize("old,new,every,order,added", [
+    (2, 4, 1, [0, 0, 1, 1], [1, 3]), (4, 6, 2, [0, 1, 1, 2, 3, 3], [2, 5]), (3, 4, 1, [0, 0, 1, 2], [1]),
+    (1, 2, 1, [0, 0], [1]),
+])
+def test_interleave_inserts_a_copy_after_every_kth_old_unit(old, new, every, order, added):
+    sources = unit_sources(old, new, "interleave", every)
+    assert [sources.get(position, position) for position in range(new)] == order
+    assert added_units(old, new, "interleave", every) == added
+
+
+def test_interleave_with_a_frozen_prefix_trains_only_the_copies_by_rack_name():
+    """2 -> 4 stacks, [0, 0', 1, 1']: the old stacks freeze where they now sit (stack 2 after the trained copy 0'
+    passes the gradient back), the copies train and start as their originals."""
+    cfg = config(*STACKWISE_4, "training.depth_schedule=[2, 4]", "training.steps_per_phase=[2, 2]",
+                 "training.growth_operator=interleave", "training.growth_init=identity")
+    units, grow = layer_units(4, 2), plan_phases(cfg)[1]
+    roles = {units[i].rack_prefix: role for i, role in enumerate(grow.layer_roles(units))}
+    assert [roles[f"stacks.{s}.blocks.0."] for s in range(4)] == [FROZEN, TRAIN, FROZEN_BACKPROP, TRAIN]
+    assert roles["embedding."] == FROZEN and roles["norm."] == roles["lm_head."] == TRAIN
+    copies = {units[dst].rack_prefix: units[src].rack_prefix
+              for dst, src in phase_layer_sources(units, grow, "interleave").items()}
+    assert copies == {"stacks.1.blocks.0.": "stacks.0.blocks.0.", "stacks.1.blocks.1.": "stacks.0.blocks.1.",
+                      "stacks.2.blocks.0.": "stacks.1.blocks.0.", "stacks.2.blocks.1.": "stacks.1.blocks.1.",
+                      "stacks.3.blocks.0.": "stacks.1.blocks.0.", "stacks.3.blocks.1.": "stacks.1.blocks.1."}
+    zeroed = {units[i].rack_prefix for i in phase_zeroed_layers(units, grow, "interleave", "identity")}
+    assert zeroed == {"stacks.1.blocks.0.", "stacks.1.blocks.1.", "stacks.3.blocks.0.", "stacks.3.blocks.1."}

@@ -235,3 +235,9 @@ def test_identity_growth_leaves_the_validation_loss_unchanged_in_a_real_run(tmp_
     assert abs(second["val_loss_before"] - first["val_loss_after"]) <= 1e-6 * first["val_loss_after"], (first, second)
     stack1 = [layer_state(tmp_path, 4, layer) for layer in (3, 4)]  # stacks.1.blocks.0/1 at the run's end
     assert all(state[name].any() for state in stack1 for name in RESIDUAL_WRITERS), "the zeroed matrices train"
+
+
+@pytest.mark.parametrize("architecture,depths,per_phase", [("stackwise", "[2, 3]", 2), ("blockwise", "[3, 6]", 1)])
+def test_identity_interleave_keeps_the_logits(architecture, depths, per_phase):
+    """LLaMA Pro's expansion: the inserted copies write nothing into the residual stream, so the function stays."""
+    test_identity_growth_keeps_the_logits_for_every_operator("interleave", architecture, depths, per_phase)

@@ -29,7 +29,8 @@ from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, is_tag_dir, list_tags, reso
 from ..config import ConfigError, ModelConfig, StackWiseConfig, TrainingConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer_json, make_tokenizer
 from ..data.tokenizer import load_tokenizer_file, parse_tokenizer_json
-from ..enums import AttentionType, GrowthInit, InitGrowth
+from ..enums import AttentionType, GrowthInit, GrowthOperator, InitGrowth
+from ..growth_order import growth_order
 from ..layout import UnitKind
 from ..model import build_block
 from .growth import zeroed_residual_writers
@@ -193,19 +194,27 @@ def check_holds_checkpoint(folder: Path, output_dir: Path) -> None:
 # ----------------------------------------------------------------------------- what goes where
 
 
-def source_stack(stack: int, n_source: int, growth: str) -> int | None:
-    """The source stack target ``stack`` starts from; None: its own seeded init (growth 'fresh')."""
-    if stack < n_source:
-        return stack
-    return stack % n_source if growth == InitGrowth.STACK else None
+StackMap = list  # target stack -> the source stack it starts as (None: its own seeded init)
 
 
-def source_name(target_name: str, n_source: int, growth: str) -> str | None:
+def stack_sources(n_source: int, n_target: int, t: TrainingConfig) -> tuple[StackMap, list[int]]:
+    """Where each target stack starts (``init_growth``), and the target stacks the growth adds: 'stack' (stack i
+    from source stack i mod n) and 'fresh' add the stacks after the source's; 'interleave' (LLaMA Pro) puts a copy
+    after every ``interleave_every``-th source stack, so the source stacks move up and the copies are added."""
+    if t.init_growth == InitGrowth.INTERLEAVE:
+        order, added = growth_order(n_source, n_target, GrowthOperator.INTERLEAVE, t.interleave_every)
+        return order, list(added)
+    grown = t.init_growth == InitGrowth.STACK
+    return ([s if s < n_source else (s % n_source if grown else None) for s in range(n_target)],
+            list(range(n_source, n_target)))
+
+
+def source_name(target_name: str, sources: StackMap) -> str | None:
     """Rack name of the source tensor for a target tensor (None for a fresh block)."""
     if not target_name.startswith("stacks."):
         return target_name
     _, stack, rest = target_name.split(".", 2)
-    src = source_stack(int(stack), n_source, growth)
+    src = sources[int(stack)]
     return None if src is None else f"stacks.{src}.{rest}"
 
 
@@ -222,16 +231,17 @@ def _architecture(model: ModelConfig) -> dict:
     return arch
 
 
-def check_compatible(source: ModelConfig, target: ModelConfig, where: str, growth: str) -> None:
+def check_compatible(source: ModelConfig, target: ModelConfig, where: str, t: TrainingConfig) -> None:
     """Refuse a source whose blocks cannot fill the target rack, before anything is read."""
     check_depth(source, target, where)
     theirs, ours = _architecture(source), _architecture(target)
     keys = [f"model.{k}: source {theirs.get(k)!r} vs config {ours.get(k)!r}"
             for k in ours if theirs.get(k) != ours.get(k)]
-    src_shapes, n_src = rack_shapes(source), source.architecture.n_stacks
+    src_shapes = rack_shapes(source)
+    sources, _ = stack_sources(source.architecture.n_stacks, target.architecture.n_stacks, t)
     tensors = []
     for name, shape in rack_shapes(target).items():
-        src = source_name(name, n_src, growth)
+        src = source_name(name, sources)
         if src is not None and tuple(src_shapes.get(src, ())) != tuple(shape):
             got = tuple(src_shapes[src]) if src in src_shapes else "absent"
             tensors.append(f"{name}: source {got} vs target {tuple(shape)}")
@@ -260,25 +270,27 @@ def check_depth(source: ModelConfig, target: ModelConfig, where: str) -> None:
 def layer_state(source, target: ModelConfig, training: TrainingConfig, layer: int) -> dict[str, torch.Tensor]:
     """The layer file of target pipeline layer ``layer`` (module keys -> fp32 tensors): a block of a stack the
     growth adds has its residual writers at zero under growth_init 'identity'."""
-    state = _source_layer_state(source, target, training.seed, layer, training.init_growth)
+    sources, added_stacks = stack_sources(source.config.model.architecture.n_stacks, target.architecture.n_stacks,
+                                          training)
+    state = _source_layer_state(source, target, training.seed, layer, sources)
     unit = units_of(target)[layer]
-    added = unit.kind == UnitKind.BLOCK and unit.stack_id >= source.config.model.architecture.n_stacks
+    added = unit.kind == UnitKind.BLOCK and unit.stack_id in added_stacks
     return zeroed_residual_writers(state) if added and training.growth_init == GrowthInit.IDENTITY else state
 
 
-def _source_layer_state(source, target: ModelConfig, seed: int, layer: int, growth: str) -> dict[str, torch.Tensor]:
+def _source_layer_state(source, target: ModelConfig, seed: int, layer: int,
+                        sources: StackMap) -> dict[str, torch.Tensor]:
     """Target pipeline layer ``layer`` as the source (or, for a fresh block, its init under ``seed``) gives it."""
     unit = units_of(target)[layer]
-    n_src = source.config.model.architecture.n_stacks
-    if unit.kind == UnitKind.BLOCK and source_stack(unit.stack_id, n_src, growth) is None:
+    if unit.kind == UnitKind.BLOCK and sources[unit.stack_id] is None:
         block = build_block(target, unit.stack_id, unit.block_id, seed)
         return {k: v.detach().clone() for k, v in block.state_dict().items()}
     shapes, state = rack_shapes(target), {}
     for key in unit_keys(target, unit):
         name = rack_name(unit, key)
-        tensor = source.tensor(source_name(name, n_src, growth))
+        tensor = source.tensor(source_name(name, sources))
         if tuple(tensor.shape) != tuple(shapes[name]):
-            raise ConfigError(f"training.init_from {source.where}: tensor {source_name(name, n_src, growth)} has "
+            raise ConfigError(f"training.init_from {source.where}: tensor {source_name(name, sources)} has "
                               f"shape {tuple(tensor.shape)} but {name} of this rack needs {tuple(shapes[name])}")
         state[key] = tensor.detach().to(torch.float32).clone()
     return state
@@ -297,10 +309,10 @@ def write_initial_weights(source, target: ModelConfig, training: TrainingConfig,
     return mine
 
 
-def describe_growth(source: ModelConfig, target: ModelConfig, growth: str) -> str:
+def describe_growth(source: ModelConfig, target: ModelConfig, t: TrainingConfig) -> str:
     n_src, n_tgt = source.architecture.n_stacks, target.architecture.n_stacks
-    plan = ", ".join(f"{i}<-{'init' if source_stack(i, n_src, growth) is None else source_stack(i, n_src, growth)}"
-                     for i in range(n_tgt))
+    sources, _ = stack_sources(n_src, n_tgt, t)
+    plan = ", ".join(f"{i}<-{'init' if src is None else src}" for i, src in enumerate(sources))
     return f"{n_src} -> {n_tgt} stacks (target<-source: {plan})"
 
 
@@ -359,19 +371,38 @@ def initial_weights(target: StackWiseConfig, out_dir: Path, rank: int = 0, world
     """Check the source of ``training.init_from`` and write this rank's share of ``out_dir``; returns a summary."""
     t = target.training
     source = open_source(t.init_from, target.model, Path(t.output_dir))
-    check_compatible(source.config.model, target.model, source.where, t.init_growth)
+    check_compatible(source.config.model, target.model, source.where, t)
     source_tokenizer, source_spec = source.tokenizer()
     check_source_tokenizer(source_tokenizer, source_spec, source.where,
                            run_tokenizer_before_data(target.data.tokenizer), target.data.tokenizer)
     write_initial_weights(source, target.model, t, out_dir, rank, world_size)
+    if rank == 0:
+        _, added = stack_sources(source.config.model.architecture.n_stacks, target.model.architecture.n_stacks, t)
+        sources = [s for s in range(target.model.architecture.n_stacks) if s not in added]
+        (out_dir / SOURCE_STACKS_FILE).write_text(json.dumps({"source_stacks": sources, "added_stacks": added}))
     if rank == 0:  # for check_run_tokenizer once a 'bpe' is trained (none from an earlier attempt stays)
         (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)
         if source_tokenizer is not None:
             source_tokenizer.save(out_dir / TOKENIZER_FILE)
     zeroed = t.growth_init == GrowthInit.IDENTITY and target.model.architecture.n_stacks > \
         source.config.model.architecture.n_stacks
-    return (f"initial weights from {source.where}: {describe_growth(source.config.model, target.model, t.init_growth)}"
+    return (f"initial weights from {source.where}: {describe_growth(source.config.model, target.model, t)}"
             + (", the added stacks' o_proj and down_proj zeroed (growth_init identity)" if zeroed else ""))
+
+
+SOURCE_STACKS_FILE = "source_stacks.json"  # in initial_weights/: which target stacks came from the source
+
+
+def source_frozen_stacks(output_dir: Path, t: TrainingConfig) -> list[int]:
+    """The stacks training.freeze_source freezes: those that started as a source stack, as the run's initial weights
+    recorded them (the same list on a resume, when the source itself is no longer read)."""
+    if not t.freeze_source:
+        return []
+    record = output_dir / INITIAL_WEIGHTS_DIR / SOURCE_STACKS_FILE
+    if not record.is_file():
+        raise ConfigError(f"training.freeze_source: {record} is missing, so the stacks that came from "
+                          "training.init_from are unknown; start the run afresh (a new output_dir)")
+    return json.loads(record.read_text())["source_stacks"]
 
 
 def prepare_initial_weights(config: StackWiseConfig, output_dir: Path, rank: int, world_size: int) -> Path:

@@ -116,13 +116,18 @@ class ArchitectureTrainer:
         init_dir = self._initial_weights(rank, world_size) if start.tag is None else None
         if start.tag is not None:
             history.take_over(start.state.global_step)
-        phases = plan_phases(cfg)
+        phases = plan_phases(cfg, tuple(self._source_frozen_stacks()))
         remaining = phases[start.state.phase_index:]
         layouts = plan_phase_layouts(remaining, self._units(), cfg, world_size, self._bf16())
         finished_before = not remaining
         if start.saved_config is not None and not finished_before:
             ckpt.check_resumable_changes(start.saved_config, cfg.to_dict(), self.checkpoint_dir / start.tag)
         return RunPlan(phases, layouts, start, finished_before, init_dir)
+
+    def _source_frozen_stacks(self) -> list[int]:
+        from .init_weights import source_frozen_stacks
+
+        return source_frozen_stacks(self.output_dir, self.config.training)
 
     def _initial_weights(self, rank: int, world_size: int) -> Path | None:
         """A fresh run with training.init_from: the source as layer files of output_dir/initial_weights
