@@ -189,10 +189,10 @@ class TrainingConfig:
     """With init_from: freeze, for the whole run, the stacks that start as a source stack (every stack but those
     init_growth adds), so only the added stacks train: LLaMA Pro's block expansion with init_growth 'interleave' and
     growth_init 'identity'. Adds to frozen_stacks."""
-    freeze_head: bool = False
-    """Freeze the final norm and the LM head in every phase (with tied embeddings the embedding too: one matrix), so
-    only blocks train: LLaMA Pro's choice when expanding a model (only the inserted blocks train). false: they train
-    in every phase (literature: a frozen head cripples stage-wise training from scratch)."""
+    blocks_only: bool = False
+    """Train blocks only: the input embedding, the final norm and the LM head stay frozen in every phase (LLaMA Pro's
+    choice when expanding a model: only the inserted blocks train). false: the norm and head train in every phase
+    (literature: a frozen head cripples stage-wise training from scratch) and the embedding as the mode says."""
     optimizer_across_phases: OptimizerAcrossPhases = OptimizerAcrossPhases.RESTART
     """'restart' (a fresh AdamW every phase) or 'carry' (AdamW moments and step count of every parameter that keeps
     training pass to the next phase, across any re-placement and ZeRO-1 re-sharding; grown units start with their
@@ -483,7 +483,7 @@ class StackWiseConfig:
             t.stack_precision = [FrozenPrecision.parse(value, f"training.stack_precision[{i}]", ConfigError)
                                  for i, value in enumerate(t.stack_precision)]
         freezes = (t.training_architecture != TrainingArchitecture.RACKWISE and t.prefix == Prefix.FROZEN
-                   or bool(t.frozen_stacks))
+                   or bool(t.frozen_stacks) or t.freeze_source)
         if not freezes and any(p != FrozenPrecision.SAME for p in self.stack_frozen_precisions()):
             key = "stack_precision" if t.stack_precision is not None else "frozen_precision"
             raise ConfigError(f"training.{key} asks for a lower precision of frozen stacks, but this run freezes "

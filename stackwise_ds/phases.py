@@ -46,8 +46,7 @@ class Phase:
     # units are the old ones, wherever the growth operator moved them (copy_middle, interleave)
     interleave_every: int = 1  # growth_operator 'interleave': its spacing (training.interleave_every)
     frozen_stacks: frozenset[int] = frozenset()  # stacks frozen in every phase (training.frozen_stacks)
-    frozen_head: bool = False  # the final norm and LM head (and a tied embedding) frozen (training.freeze_head)
-    tied: bool = False  # the LM head is the embedding matrix (model.tie_embeddings, not untied by this phase)
+    blocks_only: bool = False  # the embedding, final norm and LM head frozen (training.blocks_only)
 
     @property
     def unit(self) -> int | None:
@@ -105,7 +104,7 @@ class Phase:
         A tied embedding still learns through the LM head, which always trains, unless the phase
         unties the head (``untied_head``, training.freeze_embedding).
         """
-        if self.frozen_head and self.tied:
+        if self.blocks_only:
             return FROZEN
         return TRAIN if self.trains_everything or self.new_from == 0 or self.prefix_trains else FROZEN
 
@@ -115,12 +114,12 @@ class Phase:
         return self.kind in (PhaseKind.STACK, PhaseKind.BLOCK)
 
     def unit_role(self, unit: LayerUnit) -> str:
-        """Role of one pipeline layer in this phase; the final norm and LM head train unless ``frozen_head``."""
+        """Role of one pipeline layer in this phase; the final norm and LM head train unless ``blocks_only``."""
         if unit.kind == UnitKind.BLOCK:
             return self.block_role(unit.stack_id, unit.block_id)
         if unit.kind == UnitKind.EMBEDDING:
             return self.embedding_role
-        return FROZEN if self.frozen_head else TRAIN
+        return FROZEN if self.blocks_only else TRAIN
 
     def layer_roles(self, units: list[LayerUnit]) -> list[str]:
         """Every pipeline layer's role; a frozen layer after a trained one is FROZEN_BACKPROP."""
@@ -133,8 +132,7 @@ def plan_phases(config: StackWiseConfig, source_stacks: tuple[int, ...] = ()) ->
     t, arch = config.training, config.model.architecture
     untie = unties_head(config.model, t)
     shape = dict(n_stacks=arch.n_stacks, blocks_per_stack=arch.blocks_per_stack,
-                 frozen_stacks=frozenset(t.frozen_stacks) | frozenset(source_stacks), frozen_head=t.freeze_head,
-                 tied=config.model.tie_embeddings)
+                 frozen_stacks=frozenset(t.frozen_stacks) | frozenset(source_stacks), blocks_only=t.blocks_only)
     if t.training_architecture == TrainingArchitecture.RACKWISE:
         return _checked([Phase(0, PhaseKind.RACK, t.max_steps, **shape)])
     kind = PhaseKind.STACK if t.training_architecture == TrainingArchitecture.STACKWISE else PhaseKind.BLOCK
@@ -158,8 +156,8 @@ def _checked(phases: list[Phase]) -> list[Phase]:
     for phase in phases:
         if TRAIN not in phase.layer_roles(units):
             raise ConfigError(f"phase {phase.index + 1} ({phase.name}) trains nothing: every unit it places is frozen "
-                              "(training.frozen_stacks and training.freeze_head); unfreeze a stack it trains or set "
-                              "training.freeze_head=false")
+                              "(training.frozen_stacks, freeze_source and blocks_only); unfreeze a stack it trains or "
+                              "set training.blocks_only=false")
     return phases
 
 
@@ -167,4 +165,4 @@ def unties_head(model: ModelConfig, t: TrainingConfig) -> bool:
     """Whether a stage-wise run's phases after the first freeze the embedding and train an untied copy of a
     tied LM head (``prefix: frozen`` with ``freeze_embedding``): the tied head would drag the embedding,
     and with it the input of the frozen units."""
-    return model.tie_embeddings and t.prefix == Prefix.FROZEN and t.freeze_embedding and not t.freeze_head
+    return model.tie_embeddings and t.prefix == Prefix.FROZEN and t.freeze_embedding and not t.blocks_only

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.multiprocess
 NO_DECAY = ["training.grad_clip=0", "training.weight_decay=0", "training.save_interval=2"]
 # 3 stacks of 2 blocks: layer 0 the embedding, 1-2 stack 0, 3-4 stack 1, 5-6 stack 2, 7 the norm, 8 the head
 THREE_STACKS_FROZEN_TAIL = ["model.architecture.n_stacks=3", "training.frozen_stacks=[1,2]",
-                            "training.freeze_head=true", "model.tie_embeddings=false", "training.save_interval=2",
+                            "training.blocks_only=true", "model.tie_embeddings=false", "training.save_interval=2",
                             "training.log_interval=1"]
 ELASTIC_RUN = ["model.architecture.n_stacks=3", "training.training_architecture=stackwise", "training.prefix=train",
                "training.steps_per_phase=2", "training.save_interval=1", "training.keep_checkpoints=0",

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from launch_utils import REPO, run_training
+from launch_utils import REPO, results, run_training
 from stackwise_ds.checkpoint import load_rack
 from stackwise_ds.checkpoint.consolidation import read_consolidated, save_consolidated
 from stackwise_ds.checkpoint.files import CheckpointError
@@ -316,3 +316,41 @@ def test_the_trainer_refuses_a_mismatched_source_before_training(stackwise_run, 
     assert result.returncode == 2
     assert "stacks.0.blocks.0.attn.k_proj.weight: source (32, 64) vs target (64, 64)" in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ------------------------------------------------------------------- LLaMA Pro: expand a Llama, train the copies
+
+EXPANSION = [*LLAMA_KEYS, "model.architecture.n_stacks=6", "model.architecture.blocks_per_stack=1",
+             "training.init_growth=interleave", "training.interleave_every=2", "training.growth_init=identity",
+             "training.freeze_source=true", "training.blocks_only=true", "parallel.pipeline_stages=2",
+             "training.max_steps=4", "training.lr=3e-3"]
+
+
+@pytest.mark.multiprocess
+def test_expanding_a_llama_trains_only_the_inserted_layers_and_exports_for_transformers(llama, llama_run, tmp_path):
+    """4 Llama layers -> 6 ([0, 1, 1', 2, 3, 3']): the copies start with zero o_proj/down_proj, so the expanded model
+    begins at the Llama's validation loss; only they train (the originals, embedding, norm and head frozen); the
+    export loads in transformers, whose layers 0, 1, 3, 4 are the Llama's 0-3 exactly."""
+    from transformers import LlamaForCausalLM
+
+    hf, folder = llama
+    run = run_training(2, tmp_path / "run", *EXPANSION, f"training.init_from={folder}")
+    assert "0<-0, 1<-1, 2<-1, 3<-2, 4<-3, 5<-3" in run.stdout
+    phase = results(tmp_path / "run")["phases"][0]
+    original = results(llama_run["dir"])["phases"][0]["val_loss_before"]  # the same data and windows
+    assert abs(phase["val_loss_before"] - original) <= 1e-5 * original
+    assert phase["val_loss_after"] < phase["val_loss_before"]
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    exported = load_file(str(tmp_path / "hf" / "model.safetensors"))
+    source = {n: p.detach() for n, p in hf.named_parameters()}
+    for new, old in ((0, 0), (1, 1), (3, 2), (4, 3)):
+        for name in [n for n in source if n.startswith(f"model.layers.{old}.")]:
+            assert torch.equal(exported[name.replace(f"layers.{old}.", f"layers.{new}.")], source[name]), name
+    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
+        assert torch.equal(exported[name], source[name]), name
+    for inserted in (2, 5):  # trained from zero
+        assert exported[f"model.layers.{inserted}.self_attn.o_proj.weight"].abs().max() > 0
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert model.config.num_hidden_layers == 6
+    out = model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 7)
