@@ -49,6 +49,8 @@ def overrides_list(values: dict) -> list[str]:
     def render(v):
         if isinstance(v, bool):
             return "true" if v else "false"
+        if v is None:
+            return "null"
         if isinstance(v, (list, tuple)):
             return "[" + ",".join(render(x) for x in v) + "]"
         return str(v)
