@@ -7,6 +7,7 @@ Accepted paths: ``<output_dir>``, ``<output_dir>/checkpoints`` or one tag folder
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,19 @@ from .files import (
 
 # <output_dir>/initial_weights: training.init_from's source as layer files; never a checkpoint tag
 INITIAL_WEIGHTS_DIR = "initial_weights"
+SOURCE_STACKS_FILE = "source_stacks.json"  # in initial_weights/: which target stacks came from training.init_from
+
+
+def source_frozen_stacks(output_dir: Path, freeze_source: bool) -> list[int]:
+    """The stacks training.freeze_source freezes: those that started as a source stack, as the run's initial weights
+    recorded them (the same list on a resume, when the source itself is no longer read)."""
+    if not freeze_source:
+        return []
+    record = Path(output_dir) / INITIAL_WEIGHTS_DIR / SOURCE_STACKS_FILE
+    if not record.is_file():
+        raise CheckpointError(f"training.freeze_source: {record} is missing, so the stacks that came from "
+                              "training.init_from are unknown; start the run afresh (a new output_dir)")
+    return json.loads(record.read_text())["source_stacks"]
 
 
 @dataclass

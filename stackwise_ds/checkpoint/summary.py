@@ -10,15 +10,16 @@ from ..phases import Phase, plan_phases
 from ..placement import PhaseLayout
 from .files import STATE_FILE, unreadable_files
 from .layers import file_layers, rack_shapes, stage_layers, units_of
-from .locate import CheckpointRef, list_tags, read_latest, resolve_checkpoint, split_path
+from .locate import CheckpointRef, list_tags, read_latest, resolve_checkpoint, source_frozen_stacks, split_path
 
 
 def describe(path: str | Path, tag: str | None = None) -> str:
     """The summary of tag ``tag`` (default: newest complete) of the checkpoint at ``path``, as text."""
     ref = resolve_checkpoint(path, tag)
-    config = ref.config
-    sections = [tags_section(split_path(path)[0], ref), run_section(ref, config),
-                model_section(config.model), units_section(ref, config)]
+    config, checkpoint_dir = ref.config, split_path(path)[0]
+    phases = plan_phases(config, tuple(source_frozen_stacks(checkpoint_dir.parent, config.training.freeze_source)))
+    sections = [tags_section(checkpoint_dir, ref), run_section(ref, config, phases),
+                model_section(config.model), units_section(ref, config, phases)]
     return "\n\n".join(sections)
 
 
@@ -33,8 +34,8 @@ def tags_section(checkpoint_dir: Path, ref: CheckpointRef) -> str:
     return "\n".join(lines)
 
 
-def run_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
-    state, phases = ref.state, plan_phases(config)
+def run_section(ref: CheckpointRef, config: StackWiseConfig, phases: list[Phase]) -> str:
+    state = ref.state
     t = config.training
     lines = [f"training: {state.training_architecture} ({t.objective}), {len(phases)} phase(s), "
              f"{config.pipeline_stages} pipeline stage(s), zero stage {config.parallel.zero_stage}",
@@ -71,8 +72,8 @@ def model_section(m: ModelConfig) -> str:
             f"{total:,} parameters")
 
 
-def units_section(ref: CheckpointRef, config: StackWiseConfig) -> str:
-    units, shapes, phases = units_of(config.model), rack_shapes(config.model), plan_phases(config)
+def units_section(ref: CheckpointRef, config: StackWiseConfig, phases: list[Phase]) -> str:
+    units, shapes = units_of(config.model), rack_shapes(config.model)
     stage_of = {layer: str(s) for s, layers in enumerate(stage_layers(config.model, config.pipeline_stages))
                 for layer in layers}
     if ref.state.layout:  # the placement of the phase that saved this tag ('-': not placed, dormant)
@@ -105,11 +106,7 @@ def _file_status(path: Path) -> str:
 
 
 def unit_trains(unit: LayerUnit, phase: Phase) -> bool:
-    if unit.kind == UnitKind.BLOCK:
-        return phase.block_role(unit.stack_id, unit.block_id) == TRAIN
-    if unit.kind == UnitKind.EMBEDDING:
-        return phase.embedding_role == TRAIN
-    return True  # final norm and LM head train in every phase
+    return phase.unit_role(unit) == TRAIN
 
 
 def unit_label(unit: LayerUnit) -> str:

@@ -25,7 +25,7 @@ import torch
 
 from ..checkpoint.files import CheckpointError
 from ..checkpoint.layers import file_layers, layer_key, rack_name, rack_shapes, read_layer_file, unit_keys, units_of
-from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, is_tag_dir, list_tags, resolve_checkpoint
+from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, SOURCE_STACKS_FILE, is_tag_dir, list_tags, resolve_checkpoint
 from ..config import ConfigError, ModelConfig, StackWiseConfig, TrainingConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer_json, make_tokenizer
 from ..data.tokenizer import load_tokenizer_file, parse_tokenizer_json
@@ -388,21 +388,6 @@ def initial_weights(target: StackWiseConfig, out_dir: Path, rank: int = 0, world
         source.config.model.architecture.n_stacks
     return (f"initial weights from {source.where}: {describe_growth(source.config.model, target.model, t)}"
             + (", the added stacks' o_proj and down_proj zeroed (growth_init identity)" if zeroed else ""))
-
-
-SOURCE_STACKS_FILE = "source_stacks.json"  # in initial_weights/: which target stacks came from the source
-
-
-def source_frozen_stacks(output_dir: Path, t: TrainingConfig) -> list[int]:
-    """The stacks training.freeze_source freezes: those that started as a source stack, as the run's initial weights
-    recorded them (the same list on a resume, when the source itself is no longer read)."""
-    if not t.freeze_source:
-        return []
-    record = output_dir / INITIAL_WEIGHTS_DIR / SOURCE_STACKS_FILE
-    if not record.is_file():
-        raise ConfigError(f"training.freeze_source: {record} is missing, so the stacks that came from "
-                          "training.init_from are unknown; start the run afresh (a new output_dir)")
-    return json.loads(record.read_text())["source_stacks"]
 
 
 def prepare_initial_weights(config: StackWiseConfig, output_dir: Path, rank: int, world_size: int) -> Path:

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ..checkpoint import files as ckpt
+from ..checkpoint.locate import source_frozen_stacks
 from ..config import ModelConfig, ParallelConfig, StackWiseConfig, TrainingConfig
 from ..enums import OptimizerAcrossPhases, Precision
 from ..layout import LayerUnit, layer_units
@@ -125,9 +126,7 @@ class ArchitectureTrainer:
         return RunPlan(phases, layouts, start, finished_before, init_dir)
 
     def _source_frozen_stacks(self) -> list[int]:
-        from .init_weights import source_frozen_stacks
-
-        return source_frozen_stacks(self.output_dir, self.config.training)
+        return source_frozen_stacks(self.output_dir, self.config.training.freeze_source)
 
     def _initial_weights(self, rank: int, world_size: int) -> Path | None:
         """A fresh run with training.init_from: the source as layer files of output_dir/initial_weights
