@@ -86,12 +86,13 @@ REQUIRED_NAMES: tuple[Required, ...] = (
         "_configure_python_gc", "_reentrant_activation_checkpointing", "clip_fp32_gradients",
         "load_checkpoint", "_load_checkpoint", "load_universal_checkpoint", "save_checkpoint", "destroy",
         "train_batch", "eval_batch", "gradient_clipping", "train_batch_size", "zero_optimization",
-        "is_last_stage", "get_lr")),
+        "is_last_stage", "get_lr", "gradient_accumulation_steps", "_backward_prologue",
+        "_backward_prologue_per_tensor")),
     # ... and the instance attributes it reads or replaces
     Required(_PIPE_ENGINE, ASSIGNED, (
         "pipe_buffers", "grad_layer", "micro_batches", "num_stages", "stage_id", "using_bf16_optimizer",
         "module_forward_pre_hook", "module_forward_post_hook", "global_steps", "global_samples",
-        "_global_grad_norm", "optimizer")),
+        "_global_grad_norm", "optimizer", "loss")),
     # RackPipelineModule overrides / the engine, trainer and tools read
     Required(_PIPE_MODULE, ATTRIBUTE, ("_partition_layers", "_set_bounds", "_synchronize_tied_weights",
                                        "_recursive_getattr")),

@@ -12,8 +12,7 @@ dormant) after it, *backprop* stages after it (frozen layers the gradient passes
 autograd, backward for the input's gradient only, no optimizer), *train* stages. A ``"frozen"`` layer
 after a train layer becomes ``"frozen_backprop"`` (``layout.resolve_frozen``): frozen anywhere.
 Layers are gated by wrapping their ``PipelineModule.forward_funcs`` entries in ``roles.RoleGate``:
-parameter names, registered
-submodules and per-layer checkpoint files are untouched, so ``pipe.py`` marks nothing -- any
+parameter names, registered submodules and per-layer checkpoint files are untouched, so ``pipe.py`` marks nothing -- any
 ``PipelineModule`` works (tied layers are ``TiedLayerSpec``; the head's ``forward_fn`` partial
 is looked through to find its parameters). ``requires_grad`` is set per phase, never widened
 beyond a parameter's own setting (e.g. a fixed random projection stays frozen).
@@ -72,6 +71,8 @@ functions, rebuilt below), the ``_exec_*`` instruction methods, ``_train_schedul
 ``_exec_schedule``, ``pipe_buffers``/``grad_layer``, ``_configure_zero_optimizer`` and
 ``_configure_bf16_optimizer`` (called with ``None`` when there is no client optimizer),
 ``clip_fp32_gradients``, ``_load_checkpoint``, ``module_forward_{pre,post}_hook`` handles,
+``_backward_prologue``/``_backward_prologue_per_tensor`` (the hooks DeepSpeedEngine.forward puts on outputs),
+``loss`` (the last stage's micro-batch loss),
 ``DeepSpeedZeroOptimizer.bit16_groups``, the bf16 optimizer's ``param._hp_grad``,
 ``PipelineModule.forward_funcs``/``tied_comms``/``parts``/
 ``_grid``/``_layer_specs``/``is_checkpointable_results_interval``, ``ds_pipe_replicated``.
