@@ -54,6 +54,14 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and how to fix it."""
 
 
+# bf16 weights with gradients accumulated in fp32 (the bf16 template) are DeepSpeed's BF16_Optimizer, which it builds
+# only under ZeRO-1; without ZeRO it raises "unsupported mix of model_dtype=torch.bfloat16 and grad_accum_dtype=...".
+BF16_WITHOUT_ZERO = ("training.precision bf16 (what 'auto' picks on a GPU) needs parallel.zero_stage 1: DeepSpeed "
+                     "accumulates bf16 gradients in fp32 only under ZeRO-1 and refuses bf16 without ZeRO; set "
+                     "parallel.zero_stage 1 (the default, which also shards the optimizer over data-parallel replicas)"
+                     ", or training.precision fp32")
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -306,7 +314,8 @@ class ParallelConfig:
     pipeline_stages: Optional[int] = None
     """Pipeline stages; must divide n_stacks and the world size (None = the largest depth that divides both)."""
     zero_stage: int = 1
-    """ZeRO stage over the data-parallel replicas of each stage; 0 or 1 (2/3 do not work with pipelines)."""
+    """ZeRO stage over the data-parallel replicas of each stage; 0 or 1 (2/3 do not work with pipelines). bf16 needs
+    1: DeepSpeed accumulates bf16 gradients in fp32 only under ZeRO."""
     ds_config: str = "auto"
     """DeepSpeed JSON template: 'auto' (ds_configs/cpu_fp32.json or gpu_bf16.json) or a path."""
     activation_checkpoint_interval: int = 0
@@ -568,6 +577,9 @@ class StackWiseConfig:
         if self.parallel.zero_stage not in (0, 1):
             raise ConfigError(f"parallel.zero_stage ({self.parallel.zero_stage}) must be 0 or 1: "
                               "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism")
+        if (self.training.precision == Precision.BF16 and self.parallel.zero_stage == 0
+                and self.parallel.ds_config == "auto"):
+            raise ConfigError(BF16_WITHOUT_ZERO)
 
     @property
     def n_phases(self) -> int:

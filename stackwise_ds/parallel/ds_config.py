@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, ParallelConfig, TrainingConfig
+from ..config import BF16_WITHOUT_ZERO, ConfigError, ParallelConfig, TrainingConfig
 from ..enums import Precision
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -70,6 +70,8 @@ def build_ds_config(t: TrainingConfig, parallel: ParallelConfig, data_parallel_s
     }
     for dotted, value in filled.items():
         _set_checked(ds, dotted, value, path)
+    if bf16 and parallel.zero_stage == 0 and accumulates_in_fp32(ds):
+        raise ConfigError(f"{BF16_WITHOUT_ZERO} (DeepSpeed template {path} accumulates gradients in fp32)")
     if bf16 and ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"DeepSpeed template {path} enables fp16 while training.precision is bf16: "
                           "remove the fp16 section")
@@ -78,6 +80,12 @@ def build_ds_config(t: TrainingConfig, parallel: ParallelConfig, data_parallel_s
             raise ConfigError(f"DeepSpeed template {path} has an '{owned}' section: the trainer builds the "
                               "optimizer and learning-rate schedule per phase from training.*; remove it")
     return ds
+
+
+def accumulates_in_fp32(ds: dict[str, Any]) -> bool:
+    """Whether a DeepSpeed config accumulates gradients in fp32 (unset: in the weights' dtype)."""
+    dtype = ds.get("data_types", {}).get("grad_accum_dtype")
+    return str(dtype).lower() in ("fp32", "float32", "float", "torch.float32")
 
 
 def _set_checked(ds: dict[str, Any], dotted: str, value: Any, path: Path) -> None:
