@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
-from stackwise_ds.enums import LayoutKind, TokenizerKind, TrainingArchitecture
+from stackwise_ds.enums import LayoutKind, Precision, TokenizerKind, TrainingArchitecture
 from stackwise_ds.parallel.ds_config import build_ds_config
 
 
@@ -230,6 +230,15 @@ def test_bf16_without_zero_is_refused_where_the_template_accumulates_in_fp32(tmp
             assert build_ds_config(config.training, config.parallel, 1)["bf16"]["enabled"] is True
     shipped = StackWiseConfig.from_dict({"training": {"precision": "bf16"}, "parallel": {"zero_stage": 1}})
     assert build_ds_config(shipped.training, shipped.parallel, 1)["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_tf32_is_for_fp32_runs_on_cuda_only():
+    from stackwise_ds.parallel.ds_config import configure_fp32_matmuls, uses_tf32
+
+    assert uses_tf32(Precision.FP32, cuda=True)
+    assert not uses_tf32(Precision.BF16, cuda=True) and not uses_tf32(Precision.FP32, cuda=False)
+    assert not uses_tf32("fp32", cuda=False)
+    assert configure_fp32_matmuls(Precision.BF16) is False  # bf16 runs keep fp32 matmuls exact, on any machine
 
 
 def test_user_paths_are_expanded(monkeypatch, tmp_path):

@@ -26,6 +26,25 @@ def resolve_precision(precision: Precision) -> Precision:
     return Precision(precision)
 
 
+def uses_tf32(precision: Precision, cuda: bool) -> bool:
+    """Whether a run's fp32 matmuls run on TF32 tensor cores: fp32 training on CUDA (full fp32 matmuls there run
+    on the CUDA cores at a fraction of the speed; TF32 rounds the inputs to 10 mantissa bits and accumulates in
+    fp32). 'auto' on CUDA is bf16, and CPUs have no TF32."""
+    return cuda and Precision(precision) == Precision.FP32
+
+
+def configure_fp32_matmuls(precision: Precision) -> bool:
+    """Turn TF32 on for this process where ``uses_tf32``; returns whether it did."""
+    if not uses_tf32(precision, torch.cuda.is_available()):
+        return False
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    return True
+
+
 def template_path(training: TrainingConfig, parallel: ParallelConfig) -> Path:
     choice = parallel.ds_config
     if choice != "auto":

@@ -31,7 +31,7 @@ from ..config import ModelConfig, ParallelConfig, StackWiseConfig, TrainingConfi
 from ..enums import OptimizerAcrossPhases, Precision
 from ..layout import LayerUnit, layer_units
 from ..model import Rack
-from ..parallel.ds_config import resolve_precision
+from ..parallel.ds_config import configure_fp32_matmuls, resolve_precision
 from ..phases import Phase, plan_phases
 from ..placement import PhaseLayout, plan_phase_layouts
 from .checkpoints import Checkpointer
@@ -86,6 +86,7 @@ class ArchitectureTrainer:
         yields validation micro-batches (default: the held-out split of ``config.data``).
         """
         rank, world_size = start_distributed(self.config.parallel, self.output_dir)
+        configure_fp32_matmuls(self.config.training.precision)
         with lock_output_dir(self.output_dir, rank, world_size):  # only a clean end clears its record
             return self._train_locked(rank, world_size, rack, dataloader, val_data)
 
