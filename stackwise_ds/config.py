@@ -125,6 +125,10 @@ class ModelConfig:
     """Keep every SwiGLU up-projection at its random initialisation."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections get init_std / sqrt(2 * n_blocks)."""
+    compile: bool = False
+    """torch.compile each Block (its forward, and the backward through it): fewer kernel launches and fused
+    elementwise work on GPUs; the first steps of each phase pay the compile (tens of seconds), and weights and
+    checkpoints are unchanged, so a run may resume with it switched."""
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
     kernel: KernelAttentionConfig = field(default_factory=KernelAttentionConfig)

@@ -159,11 +159,15 @@ def load_state(checkpoint_dir: Path, tag: str) -> TrainingState:
                               f"delete that folder to resume from an earlier checkpoint") from exc
 
 
+# model.* keys that change how the weights are used, not which weights there are
+NOT_ARCHITECTURE = frozenset({"dropout", "compile"})
+
+
 def check_same_architecture(saved_model: dict[str, Any], current_model: dict[str, Any], where: Path) -> None:
     """Refuse to resume a checkpoint of another architecture, naming the first differing keys."""
     differences = [f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {current_model.get(k)!r}"
                    for k in sorted(set(saved_model) | set(current_model))
-                   if k != "dropout" and saved_model.get(k) != current_model.get(k)]
+                   if k not in NOT_ARCHITECTURE and saved_model.get(k) != current_model.get(k)]
     if differences:
         raise CheckpointError(
             f"checkpoint in {where} was trained with another architecture ({'; '.join(differences[:4])}): "
