@@ -234,9 +234,10 @@ class TrainingConfig:
     skips the frozen forward; at a phase change the just-frozen stack runs once over the cached windows. 'off':
     the prefix runs every time. Needs the frozen embedding (phases after the first), model.dropout 0 and the data of
     config.data; the prefix must sit on the first pipeline stage (else that phase computes, with a warning)."""
-    stack_cache_dtype: CacheDtype = CacheDtype.FP32
-    """How the cache stores activations: 'fp32' (exact: the losses are bitwise those without the cache) or 'bf16'
-    (half the disk; the training stack sees bf16-rounded inputs)."""
+    stack_cache_dtype: CacheDtype = CacheDtype.AUTO
+    """How the cache stores activations: 'auto' (their own dtype: bf16 on bf16 runs, fp32 on fp32 ones; exact, so
+    the losses are bitwise those without the cache), 'fp32' (exact) or 'bf16' (half the disk of fp32; on an fp32 run
+    the training stack then sees bf16-rounded inputs)."""
     stack_cache_max_gb: float = 16.0
     """Bound on the cache's file on each node; windows beyond it are computed each time (with one warning)."""
     stack_cache_dir: Optional[str] = None

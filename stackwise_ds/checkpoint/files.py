@@ -200,8 +200,8 @@ def check_resumable_changes(saved: dict[str, Any], current: dict[str, Any], wher
         warnings.simplefilter("ignore", DeprecationWarning)
         saved = migrate_legacy_keys(copy.deepcopy(saved))
     # a key the saved config lacks (written before the setting existed) had its default value
-    old = {**_flatten(StackWiseConfig().to_dict()), **_flatten(saved)}
-    new = _flatten(current)
+    old = _cache_storage_as_numbers({**_flatten(StackWiseConfig().to_dict()), **_flatten(saved)})
+    new = _cache_storage_as_numbers(_flatten(current))
     changed = [f"{key}: checkpoint {old.get(key)!r} vs config {new.get(key)!r}"
                for key in sorted(set(old) | set(new))
                if not key.startswith("model.") and key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
@@ -209,6 +209,15 @@ def check_resumable_changes(saved: dict[str, Any], current: dict[str, Any], wher
         raise CheckpointError(
             f"the config changes settings that the run in {where} cannot continue with ({'; '.join(changed[:6])}): "
             "put the saved values back to resume, or train with the new ones in a new training.output_dir")
+
+
+def _cache_storage_as_numbers(flat: dict[str, Any]) -> dict[str, Any]:
+    """training.stack_cache_dtype as what it does to the numbers: 'exact' where the cache is off or stores the
+    activations exactly ('auto', 'fp32', or 'bf16' on a bf16 run), so a resume may switch between those."""
+    dtype = flat.get("training.stack_cache_dtype")
+    exact = (flat.get("training.stack_cache") in ("off", False) or dtype in ("auto", "fp32")
+             or (dtype == "bf16" and flat.get("training.precision") == "bf16"))
+    return {**flat, "training.stack_cache_dtype": "exact" if exact else dtype}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -147,7 +147,7 @@ class ArchitectureTrainer:
             feeds.check_bundle(plan.init_dir, self.output_dir, rank)
         monitor = Monitor(self.output_dir, enabled=rank == 0, progress_bar=t.progress_bar,
                           log_interval=t.log_interval)
-        stack_cache = (ActivationCache(t, self.output_dir, cfg.data.seq_len, cfg.model.d_model, rank)
+        stack_cache = (ActivationCache(t, cfg.model, self.output_dir, cfg.data.seq_len, rank)
                        if ActivationCache.wanted(t) else None)
         pipeline = PhasePipeline(cfg.model, t, cfg.parallel, rank, world_size, self._units(), rack, feeds,
                                  stack_cache)
@@ -279,6 +279,7 @@ class PhaseRunner:
         record["stack_cache"] = cache
         self.monitor.message(f"[stackwise] stack cache, phase {phase.name}: " + (
             f"{cache['read']} windows read, {cache['computed']} computed, {cache['advanced']} advanced"
+            + (f", {cache['corrupt']} corrupt (computed again)" if cache["corrupt"] else "")
             if cache["ranks"] else "not in use (see the warning), the frozen prefix ran every time"))
         served = cache["read"] + cache["computed"]
         self.monitor.scalars({"stack_cache/read_share": cache["read"] / served if served else 0.0,
