@@ -21,6 +21,7 @@ activations kept per window, ``training.stack_cache``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -212,9 +213,11 @@ class PhaseRunner:
 
     def run_phase(self, phase: Phase, layout: PhaseLayout, phases: list[Phase],
                   state: ckpt.TrainingState) -> ckpt.TrainingState:
+        started = time.perf_counter()
         engine = self._start_engine(phase, layout, phases, state)
+        engine_start_s = round(time.perf_counter() - started, 3)  # a phase change: re-placement, engine, groups
         state.layout = layout.to_dict()
-        record = self._open_record(phase, engine, state)
+        record = self._open_record(phase, engine, state) | {"engine_start_s": engine_start_s}
         self.monitor.start_phase(phase, len(phases), state.phase_step, state.global_step)
         self.monitor.layout(layout, state.global_step)
         run = PhaseRun(phase, engine, state, self.pipeline.pipe.stage_id, self.pipeline.train_source,
