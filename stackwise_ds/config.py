@@ -55,6 +55,14 @@ class ConfigError(ValueError):
     """A configuration problem; the message names the key and how to fix it."""
 
 
+# bf16 weights with gradients accumulated in fp32 (the bf16 template) are DeepSpeed's BF16_Optimizer, which it builds
+# only under ZeRO-1; without ZeRO it raises "unsupported mix of model_dtype=torch.bfloat16 and grad_accum_dtype=...".
+BF16_WITHOUT_ZERO = ("training.precision bf16 (what 'auto' picks on a GPU) needs parallel.zero_stage 1: DeepSpeed "
+                     "accumulates bf16 gradients in fp32 only under ZeRO-1 and refuses bf16 without ZeRO; set "
+                     "parallel.zero_stage 1 (the default, which also shards the optimizer over data-parallel replicas)"
+                     ", or training.precision fp32")
+
+
 # --------------------------------------------------------------------------- model
 
 
@@ -118,6 +126,10 @@ class ModelConfig:
     """Keep every SwiGLU up-projection at its random initialisation."""
     init_std: float = 0.02
     """Std of the normal init; residual output projections get init_std / sqrt(2 * n_blocks)."""
+    compile: bool = False
+    """torch.compile each Block (its forward, and the backward through it): fewer kernel launches and fused
+    elementwise work on GPUs; the first steps of each phase pay the compile (tens of seconds), and weights and
+    checkpoints are unchanged, so a run may resume with it switched."""
     architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
     kernel: KernelAttentionConfig = field(default_factory=KernelAttentionConfig)
@@ -248,9 +260,10 @@ class TrainingConfig:
     skips the frozen forward; at a phase change the just-frozen stack runs once over the cached windows. 'off':
     the prefix runs every time. Needs the frozen embedding (phases after the first), model.dropout 0 and the data of
     config.data; the prefix must sit on the first pipeline stage (else that phase computes, with a warning)."""
-    stack_cache_dtype: CacheDtype = CacheDtype.FP32
-    """How the cache stores activations: 'fp32' (exact: the losses are bitwise those without the cache) or 'bf16'
-    (half the disk; the training stack sees bf16-rounded inputs)."""
+    stack_cache_dtype: CacheDtype = CacheDtype.AUTO
+    """How the cache stores activations: 'auto' (their own dtype: bf16 on bf16 runs, fp32 on fp32 ones; exact, so
+    the losses are bitwise those without the cache), 'fp32' (exact) or 'bf16' (half the disk of fp32; on an fp32 run
+    the training stack then sees bf16-rounded inputs)."""
     stack_cache_max_gb: float = 16.0
     """Bound on the cache's file on each node; windows beyond it are computed each time (with one warning)."""
     stack_cache_dir: Optional[str] = None
@@ -333,7 +346,8 @@ class ParallelConfig:
     pipeline_stages: Optional[int] = None
     """Pipeline stages; must divide n_stacks and the world size (None = the largest depth that divides both)."""
     zero_stage: int = 1
-    """ZeRO stage over the data-parallel replicas of each stage; 0 or 1 (2/3 do not work with pipelines)."""
+    """ZeRO stage over the data-parallel replicas of each stage; 0 or 1 (2/3 do not work with pipelines). bf16 needs
+    1: DeepSpeed accumulates bf16 gradients in fp32 only under ZeRO."""
     ds_config: str = "auto"
     """DeepSpeed JSON template: 'auto' (ds_configs/cpu_fp32.json or gpu_bf16.json) or a path."""
     activation_checkpoint_interval: int = 0
@@ -609,6 +623,9 @@ class StackWiseConfig:
         if self.parallel.zero_stage not in (0, 1):
             raise ConfigError(f"parallel.zero_stage ({self.parallel.zero_stage}) must be 0 or 1: "
                               "DeepSpeed refuses ZeRO-2/3 with pipeline parallelism")
+        if (self.training.precision == Precision.BF16 and self.parallel.zero_stage == 0
+                and self.parallel.ds_config == "auto"):
+            raise ConfigError(BF16_WITHOUT_ZERO)
 
     @property
     def n_phases(self) -> int:

@@ -167,7 +167,8 @@ class StackCache(Choice):
 
 
 class CacheDtype(Choice):
-    """How cached activations are stored: exact ('fp32') or at half the bytes ('bf16')."""
+    """How cached activations are stored: in their own dtype ('auto'), fp32 or bf16."""
 
+    AUTO = "auto"
     FP32 = "fp32"
     BF16 = "bf16"

@@ -21,7 +21,8 @@ step of ``m`` micro-batches over stage costs ``c_s`` takes about ``sum(c_s) + (m
 (fill and drain, then the slowest stage sets the pace). Among the layouts that fit the memory
 bound, the plan with the lowest predicted step time wins (ties: the shallower pipeline). With
 ``training.stack_cache: disk`` a phase's frozen prefix stays on the first stage, where the cache reads it
-instead of running it, and costs nothing, unless no such placement fits.
+instead of running it, and costs nothing, unless no such placement fits (``cached_prefix_seconds`` predicts
+whether reading it is cheaper than running it at all; the cache warns when it is not).
 Communication is not modelled: on GPUs inside a node it is small next to compute for these
 activation sizes; ``benchmarks/`` reports predicted against measured step times.
 
@@ -54,6 +55,11 @@ ELASTIC, FIXED = LayoutKind.ELASTIC, LayoutKind.FIXED
 ROLE_FACTOR = {TRAIN: 3.0, FROZEN_BACKPROP: 2.0, FROZEN: 1.0, DORMANT: 0.0}
 ATTN_FLOPS_PER_TD = 4
 MB = 2**20
+# The stack cache's break-even, per rank: the rate a frozen forward runs at, and the rate windows come from the cache
+# (its file, mostly from the page cache, then to the device). Orders of magnitude, not measurements: reading pays
+# for a deep prefix on a slow device (a CPU) and rarely on a GPU, whose forward outruns any read.
+FROZEN_FORWARD_FLOPS_PER_S = {"cuda": 2e14, "cpu": 5e10}
+CACHE_READ_BYTES_PER_S = {"cuda": 5e9, "cpu": 5e9}
 
 
 @dataclass(frozen=True)
@@ -167,6 +173,15 @@ def layer_costs(model: ModelConfig, seq_len: int, micro_batch: int, bf16: bool =
     head = LayerCost(2 * tokens * d * vocab + 5 * tokens * vocab, 0 if model.tie_embeddings else vocab * d,
                      2 * tokens * vocab * 4)  # fp32 logits and their gradient
     return [embedding, *[block] * model.n_blocks, norm, head]
+
+
+def cached_prefix_seconds(model: ModelConfig, seq_len: int, boundary: int, bytes_per_value: int,
+                          device_type: str) -> tuple[float, float]:
+    """Predicted (read, recompute) seconds per window for the frozen prefix of pipeline layers 0..``boundary``:
+    reading its output [seq_len, d_model] from the stack cache against running its forward on ``device_type``."""
+    flops = sum(cost.forward_flops for cost in layer_costs(model, seq_len, micro_batch=1)[:boundary + 1])
+    read_s = seq_len * model.d_model * bytes_per_value / CACHE_READ_BYTES_PER_S[device_type]
+    return read_s, flops / FROZEN_FORWARD_FLOPS_PER_S[device_type]
 
 
 _BLOCK_PARAMS: dict[str, tuple[int, int]] = {}

@@ -336,6 +336,9 @@ def clipping_matches_reference(out: dict, _ckpt: str) -> None:
         engine = build_engine(pipe, config, layer_roles, adamw)
         out[name] = compare_with_reference(engine, layer_roles, 4, steps=5, gas=4, clip=0.05, seed=3)
         out[name]["layer_grad_norms"] = gather(engine.layer_grad_norms())
+        engine.record_grad_norms = False  # a step that does not log them (the step loop's choice)
+        engine.train_batch(batches(5))
+        out[name]["quiet_step_grad_norms"] = gather(engine.layer_grad_norms())
 
 
 def bf16_layouts(out: dict, _ckpt: str) -> None:

@@ -143,6 +143,29 @@ def test_gqa_shares_each_kv_head_across_its_query_group():
     torch.testing.assert_close(attn(x), mha(x))
 
 
+@pytest.mark.parametrize("causal", [True, False])
+def test_sdpa_grouped_heads_equal_the_repeated_kv_path(causal):
+    from stackwise_ds.model.attention import SDPA_HAS_GQA, grouped_attention
+
+    assert SDPA_HAS_GQA, "torch >= 2.5 has enable_gqa"
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 12, 8, generator=gen, dtype=torch.float64) for n in (6, 2, 2))
+    native = grouped_attention(q, k, v, native=True, is_causal=causal)
+    repeated = grouped_attention(q, k, v, native=False, is_causal=causal)
+    expected = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                              is_causal=causal)
+    assert torch.allclose(native, repeated, atol=1e-12) and torch.equal(repeated, expected)
+
+
+def test_grouped_heads_go_native_where_flash_attention_takes_them():
+    from stackwise_ds.model.attention import native_gqa
+
+    assert native_gqa("cuda", torch.bfloat16, 4) and native_gqa("cuda", torch.float16, 2)
+    assert not native_gqa("cuda", torch.float32, 4), "fp32 on CUDA: the memory-efficient kernel refuses groups"
+    assert not native_gqa("cpu", torch.bfloat16, 4), "CPU's flash kernel refuses groups"
+    assert not native_gqa("cuda", torch.bfloat16, 1), "no groups: plain MHA"
+
+
 def test_gqa_block_matches_hugging_face_llama_decoder_layer():
     """Names, shapes, RoPE convention, GQA grouping and norms all map 1:1 onto LlamaDecoderLayer."""
     from transformers import LlamaConfig

@@ -60,3 +60,15 @@ def test_gpu_check_records_a_killed_step_and_compares_the_precisions(tmp_path):
     summary = gpu_check.summary(steps)
     assert summary["int8_step_vs_same"] == 1.25 and summary["int8_val_loss_delta"] == 0.01
     assert "bf16_step_vs_same" not in summary and summary["gpu_tokens_per_s"] is None
+
+
+def test_gpu_check_runs_offline_with_python3_and_writes_where_out_says():
+    script = (REPO / "benchmarks" / "gpu_check.sh").read_text()
+    assert 'PYTHON=${PYTHON:-python3}' in script and "export HF_HUB_OFFLINE=1" in script
+    commands = [line for line in script.splitlines() if not line.lstrip().startswith("#")]
+    plain = [line for line in commands if re.search(r"(^|\s)python\s", line)]
+    assert not plain, "python3 only: a node may have no plain python"
+    assert 'RESULTS=${OUT:-benchmarks/results}' in script and 'RESULTS=${OUT:-${TMPDIR:-/tmp}}' in script
+    assert "pip install --quiet --no-index --no-deps --upgrade --target" in script
+    assert "stackwise_bf16" not in gpu_check.STEPS, "on a bf16 run it repeats stackwise_same"
+    assert len(gpu_check.NOT_TESTED_ON_ONE_GPU) == 4

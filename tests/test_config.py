@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
-from stackwise_ds.enums import LayoutKind, TokenizerKind, TrainingArchitecture
+from stackwise_ds.enums import LayoutKind, Precision, TokenizerKind, TrainingArchitecture
 from stackwise_ds.parallel.ds_config import build_ds_config
 
 
@@ -155,6 +155,9 @@ def test_legacy_and_new_key_in_conflict_is_an_error():
     ({"model": {"architecture": {"n_stacks": 3}}, "parallel": {"pipeline_stages": 2}},
      r"pipeline_stages \(2\) must divide model.architecture.n_stacks \(3\).*use one of \[1, 3\]"),
     ({"parallel": {"zero_stage": 2}}, "DeepSpeed refuses ZeRO-2/3 with pipeline"),
+    ({"training": {"precision": "bf16"}, "parallel": {"zero_stage": 0}},
+     "training.precision bf16 .* needs parallel.zero_stage 1: .*; set parallel.zero_stage 1 .*or training.precision "
+     "fp32"),
     ({"training": {"training_architecture": "stackwise", "steps_per_phase": [1, 2, 3]}},
      "lists 3 values but stackwise training has 2 phases"),
     ({"training": {"training_architecture": "layerwise"}}, "training_architecture is 'layerwise'"),
@@ -209,6 +212,33 @@ def test_ds_config_is_filled_from_yaml_and_contradictions_fail(tmp_path):
     template.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "optimizer": {"type": "Adam"}}))
     with pytest.raises(ConfigError, match="has an 'optimizer' section"):
         build_ds_config(clash.training, clash.parallel, 1)
+
+
+def test_bf16_without_zero_is_refused_where_the_template_accumulates_in_fp32(tmp_path):
+    """DeepSpeed builds no optimizer for bf16 weights with fp32 gradient accumulation without ZeRO: a template that
+    does so is refused with the fix; one that accumulates in bf16 (DeepSpeed's BF16_Optimizer) is passed on."""
+    template = tmp_path / "ds.json"
+    run = {"training": {"precision": "bf16"}, "parallel": {"zero_stage": 0, "ds_config": str(template)}}
+    for accumulation, refused in (("fp32", True), ("float32", True), ("bf16", False), (None, False)):
+        template.write_text(json.dumps({} if accumulation is None else {"data_types": {"grad_accum_dtype":
+                                                                                         accumulation}}))
+        config = StackWiseConfig.from_dict(run)
+        if refused:
+            with pytest.raises(ConfigError, match=f"needs parallel.zero_stage 1.*template {template} accumulates"):
+                build_ds_config(config.training, config.parallel, 1)
+        else:
+            assert build_ds_config(config.training, config.parallel, 1)["bf16"]["enabled"] is True
+    shipped = StackWiseConfig.from_dict({"training": {"precision": "bf16"}, "parallel": {"zero_stage": 1}})
+    assert build_ds_config(shipped.training, shipped.parallel, 1)["data_types"]["grad_accum_dtype"] == "fp32"
+
+
+def test_tf32_is_for_fp32_runs_on_cuda_only():
+    from stackwise_ds.parallel.ds_config import configure_fp32_matmuls, uses_tf32
+
+    assert uses_tf32(Precision.FP32, cuda=True)
+    assert not uses_tf32(Precision.BF16, cuda=True) and not uses_tf32(Precision.FP32, cuda=False)
+    assert not uses_tf32("fp32", cuda=False)
+    assert configure_fp32_matmuls(Precision.BF16) is False  # bf16 runs keep fp32 matmuls exact, on any machine
 
 
 def test_user_paths_are_expanded(monkeypatch, tmp_path):

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from deepspeed.runtime.pipe.schedule import (
     BackwardPass,
     ForwardPass,
@@ -182,6 +183,8 @@ def test_clipping_matches_single_process_reference(pp2, variant):
     assert min(result["ref_grad_norms"]) > 10 * 0.05  # clipping is active on every step
     _assert_matches_reference(result)
     assert result["layer_grad_norms"][0] == {} and set(result["layer_grad_norms"][1]) == {"3", "4", "5", "6"}
+    assert all(v > 0 for v in result["layer_grad_norms"][1].values())
+    assert result["quiet_step_grad_norms"] == [{}, {}], "a step that does not log computes no norms"
 
 
 @pytest.mark.parametrize("phase, expected", [
@@ -233,6 +236,18 @@ def test_bf16_optimizer_layouts(pp2, layout):
 
 
 # ----------------------------------------------------------------------------- plans and schedules
+
+def test_grouped_norms_equal_the_per_layer_norms_from_one_batched_call():
+    from stackwise_ds.parallel.engine import grouped_norms
+
+    gen = torch.Generator().manual_seed(0)
+    layers = [[torch.randn(4, 3, generator=gen), torch.randn(3, generator=gen)], [torch.randn(5, generator=gen)],
+              [torch.randn(2, 2, generator=gen) * 1e3, torch.zeros(7), torch.randn(1, generator=gen)]]
+    expected = [sum(float(g.double().pow(2).sum()) for g in grads) ** 0.5 for grads in layers]
+    got = grouped_norms([g for grads in layers for g in grads], [len(grads) for grads in layers])
+    assert got == pytest.approx(expected, rel=1e-6)
+    assert grouped_norms([], []) == []
+
 
 def test_make_plan_derives_stage_roles_and_rejects_bad_layouts():
     plan = make_plan({0: FROZEN, 1: FROZEN, 2: TRAIN, 3: DORMANT, 4: DORMANT, 5: TRAIN}, [0, 2, 3, 5, 6])

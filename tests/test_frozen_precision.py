@@ -104,6 +104,24 @@ def test_int8_quantization_is_per_output_channel_and_the_fallback_matmul_agrees(
     assert relative(packed.float(), fallback.float()) < 0.01
 
 
+def test_int8_takes_cublas_for_a_cuda_training_batch_and_the_packed_kernel_for_cpu_and_decoding(monkeypatch):
+    from stackwise_ds.parallel.precision import BF16_MATMUL, CUDA_PACKED_MAX_ROWS, DEQUANTIZE, PACKED, int8_path
+
+    monkeypatch.setattr(precision, "_PACKED_MM_WORKS", {})
+    bf16 = torch.bfloat16
+    assert int8_path("cuda", bf16, 8 * 512) == DEQUANTIZE, "a micro-batch on CUDA: bf16 dequantize + cuBLAS"
+    assert int8_path("cuda", bf16, CUDA_PACKED_MAX_ROWS + 1) == DEQUANTIZE
+    assert int8_path("cuda", bf16, CUDA_PACKED_MAX_ROWS) == int8_path("cuda", bf16, 1) == PACKED, "decoding"
+    assert int8_path("cpu", bf16, 8 * 512) == PACKED, "on CPU the packed kernel beats dequantizing"
+    assert int8_path("cuda", torch.float32, 8 * 512) == DEQUANTIZE
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: True)
+    assert int8_path("cpu", torch.float32, 64) == BF16_MATMUL
+    monkeypatch.setattr(precision, "cpu_has_bf16_matmul", lambda: False)
+    assert int8_path("cpu", torch.float32, 64) == DEQUANTIZE
+    precision._PACKED_MM_WORKS[("cuda", bf16)] = False  # an older torch without the CUDA kernel
+    assert int8_path("cuda", bf16, 1) == DEQUANTIZE
+
+
 def test_each_block_takes_its_stacks_precision():
     """Blocks (also blockwise units) run in their stack's entry; embedding, norm and head never convert."""
     units = layer_units(2, 2)  # embedding, stack 0 blocks (1, 2), stack 1 blocks (3, 4), norm, head

@@ -124,3 +124,44 @@ def test_tiny_rack_overfits_one_batch(attention_type):
         if loss.item() < 0.1 * losses[0]:
             break
     assert losses[-1] < 0.1 * losses[0], f"{attention_type}: {losses[0]:.3f} -> {losses[-1]:.3f}"
+
+
+def _losses_of_three_adamw_steps(config: StackWiseConfig) -> tuple[list[float], Rack]:
+    rack = create_rack_from_config(config)
+    optimizer = torch.optim.AdamW(rack.parameters(), lr=1e-2)
+    tokens = torch.randint(0, config.model.vocab_size, (2, config.data.seq_len + 1),
+                           generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(3):
+        logits = rack(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, rack
+
+
+@pytest.mark.multiprocess  # torch.compile's inductor runs the C++ compiler in processes of its own
+def test_compiled_blocks_train_to_the_losses_of_eager_ones():
+    from torch._dynamo.utils import counters
+
+    raw = {"model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 16,
+                     "architecture": {"n_stacks": 1, "blocks_per_stack": 2}}, "data": {"seq_len": 16}}
+    eager, eager_rack = _losses_of_three_adamw_steps(StackWiseConfig.from_dict(raw))
+    raw["model"]["compile"] = True
+    counters.clear()
+    compiled, compiled_rack = _losses_of_three_adamw_steps(StackWiseConfig.from_dict(raw))
+    assert counters["stats"]["unique_graphs"] >= 1, "dynamo compiled the blocks' forward"
+    assert compiled == pytest.approx(eager, rel=1e-4) and compiled[-1] < compiled[0]
+    assert list(compiled_rack.state_dict()) == list(eager_rack.state_dict()), "names and checkpoints unchanged"
+
+
+def test_a_run_may_resume_with_compile_switched():
+    from stackwise_ds.checkpoint.files import CheckpointError, check_same_architecture
+
+    saved = StackWiseConfig().to_dict()["model"]
+    check_same_architecture(saved, {**saved, "compile": True}, where="run")
+    check_same_architecture({k: v for k, v in saved.items() if k != "compile"}, saved, where="run")  # older run
+    with pytest.raises(CheckpointError, match="model.d_model"):
+        check_same_architecture(saved, {**saved, "d_model": 512}, where="run")

@@ -42,15 +42,24 @@ def test_an_fp32_store_gives_back_exactly_what_it_kept_and_only_that(tmp_path):
     assert torch.equal(ActivationStore.open(tmp_path / "store").get(np.array([4]))[1], rows[:1])
 
 
-def test_a_bf16_store_rounds_as_bf16_and_round_trip_says_what_a_read_returns(tmp_path):
+def test_a_bf16_store_keeps_bf16_and_gives_it_back_as_such(tmp_path):
     store = make_store(tmp_path, dtype=CacheDtype.BF16)
     rows = torch.randn(2, T, D)
-    store.put(np.array([0, 1]), rows)
+    store.put(np.array([0, 1]), rows)  # fp32 activations: converted where they are
     _, got = store.get(np.array([0, 1]))
-    assert torch.equal(got, rows.to(torch.bfloat16).float())
-    assert not torch.equal(got, rows)
-    assert torch.equal(store.round_trip(rows), got)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, rows.to(torch.bfloat16))
+    assert not torch.equal(got.float(), rows)
     assert (tmp_path / "store" / "activations.bin").stat().st_size == 6 * T * D * 2  # half of fp32
+
+
+def test_a_read_goes_into_the_buffer_it_is_given(tmp_path):
+    store = make_store(tmp_path)
+    rows = torch.randn(2, T, D)
+    store.put(np.array([3, 1]), rows)
+    buffer = torch.full((4, T, D), float("nan"))
+    hit, got = store.get(np.array([1, 2, 3]), out=buffer)
+    assert hit.tolist() == [True, False, True] and got.data_ptr() == buffer.data_ptr()
+    assert torch.equal(buffer[:2], rows[[1, 0]]) and buffer[2:].isnan().all()
 
 
 def test_windows_beyond_the_size_bound_are_never_kept(tmp_path):
@@ -69,6 +78,37 @@ def test_a_torn_slot_reads_as_empty(tmp_path):
     store.put(np.array([1]), torch.randn(1, T, D))
     store.slots[1, 0, 0] += 1.0
     assert store.get(np.array([1]))[0].tolist() == [False]
+    assert store.corrupt == 1
+
+
+@pytest.mark.parametrize("dtype", [CacheDtype.FP32, CacheDtype.BF16])
+@pytest.mark.parametrize("damage", ["lowest bit of the last word", "a zeroed tail", "two slots swapped"])
+def test_the_checksum_finds_every_damaged_slot_and_keeps_the_intact_ones(tmp_path, dtype, damage):
+    store = make_store(tmp_path, dtype=dtype)
+    rows = torch.randn(4, T, D)
+    store.put(np.arange(4), rows)
+    bits = store.slots.reshape(len(store.slots), -1).view(np.uint8)  # [slots, bytes], the file itself
+    if damage == "lowest bit of the last word":
+        bits[2, -8] ^= 1
+    elif damage == "a zeroed tail":
+        bits[2, -24:] = 0
+    else:
+        store.slots[[2, 3]] = store.slots[[3, 2]]
+    hit, got = store.get(np.arange(4))
+    damaged = [2, 3] if damage == "two slots swapped" else [2]
+    assert hit.tolist() == [w not in damaged for w in range(4)] and store.corrupt == len(damaged)
+    assert torch.equal(got, rows[~torch.from_numpy(hit) == False].to(store.dtype))  # noqa: E712
+
+
+def test_a_store_of_the_former_checksum_is_not_read(tmp_path):
+    """A store made before the checksum changed (its meta.json names none) is made again, not misread."""
+    import json
+
+    make_store(tmp_path)
+    meta = json.loads((tmp_path / "store" / "meta.json").read_text())
+    del meta["checksum"]
+    (tmp_path / "store" / "meta.json").write_text(json.dumps(meta))
+    assert ActivationStore.open(tmp_path / "store") is None
 
 
 def test_a_store_that_cannot_be_allocated_raises_and_leaves_nothing(tmp_path):
@@ -118,9 +158,41 @@ def test_the_gate_reads_kept_windows_and_runs_the_prefix_only_for_new_ones(tmp_p
     assert torch.equal(first, gate.run_prefix(tokens)) and block.rows == 4  # computed, then once more to compare
     mixed = gate((torch.stack([tokens[1], tokens[0] + 1]), torch.tensor([5, 0])))
     assert block.rows == 5, "window 5 was kept: only window 0 runs the prefix"
-    assert torch.equal(mixed[0], first[1])
+    assert torch.equal(mixed[0], first[1]) and torch.equal(mixed[1], gate.run_prefix(tokens[:1] + 1)[0])
     assert (gate.read, gate.computed) == (1, 3)
     assert torch.equal(gate(tokens), first), "plain inputs (validation) run the prefix"
+
+
+def test_a_miss_hands_on_the_fresh_activations_and_a_hit_the_stored_ones(tmp_path):
+    """bf16 storage under fp32 activations: the window computed now goes on as computed (no round trip through
+    the store), the one read comes back in the stage's dtype from its bf16 bits."""
+    stage = Stage([Counting(1.0), Counting(1.0 / 3.0)])
+    gate = install_prefix_cache(stage, boundary=1, store=make_store(tmp_path, dtype=CacheDtype.BF16), d_model=D)
+    tokens = torch.arange(T).reshape(1, T)
+    fresh = gate((tokens, torch.tensor([2])))
+    read = gate((tokens, torch.tensor([2])))
+    assert torch.equal(fresh, gate.run_prefix(tokens)) and read.dtype == torch.float32
+    assert torch.equal(read, fresh.to(torch.bfloat16).float()) and not torch.equal(read, fresh)
+
+
+def test_a_corrupt_slot_is_computed_again_and_warned_about_once_with_the_count(tmp_path, capsys):
+    from stackwise_ds.training.stack_cache import ActivationCache, corrupt_warning
+
+    store = make_store(tmp_path)
+    gate = install_prefix_cache(Stage([Counting(1.0), Counting(2.0)]), boundary=1, store=store, d_model=D)
+    tokens = torch.arange(3 * T).reshape(3, T)
+    first = gate((tokens, torch.tensor([0, 1, 2])))
+    store.slots[1, T - 1, D - 1] = 7.0
+    again = gate((tokens, torch.tensor([0, 1, 2])))
+    assert torch.equal(again, first) and (gate.read, gate.computed, store.corrupt) == (2, 4, 1)
+    config = StackWiseConfig.from_dict(cache_config())
+    cache = ActivationCache(config.training, config.model, tmp_path, seq_len=T, rank=0)
+
+    for count in (1, 3):
+        cache._warn("corrupt", corrupt_warning(count, cache.root))
+    printed = capsys.readouterr().out
+    warnings = re.findall(r"WARNING stack cache: (\d+) cached window\(s\) failed their checksum", printed)
+    assert warnings == ["1"]
 
 
 def cache_config(**training):
@@ -134,7 +206,7 @@ def cache_config(**training):
     ({"freeze_embedding": False}, {}, "needs a frozen embedding"),
     ({}, {"dropout": 0.1}, "model.dropout"),
     ({"stack_cache_max_gb": 0}, {}, "stack_cache_max_gb must be positive"),
-    ({"stack_cache_dtype": "fp16"}, {}, "must be one of: fp32, bf16"),
+    ({"stack_cache_dtype": "fp16"}, {}, "must be one of: auto, fp32, bf16"),
     ({"phase_data": "again"}, {}, "must be one of: continue, repeat"),
 ])
 def test_settings_the_cache_cannot_serve_are_refused_with_the_fix(training, model, fragment):
@@ -142,6 +214,33 @@ def test_settings_the_cache_cannot_serve_are_refused_with_the_fix(training, mode
     raw["model"].update(model)
     with pytest.raises(ConfigError, match=re.escape(fragment)):
         StackWiseConfig.from_dict(raw)
+
+
+def test_the_cache_stores_the_activations_in_their_own_dtype_by_default():
+    from stackwise_ds.training.stack_cache import storage_dtype
+
+    def stored(**training) -> CacheDtype:
+        return storage_dtype(StackWiseConfig.from_dict(cache_config(**training)).training)
+
+    assert StackWiseConfig().training.stack_cache_dtype == CacheDtype.AUTO
+    assert stored(precision="bf16") == CacheDtype.BF16 and stored(precision="fp32") == CacheDtype.FP32
+    assert stored(precision="bf16", stack_cache_dtype="fp32") == CacheDtype.FP32
+    assert stored(precision="fp32", stack_cache_dtype="bf16") == CacheDtype.BF16
+
+
+def test_the_planner_predicts_reading_pays_on_a_cpu_and_warns_where_running_the_prefix_is_cheaper():
+    from stackwise_ds.placement import cached_prefix_seconds
+    from stackwise_ds.training.stack_cache import reading_is_slower
+
+    model = StackWiseConfig.from_dict(cache_config()).model
+    read_s, run_s = cached_prefix_seconds(model, 32, boundary=2, bytes_per_value=4, device_type="cpu")
+    assert 0 < read_s < run_s
+    assert reading_is_slower(model, 32, 2, CacheDtype.FP32, "cpu") is None
+    warning = reading_is_slower(model, 32, 2, CacheDtype.BF16, "cuda")
+    assert warning.startswith("the planner predicts that running the frozen prefix (layers 0-2) on cuda is cheaper")
+    assert "training.stack_cache 'off'" in warning
+    deeper = cached_prefix_seconds(model, 32, boundary=4, bytes_per_value=4, device_type="cpu")
+    assert deeper[0] == read_s and deeper[1] > run_s, "a deeper prefix costs more to run, the same to read"
 
 
 def test_a_bare_yaml_off_means_off(tmp_path):
@@ -170,6 +269,11 @@ def test_a_run_may_resume_with_the_cache_switched_or_moved_but_not_with_other_ph
     saved = StackWiseConfig.from_dict(cache_config(stack_cache="off")).to_dict()
     moved = StackWiseConfig.from_dict(cache_config(stack_cache_dir=str(tmp_path), stack_cache_max_gb=2.0)).to_dict()
     check_resumable_changes(saved, moved, tmp_path)
+    older = StackWiseConfig.from_dict(cache_config(stack_cache_dtype="fp32")).to_dict()  # before 'auto' existed
+    check_resumable_changes(older, StackWiseConfig.from_dict(cache_config()).to_dict(), tmp_path)
+    with pytest.raises(CheckpointError, match="training.stack_cache_dtype: checkpoint 'exact' vs config 'bf16'"):
+        check_resumable_changes(older, StackWiseConfig.from_dict(cache_config(stack_cache_dtype="bf16")).to_dict(),
+                                tmp_path)
     with pytest.raises(CheckpointError, match="training.phase_data: checkpoint 'continue' vs config 'repeat'"):
         check_resumable_changes(saved, StackWiseConfig.from_dict(cache_config(phase_data="repeat")).to_dict(), tmp_path)
 
@@ -236,9 +340,9 @@ def test_fp32_cache_gives_bitwise_the_losses_of_computing_and_skips_the_prefix(u
     stats = [p.get("stack_cache") for p in cached["phases"]]
     assert stats[0] is None, "phase 1 trains the embedding: nothing to cache"
     # phase 2: each window runs the frozen prefix once (its first epoch), every later visit reads it
-    assert stats[1] == {"computed": WINDOWS, "read": 10 * 8 - WINDOWS, "advanced": 0, "ranks": 2}
+    assert stats[1] == {"computed": WINDOWS, "read": 10 * 8 - WINDOWS, "advanced": 0, "ranks": 2, "corrupt": 0}
     # phase 3: the store advanced by stack 2 once, then every step read it: the prefix never ran
-    assert stats[2] == {"computed": 0, "read": 10 * 8, "advanced": WINDOWS, "ranks": 2}
+    assert stats[2] == {"computed": 0, "read": 10 * 8, "advanced": WINDOWS, "ranks": 2, "corrupt": 0}
     assert cache_lines(proc.stdout)["stack 3/3"] == (80, 0, WINDOWS)
     assert not (out / "stack_cache").exists(), "the run's end removes the cache"
     assert scalars(out, "stack_cache/read_share") == [(20, pytest.approx((80 - WINDOWS) / 80)), (30, 1.0)]
@@ -247,7 +351,8 @@ def test_fp32_cache_gives_bitwise_the_losses_of_computing_and_skips_the_prefix(u
 @pytest.mark.multiprocess
 def test_a_kill_mid_phase_and_at_a_phase_boundary_resumes_onto_the_same_losses(uncached, tmp_path):
     """Killed after the checkpoints of step 16 (mid phase 2, its store half read) and step 20 (phase 2's end, before
-    phase 3 advanced the store): each re-run continues from the store on disk, and the losses are the same."""
+    phase 3 advanced the store): each re-run continues from the store on disk, and the losses are the same. Every
+    slot is damaged after the first kill: each is found by its checksum, computed again, and counted in a warning."""
     from test_filesystem_faults import build_fault_shim
     from test_reliability import resumed_step
 
@@ -257,13 +362,36 @@ def test_a_kill_mid_phase_and_at_a_phase_boundary_resumes_onto_the_same_losses(u
         killed = run_training(2, out, *keep, expect_ok=False, env={"LD_PRELOAD": shim, "KILL_ON_RMDIR": doomed})
         assert killed.returncode != 0
         assert any((out / "stack_cache").rglob("activations.bin")), "the kill left the store"
-        if doomed == "step00000016":
+        if doomed == "step00000012":
+            damaged = damage_every_filled_slot(out / "stack_cache")  # a damaged disk while the job was down
+            assert damaged == WINDOWS
+        else:
             assert resumed_step(killed.stdout) == 16
-            assert cache_lines(killed.stdout)["stack 2/3"] == (32, 0, 0), "after the resume every window is read"
+            # every window met is damaged: computed again (once: the fresh write repairs it), then read
+            read, computed, _ = cache_lines(killed.stdout)["stack 2/3"]
+            assert read + computed == 32 and computed > 16, (read, computed)
+            warned = re.findall(r"WARNING stack cache: (\d+) cached window\(s\) failed their checksum", killed.stdout)
+            assert warned == [str(computed)], killed.stdout[-3000:]
+            assert f", {computed} corrupt (computed again)" in killed.stdout
     proc = run_training(2, out, *keep)
     assert "phase 3/3 stack 3/3: steps 0..10" in proc.stdout and "phase 2/3" not in proc.stdout  # from 20
-    assert cache_lines(proc.stdout)["stack 3/3"] == (80, 0, WINDOWS), "the resumed boundary advanced the store"
-    assert results(out)["losses"] == uncached["losses"]
+    # the resumed boundary advanced the store, all but the windows phase 2 never met again (still damaged: phase 3
+    # computes each once)
+    stale = WINDOWS - computed
+    assert cache_lines(proc.stdout)["stack 3/3"] == (80 - stale, stale, WINDOWS - stale)
+    assert re.findall(r"WARNING stack cache: (\d+) cached window\(s\) failed", proc.stdout) == [str(stale)]
+    assert results(out)["losses"] == uncached["losses"], "damaged windows never reach the training stack"
+
+
+def damage_every_filled_slot(cache_root) -> int:
+    """Flip one bit in the last word of every written slot of the one store under ``cache_root``; how many."""
+    (folder,) = [path.parent for path in cache_root.rglob("activations.bin")]
+    store = ActivationStore.open(folder)
+    filled = store.filled()
+    bits = store.slots.reshape(len(store.slots), -1).view(np.uint8)
+    bits[filled, -8] ^= 1
+    store.slots.flush()
+    return len(filled)
 
 
 @pytest.mark.multiprocess
@@ -304,8 +432,8 @@ def test_a_forward_only_first_stage_serves_the_cache_and_a_prefix_spanning_stage
     proc = run_training(2, tmp_path / "on", *fixed, *CACHE)
     assert results(tmp_path / "on")["losses"] == results(tmp_path / "off")["losses"]
     stats = [p.get("stack_cache") for p in results(tmp_path / "on")["phases"]]
-    assert stats[1] == {"read": 21, "computed": 19, "advanced": 0, "ranks": 1}
-    assert stats[2] == {"read": 40, "computed": 0, "advanced": 19, "ranks": 1}
+    assert stats[1] == {"read": 21, "computed": 19, "advanced": 0, "ranks": 1, "corrupt": 0}
+    assert stats[2] == {"read": 40, "computed": 0, "advanced": 19, "ranks": 1, "corrupt": 0}
     assert stats[3]["ranks"] == 0
     assert len(re.findall(r"WARNING stack cache: the frozen prefix \(layers 0-3\) spans 2 pipeline stages",
                           proc.stdout)) == 1

@@ -45,3 +45,15 @@ class _Positioned:
 def test_the_train_iterator_starts_a_seekable_source_at_the_consumed_sample():
     assert list(train_iterator(_Positioned(), 7)) == [7, 8, 9]
     assert list(train_iterator([1, 2], 7)) == [1, 2]  # a plain dataloader is read as given
+
+
+def test_gradient_norms_are_asked_for_on_the_steps_that_log_them_only():
+    from stackwise_ds.config import TrainingConfig
+    from stackwise_ds.training.loop import StepLoop
+
+    def logging_steps(log_interval: int) -> list[int]:
+        loop = StepLoop(TrainingConfig(log_interval=log_interval), seq_len=8, n_stacks=2, global_batch=4,
+                        monitor=None, history=None, checkpoint_dir=None)
+        return [step for step in range(1, 13) if loop._logs_stats(step)]
+
+    assert logging_steps(5) == [5, 10] and logging_steps(1) == list(range(1, 13)) and logging_steps(0) == []

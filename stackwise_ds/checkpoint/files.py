@@ -159,11 +159,15 @@ def load_state(checkpoint_dir: Path, tag: str) -> TrainingState:
                               f"delete that folder to resume from an earlier checkpoint") from exc
 
 
+# model.* keys that change how the weights are used, not which weights there are
+NOT_ARCHITECTURE = frozenset({"dropout", "compile"})
+
+
 def check_same_architecture(saved_model: dict[str, Any], current_model: dict[str, Any], where: Path) -> None:
     """Refuse to resume a checkpoint of another architecture, naming the first differing keys."""
     differences = [f"model.{k}: checkpoint {saved_model.get(k)!r} vs config {current_model.get(k)!r}"
                    for k in sorted(set(saved_model) | set(current_model))
-                   if k != "dropout" and saved_model.get(k) != current_model.get(k)]
+                   if k not in NOT_ARCHITECTURE and saved_model.get(k) != current_model.get(k)]
     if differences:
         raise CheckpointError(
             f"checkpoint in {where} was trained with another architecture ({'; '.join(differences[:4])}): "
@@ -196,8 +200,8 @@ def check_resumable_changes(saved: dict[str, Any], current: dict[str, Any], wher
         warnings.simplefilter("ignore", DeprecationWarning)
         saved = migrate_legacy_keys(copy.deepcopy(saved))
     # a key the saved config lacks (written before the setting existed) had its default value
-    old = {**_flatten(StackWiseConfig().to_dict()), **_flatten(saved)}
-    new = _flatten(current)
+    old = _cache_storage_as_numbers({**_flatten(StackWiseConfig().to_dict()), **_flatten(saved)})
+    new = _cache_storage_as_numbers(_flatten(current))
     changed = [f"{key}: checkpoint {old.get(key)!r} vs config {new.get(key)!r}"
                for key in sorted(set(old) | set(new))
                if not key.startswith("model.") and key not in RESUMABLE_CHANGES and old.get(key) != new.get(key)]
@@ -205,6 +209,15 @@ def check_resumable_changes(saved: dict[str, Any], current: dict[str, Any], wher
         raise CheckpointError(
             f"the config changes settings that the run in {where} cannot continue with ({'; '.join(changed[:6])}): "
             "put the saved values back to resume, or train with the new ones in a new training.output_dir")
+
+
+def _cache_storage_as_numbers(flat: dict[str, Any]) -> dict[str, Any]:
+    """training.stack_cache_dtype as what it does to the numbers: 'exact' where the cache is off or stores the
+    activations exactly ('auto', 'fp32', or 'bf16' on a bf16 run), so a resume may switch between those."""
+    dtype = flat.get("training.stack_cache_dtype")
+    exact = (flat.get("training.stack_cache") in ("off", False) or dtype in ("auto", "fp32")
+             or (dtype == "bf16" and flat.get("training.precision") == "bf16"))
+    return {**flat, "training.stack_cache_dtype": "exact" if exact else dtype}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -148,6 +148,26 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
+# SDPA shares grouped K/V heads itself (enable_gqa) from torch 2.5 on, without n_rep copies of K and V.
+SDPA_HAS_GQA = tuple(int(part) for part in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def native_gqa(device_type: str, dtype: torch.dtype, n_rep: int) -> bool:
+    """Whether grouped heads go to SDPA as they are (enable_gqa) rather than repeated: where torch has it and the
+    kernel it picks accepts them, flash attention (CUDA, bf16/fp16). CPU's flash kernel and CUDA's memory-efficient
+    one (fp32) refuse grouped heads, and SDPA would fall back to its math kernel (slower, T x T memory)."""
+    return n_rep > 1 and SDPA_HAS_GQA and device_type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, native: bool, **sdpa) -> torch.Tensor:
+    """SDPA of q [B, H, T, d] against grouped k, v [B, Hkv, S, d] (H = Hkv * n_rep), Llama's grouping; ``native``:
+    through enable_gqa (see ``native_gqa``), else on repeated K/V."""
+    if native:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **sdpa)
+    n_rep = q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), **sdpa)
+
+
 # ---------------------------------------------------------------------------- incremental decoding
 #
 # ``decode(x, cache, start_pos)`` is the inference-only path of every attention module: x [B, T, D] holds
@@ -232,9 +252,8 @@ class MultiHeadAttention(nn.Module):
         q = apply_rope(split_heads(self.q_proj(x), self.n_heads), cos, sin)  # [B, H, T, hd]
         k = apply_rope(split_heads(self.k_proj(x), self.n_kv_heads), cos, sin)  # [B, Hkv, T, hd]
         v = split_heads(self.v_proj(x), self.n_kv_heads)  # [B, Hkv, T, hd]
-        n_rep = self.n_heads // self.n_kv_heads
-        y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), is_causal=self.causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        native = native_gqa(x.device.type, x.dtype, self.n_heads // self.n_kv_heads)
+        y = grouped_attention(q, k, v, native, is_causal=self.causal, dropout_p=self.dropout if self.training else 0.0)
         return self.o_proj(merge_heads(y))
 
     def decode(self, x: torch.Tensor, cache: LayerCache, start_pos: int) -> torch.Tensor:  # [B, T, D] -> [B, T, D]

@@ -146,7 +146,7 @@ def build_block(model: ModelConfig, stack_id: int, block_id: int, seed: int,
                 materialize: Callable[[str], bool] = every_module) -> Block:
     """Block ``block_id`` of stack ``stack_id``, initialised from its own seed."""
     with seeded(module_seed(seed, stack_id, block_id)), on_device_unless(materialize(block_name(stack_id, block_id))):
-        return Block(
+        block = Block(
             model.d_model, model.resolved_d_ff, model.n_heads, model.n_kv_heads,
             model.attention_type, model.attention_mode,
             max_seq_len=model.max_seq_len, rope_theta=model.rope_theta, norm_eps=model.norm_eps,
@@ -155,6 +155,9 @@ def build_block(model: ModelConfig, stack_id: int, block_id: int, seed: int,
             mla_rope_head_dim=model.mla.rope_head_dim, kernel_feature_map=model.kernel.feature_map,
             kernel_chunk_size=model.kernel.chunk_size, init_std=model.init_std, n_layers_total=model.n_blocks,
         )
+    if model.compile:
+        block.compile()  # in place: the module, its parameter names and state_dict stay the same
+    return block
 
 
 def build_stack(model: ModelConfig, stack_id: int, seed: int,

@@ -32,12 +32,14 @@ def init_distributed(timeout_s: int = 600) -> tuple[int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    if torch.cuda.is_available():
+        # Before the first collective (the barrier below): NCCL binds a communicator to the device current when
+        # it is made; left to device 0, every rank of a node would make its own there.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if not dist.is_initialized():
         with deepspeed_prints():  # on CPU: "DeepSpeed deepspeed.ops.comm... built successfully"
             deepspeed.init_distributed(timeout=timedelta(seconds=timeout_s))
         unlink_shared_memory_buffer(dist.get_rank())
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return dist.get_rank(), dist.get_world_size()
 
 

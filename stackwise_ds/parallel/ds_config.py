@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from ..config import ConfigError, ParallelConfig, TrainingConfig
+from ..config import BF16_WITHOUT_ZERO, ConfigError, ParallelConfig, TrainingConfig
 from ..enums import Precision
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
@@ -24,6 +24,25 @@ def resolve_precision(precision: Precision) -> Precision:
     if precision == Precision.AUTO:
         return Precision.BF16 if torch.cuda.is_available() else Precision.FP32
     return Precision(precision)
+
+
+def uses_tf32(precision: Precision, cuda: bool) -> bool:
+    """Whether a run's fp32 matmuls run on TF32 tensor cores: fp32 training on CUDA (full fp32 matmuls there run
+    on the CUDA cores at a fraction of the speed; TF32 rounds the inputs to 10 mantissa bits and accumulates in
+    fp32). 'auto' on CUDA is bf16, and CPUs have no TF32."""
+    return cuda and Precision(precision) == Precision.FP32
+
+
+def configure_fp32_matmuls(precision: Precision) -> bool:
+    """Turn TF32 on for this process where ``uses_tf32``; returns whether it did."""
+    if not uses_tf32(precision, torch.cuda.is_available()):
+        return False
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+    return True
 
 
 def template_path(training: TrainingConfig, parallel: ParallelConfig) -> Path:
@@ -70,6 +89,8 @@ def build_ds_config(t: TrainingConfig, parallel: ParallelConfig, data_parallel_s
     }
     for dotted, value in filled.items():
         _set_checked(ds, dotted, value, path)
+    if bf16 and parallel.zero_stage == 0 and accumulates_in_fp32(ds):
+        raise ConfigError(f"{BF16_WITHOUT_ZERO} (DeepSpeed template {path} accumulates gradients in fp32)")
     if bf16 and ds.get("fp16", {}).get("enabled"):
         raise ConfigError(f"DeepSpeed template {path} enables fp16 while training.precision is bf16: "
                           "remove the fp16 section")
@@ -78,6 +99,12 @@ def build_ds_config(t: TrainingConfig, parallel: ParallelConfig, data_parallel_s
             raise ConfigError(f"DeepSpeed template {path} has an '{owned}' section: the trainer builds the "
                               "optimizer and learning-rate schedule per phase from training.*; remove it")
     return ds
+
+
+def accumulates_in_fp32(ds: dict[str, Any]) -> bool:
+    """Whether a DeepSpeed config accumulates gradients in fp32 (unset: in the weights' dtype)."""
+    dtype = ds.get("data_types", {}).get("grad_accum_dtype")
+    return str(dtype).lower() in ("fp32", "float32", "float", "torch.float32")
 
 
 def _set_checked(ds: dict[str, Any], dotted: str, value: Any, path: Path) -> None:

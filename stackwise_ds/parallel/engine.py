@@ -190,6 +190,9 @@ class StageWiseEngine(PipelineEngine):
         self.train_group = train_group
         self.executed_instructions: Counter[str] = Counter()
         self._layer_grad_norms: dict[int, float] = {}
+        # Whether the coming steps record per-layer gradient norms (the step loop asks for them on the steps that
+        # log them only): each costs a host read of the device's results.
+        self.record_grad_norms = True
         super().__init__(*args, **kwargs)
         self._trained_params = [p for p in self.module.parameters() if p.requires_grad]
         self._destroyed = False
@@ -302,7 +305,8 @@ class StageWiseEngine(PipelineEngine):
 
     def layer_grad_norms(self) -> dict[int, float]:
         """Last step's gradient L2 norm per local train layer (pipeline layer index): this
-        replica's accumulated gradient, before data-parallel averaging and clipping."""
+        replica's accumulated gradient, before data-parallel averaging and clipping; empty after a step that
+        did not record them (``record_grad_norms`` false)."""
         return dict(self._layer_grad_norms)
 
     def stack_grad_norms(self, n_stacks: int) -> list[float]:
@@ -318,15 +322,23 @@ class StageWiseEngine(PipelineEngine):
         return [s**0.5 if s >= 0 else -1.0 for s in squares]
 
     def _record_layer_grad_norms(self):
+        """On a step that wants them (``record_grad_norms``): every train layer's gradient norm from one batched
+        ``torch._foreach_norm`` and one host read for all layers (a read waits for the device's queued work)."""
         self._layer_grad_norms = {}
+        if not self.record_grad_norms:
+            return
+        layers, counts, grads = [], [], []  # train layers here, their gradient counts, all their gradients
         for offset, entry in enumerate(self.module.forward_funcs):
             layer = local_start(self.module) + offset
             if self.plan.layer_roles[layer] != TRAIN:
                 continue
-            grads = [_accumulated_grad(p) for p in layer_parameters(entry) if p.requires_grad]
-            grads = [g for g in grads if g is not None]
-            if grads:
-                self._layer_grad_norms[layer] = float(sum(g.detach().float().pow(2).sum() for g in grads)) ** 0.5
+            found = [g for g in (_accumulated_grad(p) for p in layer_parameters(entry) if p.requires_grad)
+                     if g is not None]
+            if found:
+                layers.append(layer)
+                counts.append(len(found))
+                grads.extend(g.detach() if g.dtype == torch.float32 else g.detach().float() for g in found)
+        self._layer_grad_norms = dict(zip(layers, grouped_norms(grads, counts), strict=True))
 
     # ------------------------------------------------------------------ clipping, checkpoints
 
@@ -551,6 +563,16 @@ def _own_storage(params: list[nn.Parameter]) -> None:
         for p in params:
             if p.untyped_storage().nbytes() > p.numel() * p.element_size():
                 p.data = p.data.clone()
+
+
+def grouped_norms(tensors: list[torch.Tensor], counts: list[int]) -> list[float]:
+    """L2 norms of consecutive groups of ``tensors`` (``counts[i]`` tensors in group i, in order), from one batched
+    ``torch._foreach_norm`` and one host read; fp32 tensors on one device."""
+    if not tensors:
+        return [0.0] * len(counts)
+    squares = torch.stack(torch._foreach_norm(tensors)).square()  # [tensors]
+    group = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(squares.device)
+    return torch.zeros(len(counts), device=squares.device).index_add_(0, group, squares).sqrt().tolist()
 
 
 def _accumulated_grad(p: nn.Parameter):

@@ -10,9 +10,10 @@ gradient is ever computed) (``training.frozen_precision`` / ``training.stack_pre
 * ``int8``: every ``nn.Linear`` of the copy becomes an ``Int8WeightOnlyLinear`` (int8 weights, one
   fp32 scale per output channel, symmetric); norms and the activations keep their dtype. With bf16
   activations the matmul is torch's own ``torch._weight_int8pack_mm`` (what torchao's int8
-  weight-only path calls); with fp32 activations it is a bf16 matmul of the int8 values on a CPU with
+  weight-only path calls) on CPU and for decoding on CUDA, while a CUDA training batch dequantizes to
+  bf16 for cuBLAS; with fp32 activations it is a bf16 matmul of the int8 values on a CPU with
   bf16 matrix units, else (or where the packed op is missing or refuses the device) a
-  dequantize-then-matmul (see ``int8_matmul``).
+  dequantize-then-matmul (see ``int8_path`` and ``int8_matmul``).
 
 Checkpoints keep the full-precision weights: the layer module itself stays registered in the
 PipelineModule with the same Parameters (names, ``requires_grad``, optimizer membership unchanged);
@@ -42,6 +43,12 @@ from ..enums import FrozenPrecision
 INT8_MAX = 127
 # (device type, dtype) -> whether torch._weight_int8pack_mm runs there; decided once per pair.
 _PACKED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
+# The paths of int8_matmul (int8_path picks one).
+PACKED, BF16_MATMUL, DEQUANTIZE = "packed", "bf16_matmul", "dequantize"
+# Rows (tokens) above which a CUDA int8 matmul dequantizes to bf16 for cuBLAS instead of taking the packed kernel:
+# torch's CUDA _weight_int8pack_mm computes each output in one fp32 thread, without tensor cores, which suits
+# decoding a few rows and falls far behind a bf16 tensor-core matmul on a training micro-batch.
+CUDA_PACKED_MAX_ROWS = 16
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,19 +67,31 @@ def cpu_has_bf16_matmul() -> bool:
                                                                          "_is_amx_tile_supported"))
 
 
+def int8_path(device_type: str, dtype: torch.dtype, rows: int) -> str:
+    """Which path ``int8_matmul`` takes for ``rows`` activations of ``dtype`` on ``device_type``."""
+    if dtype == torch.float32 and device_type == "cpu" and cpu_has_bf16_matmul():
+        return BF16_MATMUL
+    packed_runs = _PACKED_MM_WORKS.get((device_type, dtype), True) and hasattr(torch, "_weight_int8pack_mm")
+    if dtype == torch.bfloat16 and packed_runs and not (device_type == "cuda" and rows > CUDA_PACKED_MAX_ROWS):
+        return PACKED
+    return DEQUANTIZE
+
+
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x [N, in] @ (q * scales[:, None]).T -> [N, out] in x's dtype.
 
-    bf16 activations (GPU runs) use torch's packed int8 kernel. fp32 activations (CPU runs) cannot: the packed
-    kernel has no fast fp32 path (about 30x slower than the fp32 matmul, and with bf16 inputs no faster than fp32 on
-    CPU, measured with torch 2.13). On a CPU with bf16 matrix units the int8 values (exact in bf16) meet a bf16 copy of
-    the input in a bf16 matmul, scaled back in fp32 (about 0.3x the fp32 matmul's time); elsewhere the weight is
-    dequantized per call for the fp32 matmul."""
+    bf16 activations take torch's packed int8 kernel on CPU, and on CUDA for up to ``CUDA_PACKED_MAX_ROWS`` rows
+    (decoding); a CUDA training batch dequantizes the int8 values to bf16 (exact) for a cuBLAS matmul, scaled after.
+    fp32 activations (CPU runs) cannot use the packed kernel: it has no fast fp32 path (about 30x slower than the
+    fp32 matmul, and with bf16 inputs no faster than fp32 on CPU, measured with torch 2.13). On a CPU with bf16
+    matrix units the int8 values (exact in bf16) meet a bf16 copy of the input in a bf16 matmul, scaled back in fp32
+    (about 0.3x the fp32 matmul's time); elsewhere the weight is dequantized per call for the fp32 matmul."""
+    path = int8_path(x.device.type, x.dtype, x.shape[0])
     scales = scales.to(x.dtype)
-    if x.dtype == torch.float32 and x.device.type == "cpu" and cpu_has_bf16_matmul():
+    if path == BF16_MATMUL:
         return F.linear(x.to(torch.bfloat16), q.to(torch.bfloat16)).float() * scales
-    key = (x.device.type, x.dtype)
-    if x.dtype == torch.bfloat16 and _PACKED_MM_WORKS.get(key, True) and hasattr(torch, "_weight_int8pack_mm"):
+    if path == PACKED:
+        key = (x.device.type, x.dtype)
         try:
             out = torch._weight_int8pack_mm(x.contiguous(), q, scales)
             _PACKED_MM_WORKS[key] = True

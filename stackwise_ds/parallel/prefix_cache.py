@@ -7,9 +7,12 @@ holds are read, the others run through the prefix's own frozen gates (its bf16/i
 and are written. Plain ``input_ids`` (validation) always run the prefix. The output is what layer
 ``boundary`` would hand on, hidden [B, T, D], so nothing after it, nor the pipeline's messages, changes.
 
-The store is any object with ``get(ids) -> (hit mask, float32 rows)``, ``put(ids, rows)`` and
-``round_trip(rows)`` (``training.activation_store.ActivationStore``). Every entry stays a ``RoleGate`` over
-its own layer, so per-layer checkpoint files and the next phase's ``apply_layer_roles`` see the layers.
+The store is any object with ``get(ids, out) -> (hit mask, rows in its storage dtype)``, ``put(ids, rows)``,
+``dtype`` and ``corrupt`` (``training.activation_store.ActivationStore``). Rows read go through a reusable host
+buffer (``HostStaging``), pinned on CUDA so that the copy to the device is asynchronous, and are converted to the
+stage's dtype on the device; missed rows are computed there, stored (one copy to the host) and handed on as they
+are. Every entry stays a ``RoleGate`` over its own layer, so per-layer checkpoint files and the next phase's
+``apply_layer_roles`` see the layers.
 """
 
 from __future__ import annotations
@@ -22,6 +25,36 @@ from .pipe import local_start
 from .roles import RoleGate, unwrap
 
 
+class HostStaging:
+    """A reusable host buffer for the rows read from a store, on the way to ``device``.
+
+    On CUDA it is pinned, so the copy to the device runs asynchronously (``non_blocking``) straight from it; the
+    next read into it first waits for that copy to have left. On CPU the rows are already where they go."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.pinned = device.type == "cuda"
+        self.buffer: torch.Tensor | None = None
+        self.copied = None  # CUDA event: the last copy out of the buffer is done
+
+    def rows(self, n: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A host tensor [>= n, *shape] of ``dtype`` to read into (its former rows are no longer needed)."""
+        if self.copied is not None:
+            self.copied.synchronize()
+        buffer = self.buffer
+        if buffer is None or buffer.shape[0] < n or tuple(buffer.shape[1:]) != shape or buffer.dtype != dtype:
+            self.buffer = torch.empty((n, *shape), dtype=dtype, pin_memory=self.pinned)
+        return self.buffer
+
+    def to_device(self, rows: torch.Tensor) -> torch.Tensor:
+        if not self.pinned:
+            return rows
+        moved = rows.to(self.device, non_blocking=True)
+        self.copied = torch.cuda.Event()
+        self.copied.record()
+        return moved
+
+
 class CachedPrefix(RoleGate):
     """Layer 0's entry: the prefix's output [B, T, D] for a micro-batch, from the store where it can."""
 
@@ -31,24 +64,29 @@ class CachedPrefix(RoleGate):
         self.store = store
         self.d_model = d_model
         self.read = self.computed = 0  # windows served from the store / run through the prefix
+        self.staging: HostStaging | None = None
 
     def __call__(self, inputs):
         if torch.is_tensor(inputs):
             return self.run_prefix(inputs)
         tokens, window_ids = inputs
         ids = window_ids.cpu().numpy()
-        hit, cached = self.store.get(ids)  # float32 on the CPU
-        rows = torch.empty((len(ids), *tokens.shape[1:], self.d_model))
-        if hit.any():
-            rows[torch.from_numpy(hit)] = cached
+        device, dtype = tokens.device, self.activation_dtype
+        if self.staging is None:
+            self.staging = HostStaging(device)
+        shape = (tokens.shape[1], self.d_model)
+        hit, cached = self.store.get(ids, out=self.staging.rows(len(ids), shape, self.store.dtype))
+        out = torch.empty((len(ids), *shape), device=device, dtype=dtype)
+        if hit.any():  # converted on the device, from the storage dtype
+            out.index_copy_(0, _positions(hit, device), self.staging.to_device(cached).to(dtype))
         if not hit.all():
-            miss = ~hit
-            fresh = self.run_prefix(tokens[torch.from_numpy(miss).to(tokens.device)])
-            self.store.put(ids[miss], fresh)
-            rows[torch.from_numpy(miss)] = self.store.round_trip(fresh)  # as a later read returns it
+            missed = _positions(~hit, device)
+            fresh = self.run_prefix(tokens.index_select(0, missed))
+            self.store.put(ids[~hit], fresh)
+            out.index_copy_(0, missed, fresh.to(dtype))
         self.read += int(hit.sum())
         self.computed += int((~hit).sum())
-        return rows.to(tokens.device, self.activation_dtype)
+        return out
 
     def run_prefix(self, hidden):
         with torch.no_grad():
@@ -59,6 +97,11 @@ class CachedPrefix(RoleGate):
     @property
     def activation_dtype(self) -> torch.dtype:
         return next(self.layer.parameters()).dtype  # the stage's dtype: fp32, or bf16 on GPU runs
+
+
+def _positions(mask: np.ndarray, device: torch.device) -> torch.Tensor:
+    """The indices where ``mask`` holds, as a tensor on ``device`` (for index_copy_ / index_select)."""
+    return torch.from_numpy(np.flatnonzero(mask)).to(device)
 
 
 class PassThrough(RoleGate):

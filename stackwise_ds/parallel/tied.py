@@ -13,6 +13,7 @@ import torch
 def tied_weight_max_abs_diff(pipe) -> float:
     """Largest |copy - owner's copy| over all tied weights, the same value on every rank."""
     import deepspeed.comm as dist
+    from deepspeed.accelerator import get_accelerator
 
     worst = torch.zeros(1, dtype=torch.float64)
     for key in sorted(pipe.tied_comms):
@@ -22,7 +23,8 @@ def tied_weight_max_abs_diff(pipe) -> float:
             owner = weight.clone()
             dist.broadcast(owner, src=min(comm["ranks"]), group=comm["group"])
             worst = torch.maximum(worst, (weight.double() - owner.double()).abs().max().reshape(1).cpu())
-    device = next(pipe.parameters()).device
-    worst = worst.to(device)
+    # The accelerator's device, not a parameter's: an int8 frozen layer's full-precision weights live in a CPU
+    # memory map (precision.py), and NCCL cannot reduce a CPU tensor.
+    worst = worst.to(get_accelerator().current_device_name())
     dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return float(worst.item())

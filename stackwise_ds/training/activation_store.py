@@ -4,20 +4,22 @@ A store is a folder::
 
     meta.json         the key (the frozen prefix's weights and the data), shapes and dtype; written last
     activations.bin   [capacity, T, D] in the storage dtype (fp32, or bf16 kept as its 16 bits)
-    sums.bin          [capacity] uint64: 0 = empty, else 1 << 32 | crc32 of the slot's bytes
+    sums.bin          [capacity] uint64: 0 = empty, else the slot's checksum (``slot_sums``)
 
 Slot ``i`` holds window ``i`` of the training split (its dataset index), so every rank of a node shares
 one store: a window one data-parallel replica computed is read by whichever replica meets it next.
-Ranks write disjoint slots. A slot counts only when its checksum matches, so a write cut short by a
-crash reads as empty and is computed again. Both files are allocated in full when the store is made
-(``posix_fallocate``): a full disk fails then, with ``OSError``, never later inside a memory map.
+Ranks write disjoint slots, the activations before the checksum. A slot counts only when its checksum
+matches, so a write cut short by a crash, or a slot damaged since, reads as empty and is computed again
+(``corrupt`` counts them). The checksum is a wrapping sum of the slot's 64-bit words, about 10x faster
+than a CRC (it is verified on every read), which any changed word, torn page or flipped bit shows. Both
+files are allocated in full when the store is made (``posix_fallocate``): a full disk fails then, with
+``OSError``, never later inside a memory map.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,8 +29,9 @@ import torch
 from ..enums import CacheDtype
 
 META, ACTIVATIONS, SUMS = "meta.json", "activations.bin", "sums.bin"
-FILLED = np.uint64(1 << 32)
+CHECKSUM = "sum64"  # the checksum's name in meta.json: a store made with another is made again
 _NUMPY = {CacheDtype.FP32: np.float32, CacheDtype.BF16: np.uint16}  # bf16 bits held as uint16
+TORCH_DTYPE = {CacheDtype.FP32: torch.float32, CacheDtype.BF16: torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,8 @@ class StoreMeta:
     capacity: int  # slots: windows [0, capacity) are kept (training.stack_cache_max_gb)
     seq_len: int
     d_model: int
-    dtype: CacheDtype
+    dtype: CacheDtype  # fp32 or bf16 (training.stack_cache_dtype 'auto' is resolved before)
+    checksum: str = CHECKSUM
 
     @property
     def slot_bytes(self) -> int:
@@ -52,13 +56,24 @@ def slots_within(max_gb: float, n_windows: int, seq_len: int, d_model: int, dtyp
     return min(n_windows, int(max_gb * 2**30) // slot_bytes)
 
 
+def slot_sums(rows: np.ndarray) -> np.ndarray:
+    """[n, ...] -> [n] uint64: each row's bytes summed as 64-bit words (narrower where its size needs), wrapping;
+    a sum of 0 becomes 1, as 0 marks an empty slot."""
+    flat = rows.reshape(len(rows), -1).view(np.uint8)
+    width = next(w for w in (np.uint64, np.uint32, np.uint16, np.uint8) if flat.shape[1] % np.dtype(w).itemsize == 0)
+    sums = flat.view(width).sum(axis=1, dtype=np.uint64)
+    sums[sums == 0] = 1
+    return sums
+
+
 def read_meta(folder: Path) -> StoreMeta | None:
-    """The store's description, or None when ``folder`` holds no finished store."""
+    """The store's description, or None when ``folder`` holds no finished store of this format."""
     try:
         raw = json.loads((folder / META).read_text())
-        return StoreMeta(**{**raw, "dtype": CacheDtype(raw["dtype"])})
+        meta = StoreMeta(**{**raw, "dtype": CacheDtype(raw["dtype"])})
     except (OSError, ValueError, TypeError, KeyError):
         return None
+    return meta if raw.get("checksum") == CHECKSUM else None
 
 
 def create_store(folder: Path, meta: StoreMeta) -> None:
@@ -91,9 +106,11 @@ class ActivationStore:
     def __init__(self, folder: Path, meta: StoreMeta):
         self.folder = folder
         self.meta = meta
+        self.dtype = TORCH_DTYPE[meta.dtype]
         shape = (meta.capacity, meta.seq_len, meta.d_model)
         self.slots = np.memmap(folder / ACTIVATIONS, dtype=_NUMPY[meta.dtype], mode="r+", shape=shape)
         self.sums = np.memmap(folder / SUMS, dtype=np.uint64, mode="r+", shape=(meta.capacity,))
+        self.corrupt = 0  # slots found written but failing their checksum (computed again)
 
     @classmethod
     def open(cls, folder: Path) -> ActivationStore | None:
@@ -104,37 +121,39 @@ class ActivationStore:
         """Window ids whose slot was written (their checksums are checked when read)."""
         return np.flatnonzero(self.sums != 0)
 
-    def get(self, ids: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-        """(hit mask over ``ids``, float32 activations [hits, T, D] of the hits in order)."""
-        hit = np.zeros(len(ids), dtype=bool)
-        rows = []
-        for n, window in enumerate(ids):
-            if window < self.meta.capacity and self.sums[window] != 0:
-                row = np.array(self.slots[window])
-                if self.sums[window] == FILLED | np.uint64(zlib.crc32(row)):
-                    hit[n] = True
-                    rows.append(row)
-        return hit, self._decode(np.stack(rows)) if rows else torch.empty(0)
+    def get(self, ids: np.ndarray, out: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+        """(hit mask over ``ids``, the hits' activations [hits, T, D] in the storage dtype, in order), read into
+        the first rows of ``out`` (a CPU tensor [>= len(ids), T, D] of that dtype, e.g. a pinned one) when given."""
+        ids = np.asarray(ids, dtype=np.int64)
+        kept = ids < self.meta.capacity
+        kept[kept] = self.sums[ids[kept]] != 0
+        windows = ids[kept]
+        shape = (len(windows), self.meta.seq_len, self.meta.d_model)
+        rows = torch.empty(shape, dtype=self.dtype) if out is None else out[:len(windows)]
+        if len(windows):
+            np.take(self.slots, windows, axis=0, out=_as_numpy(rows), mode="clip")  # straight into ``rows``
+            intact = slot_sums(_as_numpy(rows)) == self.sums[windows]
+            if not intact.all():
+                self.corrupt += int((~intact).sum())
+                kept[np.flatnonzero(kept)[~intact]] = False
+                rows = rows[torch.from_numpy(intact)]
+        return kept, rows
 
     def put(self, ids: np.ndarray, activations: torch.Tensor) -> None:
-        """Keep ``activations`` [len(ids), T, D] of windows ``ids`` (those within the capacity)."""
-        encoded = self._encode(activations)
-        for window, row in zip(ids, encoded, strict=True):
-            if window < self.meta.capacity:
-                self.slots[window] = row
-                self.sums[window] = FILLED | np.uint64(zlib.crc32(np.ascontiguousarray(row)))
+        """Keep ``activations`` [len(ids), T, D] (any device and dtype) of windows ``ids`` (those within the
+        capacity): converted to the storage dtype where they are, then one copy to the host."""
+        ids = np.asarray(ids, dtype=np.int64)
+        kept = ids < self.meta.capacity
+        if not kept.any():
+            return
+        fresh = activations.detach()
+        if not kept.all():
+            fresh = fresh[torch.from_numpy(np.flatnonzero(kept)).to(fresh.device)]
+        rows = _as_numpy(fresh.to(self.dtype).cpu())
+        self.slots[ids[kept]] = rows
+        self.sums[ids[kept]] = slot_sums(rows)  # after the activations: a torn write reads as empty
 
-    def round_trip(self, activations: torch.Tensor) -> torch.Tensor:
-        """What a later ``get`` returns for ``activations`` (bf16 storage rounds), as float32."""
-        return self._decode(self._encode(activations))
 
-    def _encode(self, activations: torch.Tensor) -> np.ndarray:
-        x = activations.detach().to("cpu", torch.float32)
-        if self.meta.dtype == CacheDtype.BF16:
-            return x.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-        return x.numpy()
-
-    def _decode(self, rows: np.ndarray) -> torch.Tensor:
-        if self.meta.dtype == CacheDtype.BF16:
-            return torch.from_numpy(rows.view(np.int16).copy()).view(torch.bfloat16).float()
-        return torch.from_numpy(rows)
+def _as_numpy(rows: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor of a storage dtype (bf16 as its uint16 bits)."""
+    return rows.view(torch.int16).numpy().view(np.uint16) if rows.dtype == torch.bfloat16 else rows.numpy()

@@ -70,6 +70,7 @@ class StepLoop:
     def _train_step(self, run: PhaseRun, data: Iterator) -> StepRecord:
         state, phase = run.state, run.phase
         lr = run.engine.get_lr()[0] if run.engine.optimizer is not None else None  # the step's: read before it steps
+        run.engine.record_grad_norms = self._logs_stats(state.global_step + 1)  # read by log_stage_stats only
         start = time.perf_counter()
         loss = float(run.engine.train_batch(data))
         seconds = time.perf_counter() - start
@@ -86,13 +87,18 @@ class StepLoop:
     def _after_step(self, run: PhaseRun, record: StepRecord) -> None:
         t, phase, step = self.training, run.phase, run.state.global_step
         self._log_step(run, record)
-        if t.log_interval and step % t.log_interval == 0:
+        if self._logs_stats(step):
             log_stage_stats(self.monitor, run.engine, run.stage, self.n_stacks, step)
         last_step = run.state.phase_step == phase.steps
         if t.eval_interval and step % t.eval_interval == 0 and not last_step:
             self.validate(run.engine, run.val_source, step)
         if t.save_interval and step % t.save_interval == 0 and not last_step:
             run.save()
+
+    def _logs_stats(self, global_step: int) -> bool:
+        """Whether ``global_step`` logs per-stage memory and per-stack gradient norms."""
+        interval = self.training.log_interval
+        return bool(interval) and global_step % interval == 0
 
     def _log_step(self, run: PhaseRun, record: StepRecord) -> None:
         phase, loss = run.phase, record.loss

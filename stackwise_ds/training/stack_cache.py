@@ -12,7 +12,11 @@ rank, after each phase's engine is built) serves them from an ``ActivationStore`
 * it is the node's (``<stack_cache_dir>/<host>/<key>``): the first-stage ranks of a node read and write
   one store, whatever replica meets a window;
 * a store that cannot be allocated (a full disk, no permission) leaves the phase computing, with one
-  warning; so does a layout that spreads the prefix over several stages (the cache lives on the first).
+  warning; so does a layout that spreads the prefix over several stages (the cache lives on the first);
+* it stores the activations in their own dtype by default (``stack_cache_dtype: auto``: bf16 on bf16 runs), so
+  a read is exact; slots failing their checksum are computed again, with one warning that counts them; and it
+  warns once when the planner predicts that running the prefix is cheaper than reading it (a GPU's forward
+  usually is: ``placement.cached_prefix_seconds``).
 
 The training stream then carries each row's window index (``RunData.with_window_ids``). At the run's
 clean end the stores are removed.
@@ -29,26 +33,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import TrainingConfig
-from ..enums import CacheDtype, StackCache
+from ..config import ModelConfig, TrainingConfig
+from ..enums import CacheDtype, Precision, StackCache
 from ..layout import cached_boundary
 from ..parallel import distributed
+from ..parallel.ds_config import resolve_precision
 from ..parallel.prefix_cache import advance_store, install_prefix_cache
 from ..parallel.roles import unwrap
-from ..placement import PhaseLayout
+from ..placement import PhaseLayout, cached_prefix_seconds
 from .activation_store import ActivationStore, StoreMeta, create_store, read_meta, slots_within
 
 
 class ActivationCache:
     """The run's stack cache: attached to each phase's first stage, removed at the run's end."""
 
-    def __init__(self, training: TrainingConfig, output_dir: Path, seq_len: int, d_model: int, rank: int):
+    def __init__(self, training: TrainingConfig, model: ModelConfig, output_dir: Path, seq_len: int, rank: int):
         self.training = training
+        self.model = model
         self.root = Path(training.stack_cache_dir or output_dir / "stack_cache") / socket.gethostname()
-        self.seq_len, self.d_model = seq_len, d_model
+        self.seq_len, self.d_model = seq_len, model.d_model
+        self.dtype = storage_dtype(training)
         self.rank = rank
         self.prefix = None  # this phase's CachedPrefix on this rank, if any
         self.advanced = 0  # windows the phase's start advanced on this rank
+        self.advance_corrupt = 0  # slots of the previous store that failed their checksum while advancing
         self.applies = False  # whether the phase has a frozen prefix to cache (the same on every rank)
         self.stores: set[Path] = set()  # the stores this launch used (removed at the end)
         self._warned: set[str] = set()  # the kinds of fallback already reported
@@ -60,11 +68,15 @@ class ActivationCache:
     def attach(self, pipe, layer_roles: list[str], layout: PhaseLayout, train_source):
         """Collective. Serve this phase's frozen prefix from the store on the first stage; returns the training
         source the phase reads (its rows carrying window ids where the cache is installed)."""
-        self.prefix, self.advanced, self.applies = None, 0, False
+        self.prefix, self.advanced, self.advance_corrupt, self.applies = None, 0, 0, False
         boundary = cached_boundary(layer_roles)
         if boundary is None:
             return train_source
         self.applies = True
+        device_type = "cuda" if torch.cuda.is_available() else "cpu"
+        slower = reading_is_slower(self.model, self.seq_len, boundary, self.dtype, device_type)
+        if slower is not None:
+            self._warn("slower", slower)
         if layout.parts[1] <= boundary:
             self._warn("stages", f"the frozen prefix (layers 0-{boundary}) spans {layout.stage_of(boundary) + 1} "
                        "pipeline stages but the cache needs it on the first: this phase runs it (parallel.phase_layout "
@@ -81,7 +93,7 @@ class ActivationCache:
     def _prepare(self, pipe, boundary: int, dataset, first_stage: bool) -> ActivationStore | None:
         """Collective: the node's leader makes (or finds) the store, then the first-stage ranks open it and
         advance the previous prefix's store into it."""
-        keys = prefix_keys(pipe, boundary, dataset, self.training.stack_cache_dtype) if first_stage else []
+        keys = prefix_keys(pipe, boundary, dataset, self.dtype) if first_stage else []
         here = self._first_stage_ranks_here(first_stage)
         leader = first_stage and here[0] == self.rank  # makes the node's store
         meta = self._meta(keys[-1], boundary, len(dataset)) if first_stage else None
@@ -100,9 +112,8 @@ class ActivationCache:
         return store
 
     def _meta(self, key: str, boundary: int, n_windows: int) -> StoreMeta:
-        t = self.training
-        capacity = slots_within(t.stack_cache_max_gb, n_windows, self.seq_len, self.d_model, t.stack_cache_dtype)
-        return StoreMeta(key, boundary, n_windows, capacity, self.seq_len, self.d_model, t.stack_cache_dtype)
+        capacity = slots_within(self.training.stack_cache_max_gb, n_windows, self.seq_len, self.d_model, self.dtype)
+        return StoreMeta(key, boundary, n_windows, capacity, self.seq_len, self.d_model, self.dtype)
 
     def _make_store(self, meta: StoreMeta) -> None:
         """The leader's part: reuse a finished store of this key (a resumed run), else allocate one."""
@@ -138,6 +149,7 @@ class ActivationCache:
         mine = todo[here.index(self.rank)::len(here)]
         self.advanced = advance_store(pipe, previous.meta.boundary, store.meta.boundary, previous, store,
                                       np.asarray(mine, dtype=np.int64), self.training.micro_batch_size)
+        self.advance_corrupt = previous.corrupt
 
     def _first_stage_ranks_here(self, first_stage: bool) -> list[int]:
         """Collective: the first-stage ranks of this rank's host, lowest first (the lowest makes its store)."""
@@ -152,14 +164,19 @@ class ActivationCache:
         self._warned.add(kind)
 
     def phase_stats(self) -> dict[str, int] | None:
-        """Collective: windows read from the store, run through the prefix, and advanced, and the ranks serving
-        them, over every rank; None in a phase without a frozen prefix."""
+        """Collective: windows read from the store, run through the prefix, and advanced, the ranks serving
+        them, and the slots that failed their checksum (computed again), over every rank; None in a phase
+        without a frozen prefix. The first phase that finds corrupt slots warns, with their count."""
         if not self.applies:
             return None
-        local = [self.prefix.read, self.prefix.computed, 1] if self.prefix is not None else [0, 0, 0]
-        rows = distributed.all_gather_floats([*local, self.advanced])
-        names = ("read", "computed", "ranks", "advanced")
-        return {name: int(sum(r[i] for r in rows)) for i, name in enumerate(names)}
+        prefix = self.prefix
+        local = [prefix.read, prefix.computed, 1, prefix.store.corrupt] if prefix is not None else [0, 0, 0, 0]
+        rows = distributed.all_gather_floats([*local[:3], self.advanced, local[3] + self.advance_corrupt])
+        names = ("read", "computed", "ranks", "advanced", "corrupt")
+        stats = {name: int(sum(r[i] for r in rows)) for i, name in enumerate(names)}
+        if stats["corrupt"]:
+            self._warn("corrupt", corrupt_warning(stats["corrupt"], self.root))
+        return stats
 
     def remove(self) -> None:
         """Collective, at the run's clean end: the stores are scratch; free their disk."""
@@ -170,6 +187,33 @@ class ActivationCache:
         for folder in (self.root, *made_here):
             with contextlib.suppress(OSError):  # not empty (another run's stores), or another rank was quicker
                 folder.rmdir()
+
+
+def storage_dtype(training: TrainingConfig) -> CacheDtype:
+    """training.stack_cache_dtype with 'auto' resolved to the activations' own dtype (bf16 on bf16 runs, fp32
+    on fp32 ones): exact, in the fewest bytes."""
+    if training.stack_cache_dtype != CacheDtype.AUTO:
+        return CacheDtype(training.stack_cache_dtype)
+    return CacheDtype.BF16 if resolve_precision(training.precision) == Precision.BF16 else CacheDtype.FP32
+
+
+def reading_is_slower(model: ModelConfig, seq_len: int, boundary: int, dtype: CacheDtype,
+                      device_type: str) -> str | None:
+    """The warning to give when the planner predicts that running the frozen prefix (pipeline layers 0..boundary)
+    on ``device_type`` costs less than reading its output from the cache; None when reading is cheaper."""
+    read_s, run_s = cached_prefix_seconds(model, seq_len, boundary, 2 if dtype == CacheDtype.BF16 else 4,
+                                          device_type)
+    if read_s <= run_s:
+        return None
+    return (f"the planner predicts that running the frozen prefix (layers 0-{boundary}) on {device_type} is cheaper "
+            f"than reading its output from the cache (about {run_s * 1e6:.1f} vs {read_s * 1e6:.1f} us a window, "
+            "at the rates placement.py assumes): training.stack_cache 'off' is likely faster here")
+
+
+def corrupt_warning(count: int, root: Path) -> str:
+    return (f"{count} cached window(s) failed their checksum (a torn write or a damaged disk) and were computed "
+            f"again; the cache under {root} keeps serving the intact ones (later phases count them in their "
+            "stack cache line)")
 
 
 def prefix_keys(pipe, boundary: int, dataset, dtype: CacheDtype) -> list[str]:

@@ -21,6 +21,7 @@ activations kept per window, ``training.stack_cache``).
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -32,7 +33,7 @@ from ..config import ModelConfig, ParallelConfig, StackWiseConfig, TrainingConfi
 from ..enums import OptimizerAcrossPhases, Precision
 from ..layout import LayerUnit, layer_units
 from ..model import Rack
-from ..parallel.ds_config import resolve_precision
+from ..parallel.ds_config import configure_fp32_matmuls, resolve_precision
 from ..phases import Phase, plan_phases
 from ..placement import PhaseLayout, plan_phase_layouts
 from .checkpoints import Checkpointer
@@ -87,6 +88,7 @@ class ArchitectureTrainer:
         yields validation micro-batches (default: the held-out split of ``config.data``).
         """
         rank, world_size = start_distributed(self.config.parallel, self.output_dir)
+        configure_fp32_matmuls(self.config.training.precision)
         with lock_output_dir(self.output_dir, rank, world_size):  # only a clean end clears its record
             return self._train_locked(rank, world_size, rack, dataloader, val_data)
 
@@ -150,7 +152,7 @@ class ArchitectureTrainer:
             feeds.check_bundle(plan.init_dir, self.output_dir, rank)
         monitor = Monitor(self.output_dir, enabled=rank == 0, progress_bar=t.progress_bar,
                           log_interval=t.log_interval)
-        stack_cache = (ActivationCache(t, self.output_dir, cfg.data.seq_len, cfg.model.d_model, rank)
+        stack_cache = (ActivationCache(t, cfg.model, self.output_dir, cfg.data.seq_len, rank)
                        if ActivationCache.wanted(t) else None)
         pipeline = PhasePipeline(cfg.model, t, cfg.parallel, rank, world_size, self._units(), rack, feeds,
                                  stack_cache)
@@ -215,9 +217,11 @@ class PhaseRunner:
 
     def run_phase(self, phase: Phase, layout: PhaseLayout, phases: list[Phase],
                   state: ckpt.TrainingState) -> ckpt.TrainingState:
+        started = time.perf_counter()
         engine = self._start_engine(phase, layout, phases, state)
+        engine_start_s = round(time.perf_counter() - started, 3)  # a phase change: re-placement, engine, groups
         state.layout = layout.to_dict()
-        record = self._open_record(phase, engine, state)
+        record = self._open_record(phase, engine, state) | {"engine_start_s": engine_start_s}
         self.monitor.start_phase(phase, len(phases), state.phase_step, state.global_step)
         self.monitor.layout(layout, state.global_step)
         run = PhaseRun(phase, engine, state, self.pipeline.pipe.stage_id, self.pipeline.train_source,
@@ -289,6 +293,7 @@ class PhaseRunner:
         record["stack_cache"] = cache
         self.monitor.message(f"[stackwise] stack cache, phase {phase.name}: " + (
             f"{cache['read']} windows read, {cache['computed']} computed, {cache['advanced']} advanced"
+            + (f", {cache['corrupt']} corrupt (computed again)" if cache["corrupt"] else "")
             if cache["ranks"] else "not in use (see the warning), the frozen prefix ran every time"))
         served = cache["read"] + cache["computed"]
         self.monitor.scalars({"stack_cache/read_share": cache["read"] / served if served else 0.0,
