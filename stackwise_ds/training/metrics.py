@@ -61,6 +61,11 @@ def val_loss_at(history: list, step: int) -> float:
     return next((loss for at, loss in reversed(history) if at == step), float("nan"))
 
 
+def format_loss(loss: float | None) -> str:
+    """A loss as the log prints it: 'n/a' for none (no validation split; results.json holds null)."""
+    return "n/a" if loss is None or loss != loss else f"{loss:.4f}"
+
+
 def log_stage_stats(monitor: Monitor, engine, stage: int, n_stacks: int, step: int) -> None:
     """Memory and per-stack gradient norm of every stage, gathered to rank 0.
 

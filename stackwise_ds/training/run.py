@@ -74,17 +74,16 @@ def main(argv: list[str] | None = None) -> int:
             write_line(f"[stackwise] unexpected failure on rank {rank}: {type(exc).__name__}: {exc}", sys.stderr)
         return 1
     if rank == "0":
+        from .metrics import format_loss
+
         for phase in results["phases"]:
             losses = phase["losses"]  # empty when a resume found the phase's (shortened) budget already spent
             trained = f"train loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps left to train"
             print(f"[stackwise] {phase['name']}: {trained}, "
-                  f"val loss {_fmt(phase.get('val_loss_before'))} -> {_fmt(phase['val_loss_after'])}", flush=True)
+                  f"val loss {format_loss(phase.get('val_loss_before'))} -> {format_loss(phase['val_loss_after'])}",
+                  flush=True)
         print(f"[stackwise] outputs in {results['output_dir']}", flush=True)
     return 0
-
-
-def _fmt(loss: float | None) -> str:
-    return "n/a" if loss is None or loss != loss else f"{loss:.4f}"  # NaN: no validation split
 
 
 def train(config: StackWiseConfig) -> dict:

@@ -38,7 +38,7 @@ from .checkpoints import Checkpointer
 from .feeds import DataFeeds
 from .growth import phase_layer_sources
 from .loop import PhaseRun, StepLoop
-from .metrics import RunHistory, count_process_groups, current_rss_mb, resource_usage, val_loss_at
+from .metrics import RunHistory, count_process_groups, current_rss_mb, format_loss, resource_usage, val_loss_at
 from .moments import carry_moments
 from .monitor import Monitor
 from .phase_pipeline import PhasePipeline
@@ -290,7 +290,7 @@ class PhaseRunner:
         self._report_cache(phase, record, state.global_step)
         self.monitor.close_bar()
         self.monitor.message(f"[stackwise] phase {phase.name} done: val loss "
-                             f"{record.get('val_loss_before', float('nan')):.4f} -> {record['val_loss_after']:.4f}")
+                             f"{format_loss(record.get('val_loss_before'))} -> {format_loss(record['val_loss_after'])}")
         state.finished_phases.append({k: v for k, v in record.items() if k != "losses"})
         state.phase_index, state.phase_step = phase.index + 1, 0
         self.history.add_phase(record)
