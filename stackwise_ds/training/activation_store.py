@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 from ..enums import CacheDtype
 
 META, ACTIVATIONS, SUMS = "meta.json", "activations.bin", "sums.bin"
+REMOVING = ".removing"  # the suffix of a store being deleted
 FILLED = np.uint64(1 << 32)
 _NUMPY = {CacheDtype.FP32: np.float32, CacheDtype.BF16: np.uint16}  # bf16 bits held as uint16
 
@@ -76,6 +78,24 @@ def create_store(folder: Path, meta: StoreMeta) -> None:
         raise
 
 
+def remove_store(folder: Path) -> None:
+    """Delete a store so that a kill half-way never leaves one that opens: it is renamed first (atomically, out of
+    every key's name), then deleted; ``sweep_removed`` finishes what a kill interrupted."""
+    sweep_removed(folder.parent)
+    doomed = folder.with_name(folder.name + REMOVING)
+    try:
+        os.rename(folder, doomed)
+    except OSError:
+        return  # removed already (by another rank, or an earlier launch)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def sweep_removed(root: Path) -> None:
+    """Delete the stores whose removal a kill interrupted."""
+    for doomed in root.glob("*" + REMOVING):
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _allocate(path: Path, size: int) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -91,6 +111,7 @@ class ActivationStore:
     def __init__(self, folder: Path, meta: StoreMeta):
         self.folder = folder
         self.meta = meta
+        self.corrupt = 0  # reads of a written slot whose checksum failed (computed again instead)
         shape = (meta.capacity, meta.seq_len, meta.d_model)
         self.slots = np.memmap(folder / ACTIVATIONS, dtype=_NUMPY[meta.dtype], mode="r+", shape=shape)
         self.sums = np.memmap(folder / SUMS, dtype=np.uint64, mode="r+", shape=(meta.capacity,))
@@ -98,7 +119,12 @@ class ActivationStore:
     @classmethod
     def open(cls, folder: Path) -> ActivationStore | None:
         meta = read_meta(folder)
-        return None if meta is None or meta.capacity == 0 else cls(folder, meta)
+        if meta is None or meta.capacity == 0:
+            return None
+        try:
+            return cls(folder, meta)
+        except (OSError, ValueError):  # its data files gone or cut short (a store half-deleted by an older version)
+            return None
 
     def filled(self) -> np.ndarray:
         """Window ids whose slot was written (their checksums are checked when read)."""
@@ -114,6 +140,8 @@ class ActivationStore:
                 if self.sums[window] == FILLED | np.uint64(zlib.crc32(row)):
                     hit[n] = True
                     rows.append(row)
+                else:
+                    self.corrupt += 1
         return hit, self._decode(np.stack(rows)) if rows else torch.empty(0)
 
     def put(self, ids: np.ndarray, activations: torch.Tensor) -> None:

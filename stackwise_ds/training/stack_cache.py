@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import shutil
 import socket
 from pathlib import Path
 
@@ -36,7 +35,15 @@ from ..parallel import distributed
 from ..parallel.prefix_cache import advance_store, install_prefix_cache
 from ..parallel.roles import unwrap
 from ..placement import PhaseLayout
-from .activation_store import ActivationStore, StoreMeta, create_store, read_meta, slots_within
+from .activation_store import (
+    ActivationStore,
+    StoreMeta,
+    create_store,
+    read_meta,
+    remove_store,
+    slots_within,
+    sweep_removed,
+)
 
 
 class ActivationCache:
@@ -49,6 +56,7 @@ class ActivationCache:
         self.rank = rank
         self.prefix = None  # this phase's CachedPrefix on this rank, if any
         self.advanced = 0  # windows the phase's start advanced on this rank
+        self.corrupt_before = 0  # slots of the previous store the advance found corrupt on this rank
         self.applies = False  # whether the phase has a frozen prefix to cache (the same on every rank)
         self.stores: set[Path] = set()  # the stores this launch used (removed at the end)
         self._warned: set[str] = set()  # the kinds of fallback already reported
@@ -60,7 +68,7 @@ class ActivationCache:
     def attach(self, pipe, layer_roles: list[str], layout: PhaseLayout, train_source):
         """Collective. Serve this phase's frozen prefix from the store on the first stage; returns the training
         source the phase reads (its rows carrying window ids where the cache is installed)."""
-        self.prefix, self.advanced, self.applies = None, 0, False
+        self.prefix, self.advanced, self.corrupt_before, self.applies = None, 0, 0, False
         boundary = cached_boundary(layer_roles)
         if boundary is None:
             return train_source
@@ -94,7 +102,7 @@ class ActivationCache:
             self._advance(pipe, previous, store, here)
         distributed.barrier()
         if leader and previous is not None:
-            shutil.rmtree(previous.folder, ignore_errors=True)
+            remove_store(previous.folder)
         if store is not None:
             self.stores.add(store.folder)
         return store
@@ -134,10 +142,10 @@ class ActivationCache:
     def _advance(self, pipe, previous: ActivationStore, store: ActivationStore, here: list[int]) -> None:
         """This rank's share (of the node's first-stage ranks ``here``) of the windows the previous store holds
         and the new one lacks."""
-        todo = [w for w in previous.filled() if w < store.meta.capacity and store.sums[w] == 0]
-        mine = todo[here.index(self.rank)::len(here)]
-        self.advanced = advance_store(pipe, previous.meta.boundary, store.meta.boundary, previous, store,
-                                      np.asarray(mine, dtype=np.int64), self.training.micro_batch_size)
+        mine = advance_share(previous, store, here.index(self.rank), len(here))
+        self.advanced = advance_store(pipe, previous.meta.boundary, store.meta.boundary, previous, store, mine,
+                                      self.training.micro_batch_size)
+        self.corrupt_before = previous.corrupt
 
     def _first_stage_ranks_here(self, first_stage: bool) -> list[int]:
         """Collective: the first-stage ranks of this rank's host, lowest first (the lowest makes its store)."""
@@ -153,23 +161,38 @@ class ActivationCache:
 
     def phase_stats(self) -> dict[str, int] | None:
         """Collective: windows read from the store, run through the prefix, and advanced, and the ranks serving
-        them, over every rank; None in a phase without a frozen prefix."""
+        them, over every rank (and ``corrupt``: kept slots that failed their checksum, when there were any); None
+        in a phase without a frozen prefix."""
         if not self.applies:
             return None
-        local = [self.prefix.read, self.prefix.computed, 1] if self.prefix is not None else [0, 0, 0]
-        rows = distributed.all_gather_floats([*local, self.advanced])
-        names = ("read", "computed", "ranks", "advanced")
-        return {name: int(sum(r[i] for r in rows)) for i, name in enumerate(names)}
+        prefix = self.prefix
+        local = [prefix.read, prefix.computed, 1, prefix.store.corrupt] if prefix is not None else [0, 0, 0, 0]
+        rows = distributed.all_gather_floats([*local[:3], self.advanced, local[3] + self.corrupt_before])
+        names = ("read", "computed", "ranks", "advanced", "corrupt")
+        stats = {name: int(sum(r[i] for r in rows)) for i, name in enumerate(names)}
+        if not stats["corrupt"]:
+            del stats["corrupt"]
+        return stats
 
     def remove(self) -> None:
         """Collective, at the run's clean end: the stores are scratch; free their disk."""
         distributed.barrier()
         for folder in self.stores:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_store(folder)
+        sweep_removed(self.root)
         made_here = [self.root.parent] if self.training.stack_cache_dir is None else []  # <output_dir>/stack_cache
         for folder in (self.root, *made_here):
             with contextlib.suppress(OSError):  # not empty (another run's stores), or another rank was quicker
                 folder.rmdir()
+
+
+def advance_share(previous: ActivationStore, store: ActivationStore, position: int, ranks: int) -> np.ndarray:
+    """The windows rank ``position`` of ``ranks`` advances from ``previous`` into ``store``: its stride of the
+    previous store's windows (which nobody writes meanwhile), less those the new store holds already (a resumed
+    advance). The share must not depend on the new store's state, which the other ranks are writing: a rank that
+    looked later would stride over a shorter list and skip windows that no rank then advances."""
+    shared = previous.filled()[position::ranks]
+    return np.asarray([w for w in shared if w < store.meta.capacity and store.sums[w] == 0], dtype=np.int64)
 
 
 def prefix_keys(pipe, boundary: int, dataset, dtype: CacheDtype) -> list[str]:

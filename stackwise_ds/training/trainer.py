@@ -228,6 +228,9 @@ class PhaseRunner:
         resuming_mid_phase = self.resume_tag is not None and state.phase_step > 0
         if resuming_mid_phase:
             check_resumed_layout(layout, state, self.checkpointer.checkpoint_dir / self.resume_tag, self.world_size)
+        elif self.resume_tag is not None:  # at a phase boundary: the mid-phase load says it as it loads
+            self.monitor.message(f"[stackwise] resuming from {self.checkpointer.checkpoint_dir / self.resume_tag} at "
+                                 f"the start of phase {phase.index + 1}/{len(phases)} {phase.name}")
         sources = self._growth_sources(phase, phases, state)
         self.pipeline.take_layout(layout, self.checkpointer.weights_dir(), sources, self._head_tied(phase))
         engine = self.pipeline.build_engine(phase, phases)
@@ -279,6 +282,10 @@ class PhaseRunner:
         self.monitor.message(f"[stackwise] stack cache, phase {phase.name}: " + (
             f"{cache['read']} windows read, {cache['computed']} computed, {cache['advanced']} advanced"
             if cache["ranks"] else "not in use (see the warning), the frozen prefix ran every time"))
+        if cache.get("corrupt"):
+            self.monitor.message(f"[stackwise] WARNING stack cache, phase {phase.name}: {cache['corrupt']} kept "
+                                 "slot(s) failed their checksum (a write cut short, or the file damaged) and were "
+                                 "computed again")
         served = cache["read"] + cache["computed"]
         self.monitor.scalars({"stack_cache/read_share": cache["read"] / served if served else 0.0,
                               "stack_cache/advanced": cache["advanced"]}, step)
