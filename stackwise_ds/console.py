@@ -62,9 +62,28 @@ def _quiet_deepspeed_record(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def deepspeed_prints() -> Iterator[None]:
-    """Around a DeepSpeed call that ``print``s its internals: swallowed unless verbose."""
+    """Around a DeepSpeed call that ``print``s its internals: swallowed unless verbose (our own ``[stackwise]``
+    lines printed inside, e.g. a stage's frozen precision while its engine is built, still come through)."""
     if verbose():
         yield
         return
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(_OwnLinesOnly(sys.stdout)):
         yield
+
+
+class _OwnLinesOnly(io.TextIOBase):
+    """A stdout that passes on whole lines starting with ``[stackwise]`` and drops the rest."""
+
+    def __init__(self, target: TextIO):
+        self.target = target
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if line.startswith("[stackwise]"):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()
