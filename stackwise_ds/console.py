@@ -24,6 +24,18 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
 
+def human_size(n_bytes: float) -> str:
+    """A byte count in the unit that reads best, three figures: '512 B', '64.0 KB', '1.50 GB' (powers of 1024)."""
+    if n_bytes < 1024:
+        return f"{n_bytes:.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n_bytes /= 1024
+        if n_bytes < 1000 or unit == "TB":
+            break
+    decimals = 2 if n_bytes < 10 else 1 if n_bytes < 100 else 0
+    return f"{n_bytes:.{decimals}f} {unit}"
+
+
 def write_line(text: str, stream: TextIO | None = None) -> None:
     """``text`` as one line in one write: the lines of ranks sharing a terminal or a log file
     never interleave mid-line (``print`` writes the text and the newline separately)."""

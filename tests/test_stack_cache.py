@@ -123,6 +123,21 @@ def test_a_store_removed_half_way_never_opens_and_is_swept(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_store_that_cannot_be_made_is_explained_by_its_cause_in_human_units(tmp_path):
+    import errno
+
+    from stackwise_ds.console import human_size
+    from stackwise_ds.training.stack_cache import allocation_failure
+
+    assert [human_size(n) for n in (512, 64 * 2**10, 1.5 * 2**30, 999 * 2**20)] == ["512 B", "64.0 KB", "1.50 GB",
+                                                                                    "999 MB"]
+    read_only = allocation_failure(tmp_path, 2**20, OSError(errno.EROFS, "Read-only file system"))
+    assert f"{tmp_path}: it is read-only for this process (Read-only file system)" in read_only
+    assert "training.stack_cache_dir to a folder this user can write" in read_only and "free space" not in read_only
+    full = allocation_failure(tmp_path, 64 * 2**10, OSError(errno.ENOSPC, "No space left on device"))
+    assert f"could not allocate 64.0 KB in {tmp_path} (No space left on device)" in full and "GiB" not in full
+
+
 def test_the_cached_boundary_is_the_frozen_run_from_the_embedding():
     assert cached_boundary([FROZEN, FROZEN, FROZEN, TRAIN, TRAIN]) == 2
     assert cached_boundary([FROZEN, FROZEN, TRAIN, DORMANT, TRAIN]) == 1

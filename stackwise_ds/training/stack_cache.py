@@ -21,6 +21,7 @@ clean end the stores are removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import socket
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from ..config import TrainingConfig
+from ..console import human_size
 from ..enums import CacheDtype, StackCache
 from ..layout import cached_boundary
 from ..parallel import distributed
@@ -117,19 +119,16 @@ class ActivationCache:
         if read_meta(self.root / meta.key) == meta:
             return
         if meta.capacity < meta.n_windows:
-            need = meta.n_windows * meta.slot_bytes / 2**30
+            need = human_size(meta.n_windows * meta.slot_bytes)
             self._warn("bound", f"training.stack_cache_max_gb ({self.training.stack_cache_max_gb}) holds "
                        f"{meta.capacity} of the {meta.n_windows} training windows; the others run the frozen prefix "
-                       f"every time (all of them need {need:.2f} GiB)", every_rank=True)
+                       f"every time (all of them need {need})", every_rank=True)
         if meta.capacity == 0:
             return
         try:
             create_store(self.root / meta.key, meta)
         except OSError as exc:
-            size = meta.capacity * meta.slot_bytes / 2**30
-            self._warn("allocate", f"could not allocate {size:.2f} GiB in {self.root} ({exc.strerror or exc}); the "
-                       "frozen prefix runs every time (free space, or set training.stack_cache_dir or a lower "
-                       "training.stack_cache_max_gb)", every_rank=True)
+            self._warn("allocate", allocation_failure(self.root, meta.capacity * meta.slot_bytes, exc), every_rank=True)
 
     def _previous_store(self, keys: list[str]) -> ActivationStore | None:
         """The store of a shorter frozen prefix of these weights (the previous phase's), if one is on disk."""
@@ -184,6 +183,15 @@ class ActivationCache:
         for folder in (self.root, *made_here):
             with contextlib.suppress(OSError):  # not empty (another run's stores), or another rank was quicker
                 folder.rmdir()
+
+
+def allocation_failure(root: Path, size_bytes: int, exc: OSError) -> str:
+    """Why a store could not be made in ``root``, and what to change (the phase then computes its prefix)."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"could not create a store in {root}: it is read-only for this process ({exc.strerror or exc}); the "
+                "frozen prefix runs every time (set training.stack_cache_dir to a folder this user can write)")
+    return (f"could not allocate {human_size(size_bytes)} in {root} ({exc.strerror or exc}); the frozen prefix runs "
+            "every time (free space, or set training.stack_cache_dir or a lower training.stack_cache_max_gb)")
 
 
 def advance_share(previous: ActivationStore, store: ActivationStore, position: int, ranks: int) -> np.ndarray:
