@@ -437,7 +437,7 @@ def test_generate_tool_continues_the_prompt(pp2_run):
 CONSOLE_SCRIPTS = {"stackwise-consolidate": tools_cli.consolidate_main, "stackwise-reshard": tools_cli.reshard_main,
                    "stackwise-export-hf": tools_cli.export_hf_main, "stackwise-import-hf": tools_cli.import_hf_main,
                    "stackwise-restack": tools_cli.restack_main, "stackwise-inspect": tools_cli.inspect_main,
-                   "stackwise-generate": tools_cli.generate_main}
+                   "stackwise-generate": tools_cli.generate_main, "stackwise-plan": tools_cli.plan_main}
 
 
 def test_console_scripts_are_installed_and_run_the_tool_mains():
