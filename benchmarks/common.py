@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from stackwise_ds.checkpoint.files import json_text
+
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "launch" / "train.py"
 PINNED = REPO / "benchmarks" / "pinned.py"
@@ -236,7 +238,7 @@ def merge_results(name: str, update: dict, table_suffix: str, table: str) -> Non
     path = RESULTS_DIR / f"{name}.json"
     merged = json.loads(path.read_text()) if path.exists() else {}
     merged.update(update)
-    path.write_text(json.dumps(merged, indent=1))
+    path.write_text(json_text(merged, indent=1))  # strict JSON: a ratio with nothing to divide is null
     (RESULTS_DIR / f"{name}_{table_suffix}_table.md").write_text(table)
     print(table)
 

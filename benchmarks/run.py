@@ -13,7 +13,6 @@ DeepSpeed); the baseline is ``benchmarks/plain_torch.py``. Scratch outputs go to
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -31,6 +30,7 @@ from benchmarks.quality import measure_quality, quality_table
 from benchmarks.report import markdown_table
 from benchmarks.stack_cache import FULL_BYTES, QUICK_BYTES, measure_stack_cache, stack_cache_table
 from benchmarks.timing import TimingPlan, measure_pipeline, measure_throughput
+from stackwise_ds.checkpoint.files import json_text
 
 # Full: 3 interleaved repetitions (a median needs 3), 20 timed steps of which 5 warm up
 # (allocator, autograd graph caches and the first LR steps settle within ~3 steps).
@@ -126,7 +126,7 @@ def main() -> None:
     (RESULTS_DIR / f"{name}_quality_table.md").write_text(quality_table(result["quality"]))
     (RESULTS_DIR / f"{name}_frozen_precision_table.md").write_text(frozen_precision_table(result["frozen_precision"]))
     (RESULTS_DIR / f"{name}_stack_cache_table.md").write_text(stack_cache_table(result["stack_cache"]))
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(result, indent=1))
+    (RESULTS_DIR / f"{name}.json").write_text(json_text(result, indent=1))
     (RESULTS_DIR / f"{name}_table.md").write_text(markdown_table(result))
     log(f"wrote {RESULTS_DIR / f'{name}.json'} in {result['meta']['total_seconds']:.0f} s")
     print(markdown_table(result))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import os
 import types
 import typing
@@ -680,10 +681,29 @@ def _build_dataclass(cls: type, raw: Any, section: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     for key in raw:
         if key not in names:
-            raise ConfigError(f"unknown key '{key}' in {where} of the config; "
-                              f"valid keys there are: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown key '{key}' in {where} of the config; {_closest_keys(key, names, section)}")
     kwargs = {key: _coerce(hints[key], value, f"{section}.{key}".lstrip(".")) for key, value in raw.items()}
     return cls(**kwargs)
+
+
+def _closest_keys(key: str, names: set[str], section: str) -> str:
+    """Advice for an unknown ``key`` among ``names`` of ``section``: the closest spellings there, or the same name in
+    another section (training.seq_len -> data.seq_len); else where the keys are listed."""
+    close = [f"{section}.{name}".lstrip(".") for name in difflib.get_close_matches(key, sorted(names), n=3)]
+    elsewhere = [dotted for dotted in _leaf_keys(StackWiseConfig) if dotted.rsplit(".", 1)[-1] == key]
+    if close or elsewhere:
+        return "did you mean " + " or ".join(f"'{k}'" for k in close + elsewhere) + "?"
+    return f"the keys of {section or 'the top level'} are in the config reference, docs/config.md"
+
+
+def _leaf_keys(cls: type, prefix: str = "") -> list[str]:
+    """Every dotted key of the dataclass ``cls``, depth first."""
+    hints = typing.get_type_hints(cls)
+    keys = []
+    for f in dataclasses.fields(cls):
+        nested = dataclasses.is_dataclass(hints[f.name])
+        keys += _leaf_keys(hints[f.name], f"{prefix}{f.name}.") if nested else [prefix + f.name]
+    return keys
 
 
 def _coerce(hint: Any, value: Any, key: str) -> Any:

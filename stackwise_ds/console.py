@@ -24,6 +24,18 @@ def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0", "false")
 
 
+def human_size(n_bytes: float) -> str:
+    """A byte count in the unit that reads best, three figures: '512 B', '64.0 KB', '1.50 GB' (powers of 1024)."""
+    if n_bytes < 1024:
+        return f"{n_bytes:.0f} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        n_bytes /= 1024
+        if n_bytes < 1000 or unit == "TB":
+            break
+    decimals = 2 if n_bytes < 10 else 1 if n_bytes < 100 else 0
+    return f"{n_bytes:.{decimals}f} {unit}"
+
+
 def write_line(text: str, stream: TextIO | None = None) -> None:
     """``text`` as one line in one write: the lines of ranks sharing a terminal or a log file
     never interleave mid-line (``print`` writes the text and the newline separately)."""
@@ -62,9 +74,28 @@ def _quiet_deepspeed_record(record: logging.LogRecord) -> bool:
 
 @contextlib.contextmanager
 def deepspeed_prints() -> Iterator[None]:
-    """Around a DeepSpeed call that ``print``s its internals: swallowed unless verbose."""
+    """Around a DeepSpeed call that ``print``s its internals: swallowed unless verbose (our own ``[stackwise]``
+    lines printed inside, e.g. a stage's frozen precision while its engine is built, still come through)."""
     if verbose():
         yield
         return
-    with contextlib.redirect_stdout(io.StringIO()):
+    with contextlib.redirect_stdout(_OwnLinesOnly(sys.stdout)):
         yield
+
+
+class _OwnLinesOnly(io.TextIOBase):
+    """A stdout that passes on whole lines starting with ``[stackwise]`` and drops the rest."""
+
+    def __init__(self, target: TextIO):
+        self.target = target
+        self.pending = ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        for line in lines:
+            if line.startswith("[stackwise]"):
+                self.target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.target.flush()

@@ -401,3 +401,14 @@ def layout_for(roles: list[str], config: StackWiseConfig, world_size: int, bf16:
     res = run_resources(config, world_size, bf16)
     costs = layer_costs(config.model, config.data.seq_len, res.micro_batch_size, bf16)
     return elastic_layout(roles, costs, res) if elastic else fixed_layout(roles, costs, res)
+
+
+# ----------------------------------------------------------------------------- estimates for stackwise-plan
+
+def step_training_flops(roles: list[str], config: StackWiseConfig, world_size: int, bf16: bool) -> float:
+    """Training FLOPs of one optimizer step of a phase whose pipeline layers have ``roles``, in the planner's model
+    (``layer_costs``, each layer times its role's factor), over every micro-batch of the run's global batch. A
+    prefix the stack cache serves still counts: these are the FLOPs of the training, not of its critical path."""
+    res = run_resources(config, world_size, bf16)
+    costs = layer_costs(config.model, config.data.seq_len, res.micro_batch_size, bf16)
+    return sum(_layer_flops(costs, roles)) * res.global_batch / res.micro_batch_size

@@ -8,6 +8,7 @@
     stackwise-restack       regroup a rack's blocks into another number of stacks
     stackwise-generate      sample text from a trained causal rack
     stackwise-eval          validation loss and perplexity of a trained rack on the data a config describes
+    stackwise-plan          what a run would do on N ranks (layouts, memory, predicted cost), before launching it
 
 ``tools/<name>.py`` runs the same ``main`` from a checkout. Each ``main`` only parses arguments
 and calls one library function through ``run_tool`` (user errors: one line, status 2).
@@ -248,3 +249,9 @@ def restack_main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}")
 
     return run_tool("restack", body)
+
+
+def plan_main(argv: list[str] | None = None) -> int:
+    from .plan import main  # its own argument handling: launch/train.py's config arguments, no DeepSpeed import
+
+    return main(argv)

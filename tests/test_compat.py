@@ -104,3 +104,22 @@ def test_engine_checks_before_it_imports_deepspeed():
     first_ds_import = next(i for i, node in enumerate(body) if isinstance(node, ast.ImportFrom)
                            and (node.module or "").startswith("deepspeed"))
     assert check < first_ds_import
+
+
+def test_deepspeed_prints_inside_an_engine_build_are_hidden_and_our_own_lines_pass(capsys, monkeypatch):
+    """DeepSpeed's bf16 optimizer prints 'begin bf16_optimizer' and memory lines while an engine is built (the
+    trainer builds it under deepspeed_prints); a stage's own '[stackwise]' line printed there still comes through."""
+    from deepspeed.runtime.utils import see_memory_usage
+
+    from stackwise_ds.console import VERBOSE_ENV, deepspeed_prints
+
+    monkeypatch.delenv(VERBOSE_ENV, raising=False)
+    with deepspeed_prints():
+        see_memory_usage("begin bf16_optimizer", force=True)
+        print("[stackwise] stage 0: frozen layers 1, 2 run in int8", flush=True)
+        print("end bf16_ optimizer", end="")
+    assert capsys.readouterr().out == "[stackwise] stage 0: frozen layers 1, 2 run in int8\n"
+    monkeypatch.setenv(VERBOSE_ENV, "1")
+    with deepspeed_prints():
+        see_memory_usage("begin bf16_optimizer", force=True)
+    assert "begin bf16_optimizer" in capsys.readouterr().out

@@ -64,6 +64,18 @@ def test_unknown_keys_name_key_and_section(raw, fragment):
         StackWiseConfig.from_dict(raw)
 
 
+@pytest.mark.parametrize("raw, advice", [
+    ({"training": {"growth_operater": "fresh"}}, "did you mean 'training.growth_operator' or 'training.growth_init'?"),
+    ({"training": {"seq_len": 64}}, "did you mean 'data.seq_len'?"),  # the key of another section
+    ({"trainin": {}}, "did you mean 'training'?"),
+    ({"model": {"zzz": 1}}, "the keys of model are in the config reference, docs/config.md"),
+])
+def test_an_unknown_key_gets_the_closest_keys_in_one_short_line(raw, advice):
+    with pytest.raises(ConfigError) as error:
+        StackWiseConfig.from_dict(raw)
+    assert str(error.value).endswith(advice) and len(str(error.value)) < 160
+
+
 @pytest.mark.parametrize("raw, fragment", [
     ({"model": {"d_model": "big"}}, "model.d_model' must be an integer"),
     ({"model": {"d_model": 64.0}}, "model.d_model' must be an integer"),

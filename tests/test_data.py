@@ -400,6 +400,38 @@ def test_validation_set_is_the_same_for_every_data_parallel_degree():
     assert validation_set(data, 2, 0, 0, 1) is None  # eval_batches 0: no validation
 
 
+def test_a_validation_split_smaller_than_a_micro_batch_is_evaluated_as_one_padded_batch():
+    """1 window with micro-batches of 4: one batch of that window and 3 copies whose labels are all ignored,
+    so the loss is exactly the window's own; the other replicas repeat it uncounted."""
+    import torch.nn.functional as F
+
+    from stackwise_ds.training.data_setup import validation_note, validation_set
+
+    data = id_dataset(1)
+    sets = [validation_set(data, 4, 8, rank, 2) for rank in range(2)]
+    assert [s.real for s in sets] == [1, 0] and [len(s.batches) for s in sets] == [1, 1]
+    inputs, labels = sets[0].batches[0]
+    assert inputs.shape == (4, 4) and (labels[1:] == IGNORE_INDEX).all() and torch.equal(labels[0], data[0][1])
+    logits = torch.randn(4, 4, 8)  # [B, T, V]: the pipeline's loss over the padded batch is the window's own
+    padded_loss = F.cross_entropy(logits.reshape(-1, 8), labels.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert torch.allclose(padded_loss, F.cross_entropy(logits[0], labels[0]))
+    assert validation_set(id_dataset(0), 4, 8, 0, 1) is None
+    assert "holds 1 window(s), fewer than one micro-batch" in validation_note(1, 4, 8)
+    assert "no validation windows" in validation_note(0, 4, 8) and validation_note(4, 4, 8) is None
+
+
+def test_json_files_hold_null_where_a_figure_is_nan(tmp_path):
+    """results.json and stackwise_state.json stay strict JSON: NaN (a loss with no validation split) is null."""
+    import json
+
+    from stackwise_ds.checkpoint.files import write_json_atomic
+
+    path = tmp_path / "results.json"
+    write_json_atomic(path, {"val": float("nan"), "history": [(3, float("inf")), (4, 1.5)], "n": 2})
+    assert json.loads(path.read_text(), parse_constant=lambda name: pytest.fail(f"{name} in JSON")) == {
+        "val": None, "history": [[3, None], [4, 1.5]], "n": 2}
+
+
 def test_text_files_skip_fifos_and_binaries_and_report_replaced_bytes(tmp_path):
     from stackwise_ds.data.corpus import SourceFile, read_file_documents
 

@@ -228,6 +228,21 @@ def test_bad_config_and_data_fail_clearly_on_every_rank(overrides, fragment, tmp
 
 
 @pytest.mark.multiprocess
+def test_a_validation_split_smaller_than_a_micro_batch_is_evaluated_and_results_stay_strict_json(tmp_path):
+    """data.max_bytes=4000 holds out 1 window, fewer than a micro-batch of 2: every phase validates on it (on 2
+    replicas, one counting it), so no loss is NaN and results.json is strict JSON."""
+    out = tmp_path / "run"
+    proc = run_training(2, out, "data.max_bytes=4000", "training.training_architecture=stackwise",
+                        "training.steps_per_phase=3")
+    assert "the validation split holds 1 window(s), fewer than one micro-batch" in proc.stdout
+    done = re.findall(r"phase stack \d/2 done: val loss (\S+) -> (\S+)", proc.stdout)
+    assert len(done) == 2 and all(float(v) == float(v) for pair in done for v in pair), proc.stdout[-2000:]
+    saved = json.loads((out / "results.json").read_text(), parse_constant=lambda name: pytest.fail(name))
+    assert all(loss is not None and loss == loss for _, loss in saved["val_history"])
+    assert [round(p["val_loss_after"], 4) for p in saved["phases"]] == [float(after) for _, after in done]
+
+
+@pytest.mark.multiprocess
 def test_pipeline_that_does_not_fit_the_world_size(tmp_path):
     proc = run_training(3, tmp_path / "out", "parallel.pipeline_stages=2", expect_ok=False)
     expect_error_on_every_rank(proc, 3, r"world size 3 is not a multiple of parallel.pipeline_stages \(2\): set "

@@ -120,6 +120,64 @@ def test_a_store_that_cannot_be_allocated_raises_and_leaves_nothing(tmp_path):
     assert ActivationStore.open(tmp_path / "store") is None
 
 
+def test_a_corrupt_slot_is_counted_once_per_read(tmp_path):
+    store = make_store(tmp_path)
+    store.put(np.array([1, 2]), torch.randn(2, T, D))
+    store.slots[2, 0, 0] += 1.0
+    assert store.get(np.array([1, 2, 3]))[0].tolist() == [True, False, False]
+    assert store.corrupt == 1, "window 3 was never written: empty, not corrupt"
+
+
+def test_the_advance_shares_out_every_window_whatever_order_the_ranks_run_in(tmp_path):
+    """Each first-stage rank takes its stride of the previous store's windows. When one rank had advanced its share
+    before another looked (a loaded machine, or a resume), the later rank used to stride over the new store's
+    remaining windows, a shorter list, and skipped windows no rank then advanced."""
+    from stackwise_ds.training.stack_cache import advance_share
+
+    previous, new = make_store(tmp_path / "old", n_windows=10, capacity=10), make_store(tmp_path / "new", 10, 10)
+    previous.put(np.arange(10), torch.randn(10, T, D))
+    new.put(np.array([7]), torch.randn(1, T, D))  # advanced before a kill
+    done = []
+    for rank in range(2):  # rank 0 writes all of its share before rank 1 computes its own
+        mine = advance_share(previous, new, rank, 2)
+        new.put(mine, torch.randn(len(mine), T, D))
+        done += mine.tolist()
+    assert sorted(done) == [0, 1, 2, 3, 4, 5, 6, 8, 9]
+    assert sorted(new.filled().tolist()) == list(range(10))
+
+
+def test_a_store_removed_half_way_never_opens_and_is_swept(tmp_path):
+    """The removal renames the store out of its key's name before deleting it; a store whose data files are gone
+    does not open (it used to raise on resume)."""
+    from stackwise_ds.training.activation_store import remove_store, sweep_removed
+
+    store = make_store(tmp_path)
+    (tmp_path / "store" / "sums.bin").unlink()
+    assert ActivationStore.open(store.folder) is None
+    half_removed = tmp_path / "other.removing"  # a removal a kill interrupted
+    half_removed.mkdir()
+    remove_store(store.folder)
+    assert not store.folder.exists() and not half_removed.exists()
+    (tmp_path / "again.removing").mkdir()
+    sweep_removed(tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_store_that_cannot_be_made_is_explained_by_its_cause_in_human_units(tmp_path):
+    import errno
+
+    from stackwise_ds.console import human_size
+    from stackwise_ds.training.stack_cache import allocation_failure
+
+    assert [human_size(n) for n in (512, 64 * 2**10, 1.5 * 2**30, 999 * 2**20)] == ["512 B", "64.0 KB", "1.50 GB",
+                                                                                    "999 MB"]
+    read_only = allocation_failure(tmp_path, 2**20, OSError(errno.EROFS, "Read-only file system"))
+    assert f"{tmp_path}: it is read-only for this process (Read-only file system)" in read_only
+    assert "training.stack_cache_dir to a folder this user can write" in read_only and "free space" not in read_only
+    full = allocation_failure(tmp_path, 64 * 2**10, OSError(errno.ENOSPC, "No space left on device"))
+    assert f"could not allocate 64.0 KB in {tmp_path} (No space left on device)" in full and "GiB" not in full
+
+
 def test_the_cached_boundary_is_the_frozen_run_from_the_embedding():
     assert cached_boundary([FROZEN, FROZEN, FROZEN, TRAIN, TRAIN]) == 2
     assert cached_boundary([FROZEN, FROZEN, TRAIN, DORMANT, TRAIN]) == 1
@@ -392,6 +450,29 @@ def damage_every_filled_slot(cache_root) -> int:
     bits[filled, -8] ^= 1
     store.slots.flush()
     return len(filled)
+
+
+@pytest.mark.multiprocess
+def test_a_kill_as_the_old_store_is_removed_resumes_at_the_boundary_with_a_whole_store(uncached, tmp_path):
+    """Killed at phase 3's start while the leader deletes phase 2's store (the advance done); before the re-run one
+    slot of the advanced store is damaged. The re-run says it resumes at the phase boundary, reads every window but
+    the damaged one (computed again, with one warning naming the count) and its clean end leaves no store."""
+    from test_filesystem_faults import build_fault_shim
+
+    out, shim = tmp_path / "run", str(build_fault_shim(tmp_path))
+    killed = run_training(2, out, *RUN, *CACHE, expect_ok=False, env={"LD_PRELOAD": shim, "KILL_ON_UNLINK": "sums.bin"})
+    assert killed.returncode != 0 and "phase 3/3 stack 3/3: steps" not in killed.stdout
+    advanced = [meta.parent for meta in (out / "stack_cache").rglob("meta.json") if meta.parent.suffix != ".removing"]
+    assert len(advanced) == 1, "the half-removed store no longer opens under its key"
+    with open(advanced[0] / "activations.bin", "r+b") as slots:  # window 0's first value
+        slots.write(b"\xff\xff\xff\x7f")
+    proc = run_training(2, out, *RUN, *CACHE)
+    assert re.search(r"resuming from \S+step00000020 at the start of phase 3/3 stack 3/3", proc.stdout)
+    assert cache_lines(proc.stdout)["stack 3/3"] == (79, 1, 0), "the store was whole but for the damaged slot"
+    assert len(re.findall(r"WARNING stack cache, phase stack 3/3: 1 kept slot\(s\) failed their checksum",
+                          proc.stdout)) == 1
+    assert results(out)["losses"] == uncached["losses"]
+    assert not (out / "stack_cache").exists(), "the run's end removes the stores, the half-removed one too"
 
 
 @pytest.mark.multiprocess

@@ -151,6 +151,20 @@ def test_stackwise_resume_mid_phase(stackwise_run, tmp_path):
     assert results(out)["losses"] == results(stackwise_run)["losses"]
 
 
+def test_a_resume_past_a_lowered_step_budget_says_the_phase_ends(stackwise_run, tmp_path):
+    """Resumed at step 6 (2 steps into phase 2) with steps_per_phase 1: the phase has nothing left to train, and
+    the log says so plainly instead of 'steps 2..1'."""
+    out = tmp_path / "run"
+    shutil.copytree(stackwise_run, out)
+    shutil.rmtree(out / "checkpoints" / f"step{2 * STEPS:08d}")
+    proc = run_training(2, out, "training.training_architecture=stackwise", "training.steps_per_phase=1",
+                        "training.save_interval=2", "model.tie_embeddings=false", "parallel.phase_layout=fixed")
+    assert "resuming from" in proc.stdout and "steps 2..1" not in proc.stdout
+    assert ("phase 2/2 stack 2/2: it already ran 2 steps and its budget is now 1 (training.steps_per_phase): "
+            "no steps left to train") in proc.stdout
+    assert results(out)["phases"][1]["losses"] == results(stackwise_run)["phases"][1]["losses"][:2]
+
+
 def test_activation_checkpointing_gives_the_same_stackwise_run(stackwise_run, tmp_path):
     """parallel.activation_checkpoint_interval=1 (blocks only: the embedding's stage has no input
     requiring grad) recomputes the same forward: same losses as the run without it, frozen and

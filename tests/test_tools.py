@@ -394,10 +394,32 @@ def test_inspect_lists_units_progress_and_incomplete_tags(pp2_run, tmp_path):
     assert re.search(r"step00000003 +complete, latest", text) and re.search(r"step00000009 +INCOMPLETE", text)
     assert text.startswith("checkpoint ")  # DeepSpeed's log lines go to stderr
     max_steps = StackWiseConfig().training.max_steps  # the worker keeps the default step budget
-    assert f"in phase 0 (rack), step 3/{max_steps}" in text and "consumed samples 12" in text
+    assert f"in phase 1/1 rack, step 3/{max_steps}" in text and "consumed samples 12" in text  # the log's numbering
     rows = {re.split(r"\s{2,}", line)[1]: line for line in text.splitlines() if line[:1].isdigit()}
     assert set(rows) == {"embedding", "stack 0 block 0", "stack 1 block 0", "final norm", "lm_head"}
-    assert "15,424" in rows["stack 1 block 0"] and rows["stack 1 block 0"].rstrip().endswith("0*")
+    assert "15,424" in rows["stack 1 block 0"] and rows["stack 1 block 0"].rstrip().endswith("1*")
+    assert "pipeline stage(s)" not in text and "parallel.pipeline_stages 2" in text  # saved with no layout
+
+
+def test_inspect_shows_stages_times_data_parallel_and_numbers_phases_as_the_log_does():
+    """A stackwise tag of a 2-stack rack saved on 1 stage x 2 replicas: not '2 pipeline stage(s)', and phase 2 of
+    2 is 'phase 2/2', as the training log numbers it (it was 'phase 1')."""
+    from types import SimpleNamespace
+
+    from stackwise_ds.checkpoint.files import TrainingState
+    from stackwise_ds.checkpoint.summary import run_section
+    from stackwise_ds.layout import layer_units
+    from stackwise_ds.phases import plan_phases
+    from stackwise_ds.placement import plan_phase_layouts
+
+    config = StackWiseConfig.from_dict({"training": {"training_architecture": "stackwise"}})
+    phases = plan_phases(config)
+    layouts = plan_phase_layouts(phases, layer_units(2, 2), config, world_size=2, bf16=False)
+    state = TrainingState(phase_index=1, phase_step=3, layout=layouts[1].to_dict(), training_architecture="stackwise",
+                          finished_phases=[{"index": 0, "name": "stack 1/2", "val_loss_after": None}])
+    text = run_section(SimpleNamespace(state=state), config, phases)
+    assert "saved with layout elastic: 1 stage(s) x 2 data-parallel" in text and "pipeline stage(s)" not in text
+    assert "in phase 2/2 stack 2/2, step 3/" in text and "finished phase 1/2 stack 1/2" in text
 
 
 @pytest.mark.multiprocess
@@ -415,7 +437,8 @@ def test_generate_tool_continues_the_prompt(pp2_run):
 CONSOLE_SCRIPTS = {"stackwise-consolidate": tools_cli.consolidate_main, "stackwise-reshard": tools_cli.reshard_main,
                    "stackwise-export-hf": tools_cli.export_hf_main, "stackwise-import-hf": tools_cli.import_hf_main,
                    "stackwise-restack": tools_cli.restack_main, "stackwise-inspect": tools_cli.inspect_main,
-                   "stackwise-generate": tools_cli.generate_main, "stackwise-eval": tools_cli.eval_main}
+                   "stackwise-generate": tools_cli.generate_main, "stackwise-eval": tools_cli.eval_main,
+                   "stackwise-plan": tools_cli.plan_main}
 
 
 def test_console_scripts_are_installed_and_run_the_tool_mains():

@@ -24,6 +24,7 @@ a complete-looking one with files missing.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -61,9 +62,26 @@ def tag_for(global_step: int) -> str:
     return f"step{global_step:08d}"
 
 
+def finite_json(payload: Any) -> Any:
+    """``payload`` with every NaN or infinite float as None: JSON has no NaN (``json.dumps`` would write one that
+    strict readers reject), so a missing figure (no validation split) is null."""
+    if isinstance(payload, float):
+        return payload if math.isfinite(payload) else None
+    if isinstance(payload, dict):
+        return {key: finite_json(value) for key, value in payload.items()}
+    if isinstance(payload, (list, tuple)):
+        return [finite_json(value) for value in payload]
+    return payload
+
+
+def json_text(payload: Any, **options) -> str:
+    """Strict JSON of ``payload`` (non-finite floats as null)."""
+    return json.dumps(finite_json(payload), allow_nan=False, **options)
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    tmp.write_text(json_text(payload, indent=2, sort_keys=True))
     os.replace(tmp, path)
 
 

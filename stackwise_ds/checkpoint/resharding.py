@@ -51,6 +51,7 @@ from .files import (
     CheckpointError,
     TrainingState,
     engine_state_file,
+    json_text,
     mark_complete,
     zero_shard_file,
 )
@@ -180,7 +181,7 @@ def copy_results(ref: CheckpointRef, out_dir: Path) -> None:
     except (OSError, ValueError):
         return
     results["output_dir"] = str(out_dir)
-    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    (out_dir / RESULTS_FILE).write_text(json_text(results, indent=2))  # an older run's NaN as null
 
 
 # ----------------------------------------------------------------------------- reading the old layout

@@ -38,14 +38,17 @@ def run_section(ref: CheckpointRef, config: StackWiseConfig, phases: list[Phase]
     state = ref.state
     t = config.training
     lines = [f"training: {state.training_architecture} ({t.objective}), {len(phases)} phase(s), "
-             f"{config.pipeline_stages} pipeline stage(s), zero stage {config.parallel.zero_stage}",
+             f"zero stage {config.parallel.zero_stage}, phase layout {config.parallel.phase_layout}",
              f"progress: {progress_line(state.phase_index, state.phase_step, phases)}",
-             f"step {state.global_step}, consumed samples {state.consumed_samples}, "
-             f"phase layout {config.parallel.phase_layout}"]
-    if state.layout:
+             f"step {state.global_step}, consumed samples {state.consumed_samples}"]
+    if state.layout:  # stages x data-parallel as the phase that saved it ran (the world size is not in the config)
         lines.append(f"saved with layout {PhaseLayout.from_dict(state.layout).describe()}")
+    else:
+        lines.append(f"parallel.pipeline_stages {config.parallel.pipeline_stages or 'unset'}")
     for record in state.finished_phases:
-        lines.append(f"  finished phase {record.get('index')} ({record.get('name')}): steps "
+        index = record.get("index")
+        label = f"{index + 1}/{len(phases)}" if isinstance(index, int) else "?"
+        lines.append(f"  finished phase {label} {record.get('name')}: steps "
                      f"{record.get('start_global_step')}..{record.get('end_global_step')}, val loss "
                      f"{_fmt(record.get('val_loss_before'))} -> {_fmt(record.get('val_loss_after'))}")
         if record.get("layout"):
@@ -54,12 +57,14 @@ def run_section(ref: CheckpointRef, config: StackWiseConfig, phases: list[Phase]
 
 
 def progress_line(phase_index: int, phase_step: int, phases: list[Phase]) -> str:
+    """Where the run stands, its phases numbered as the training log numbers them ('phase 2/4 stack 2/4')."""
     if phase_index >= len(phases):
         return "all phases finished"
     phase = phases[phase_index]
+    label = f"phase {phase_index + 1}/{len(phases)} {phase.name}"
     if phase_step == 0:
-        return f"phase {phase_index} ({phase.name}) not started yet"
-    return f"in phase {phase_index} ({phase.name}), step {phase_step}/{phase.steps}"
+        return f"{label} not started yet"
+    return f"in {label}, step {phase_step}/{phase.steps}"
 
 
 def model_section(m: ModelConfig) -> str:
@@ -86,7 +91,7 @@ def units_section(ref: CheckpointRef, config: StackWiseConfig, phases: list[Phas
     for layer, unit in enumerate(units):
         count = sum(s.numel() for n, s in shapes.items() if n.startswith(unit.rack_prefix))
         tied_head = unit.kind == UnitKind.HEAD and config.model.tie_embeddings
-        trained = [f"{p.index}" + ("*" if p.index == current else "") for p in phases
+        trained = [f"{p.index + 1}" + ("*" if p.index == current else "") for p in phases
                    if unit_trains(unit, p) and (p.index in done or p.index == current)]
         rows.append((str(layer), unit_label(unit), "(tied)" if tied_head else f"{count:,}",
                      stage_of[layer], "-" if tied_head else status.get(layer, "MISSING"),

@@ -14,7 +14,7 @@ from .build import DataBundle, build_datasets
 from .cache import default_cache_dir
 from .corpus import list_stdlib_files, list_text_files
 from .packing import IGNORE_INDEX, PackedDataset, split_windows
-from .stream import TrainBatchStream, check_enough_data, val_batches
+from .stream import TrainBatchStream, check_enough_data, padded_val_batch, val_batches
 from .tokenizer import (
                         TOKENIZER_FILE,
                         ByteTokenizer,
@@ -30,5 +30,5 @@ __all__ = [
     "ByteTokenizer", "DataBundle", "HFTokenizer", "Tokenizer", "TokenizerError",
     "load_tokenizer_json", "make_tokenizer", "PackedDataset", "TrainBatchStream",
     "build_datasets", "check_enough_data", "default_cache_dir",
-    "list_stdlib_files", "list_text_files", "split_windows", "val_batches",
+    "list_stdlib_files", "list_text_files", "padded_val_batch", "split_windows", "val_batches",
 ]

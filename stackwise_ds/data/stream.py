@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .packing import PackedDataset
+from .packing import IGNORE_INDEX, PackedDataset
 
 ORDER_TAG = 0x0D3E
 
@@ -168,3 +168,14 @@ def val_batches(
         collate(dataset, np.arange(b * micro_batch_size, (b + 1) * micro_batch_size))
         for b in range(dp_rank, n_batches, dp_world_size)
     )
+
+
+def padded_val_batch(dataset: PackedDataset, micro_batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A split smaller than one micro-batch as one micro-batch (pipelines need fixed shapes): its windows, then
+    copies of the first whose labels are all IGNORE_INDEX, so the loss is the mean over the real windows only."""
+    if not 0 < len(dataset) < micro_batch_size:
+        raise ValueError(f"padded_val_batch needs 1..{micro_batch_size - 1} windows, got {len(dataset)}")
+    inputs, labels = collate(dataset, np.arange(len(dataset)))
+    pad = micro_batch_size - len(dataset)
+    ignored = torch.full((pad, labels.shape[1]), IGNORE_INDEX, dtype=labels.dtype)
+    return torch.cat([inputs, inputs[:1].expand(pad, -1)]), torch.cat([labels, ignored])

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from ..enums import CacheDtype
 
 META, ACTIVATIONS, SUMS = "meta.json", "activations.bin", "sums.bin"
 CHECKSUM = "sum64"  # the checksum's name in meta.json: a store made with another is made again
+REMOVING = ".removing"  # the suffix of a store being deleted
 _NUMPY = {CacheDtype.FP32: np.float32, CacheDtype.BF16: np.uint16}  # bf16 bits held as uint16
 TORCH_DTYPE = {CacheDtype.FP32: torch.float32, CacheDtype.BF16: torch.bfloat16}
 
@@ -91,6 +93,24 @@ def create_store(folder: Path, meta: StoreMeta) -> None:
         raise
 
 
+def remove_store(folder: Path) -> None:
+    """Delete a store so that a kill half-way never leaves one that opens: it is renamed first (atomically, out of
+    every key's name), then deleted; ``sweep_removed`` finishes what a kill interrupted."""
+    sweep_removed(folder.parent)
+    doomed = folder.with_name(folder.name + REMOVING)
+    try:
+        os.rename(folder, doomed)
+    except OSError:
+        return  # removed already (by another rank, or an earlier launch)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def sweep_removed(root: Path) -> None:
+    """Delete the stores whose removal a kill interrupted."""
+    for doomed in root.glob("*" + REMOVING):
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
 def _allocate(path: Path, size: int) -> None:
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -115,7 +135,12 @@ class ActivationStore:
     @classmethod
     def open(cls, folder: Path) -> ActivationStore | None:
         meta = read_meta(folder)
-        return None if meta is None or meta.capacity == 0 else cls(folder, meta)
+        if meta is None or meta.capacity == 0:
+            return None
+        try:
+            return cls(folder, meta)
+        except (OSError, ValueError):  # its data files gone or cut short (a store half-deleted by an older version)
+            return None
 
     def filled(self) -> np.ndarray:
         """Window ids whose slot was written (their checksums are checked when read)."""

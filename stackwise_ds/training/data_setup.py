@@ -14,6 +14,7 @@ from ..data import (
     build_datasets,
     check_enough_data,
     make_tokenizer,
+    padded_val_batch,
     val_batches,
 )
 from ..enums import TokenizerKind
@@ -60,6 +61,19 @@ def print_data_summary(data: DataConfig, model: ModelConfig, bundle) -> None:
 
     for line in describe_bundle(bundle, data.tokenizer, model.vocab_size):
         print(f"[stackwise] {line}", flush=True)
+
+
+def validation_note(n_val: int, micro_batch_size: int, eval_batches: int) -> str | None:
+    """Rank 0's line at start when validation is missing or thinner than one micro-batch (else None)."""
+    if n_val == 0 or eval_batches == 0:
+        reason = "training.eval_batches is 0" if n_val else "the data has no validation windows"
+        return (f"note: {reason}: no validation runs and validation losses read n/a (null in results.json); "
+                "set data.val_fraction > 0 and training.eval_batches > 0 to validate")
+    if n_val < micro_batch_size:
+        return (f"warning: the validation split holds {n_val} window(s), fewer than one micro-batch "
+                f"(training.micro_batch_size {micro_batch_size}): each validation is the loss over those {n_val}; "
+                "raise data.val_fraction or data.max_bytes for a steadier figure")
+    return None
 
 
 def run_tokenizer(data: DataConfig, model: ModelConfig, bundle) -> Tokenizer | None:
@@ -112,14 +126,17 @@ class ValidationSet:
 
 
 def validation_set(val, micro_batch_size: int, eval_batches: int, dp_rank: int, dp_size: int) -> ValidationSet | None:
-    """The first ``eval_batches`` held-out micro-batches, dealt round-robin to the replicas.
+    """The first ``eval_batches`` held-out micro-batches, dealt round-robin to the replicas; a split smaller than
+    one micro-batch is that one batch, padded with rows the loss ignores; None without a split.
 
     The set is the same for every data-parallel degree, so validation losses of phases with
     different layouts compare exactly; replicas with one batch fewer repeat a batch that is not counted."""
-    available = min(eval_batches, len(val) // micro_batch_size)
-    if available == 0:
-        return None  # too little held-out data for one micro-batch: validation is skipped
-    mine = list(val_batches(val, micro_batch_size, available, dp_rank=dp_rank, dp_world_size=dp_size))
-    per_replica = -(-available // dp_size)
-    padding = [mine[0] if mine else next(iter(val_batches(val, micro_batch_size, 1)))] * (per_replica - len(mine))
+    if len(val) == 0 or eval_batches == 0:
+        return None
+    if len(val) < micro_batch_size:
+        batches = [padded_val_batch(val, micro_batch_size)]
+    else:
+        batches = list(val_batches(val, micro_batch_size, eval_batches))
+    mine = batches[dp_rank::dp_size]
+    padding = [batches[0]] * (-(-len(batches) // dp_size) - len(mine))
     return ValidationSet(mine + padding, len(mine))

@@ -30,7 +30,7 @@ class DataFeeds:
         """Before any collective: the run's data fits the model and the tokenizer of ``init_dir`` (the
         initial weights, if any); rank 0 writes <output_dir>/tokenizer.json and describes the data."""
         from ..data import TOKENIZER_FILE
-        from .data_setup import check_run_data, print_data_summary
+        from .data_setup import check_run_data, print_data_summary, validation_note
         from .init_weights import check_run_tokenizer
 
         bundle = self.bundle
@@ -39,6 +39,9 @@ class DataFeeds:
         if rank == 0:  # <output_dir>/tokenizer.json: the run's tokens, for tools and users
             bundle.tokenizer.save(output_dir / TOKENIZER_FILE)
             print_data_summary(self.data, self.model, bundle)
+            note = validation_note(len(bundle.val), self.training.micro_batch_size, self.training.eval_batches)
+            if note is not None and self.val_data is None:
+                print(f"[stackwise] {note}", flush=True)
 
     def replica(self, layout: PhaseLayout, dp_rank: int):
         """(training source, validation set) of data-parallel replica ``dp_rank`` in ``layout``."""

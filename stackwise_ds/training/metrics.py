@@ -75,6 +75,9 @@ def sum_over_ranks(values: list[float]) -> list[float]:
     if not tdist.is_initialized():
         return list(values)
     return [sum(column) for column in zip(*distributed.all_gather_floats(values), strict=True)]
+def format_loss(loss: float | None) -> str:
+    """A loss as the log prints it: 'n/a' for none (no validation split; results.json holds null)."""
+    return "n/a" if loss is None or loss != loss else f"{loss:.4f}"
 
 
 def log_stage_stats(monitor: Monitor, engine, stage: int, n_stacks: int, step: int) -> None:

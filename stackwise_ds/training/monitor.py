@@ -8,6 +8,15 @@ from pathlib import Path
 
 from ..phases import Phase
 
+BUDGET_KEYS = {"rack": "training.max_steps", "joint": "training.joint_steps"}  # stage-wise: steps_per_phase
+
+
+def spent_budget(phase: Phase, steps_done: int) -> str:
+    """What a phase resumed past its (lowered) step budget does."""
+    key = BUDGET_KEYS.get(phase.kind, "training.steps_per_phase")
+    return (f"it already ran {steps_done} steps and its budget is now {phase.steps} ({key}): no steps left to "
+            "train, the phase ends here (validation and its end checkpoint)")
+
 
 class Monitor:
     """TensorBoard writer + tqdm bar. On ranks other than 0 every method is a no-op."""
@@ -34,7 +43,9 @@ class Monitor:
             self.scalar(f"train/active_{phase.kind}", phase.unit, global_step)
         label = f"phase {phase.index + 1}/{n_phases} {phase.name}"
         self.label, self.phase_step, self.phase_steps = label, first_step, phase.steps
-        if self.progress_bar:
+        if first_step and first_step >= phase.steps:  # resumed with a smaller step budget than the phase ran
+            print(f"[stackwise] {label}: {spent_budget(phase, first_step)}", flush=True)
+        elif self.progress_bar:
             from tqdm import tqdm
 
             self.close_bar()

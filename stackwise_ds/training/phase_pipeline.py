@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig, ParallelConfig, TrainingConfig
+from ..console import deepspeed_prints
 from ..layout import TRAIN, LayerUnit, UnitKind
 from ..model import Rack, create_rack_from_config, untie_lm_head
 from ..parallel import distributed
@@ -101,9 +102,10 @@ class PhasePipeline:
         layer_roles = phase.layer_roles(self.pipe.units)
         roles = None if all(role == TRAIN for role in layer_roles) else dict(enumerate(layer_roles))
         training = self.training
-        self.engine = build_engine(self.pipe, self.ds_config, roles,
-                                   optimizer_factory=partial(make_optimizer, training=training, units=self.pipe.units),
-                                   lr_lambda=phase_lr_lambda(phase, phases, training))
+        optimizer_factory = partial(make_optimizer, training=training, units=self.pipe.units)
+        with deepspeed_prints():  # e.g. DeepSpeed's bf16 optimizer prints 'begin bf16_optimizer' and memory lines
+            self.engine = build_engine(self.pipe, self.ds_config, roles, optimizer_factory=optimizer_factory,
+                                       lr_lambda=phase_lr_lambda(phase, phases, training))
         self.train_source = self.replica_train
         if self.stack_cache is not None:
             self.train_source = self.stack_cache.attach(self.pipe, layer_roles, self.layout, self.replica_train)

@@ -1,4 +1,7 @@
-"""Resuming a run: which checkpoint it continues from, and the mid-phase load of that checkpoint."""
+"""Resuming a run: which checkpoint it continues from, and the mid-phase load of that checkpoint.
+
+Finding the checkpoint and checking it against the config import no DeepSpeed (``stackwise-plan`` runs them
+too); loading one does."""
 
 from __future__ import annotations
 
@@ -8,9 +11,7 @@ from typing import Any
 
 from ..checkpoint import files as ckpt
 from ..config import TrainingConfig
-from ..parallel.pipe import data_parallel_rank
 from ..placement import PhaseLayout
-from .layer_files import verify_on_every_rank
 from .monitor import Monitor
 
 
@@ -73,6 +74,8 @@ def check_resumed_layout(layout: PhaseLayout, state: ckpt.TrainingState, tag_dir
 def load_resume_checkpoint(engine, pipe, checkpoint_dir: Path, tag: str, zero_stage: int, monitor: Monitor) -> None:
     """Load weights, optimizer and scheduler mid-phase on every rank; a failure on any rank is
     reported on all of them (no rank left waiting)."""
+    from .layer_files import verify_on_every_rank
+
     where = checkpoint_dir / tag
     monitor.message(f"[stackwise] resuming from {where}")
     verify_on_every_rank(files_to_load(engine, pipe, where, zero_stage), where)
@@ -84,6 +87,8 @@ def files_to_load(engine, pipe, where: Path, zero_stage: int) -> list[Path]:
 
     The layer files were verified (CRCs, the right layer) by the placement that just loaded them
     from this same tag (the placement runs first on a resume: no layout is placed yet)."""
+    from ..parallel.pipe import data_parallel_rank
+
     stage = pipe.stage_id
     files = [where / ckpt.engine_state_file(stage)]
     if engine.optimizer is not None and zero_stage == 1:

@@ -29,15 +29,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="launch/train.py",
         description="Train a Rack (rackwise, stackwise or blockwise) on a DeepSpeed pipeline. "
                     "Run as `deepspeed [--num_gpus N] launch/train.py ...` or `python launch/train.py ...`.")
-    parser.add_argument("--config", help="run YAML (default: the built-in defaults, training on the "
-                                         "Python standard library's sources)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key, e.g. --set training.max_steps=50 (repeatable)")
+    add_config_arguments(parser)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # from the deepspeed launcher
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("--verbose", action="store_true",
                         help=f"also show DeepSpeed's own INFO lines and prints (or set {VERBOSE_ENV}=1)")
     return parser.parse_args(argv)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config and --set, as launch/train.py and stackwise-plan take them."""
+    parser.add_argument("--config", help="run YAML (default: the built-in defaults, training on the "
+                                         "Python standard library's sources)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config key, e.g. --set training.max_steps=50 (repeatable)")
 
 
 def load_config(args: argparse.Namespace) -> StackWiseConfig:
@@ -74,17 +79,16 @@ def main(argv: list[str] | None = None) -> int:
             write_line(f"[stackwise] unexpected failure on rank {rank}: {type(exc).__name__}: {exc}", sys.stderr)
         return 1
     if rank == "0":
+        from .metrics import format_loss
+
         for phase in results["phases"]:
             losses = phase["losses"]  # empty when a resume found the phase's (shortened) budget already spent
             trained = f"train loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps left to train"
             print(f"[stackwise] {phase['name']}: {trained}, "
-                  f"val loss {_fmt(phase.get('val_loss_before'))} -> {_fmt(phase['val_loss_after'])}", flush=True)
+                  f"val loss {format_loss(phase.get('val_loss_before'))} -> {format_loss(phase['val_loss_after'])}",
+                  flush=True)
         print(f"[stackwise] outputs in {results['output_dir']}", flush=True)
     return 0
-
-
-def _fmt(loss: float | None) -> str:
-    return "n/a" if loss is None or loss != loss else f"{loss:.4f}"  # NaN: no validation split
 
 
 def train(config: StackWiseConfig) -> dict:

@@ -25,8 +25,8 @@ clean end the stores are removed.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
-import shutil
 import socket
 from pathlib import Path
 
@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig, TrainingConfig
+from ..console import human_size
 from ..enums import CacheDtype, Precision, StackCache
 from ..layout import cached_boundary
 from ..parallel import distributed
@@ -41,7 +42,15 @@ from ..parallel.ds_config import resolve_precision
 from ..parallel.prefix_cache import advance_store, install_prefix_cache
 from ..parallel.roles import unwrap
 from ..placement import PhaseLayout, cached_prefix_seconds
-from .activation_store import ActivationStore, StoreMeta, create_store, read_meta, slots_within
+from .activation_store import (
+    ActivationStore,
+    StoreMeta,
+    create_store,
+    read_meta,
+    remove_store,
+    slots_within,
+    sweep_removed,
+)
 
 
 class ActivationCache:
@@ -106,7 +115,7 @@ class ActivationCache:
             self._advance(pipe, previous, store, here)
         distributed.barrier()
         if leader and previous is not None:
-            shutil.rmtree(previous.folder, ignore_errors=True)
+            remove_store(previous.folder)
         if store is not None:
             self.stores.add(store.folder)
         return store
@@ -120,19 +129,16 @@ class ActivationCache:
         if read_meta(self.root / meta.key) == meta:
             return
         if meta.capacity < meta.n_windows:
-            need = meta.n_windows * meta.slot_bytes / 2**30
+            need = human_size(meta.n_windows * meta.slot_bytes)
             self._warn("bound", f"training.stack_cache_max_gb ({self.training.stack_cache_max_gb}) holds "
                        f"{meta.capacity} of the {meta.n_windows} training windows; the others run the frozen prefix "
-                       f"every time (all of them need {need:.2f} GiB)", every_rank=True)
+                       f"every time (all of them need {need})", every_rank=True)
         if meta.capacity == 0:
             return
         try:
             create_store(self.root / meta.key, meta)
         except OSError as exc:
-            size = meta.capacity * meta.slot_bytes / 2**30
-            self._warn("allocate", f"could not allocate {size:.2f} GiB in {self.root} ({exc.strerror or exc}); the "
-                       "frozen prefix runs every time (free space, or set training.stack_cache_dir or a lower "
-                       "training.stack_cache_max_gb)", every_rank=True)
+            self._warn("allocate", allocation_failure(self.root, meta.capacity * meta.slot_bytes, exc), every_rank=True)
 
     def _previous_store(self, keys: list[str]) -> ActivationStore | None:
         """The store of a shorter frozen prefix of these weights (the previous phase's), if one is on disk."""
@@ -145,10 +151,9 @@ class ActivationCache:
     def _advance(self, pipe, previous: ActivationStore, store: ActivationStore, here: list[int]) -> None:
         """This rank's share (of the node's first-stage ranks ``here``) of the windows the previous store holds
         and the new one lacks."""
-        todo = [w for w in previous.filled() if w < store.meta.capacity and store.sums[w] == 0]
-        mine = todo[here.index(self.rank)::len(here)]
-        self.advanced = advance_store(pipe, previous.meta.boundary, store.meta.boundary, previous, store,
-                                      np.asarray(mine, dtype=np.int64), self.training.micro_batch_size)
+        mine = advance_share(previous, store, here.index(self.rank), len(here))
+        self.advanced = advance_store(pipe, previous.meta.boundary, store.meta.boundary, previous, store, mine,
+                                      self.training.micro_batch_size)
         self.advance_corrupt = previous.corrupt
 
     def _first_stage_ranks_here(self, first_stage: bool) -> list[int]:
@@ -182,7 +187,8 @@ class ActivationCache:
         """Collective, at the run's clean end: the stores are scratch; free their disk."""
         distributed.barrier()
         for folder in self.stores:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_store(folder)
+        sweep_removed(self.root)
         made_here = [self.root.parent] if self.training.stack_cache_dir is None else []  # <output_dir>/stack_cache
         for folder in (self.root, *made_here):
             with contextlib.suppress(OSError):  # not empty (another run's stores), or another rank was quicker
@@ -214,6 +220,22 @@ def corrupt_warning(count: int, root: Path) -> str:
     return (f"{count} cached window(s) failed their checksum (a torn write or a damaged disk) and were computed "
             f"again; the cache under {root} keeps serving the intact ones (later phases count them in their "
             "stack cache line)")
+def allocation_failure(root: Path, size_bytes: int, exc: OSError) -> str:
+    """Why a store could not be made in ``root``, and what to change (the phase then computes its prefix)."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"could not create a store in {root}: it is read-only for this process ({exc.strerror or exc}); the "
+                "frozen prefix runs every time (set training.stack_cache_dir to a folder this user can write)")
+    return (f"could not allocate {human_size(size_bytes)} in {root} ({exc.strerror or exc}); the frozen prefix runs "
+            "every time (free space, or set training.stack_cache_dir or a lower training.stack_cache_max_gb)")
+
+
+def advance_share(previous: ActivationStore, store: ActivationStore, position: int, ranks: int) -> np.ndarray:
+    """The windows rank ``position`` of ``ranks`` advances from ``previous`` into ``store``: its stride of the
+    previous store's windows (which nobody writes meanwhile), less those the new store holds already (a resumed
+    advance). The share must not depend on the new store's state, which the other ranks are writing: a rank that
+    looked later would stride over a shorter list and skip windows that no rank then advances."""
+    shared = previous.filled()[position::ranks]
+    return np.asarray([w for w in shared if w < store.meta.capacity and store.sums[w] == 0], dtype=np.int64)
 
 
 def prefix_keys(pipe, boundary: int, dataset, dtype: CacheDtype) -> list[str]:

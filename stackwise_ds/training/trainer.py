@@ -40,7 +40,7 @@ from .checkpoints import Checkpointer
 from .feeds import DataFeeds
 from .growth import phase_layer_sources, phase_zeroed_layers
 from .loop import PhaseRun, StepLoop
-from .metrics import RunHistory, count_process_groups, current_rss_mb, resource_usage, val_loss_at
+from .metrics import RunHistory, count_process_groups, current_rss_mb, format_loss, resource_usage, val_loss_at
 from .moments import carry_moments
 from .monitor import Monitor
 from .phase_pipeline import PhasePipeline
@@ -236,6 +236,9 @@ class PhaseRunner:
         resuming_mid_phase = self.resume_tag is not None and state.phase_step > 0
         if resuming_mid_phase:
             check_resumed_layout(layout, state, self.checkpointer.checkpoint_dir / self.resume_tag, self.world_size)
+        elif self.resume_tag is not None:  # at a phase boundary: the mid-phase load says it as it loads
+            self.monitor.message(f"[stackwise] resuming from {self.checkpointer.checkpoint_dir / self.resume_tag} at "
+                                 f"the start of phase {phase.index + 1}/{len(phases)} {phase.name}")
         sources, zeroed = self._growth_sources(phase, phases, state), self._zeroed_layers(phase, state)
         self.pipeline.take_layout(layout, self.checkpointer.weights_dir(), sources, self._head_tied(phase), zeroed)
         engine = self.pipeline.build_engine(phase, phases)
@@ -306,7 +309,7 @@ class PhaseRunner:
         self._report_cache(phase, record, state.global_step)
         self.monitor.close_bar()
         self.monitor.message(f"[stackwise] phase {phase.name} done: val loss "
-                             f"{record.get('val_loss_before', float('nan')):.4f} -> {record['val_loss_after']:.4f}")
+                             f"{format_loss(record.get('val_loss_before'))} -> {format_loss(record['val_loss_after'])}")
         state.finished_phases.append({k: v for k, v in record.items() if k != "losses"})
         state.phase_index, state.phase_step = phase.index + 1, 0
         self.history.add_phase(record)
