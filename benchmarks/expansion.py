@@ -44,6 +44,7 @@ from benchmarks.common import (
 )
 
 CORES = [0, 1]
+BASE_SEED = 42  # training.seed's default: the base's weights, data order and validation split
 BASE_MODEL = {**MODEL, "model.architecture.n_stacks": 4, "model.architecture.blocks_per_stack": 1,
               "parallel.pipeline_stages": 1, "training.eval_interval": 0, "training.eval_batches": 16,
               "training.save_interval": 0, "training.log_interval": 10, "data.max_bytes": 6_000_000}
@@ -95,8 +96,10 @@ def measure_arm(arm: str, base: Path, data_b: Path, plan: dict, seed: int, work:
 
 
 def _corpus_a_overrides() -> list[str]:
-    """The base's data: corpus A's own validation windows."""
-    return ["data.source=stdlib", "data.paths=[]", f"data.max_bytes={BASE_MODEL['data.max_bytes']}"]
+    """The base's data and seed: corpus A's validation windows exactly as the base held them out (the split follows
+    training.seed, which differs per continuation)."""
+    return ["data.source=stdlib", "data.paths=[]", f"data.max_bytes={BASE_MODEL['data.max_bytes']}",
+            f"training.seed={BASE_SEED}"]
 
 
 def _trained_parameters(run: Path):
@@ -138,6 +141,8 @@ def summarise(arms: dict[str, list[dict]], base_loss_a: float) -> dict:
 
 
 def measure_expansion(plan: dict, work: Path, log) -> dict:
+    from stackwise_ds.checkpoint import evaluate
+
     warm_torch_extensions()
     work.mkdir(parents=True, exist_ok=True)
     data_b = corpus_b(work)
@@ -146,7 +151,7 @@ def measure_expansion(plan: dict, work: Path, log) -> dict:
     log(f"base: {plan['base_steps']} steps on corpus A")
     launch({**BASE_MODEL, "training.max_steps": plan["base_steps"], "training.output_dir": str(base)},
            n_procs=2, cores=CORES)
-    base_loss_a = read_results(base)["phases"][0]["val_loss_after"]
+    base_loss_a = evaluate(base, overrides=_corpus_a_overrides()).loss  # the same measure as every arm's
     arms: dict[str, list[dict]] = {arm: [] for arm in ARMS}
     for seed in plan["seeds"]:  # seed-major: slow drifts of the machine spread over every arm
         for arm in ARMS:
