@@ -1,4 +1,4 @@
-"""The markdown table of a benchmark result (written next to the JSON and pasted into README.md)."""
+"""The markdown table of a benchmark result (written next to the JSON and pasted into docs/benchmarks.md)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@
 Writes the JSON, two PNGs (validation loss vs FLOPs and vs training time) and a markdown
 table next to it. Real training runs go through ``launch/train.py`` (the trainer, with
 DeepSpeed); the baseline is ``benchmarks/plain_torch.py``. Scratch outputs go to
-``--work-dir`` (default /tmp/stackwise_bench). README.md, "Benchmarks", says how to read them.
+``--work-dir`` (default /tmp/stackwise_bench). docs/benchmarks.md says how to read them.
 """
 
 from __future__ import annotations

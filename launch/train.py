@@ -4,7 +4,7 @@
     deepspeed --num_gpus 2 launch/train.py --config launch/stackwise.yaml --set training.max_steps=100
     python launch/train.py                 # world size 1, the embedded default
 
-See README.md for the config reference.
+See README.md; every config key is in docs/config.md.
 """
 
 import sys

@@ -891,6 +891,6 @@ def _migrate_legacy_section(raw: dict[str, Any], section: str, mode: str) -> Non
         new_key = renames.get(old_key)
         if new_key is None:
             raise ConfigError(f"unknown key '{old_key}' in legacy section '{section}'; it has no equivalent: "
-                              "move the section's settings to training.* (see README, config reference)")
+                              "move the section's settings to training.* (see docs/config.md, the config reference)")
         path = ("model", "architecture") if new_key == "blocks_per_stack" else ("training",)
         _put(raw, path, new_key, value, f"{section}.{old_key}")

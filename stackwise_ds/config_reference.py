@@ -1,11 +1,17 @@
-"""The README's config reference, generated from the dataclasses and their field docstrings."""
+"""The config reference (docs/config.md), generated from the dataclasses and their field docstrings.
+
+    python -m stackwise_ds.config_reference           # print the table
+    python -m stackwise_ds.config_reference --write   # rewrite it in docs/config.md
+"""
 
 from __future__ import annotations
 
 import ast
 import dataclasses
 import inspect
+import sys
 import typing
+from pathlib import Path
 
 from . import config as config_module
 from .config import StackWiseConfig, _type_name
@@ -44,5 +50,20 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+BEGIN, END = "<!-- generated:", "<!-- end of the generated reference -->"
+
+
+def write_reference(path: Path = REFERENCE) -> None:
+    """Replace the generated table of ``path`` (between its two markers) with the current one."""
+    text = path.read_text()
+    begin = text.index("\n", text.index(BEGIN)) + 1
+    end = text.index(END)
+    path.write_text(text[:begin] + markdown_table() + "\n" + text[end:])
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    if sys.argv[1:] == ["--write"]:
+        write_reference()
+    else:
+        print(markdown_table())

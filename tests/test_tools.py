@@ -432,6 +432,24 @@ def test_generate_tool_continues_the_prompt(pp2_run):
     assert sampled.startswith("x") and sampled == generate_text(pp2_run["dir"], "x", 8, 1.0, 5, seed=3)
 
 
+def test_param_groups_split_the_largest_until_every_stage_has_as_many():
+    from stackwise_ds.parallel.param_groups import equal_group_splits
+
+    assert equal_group_splits([6, 2], 4) == [(0, 3), (0, 1)]  # 6 -> 3 + 3, then the first 3 -> 1 + 2
+    assert equal_group_splits([1, 1], 3) == [] and equal_group_splits([4], 1) == []
+
+
+@pytest.mark.multiprocess
+def test_the_checkpoint_tools_import_no_pipeline_engine():
+    """The offline tools (reshard included) split param groups as the engine does without importing it."""
+    probe = ("import importlib, sys\n"
+             "for name in ('consolidation', 'generate', 'hf', 'resharding', 'restack', 'summary', 'cli'):\n"
+             "    importlib.import_module('stackwise_ds.checkpoint.' + name)\n"
+             "assert 'deepspeed.runtime.pipe.engine' not in sys.modules, 'the pipeline engine was imported'")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 # ----------------------------------------------------------------------------- console scripts
 
 CONSOLE_SCRIPTS = {"stackwise-consolidate": tools_cli.consolidate_main, "stackwise-reshard": tools_cli.reshard_main,

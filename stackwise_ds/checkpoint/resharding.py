@@ -45,7 +45,7 @@ from ..config import ModelConfig, StackWiseConfig, TrainingConfig
 from ..data.tokenizer import TOKENIZER_FILE
 from ..enums import LayoutKind
 from ..layout import UnitKind
-from ..parallel.engine import equal_group_splits
+from ..parallel.param_groups import equal_group_splits
 from .files import (
     MOMENTS_FILE_RE,
     CheckpointError,

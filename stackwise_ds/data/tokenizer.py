@@ -195,7 +195,7 @@ def parse_tokenizer_json(json_text: str, origin: str):
 
     try:
         return HFCore.from_str(json_text)
-    except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception for every parse error
+    except Exception as exc:  # tokenizers raises a bare Exception for every parse error
         raise TokenizerError(f"{origin} is not a readable tokenizer.json ({exc}): the file is truncated or "
                              "corrupt; replace it with a complete copy (tokenizer.save / save_pretrained "
                              "write one)") from None

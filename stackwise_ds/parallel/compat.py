@@ -194,7 +194,7 @@ def _resolve(where: str):
     module_name, _, class_name = where.partition(":")
     try:
         target = importlib.import_module(module_name)
-    except Exception as err:  # noqa: BLE001 - any failure to import is reported, with its reason
+    except Exception as err:  # any failure to import is reported, with its reason
         return None, f"cannot import {module_name}: {type(err).__name__}: {err}"
     if class_name and not hasattr(target, class_name):
         return None, f"{module_name} has no {class_name}"

@@ -108,6 +108,7 @@ from torch import nn
 
 from ..layout import UnitKind
 from .distributed import all_gather_objects
+from .param_groups import equal_group_splits
 from .pipe import local_start
 from .precision import describe_frozen
 from .roles import (
@@ -491,26 +492,6 @@ def _check_trainable(stage_role: StageRole, named) -> None:
     empty = sorted(rank for rank, (role, numel) in enumerate(layout) if role == TRAIN_STAGE and numel == 0)
     if empty:
         raise ValueError(f"ranks {empty} hold 'train' layers without trainable parameters")
-
-
-def equal_group_splits(sizes: list[int], target: int) -> list[tuple[int, int]]:
-    """How to split param groups of ``sizes`` parameters into ``target`` groups: ``(group, keep)``
-    steps, each keeping the first ``keep`` parameters of ``group`` and moving the rest to a new last
-    group with the same hyper-parameters (the same update).
-
-    Why: ZeRO runs one gradient-norm all-reduce per param group, over the whole pipeline, so every
-    train stage needs the same group count; per-stack learning rates give stages different counts.
-    Always the largest group (the first of equals) is halved. Stops early when nothing can split."""
-    sizes, splits = list(sizes), []
-    while sizes and len(sizes) < target:
-        group = max(range(len(sizes)), key=sizes.__getitem__)
-        if sizes[group] < 2:
-            break
-        keep = sizes[group] // 2
-        splits.append((group, keep))
-        sizes.append(sizes[group] - keep)
-        sizes[group] = keep
-    return splits
 
 
 def _equalise_param_groups(optimizer: torch.optim.Optimizer | None) -> None:

@@ -2,7 +2,7 @@
 
 Weight decay on matrices only (not norms); ``training.stack_lr_scale`` multiplies the
 learning rate of each stack's blocks. Groups are formed by (lr scale, decay) in order of
-first appearance; the engine then splits them (``parallel.engine.equal_group_splits``) until
+first appearance; the engine then splits them (``parallel.param_groups.equal_group_splits``) until
 every train stage has as many groups as the one with most. The reshard tool applies both rules.
 """
 

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         record_input_error()
         write_line(f"[stackwise] error on rank {rank}: {exc}", sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - report anything else with its traceback, still non-zero
+    except Exception as exc:  # report anything else with its traceback, still non-zero
         traceback.print_exc()
         peers = describe_failed_peers()
         if peers:  # a collective failed because a peer died: say which one, not only what broke here
