@@ -469,8 +469,7 @@ def test_a_kill_as_the_old_store_is_removed_resumes_at_the_boundary_with_a_whole
     proc = run_training(2, out, *RUN, *CACHE)
     assert re.search(r"resuming from \S+step00000020 at the start of phase 3/3 stack 3/3", proc.stdout)
     assert cache_lines(proc.stdout)["stack 3/3"] == (79, 1, 0), "the store was whole but for the damaged slot"
-    assert len(re.findall(r"WARNING stack cache, phase stack 3/3: 1 kept slot\(s\) failed their checksum",
-                          proc.stdout)) == 1
+    assert len(re.findall(r"WARNING stack cache: 1 cached window\(s\) failed their checksum", proc.stdout)) == 1
     assert results(out)["losses"] == uncached["losses"]
     assert not (out / "stack_cache").exists(), "the run's end removes the stores, the half-removed one too"
 
