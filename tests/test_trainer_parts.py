@@ -45,3 +45,21 @@ class _Positioned:
 def test_the_train_iterator_starts_a_seekable_source_at_the_consumed_sample():
     assert list(train_iterator(_Positioned(), 7)) == [7, 8, 9]
     assert list(train_iterator([1, 2], 7)) == [1, 2]  # a plain dataloader is read as given
+
+
+def test_the_trainers_parts_are_built_with_keyword_arguments():
+    """Neighbouring ints (seq_len, n_stacks, global_batch; rank, world_size) cannot be swapped by position."""
+    import inspect
+
+    import pytest
+
+    from stackwise_ds.training.feeds import DataFeeds
+    from stackwise_ds.training.loop import StepLoop
+    from stackwise_ds.training.phase_pipeline import PhasePipeline
+    from stackwise_ds.training.trainer import PhaseRunner
+
+    for part in (DataFeeds, StepLoop, PhasePipeline, PhaseRunner):
+        parameters = list(inspect.signature(part).parameters.values())
+        assert parameters and all(p.kind == p.KEYWORD_ONLY for p in parameters), part.__name__
+    with pytest.raises(TypeError):
+        StepLoop(None, 256, 4, 16, None, None, None)
