@@ -161,6 +161,7 @@ def test_a_store_removed_half_way_never_opens_and_is_swept(tmp_path):
     (tmp_path / "again.removing").mkdir()
     sweep_removed(tmp_path)
     assert list(tmp_path.iterdir()) == []
+    sweep_removed(tmp_path / "gone")  # another rank removed the host folder first: nothing to do
 
 
 def test_a_store_that_cannot_be_made_is_explained_by_its_cause_in_human_units(tmp_path):
@@ -358,7 +359,7 @@ def test_repeated_phase_data_starts_every_phase_at_the_first_window():
     state = TrainingState(phase_index=2, phase_step=3, global_step=23, consumed_samples=23 * 8)
     for phase_data, position in (("repeat", 3 * 8), ("continue", 23 * 8)):
         training = StackWiseConfig.from_dict(cache_config(phase_data=phase_data, stack_cache="off")).training
-        loop = StepLoop(training, seq_len=T, n_stacks=3, global_batch=8, monitor=None, history=None,
+        loop = StepLoop(training=training, seq_len=T, n_stacks=3, global_batch=8, monitor=None, history=None,
                         checkpoint_dir=None)
         assert loop.data_position(state) == position
 

@@ -52,8 +52,26 @@ def test_gradient_norms_are_asked_for_on_the_steps_that_log_them_only():
     from stackwise_ds.training.loop import StepLoop
 
     def logging_steps(log_interval: int) -> list[int]:
-        loop = StepLoop(TrainingConfig(log_interval=log_interval), seq_len=8, n_stacks=2, global_batch=4,
+        loop = StepLoop(training=TrainingConfig(log_interval=log_interval), seq_len=8, n_stacks=2, global_batch=4,
                         monitor=None, history=None, checkpoint_dir=None)
         return [step for step in range(1, 13) if loop._logs_stats(step)]
 
     assert logging_steps(5) == [5, 10] and logging_steps(1) == list(range(1, 13)) and logging_steps(0) == []
+
+
+def test_the_trainers_parts_are_built_with_keyword_arguments():
+    """Neighbouring ints (seq_len, n_stacks, global_batch; rank, world_size) cannot be swapped by position."""
+    import inspect
+
+    import pytest
+
+    from stackwise_ds.training.feeds import DataFeeds
+    from stackwise_ds.training.loop import StepLoop
+    from stackwise_ds.training.phase_pipeline import PhasePipeline
+    from stackwise_ds.training.trainer import PhaseRunner
+
+    for part in (DataFeeds, StepLoop, PhasePipeline, PhaseRunner):
+        parameters = list(inspect.signature(part).parameters.values())
+        assert parameters and all(p.kind == p.KEYWORD_ONLY for p in parameters), part.__name__
+    with pytest.raises(TypeError):
+        StepLoop(None, 256, 4, 16, None, None, None)

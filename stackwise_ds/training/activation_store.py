@@ -106,9 +106,13 @@ def remove_store(folder: Path) -> None:
 
 
 def sweep_removed(root: Path) -> None:
-    """Delete the stores whose removal a kill interrupted."""
-    for doomed in root.glob("*" + REMOVING):
-        shutil.rmtree(doomed, ignore_errors=True)
+    """Delete the stores whose removal a kill interrupted (``root`` may be gone: another rank removed it)."""
+    try:
+        doomed = [folder for folder in root.iterdir() if folder.name.endswith(REMOVING)]
+    except OSError:
+        return
+    for folder in doomed:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _allocate(path: Path, size: int) -> None:

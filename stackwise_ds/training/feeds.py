@@ -13,7 +13,7 @@ from ..placement import PhaseLayout
 class DataFeeds:
     """Hands each placement its replica's training source and validation set."""
 
-    def __init__(self, training: TrainingConfig, data: DataConfig, model: ModelConfig, base_dp: int,
+    def __init__(self, *, training: TrainingConfig, data: DataConfig, model: ModelConfig, base_dp: int,
                  global_batch: int, bundle, dataloader: Iterable | None, val_data: Iterable | None):
         self.training = training
         self.data = data

@@ -42,7 +42,7 @@ class StepRecord:
 class StepLoop:
     """Runs a phase's steps, logs them to the monitor and the history, validates and saves at intervals."""
 
-    def __init__(self, training: TrainingConfig, seq_len: int, n_stacks: int, global_batch: int, monitor: Monitor,
+    def __init__(self, *, training: TrainingConfig, seq_len: int, n_stacks: int, global_batch: int, monitor: Monitor,
                  history: RunHistory, checkpoint_dir: Path):
         self.training = training
         self.seq_len = seq_len

@@ -30,7 +30,7 @@ from .stack_cache import ActivationCache
 class PhasePipeline:
     """The standing pipeline: re-formed when a phase's layout changes, kept while it stays."""
 
-    def __init__(self, model: ModelConfig, training: TrainingConfig, parallel: ParallelConfig, rank: int,
+    def __init__(self, *, model: ModelConfig, training: TrainingConfig, parallel: ParallelConfig, rank: int,
                  world_size: int, units: list[LayerUnit], user_rack: Rack | None, feeds: DataFeeds,
                  stack_cache: ActivationCache | None = None):
         self.model = model

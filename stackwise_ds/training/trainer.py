@@ -146,22 +146,24 @@ class ArchitectureTrainer:
         cfg, t = self.config, self.config.training
         global_batch = self._global_batch(world_size)
         dataloader, val_data = user_data
-        feeds = DataFeeds(t, cfg.data, cfg.model, world_size // cfg.pipeline_stages, global_batch,
-                          self._load_bundle() if dataloader is None else None, dataloader, val_data)
+        feeds = DataFeeds(training=t, data=cfg.data, model=cfg.model, base_dp=world_size // cfg.pipeline_stages,
+                          global_batch=global_batch, bundle=self._load_bundle() if dataloader is None else None,
+                          dataloader=dataloader, val_data=val_data)
         if dataloader is None:
             feeds.check_bundle(plan.init_dir, self.output_dir, rank)
         monitor = Monitor(self.output_dir, enabled=rank == 0, progress_bar=t.progress_bar,
                           log_interval=t.log_interval)
         stack_cache = (ActivationCache(t, cfg.model, self.output_dir, cfg.data.seq_len, rank)
                        if ActivationCache.wanted(t) else None)
-        pipeline = PhasePipeline(cfg.model, t, cfg.parallel, rank, world_size, self._units(), rack, feeds,
-                                 stack_cache)
+        pipeline = PhasePipeline(model=cfg.model, training=t, parallel=cfg.parallel, rank=rank, world_size=world_size,
+                                 units=self._units(), user_rack=rack, feeds=feeds, stack_cache=stack_cache)
         checkpointer = Checkpointer(self.checkpoint_dir, t, rank, monitor, history, feeds.save_tokenizer,
                                     weights_tag=plan.start.tag, init_dir=plan.init_dir)
-        loop = StepLoop(t, cfg.data.seq_len, cfg.model.architecture.n_stacks, global_batch, monitor, history,
-                        self.checkpoint_dir)
-        return PhaseRunner(t, cfg.parallel, cfg.model, world_size, pipeline, checkpointer, loop, monitor, history,
-                           plan.start.tag)
+        loop = StepLoop(training=t, seq_len=cfg.data.seq_len, n_stacks=cfg.model.architecture.n_stacks,
+                        global_batch=global_batch, monitor=monitor, history=history, checkpoint_dir=self.checkpoint_dir)
+        return PhaseRunner(training=t, parallel=cfg.parallel, model=cfg.model, world_size=world_size, pipeline=pipeline,
+                           checkpointer=checkpointer, loop=loop, monitor=monitor, history=history,
+                           resume_tag=plan.start.tag)
 
     def _load_bundle(self):
         """The datasets of config.data (every rank loads them; the cache lets one tokenise while others wait)."""
@@ -184,7 +186,7 @@ class ArchitectureTrainer:
 class PhaseRunner:
     """Runs a launch's phases one after another on the standing pipeline, checkpointing each end."""
 
-    def __init__(self, training: TrainingConfig, parallel: ParallelConfig, model: ModelConfig, world_size: int,
+    def __init__(self, *, training: TrainingConfig, parallel: ParallelConfig, model: ModelConfig, world_size: int,
                  pipeline: PhasePipeline, checkpointer: Checkpointer, loop: StepLoop, monitor: Monitor,
                  history: RunHistory, resume_tag: str | None):
         self.training = training
