@@ -49,9 +49,9 @@ def _upper_limit(per_mode: dict) -> float:
 
 
 def plot_quality(quality: dict, prefix: Path) -> list[str]:
-    """Validation loss against wall-clock and against training FLOPs, one colour per mode (the
-    end-to-end runs in black and grey, the identity-init growth modes dashed): a thin line per seed
-    (the spread) and a thick seed-mean line; returns the two PNG paths."""
+    """Validation loss against wall-clock and against training FLOPs, one colour per mode family (the
+    end-to-end runs black and grey; a growth mode's identity-init variant dashed in its colour): a thin
+    line per seed (the spread) and a thick seed-mean line; returns the two PNG paths."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,26 +64,30 @@ def plot_quality(quality: dict, prefix: Path) -> list[str]:
     for x_key, x_label, scale, suffix in (("wall_s", "wall-clock since launch (s), 2 pinned ranks", 1.0, "wall"),
                                           ("flops", "training FLOPs (TFLOP)", 1e-12, "flops")):
         fig, ax = plt.subplots(figsize=(7.5, 4.8))
-        for i, (mode, d) in enumerate(detail.items()):
-            _plot_mode(ax, mode, d["curves"], x_key, scale, color=_quality_color(mode, i),
-                       linestyle="--" if mode.endswith("_identity") or mode == "grow_late" else "-")
+        for mode, d in detail.items():
+            _plot_mode(ax, mode, d["curves"], x_key, scale, color=QUALITY_COLORS.get(mode.removesuffix("_identity")),
+                       linestyle="--" if _identity_init(budget, mode) else "-")
         if x_key == "wall_s":
             ax.axvline(budget["wall_s"], color="grey", lw=0.8, ls=":")
-        ax.axhline(target, color="grey", lw=0.8, ls="--")
-        title = f"{_tokens_per_parameter(budget)}{len(budget['seeds'])} seed(s); dashed line: {baseline}'s final loss"
+        ax.axhline(target, color="grey", lw=0.8, ls=":")
+        title = f"{_tokens_per_parameter(budget)}{len(budget['seeds'])} seed(s); grey: {baseline}'s final loss"
         written.append(_finish(fig, ax, x_label, title, _upper_limit(detail), prefix, suffix, legend_size=8))
     return written
 
 
-def _quality_color(mode: str, index: int):
-    import matplotlib.pyplot as plt
+# The quality study's modes (None: matplotlib's next colour); an ``_identity`` variant takes its mode's colour.
+QUALITY_COLORS = {"rackwise": "black", "rackwise_wsd": "dimgrey", "doubling": "tab:blue", "midas": "tab:green",
+                  "grow_late": "tab:red", "progressive": "tab:orange", "grow_once": "tab:purple",
+                  "greedy": "tab:brown"}
 
-    return {"rackwise": "black", "rackwise_wsd": "dimgrey"}.get(mode, plt.get_cmap("tab10")(index))
+
+def _identity_init(budget: dict, mode: str) -> bool:
+    return budget.get("modes", {}).get(mode, {}).get("training.growth_init") == "identity"
 
 
 def _tokens_per_parameter(budget: dict) -> str:
     per_parameter = budget.get("tokens_per_parameter")
-    return "" if per_parameter is None else f"{per_parameter:.0f} tokens per non-embedding parameter, "
+    return "" if per_parameter is None else f"{per_parameter:.3g} tokens per non-embedding parameter, "
 
 
 def _finish(fig, ax, x_label: str, title: str, y_top: float | None, prefix: Path, suffix: str,
