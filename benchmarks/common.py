@@ -222,12 +222,15 @@ def load_average() -> list[float]:
 
 # ----------------------------------------------------------------------------- standalone sections
 
-def section_cli(description: str) -> tuple[argparse.Namespace, str, Callable[[str], None]]:
-    """(--quick/--work-dir arguments, results name 'quick' or 'latest', a timestamped logger) of a
-    benchmark section run on its own (elastic.py, quality.py)."""
+def section_cli(description: str, add_arguments: Callable[[argparse.ArgumentParser], None] | None = None
+                ) -> tuple[argparse.Namespace, str, Callable[[str], None]]:
+    """(--quick/--work-dir arguments and any ``add_arguments`` adds, results name 'quick' or 'latest', a
+    timestamped logger) of a benchmark section run on its own (elastic.py, quality.py)."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--work-dir", default=str(DEFAULT_WORK_DIR))
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args()
     return args, "quick" if args.quick else "latest", lambda m: print(f"[bench {time.strftime('%H:%M:%S')}] {m}",
                                                                        flush=True)

@@ -1,53 +1,87 @@
 #!/usr/bin/env python
-"""Quality at equal wall-clock: does stage-wise training reach end-to-end quality sooner?
+"""Quality at equal wall-clock: does stage-wise training reach the best end-to-end run's quality sooner?
 
-    python -m benchmarks.quality            # ~55 min on 2 idle cores; merges "quality" into results/latest.json
-    python -m benchmarks.quality --quick    # mechanics only (tiny budget, 1 seed) -> results/quick.json
+    python -m benchmarks.quality                                  # "long" budget -> latest.json "quality"
+    python -m benchmarks.quality --budget compute_limited         # -> latest.json "quality_compute_limited"
+    python -m benchmarks.quality --quick [--budget compute_limited]   # mechanics only -> results/quick*
+    python -m benchmarks.quality --estimate --budget compute_limited  # 2 short runs: predicted study time
+
+Two budgets, the same modes, the same keys:
+
+* ``long`` (latest.json -> ``quality``): the small rack (width 16, 4 stacks x 2 blocks) for 1100
+  rackwise steps, ~136 tokens per non-embedding parameter (121 per parameter of any kind): far past
+  compute-optimal, where end-to-end training has long stopped learning fast;
+* ``compute_limited`` (latest.json -> ``quality_compute_limited``): a wider rack (width 64,
+  4 stacks x 2 blocks) given 20 tokens per non-embedding parameter (Chinchilla's ratio; Gstack's 7B
+  run saw ~43), so it stops while still learning fast.
 
 Every run is a real 2-rank job on the embedded default data, each rank pinned to its own core
 (``benchmarks/pinned.py``), on the elastic layout with ``parallel.pipeline_stages: 1``: rackwise
 then runs at its fastest on 2 ranks (2 data-parallel replicas), and each stage-wise phase takes
-whatever plan the planner predicts fastest. The modes:
+whatever plan the planner predicts fastest. The modes (``MODES``):
 
-* ``rackwise``: ``R`` steps (the budget; the rack is small, so it sees ~120 tokens per parameter),
-  one cosine schedule;
-* ``progressive``: today's progressive stacking, the baseline: 4 equal phases (depth 1, 2, 3, 4),
-  every active stack trains (``prefix: train``), a new stack copies the last one, and every phase
-  restarts warmup, cosine and AdamW;
-* ``grow_once`` (Bu 2025, with Gstack's operator): depth 1 for 75 % of the steps, then one growth to
-  4 stacks copying the whole small model (``copy_all``), one continuous warmup-stable-decay schedule
-  and the AdamW moments carried across the growth;
-* ``doubling`` (Gong et al. 2019): depths 1, 2, 4 in equal shares of the steps, ``copy_all``,
-  continuous WSD, moments carried;
+* ``rackwise``: ``R`` steps (the budget), one cosine schedule;
+* ``rackwise_wsd``: the same with warmup-stable-decay, the schedule every growth mode uses (the same
+  ``decay_fraction`` and warmup fraction);
+* ``doubling`` (Gong et al. 2019): depths 1, 2, 4 in equal shares of the steps, new stacks copy the
+  whole smaller model (``copy_all``), one continuous WSD schedule, AdamW moments carried;
 * ``midas`` (Saunshi et al. 2024): depths 1, 2, 3, 4 in equal shares, copies of the middle stacks
   inserted in the middle (``copy_middle``), continuous WSD, moments carried;
-* ``greedy``: greedy stacking (earlier stacks frozen, ``prefix: frozen``), a new stack copies the
-  last one; from phase 1 on the embedding freezes with the prefix and the LM head trains as an
-  untied copy. (The old greedy, its embedding tied to the head and training, is
-  ``stackwise_frozen_copy`` in ``results/quality_before_growth.json``, the same budget.)
+* ``doubling_identity``, ``midas_identity``: the same with ``growth_init: identity`` (the added
+  stacks' o_proj and down_proj start at zero, as LLaMA Pro / bert2BERT / MSG, so a growth leaves the
+  function and the loss where they were);
+* ``grow_late`` (Bu et al. 2025, arXiv 2511.04981): depth 2 for 80 % of the steps, then one growth
+  to 4 stacks by ``copy_all`` (a factor 2: a smaller shock than x4) with ``growth_init: identity``,
+  continuous WSD, moments carried.
 
-Equal wall-clock: a mode's steps, split over its phases by the mode's shares, are chosen so that
-its predicted training time (the planner's per-phase step cost relative to a rackwise step)
-equals R rackwise steps.
-The prediction is imperfect (start-up, phase changes, small phases), so every figure is read off
-the measured clock instead: validation loss is logged with its wall time since launch, the
-budget ``W`` is rackwise's mean launch-to-exit time, and
+Left out, because they add nothing here (their figures stay in ``results/quality_cosine_baseline.json``,
+the study before this one, same long budget): ``progressive`` (midas's depths with every phase
+restarting warmup, cosine and AdamW: behind midas in wall and FLOPs in that study and in issue 26's,
+and the schedule's share of that is now measured directly by rackwise against rackwise_wsd);
+``grow_once`` ([1, 4] at 75 %, copy init: the slowest growth mode in both studies, 1.18x and 1.11x;
+``grow_late`` is its function-preserving, smaller-factor form); ``greedy`` (a frozen prefix never
+reached rackwise's loss: a memory mode, not a time-to-quality one).
+
+The baseline is whichever of ``rackwise`` and ``rackwise_wsd`` ends lower (seed-mean final validation
+loss). Equal wall-clock: a mode's steps, split over its phases by the mode's shares, are chosen so
+that its predicted training time (the planner's per-phase step cost relative to a rackwise step)
+equals R rackwise steps. The prediction is imperfect (start-up, phase changes, small phases), so
+every figure is read off the measured clock instead: validation loss is logged with its wall time
+since launch, the budget ``W`` is the baseline's mean launch-to-exit time, and
 
 * ``val_loss_at_equal_wall``: the last validation loss at or before ``W`` (mean, sd over seeds);
-* ``wall_to_rackwise_final_loss``: seconds until the seed-mean curve first reaches rackwise's
-  final mean validation loss (linear between evaluations), over rackwise's own time (null
-  when never reached);
-* ``flops_to_rackwise_final_loss``: the same point counted in training FLOPs (benchmarks/flops.py),
-  over rackwise's FLOPs to it.
+* ``wall_to_baseline_final_loss``: seconds until the seed-mean curve first reaches the baseline's
+  final mean validation loss (linear between evaluations), over the baseline's own time to it
+  (null when never reached); per seed (each seed against the same seed's baseline) under
+  ``detail``; ``flops_to_baseline_final_loss``: the same point in training FLOPs (benchmarks/flops.py);
+* ``wall_to_rackwise_final_loss``, ``flops_to_rackwise_final_loss``: the same against rackwise
+  (cosine), the old keys;
+* ``best_stagewise``: the growth mode with the lowest wall ratio, and whether it meets issue 26's
+  goal (<= 0.8x the baseline's wall).
 
-The warmup is 5 % of each schedule: of every phase with ``lr_schedule: per_phase``, of the whole
-run with ``continuous``. Runs go seed-major (every mode of seed 0, then seed 1, ...) so slow drifts
-of the machine spread over all modes. The learning rate is the default for every mode: nothing is tuned per mode.
+``budget.tokens_per_parameter`` counts non-embedding parameters (every parameter but the token
+embedding, which the LM head shares); ``budget.tokens_per_parameter_all`` counts them all. The warmup
+is 5 % of each schedule (the run's, for rackwise and the continuous growth modes), WSD decays over
+the last 20 % everywhere. Runs go seed-major (every mode of seed 0, then seed 1, ...) so slow drifts
+of the machine spread over all modes. One learning rate per rack, the same for every mode: nothing
+is tuned per mode.
+
+What the next session runs (2 idle cores, nothing else running; each command merges its section into
+``results/latest.json`` and writes its table and two plots, validation loss against wall-clock and
+against FLOPs, ``results/latest_{section}_val_loss_vs_{wall,flops}.png``):
+
+    python -m benchmarks.quality                           # ~27 min (7 modes x 3 seeds, 64-76 s a run)
+    python -m benchmarks.quality --budget compute_limited  # (not yet estimated)
+
+``--quick`` runs one seed for a few dozen steps (a few minutes) and writes only ``results/quick*``
+(git-ignored): mechanics, not figures.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+import math
 import shutil
 import statistics
 import time
@@ -58,7 +92,7 @@ from benchmarks.common import RESULTS_DIR, build_config, launch, load_average, m
 from benchmarks.flops import step_flops_schedule
 
 CORES = [0, 1]
-# A rack small enough that rackwise sees ~150 tokens per parameter within the hour: 4 stacks x 2
+# A rack small enough that rackwise sees ~120 tokens per parameter within ~25 minutes: 4 stacks x 2
 # blocks of width 16, large micro-batches (a CPU step's cost is mostly fixed overhead, so more
 # tokens per step buy convergence almost for free) and a learning rate suited to the width; the
 # same rate for every mode. Byte-level loss on this data never truly flattens in an hour: see
@@ -70,42 +104,98 @@ MODEL = {
     "training.lr": 0.01, "training.progress_bar": False, "parallel.pipeline_stages": 1,
     "parallel.phase_layout": "elastic",
 }
-PROGRESSIVE = {"training.training_architecture": "stackwise", "training.prefix": "train"}
+# The compute-limited rack: the same shape and tokens per step, wider; the learning rate interpolated
+# log-linearly in width between the long rack's (0.01 at width 16) and the trainer's default (1e-3,
+# width 256), untuned.
+COMPUTE_LIMITED_MODEL = {**MODEL, "model.d_model": 64, "model.n_heads": 4, "training.lr": 0.003}
+
+WSD = {"training.lr_decay": "wsd", "training.decay_fraction": 0.2}
 # The growth recipe of the literature: one schedule over the run, moments kept across growths.
-ONE_SCHEDULE = {"training.lr_schedule": "continuous", "training.lr_decay": "wsd",
-                "training.optimizer_across_phases": "carry"}
-GREEDY = {"training.training_architecture": "stackwise", "training.prefix": "frozen",
-          "training.growth_operator": "copy_last"}
+GROWTH = {"training.training_architecture": "stackwise", "training.prefix": "train",
+          "training.lr_schedule": "continuous", **WSD, "training.optimizer_across_phases": "carry"}
+IDENTITY = {"training.growth_init": "identity"}
+DOUBLING = {**GROWTH, "training.depth_schedule": [1, 2, 4], "training.growth_operator": "copy_all"}
+MIDAS = {**GROWTH, "training.growth_operator": "copy_middle"}
 
 
 @dataclass(frozen=True)
 class Mode:
-    values: dict           # config overrides (besides MODEL and the step counts)
+    values: dict           # config overrides (besides the rack and the step counts)
     shares: tuple = ()     # each phase's share of the mode's steps; () = equal phases
 
 
 MODES = {
-    "rackwise": Mode({"training.training_architecture": "rackwise"}),
-    "progressive": Mode({**PROGRESSIVE, "training.growth_operator": "copy_last"}),
-    "grow_once": Mode({**PROGRESSIVE, **ONE_SCHEDULE, "training.depth_schedule": [1, 4],
-                       "training.growth_operator": "copy_all"}, shares=(0.75, 0.25)),
-    "doubling": Mode({**PROGRESSIVE, **ONE_SCHEDULE, "training.depth_schedule": [1, 2, 4],
-                      "training.growth_operator": "copy_all"}),
-    "midas": Mode({**PROGRESSIVE, **ONE_SCHEDULE, "training.growth_operator": "copy_middle"}),
-    "greedy": Mode(GREEDY),
+    "rackwise": Mode({"training.training_architecture": "rackwise", "training.lr_decay": "cosine"}),
+    "rackwise_wsd": Mode({"training.training_architecture": "rackwise", **WSD}),
+    "doubling": Mode(DOUBLING),
+    "doubling_identity": Mode({**DOUBLING, **IDENTITY}),
+    "midas": Mode(MIDAS),
+    "midas_identity": Mode({**MIDAS, **IDENTITY}),
+    "grow_late": Mode({**GROWTH, **IDENTITY, "training.depth_schedule": [2, 4],
+                       "training.growth_operator": "copy_all"}, shares=(0.8, 0.2)),
 }
+BASELINES = ("rackwise", "rackwise_wsd")  # the end-to-end runs; the baseline is the one that ends lower
+GOAL_WALL_RATIO = 0.8  # issue 26: a stage-wise mode reaches the baseline's final loss in <= 0.8x its wall
 EVALS = 12             # validations spread over a run (besides those at phase ends)
 EVAL_BATCHES = 8
-WARMUP_FRACTION = 0.05  # of each phase's steps
+WARMUP_FRACTION = 0.05  # of each schedule's steps
 
 
 @dataclass(frozen=True)
 class QualityPlan:
-    rack_steps: int          # R: the rackwise budget in steps
+    section: str                       # its key in results/latest.json
+    model: dict                        # the rack (config overrides)
     seeds: tuple[int, ...]
+    rack_steps: int = 0                # R, the rackwise budget in steps, given directly, or
+    tokens_per_parameter: float = 0.0  # R from tokens per non-embedding parameter
+
+    def steps(self) -> int:
+        if self.rack_steps:
+            return self.rack_steps
+        return rack_steps_for(self.tokens_per_parameter, parameter_counts(self.model)["non_embedding"],
+                              tokens_per_rackwise_step(self.model))
 
 
-PLANS = {"full": QualityPlan(rack_steps=1100, seeds=(0, 1, 2)), "quick": QualityPlan(rack_steps=60, seeds=(0,))}
+PLANS = {
+    "long": {"full": QualityPlan("quality", MODEL, (0, 1, 2), rack_steps=1100),
+             "quick": QualityPlan("quality", MODEL, (0,), rack_steps=60)},
+    "compute_limited": {
+        "full": QualityPlan("quality_compute_limited", COMPUTE_LIMITED_MODEL, (0, 1, 2), tokens_per_parameter=20),
+        "quick": QualityPlan("quality_compute_limited", COMPUTE_LIMITED_MODEL, (0,), tokens_per_parameter=0.6)},
+}
+
+
+# ----------------------------------------------------------------------------- budget arithmetic
+
+def tokens_per_rackwise_step(model: dict, ranks: int = len(CORES)) -> int:
+    """Tokens in one rackwise optimizer step: pipeline_stages 1 makes every rank a data-parallel replica."""
+    return model["training.micro_batch_size"] * model["training.gradient_accumulation_steps"] * \
+        model["data.seq_len"] * ranks
+
+
+def parameter_counts(model: dict) -> dict[str, int]:
+    """Unique parameters of the rack: ``all``, and ``non_embedding`` (without the token embedding and,
+    when untied, the LM head: Kaplan et al.'s N)."""
+    from stackwise_ds.model.rack import create_rack_from_config
+
+    rack = create_rack_from_config(build_config(model))
+    embedding = rack.embedding.weight.numel()
+    head = 0 if rack.lm_head.weight is rack.embedding.weight else rack.lm_head.weight.numel()
+    total = rack.get_parameter_count()
+    return {"all": total, "non_embedding": total - embedding - head}
+
+
+def rack_steps_for(tokens_per_parameter: float, parameters: int, tokens_per_step: int) -> int:
+    """The most rackwise steps that stay within ``tokens_per_parameter``."""
+    steps = math.floor(tokens_per_parameter * parameters / tokens_per_step)
+    if steps < 1:
+        raise ValueError(f"{tokens_per_parameter} tokens per parameter of {parameters} parameters is less than one "
+                         f"step of {tokens_per_step} tokens: raise tokens_per_parameter or widen the rack")
+    return steps
+
+
+def tokens_per_parameter(steps: int, tokens_per_step: int, parameters: int) -> float:
+    return steps * tokens_per_step / parameters
 
 
 # ----------------------------------------------------------------------------- step budgets
@@ -123,37 +213,43 @@ def predicted_phase_costs(values: dict) -> list[float]:
             for p in plan_phases(config)]
 
 
-def mode_steps(mode: str, rack_steps: int) -> dict:
+def mode_steps(mode: str, model: dict, rack_steps: int) -> dict:
     """The step settings that spend R rackwise steps' predicted time in ``mode``: total steps S split
     by the mode's shares, with sum(S * share * cost) = R."""
-    if mode == "rackwise":
+    if MODES[mode].values["training.training_architecture"] == "rackwise":
         return {"training.max_steps": rack_steps}
-    costs = predicted_phase_costs({**MODEL, **MODES[mode].values, "training.steps_per_phase": 1})
+    costs = predicted_phase_costs({**model, **MODES[mode].values, "training.steps_per_phase": 1})
     shares = MODES[mode].shares or (1 / len(costs),) * len(costs)
     total = rack_steps / sum(share * cost for share, cost in zip(shares, costs, strict=True))
     return {"training.steps_per_phase": [max(2, round(total * share)) for share in shares]}
 
 
-def run_values(mode: str, seed: int, rack_steps: int, out: Path) -> dict:
-    values = {**MODEL, **MODES[mode].values, **mode_steps(mode, rack_steps)}
+def run_values(mode: str, seed: int, model: dict, rack_steps: int, out: Path) -> dict:
+    values = {**model, **MODES[mode].values, **mode_steps(mode, model, rack_steps)}
     total = len(step_flops_schedule(build_config(values)))
-    per_phase = values.get("training.lr_schedule", "per_phase") == "per_phase"
-    schedule_steps = min(values.get("training.steps_per_phase", [total])) if per_phase else total
     return {**values, "training.seed": seed, "training.output_dir": str(out), "training.save_interval": 0,
             "training.eval_batches": EVAL_BATCHES, "training.eval_interval": max(1, total // EVALS),
-            "training.log_interval": 50, "training.warmup_steps": max(2, round(WARMUP_FRACTION * schedule_steps))}
+            "training.log_interval": 50,
+            "training.warmup_steps": max(2, round(WARMUP_FRACTION * schedule_steps(values, total)))}
+
+
+def schedule_steps(values: dict, total: int) -> int:
+    """Steps of one learning-rate schedule: the run's, or the shortest phase's when every phase restarts it."""
+    per_phase = values.get("training.lr_schedule", "per_phase") == "per_phase"
+    return min(values.get("training.steps_per_phase", [total])) if per_phase else total
 
 
 # ----------------------------------------------------------------------------- running
 
-def run_mode(mode: str, seed: int, plan: QualityPlan, work: Path, log) -> dict:
-    out = work / "quality" / f"{mode}_seed{seed}"
+def run_mode(mode: str, seed: int, plan: QualityPlan, rack_steps: int, work: Path, log) -> dict:
+    out = work / plan.section / f"{mode}_seed{seed}"
     shutil.rmtree(out, ignore_errors=True)  # a leftover checkpoint would make it resume
-    values = run_values(mode, seed, plan.rack_steps, out)
+    values = run_values(mode, seed, plan.model, rack_steps, out)
     launched_at = time.time()
     wall = launch(values, n_procs=len(CORES), cores=CORES, timeout_s=1800).wall_s
     log(f"  {mode} seed {seed}: {wall:.0f} s (load {load_average()})")
-    return {"wall_s": wall, "curve": read_curve(out, values, launched_at), "steps": mode_steps(mode, plan.rack_steps)}
+    return {"wall_s": wall, "curve": read_curve(out, values, launched_at),
+            "steps": mode_steps(mode, plan.model, rack_steps)}
 
 
 def read_curve(out: Path, values: dict, launched_at: float) -> list[dict]:
@@ -166,12 +262,13 @@ def read_curve(out: Path, values: dict, launched_at: float) -> list[dict]:
 
 
 def measure_quality(plan: QualityPlan, work: Path, log) -> dict:
+    rack_steps = plan.steps()
+    log(f"{plan.section}: rackwise {rack_steps} steps, {len(MODES)} modes x {len(plan.seeds)} seeds")
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for seed in plan.seeds:
         for mode in MODES:
-            runs[mode].append(run_mode(mode, seed, plan, work, log))
-    budget_s = statistics.mean(r["wall_s"] for r in runs["rackwise"])
-    return summarise(runs, plan, budget_s)
+            runs[mode].append(run_mode(mode, seed, plan, rack_steps, work, log))
+    return summarise(runs, plan, rack_steps)
 
 
 # ----------------------------------------------------------------------------- reading the curves
@@ -203,40 +300,114 @@ def first_reach(curve: list[tuple[float, float]], target: float) -> float | None
     return curve[0][0] if curve and curve[0][1] <= target else None
 
 
-def summarise(runs: dict[str, list[dict]], plan: QualityPlan, budget_s: float) -> dict:
-    rack_curve, parameters = mean_curve(runs["rackwise"]), parameter_count()
-    target = rack_curve[-1][1]
-    rack_time = first_reach(rack_curve, target)
-    rack_flops = first_reach(mean_curve(runs["rackwise"], "flops"), target)
-    at_wall, to_target, reach_s, flops_to_target = {}, {}, {}, {}
-    for mode, mode_runs in runs.items():
-        mean, sd, seeds = loss_at(mode_runs, budget_s)
-        at_wall[mode] = {"mean": round(mean, 4), "sd": round(sd, 4), "seeds": [round(s, 4) for s in seeds]}
-        reach = first_reach(mean_curve(mode_runs), target)
-        reach_s[mode] = None if reach is None else round(reach, 1)
-        to_target[mode] = None if reach is None else round(reach / rack_time, 3)
-        flops = first_reach(mean_curve(mode_runs, "flops"), target)
-        flops_to_target[mode] = None if flops is None else round(flops / rack_flops, 3)
-    stagewise = {m: r for m, r in to_target.items() if m != "rackwise" and r is not None}
+def final_loss(mode_runs: list[dict]) -> float:
+    """The seed-mean validation loss of the last evaluation."""
+    return mean_curve(mode_runs)[-1][1]
+
+
+def choose_baseline(runs: dict[str, list[dict]]) -> str:
+    """The end-to-end mode that ends lower (the first of BASELINES on a tie)."""
+    return min(BASELINES, key=lambda mode: final_loss(runs[mode]))
+
+
+def reach_ratios(runs: dict[str, list[dict]], reference: str) -> dict:
+    """Every mode's wall-clock and FLOPs until its seed-mean curve reaches ``reference``'s final seed-mean
+    loss, over ``reference``'s own (None: never reached)."""
+    target = final_loss(runs[reference])
+    ref_s = first_reach(mean_curve(runs[reference]), target)
+    ref_flops = first_reach(mean_curve(runs[reference], "flops"), target)
+    seconds = {mode: first_reach(mean_curve(r), target) for mode, r in runs.items()}
+    flops = {mode: first_reach(mean_curve(r, "flops"), target) for mode, r in runs.items()}
+    return {"target": target, "reference_s": ref_s, "reference_flops": ref_flops,
+            "seconds": {m: None if s is None else round(s, 1) for m, s in seconds.items()},
+            "wall": {m: _over(s, ref_s) for m, s in seconds.items()},
+            "flops": {m: _over(f, ref_flops) for m, f in flops.items()}}
+
+
+def _over(value: float | None, reference: float) -> float | None:
+    return None if value is None else round(value / reference, 3)
+
+
+def per_seed_wall_ratios(runs: dict[str, list[dict]], reference: str) -> dict[str, list[float | None]]:
+    """Seed by seed: each mode's wall to the same seed's ``reference`` final loss, over that run's own."""
+    n_seeds = len(runs[reference])
+    per_seed = [reach_ratios({m: [r[i]] for m, r in runs.items()}, reference)["wall"] for i in range(n_seeds)]
+    return {mode: [seed[mode] for seed in per_seed] for mode in runs}
+
+
+def best_stagewise(wall_ratios: dict, flops_ratios: dict) -> dict:
+    """The growth mode that reaches the baseline's final loss in the least wall-clock, against the goal."""
+    reached = {m: r for m, r in wall_ratios.items() if m not in BASELINES and r is not None}
+    if not reached:
+        return {"mode": None, "wall_to_baseline_final_loss": None, "flops_to_baseline_final_loss": None,
+                "goal_wall_ratio": GOAL_WALL_RATIO, "goal_met": False}
+    mode = min(reached, key=reached.get)
+    return {"mode": mode, "wall_to_baseline_final_loss": reached[mode],
+            "flops_to_baseline_final_loss": flops_ratios[mode], "goal_wall_ratio": GOAL_WALL_RATIO,
+            "goal_met": reached[mode] <= GOAL_WALL_RATIO}
+
+
+def summarise(runs: dict[str, list[dict]], plan: QualityPlan, rack_steps: int) -> dict:
+    baseline = choose_baseline(runs)
+    vs_baseline, vs_rackwise = reach_ratios(runs, baseline), reach_ratios(runs, "rackwise")
+    budget_s = statistics.mean(r["wall_s"] for r in runs[baseline])
+    per_seed = per_seed_wall_ratios(runs, baseline)
     return {
-        "val_loss_at_equal_wall": at_wall,
-        "wall_to_rackwise_final_loss": to_target,
-        "flops_to_rackwise_final_loss": flops_to_target,
-        "budget": {"wall_s": round(budget_s, 1), "rackwise_steps": plan.rack_steps, "seeds": list(plan.seeds),
-                   "rackwise_final_mean_val_loss": round(target, 4), "rackwise_time_to_it_s": round(rack_time, 1),
-                   "rackwise_last_quarter_gain": round(last_quarter_gain(rack_curve), 4),
-                   "rackwise_last_quarter_share_of_drop": round(last_quarter_share_of_drop(rack_curve), 4),
-                   "parameters": parameters, "rackwise_tokens_per_parameter":
-                       round(plan.rack_steps * tokens_per_rackwise_step() / parameters),
-                   "ranks": len(CORES), "pinned_cores": CORES, "model": MODEL,
-                   "modes": {m: {**mode.values, "shares": list(mode.shares)} for m, mode in MODES.items()},
-                   "best_stagewise": min(stagewise, key=stagewise.get) if stagewise else None},
-        "detail": {mode: {"steps": mode_runs[0]["steps"],
-                          "run_wall_s": round(statistics.mean(r["wall_s"] for r in mode_runs), 1),
-                          "run_wall_vs_budget": round(statistics.mean(r["wall_s"] for r in mode_runs) / budget_s, 3),
-                          "seconds_to_rackwise_final_loss": reach_s[mode],
-                          "curves": [r["curve"] for r in mode_runs]} for mode, mode_runs in runs.items()},
+        "baseline": baseline,
+        "wall_to_baseline_final_loss": vs_baseline["wall"],
+        "flops_to_baseline_final_loss": vs_baseline["flops"],
+        "wall_to_rackwise_final_loss": vs_rackwise["wall"],
+        "flops_to_rackwise_final_loss": vs_rackwise["flops"],
+        "best_stagewise": best_stagewise(vs_baseline["wall"], vs_baseline["flops"]),
+        "final_val_loss": {mode: _spread(loss_at(r, math.inf)) for mode, r in runs.items()},
+        "val_loss_at_equal_wall": {mode: _spread(loss_at(r, budget_s)) for mode, r in runs.items()},
+        "budget": budget_summary(runs, plan, rack_steps, baseline, vs_baseline, vs_rackwise, budget_s),
+        "detail": {mode: run_detail(mode_runs, budget_s, vs_baseline["seconds"][mode], per_seed[mode],
+                                    vs_rackwise["seconds"][mode]) for mode, mode_runs in runs.items()},
     }
+
+
+def _spread(loss: tuple[float, float, list[float]]) -> dict:
+    mean, sd, seeds = loss
+    return {"mean": round(mean, 4), "sd": round(sd, 4), "seeds": [round(s, 4) for s in seeds]}
+
+
+def budget_summary(runs: dict, plan: QualityPlan, rack_steps: int, baseline: str, vs_baseline: dict,
+                   vs_rackwise: dict, budget_s: float) -> dict:
+    counts, step_tokens = parameter_counts(plan.model), tokens_per_rackwise_step(plan.model)
+    base_curve = mean_curve(runs[baseline])
+    return {
+        "wall_s": round(budget_s, 1), "rackwise_steps": rack_steps, "seeds": list(plan.seeds),
+        "baseline_final_mean_val_loss": round(vs_baseline["target"], 4),
+        "baseline_time_to_it_s": round(vs_baseline["reference_s"], 1),
+        "rackwise_final_mean_val_loss": round(vs_rackwise["target"], 4),
+        "rackwise_time_to_it_s": round(vs_rackwise["reference_s"], 1),
+        "baseline_last_quarter_gain": round(last_quarter_gain(base_curve), 4),
+        "baseline_last_quarter_share_of_drop": round(last_quarter_share_of_drop(base_curve), 4),
+        "rackwise_last_quarter_gain": round(last_quarter_gain(mean_curve(runs["rackwise"])), 4),
+        "rackwise_last_quarter_share_of_drop": round(last_quarter_share_of_drop(mean_curve(runs["rackwise"])), 4),
+        "parameters": counts["all"], "non_embedding_parameters": counts["non_embedding"],
+        "tokens_per_rackwise_step": step_tokens,
+        "tokens_per_parameter": round(tokens_per_parameter(rack_steps, step_tokens, counts["non_embedding"]), 2),
+        "tokens_per_parameter_all": round(tokens_per_parameter(rack_steps, step_tokens, counts["all"]), 2),
+        "tokens_per_parameter_counts": "non-embedding parameters (all but the token embedding, tied to the head)",
+        "rackwise_tokens_per_parameter": round(tokens_per_parameter(rack_steps, step_tokens, counts["all"])),
+        "ranks": len(CORES), "pinned_cores": CORES, "model": plan.model,
+        "warmup_fraction": WARMUP_FRACTION, "decay_fraction": WSD["training.decay_fraction"],
+        "modes": {m: {**mode.values, "shares": list(mode.shares)} for m, mode in MODES.items()},
+        "best_stagewise": best_stagewise(vs_baseline["wall"], vs_baseline["flops"])["mode"],
+    }
+
+
+def run_detail(mode_runs: list[dict], budget_s: float, to_baseline_s: float | None, per_seed: list,
+               to_rackwise_s: float | None) -> dict:
+    wall = statistics.mean(r["wall_s"] for r in mode_runs)
+    return {"steps": mode_runs[0]["steps"], "run_wall_s": round(wall, 1),
+            "run_wall_vs_budget": round(wall / budget_s, 3),
+            "seconds_to_baseline_final_loss": to_baseline_s,
+            "wall_to_baseline_final_loss_per_seed": per_seed,
+            "seconds_to_rackwise_final_loss": to_rackwise_s,
+            "curves": [r["curve"] for r in mode_runs]}
 
 
 def last_quarter_drop(curve: list[tuple[float, float]]) -> float:
@@ -247,44 +418,77 @@ def last_quarter_drop(curve: list[tuple[float, float]]) -> float:
 
 
 def last_quarter_gain(curve: list[tuple[float, float]]) -> float:
-    """How much rackwise's loss still fell over the last quarter of its run (relative): ~0 = flattened."""
+    """How much the loss still fell over the last quarter of the run (relative): ~0 = flattened."""
     return last_quarter_drop(curve) / curve[-1][1]
 
 
 def last_quarter_share_of_drop(curve: list[tuple[float, float]]) -> float:
-    """The part of rackwise's whole loss drop (first evaluation to last) made in its last quarter."""
+    """The part of the whole loss drop (first evaluation to last) made in the last quarter."""
     return last_quarter_drop(curve) / (curve[0][1] - curve[-1][1])
 
 
-def parameter_count() -> int:
-    from stackwise_ds.model.rack import create_rack_from_config
+# ----------------------------------------------------------------------------- study-time estimate
 
-    return sum(p.numel() for p in create_rack_from_config(build_config(MODEL)).parameters())
+ESTIMATE_STEPS = (60, 240)  # two short rackwise runs: their walls give start-up and seconds per step
+# Growth runs' launch-to-exit wall over rackwise's at equal predicted time, in the committed long study
+# (run_wall_vs_budget 1.10 .. 1.19: phase changes, phase-end validations, the planner's error).
+STAGEWISE_OVERRUN = 1.15
 
 
-def tokens_per_rackwise_step() -> int:
-    """Tokens in one rackwise optimizer step: pipeline_stages 1 makes every rank a data-parallel replica."""
-    return MODEL["training.micro_batch_size"] * MODEL["training.gradient_accumulation_steps"] * \
-        MODEL["data.seq_len"] * len(CORES)
+def fit_line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the straight line through two (x, y) points."""
+    (x0, y0), (x1, y1) = points
+    slope = (y1 - y0) / (x1 - x0)
+    return y0 - slope * x0, slope
+
+
+def study_seconds(rackwise_wall_s: float, n_seeds: int) -> float:
+    """A study's predicted wall: every mode once per seed, growth modes overrunning rackwise's wall."""
+    return n_seeds * sum(rackwise_wall_s * (1.0 if m in BASELINES else STAGEWISE_OVERRUN) for m in MODES)
+
+
+def estimate_study(plan: QualityPlan, work: Path, log) -> dict:
+    """Predict a study's wall from two short rackwise_wsd runs of its rack (12 validations each, as the study)."""
+    points = []
+    for steps in ESTIMATE_STEPS:
+        out = work / "quality_estimate" / f"{plan.section}_{steps}"
+        shutil.rmtree(out, ignore_errors=True)
+        values = {**run_values("rackwise_wsd", 0, plan.model, steps, out)}
+        points.append((steps, launch(values, n_procs=len(CORES), cores=CORES, timeout_s=1800).wall_s))
+        log(f"  {steps} steps: {points[-1][1]:.1f} s (load {load_average()})")
+    start_up, step_s = fit_line(points)
+    rack_steps = plan.steps()
+    rack_wall = start_up + step_s * rack_steps
+    return {"section": plan.section, "short_runs": points, "start_up_s": round(start_up, 1),
+            "step_s": round(step_s, 4), "rackwise_steps": rack_steps, "rackwise_wall_s": round(rack_wall, 1),
+            "study_minutes": round(study_seconds(rack_wall, len(plan.seeds)) / 60, 1), "load": load_average()}
 
 
 # ----------------------------------------------------------------------------- report
 
 def quality_table(q: dict) -> str:
     b = q["budget"]
-    lines = [f"Budget: rackwise {b['rackwise_steps']} steps = {b['wall_s']:.0f} s launch to exit (mean of "
-             f"{len(b['seeds'])} seeds, {b['parameters']} parameters, {b['rackwise_tokens_per_parameter']} tokens "
-             f"per parameter); rackwise's final mean val loss {b['rackwise_final_mean_val_loss']:.3f}, still falling "
-             f"{100 * b['rackwise_last_quarter_gain']:.1f} % over its last quarter "
-             f"({100 * b['rackwise_last_quarter_share_of_drop']:.1f} % of its whole drop).", "",
-             "| mode | val loss at equal wall (mean ± sd) | wall to rackwise's final loss (× rackwise) | "
-             "FLOPs to it (× rackwise) | run wall / budget | steps |", "|---|---|---|---|---|---|"]
-    for mode, v in q["val_loss_at_equal_wall"].items():
-        wall, flops = q["wall_to_rackwise_final_loss"][mode], q["flops_to_rackwise_final_loss"][mode]
-        d = q["detail"][mode]
+    lines = [f"Budget: rackwise {b['rackwise_steps']} steps = {b['wall_s']:.0f} s launch to exit (the baseline, "
+             f"{q['baseline']}: mean of {len(b['seeds'])} seeds; {b['non_embedding_parameters']} non-embedding "
+             f"parameters, {b['tokens_per_parameter']:.1f} tokens per non-embedding parameter, "
+             f"{b['tokens_per_parameter_all']:.1f} per parameter); the baseline's final mean val loss "
+             f"{b['baseline_final_mean_val_loss']:.3f}, still falling {100 * b['baseline_last_quarter_gain']:.1f} % "
+             f"over its last quarter ({100 * b['baseline_last_quarter_share_of_drop']:.1f} % of its whole drop); "
+             f"rackwise (cosine) ends at {b['rackwise_final_mean_val_loss']:.3f}.", "",
+             f"| mode | final val loss | val loss at equal wall | wall to {q['baseline']}'s final loss | "
+             "FLOPs to it | per seed (wall) | wall to rackwise's (cosine) | run wall / budget | steps |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for mode, final in q["final_val_loss"].items():
+        at_wall, d = q["val_loss_at_equal_wall"][mode], q["detail"][mode]
         steps = ", ".join(f"{k.split('.')[-1]} {s}" for k, s in d["steps"].items() if s)
-        lines.append(f"| {mode} | {v['mean']:.3f} ± {v['sd']:.3f} | {_ratio(wall)} | {_ratio(flops)} | "
-                     f"{d['run_wall_vs_budget']:.2f} | {steps} |")
+        seeds = " / ".join(_ratio(r) for r in d["wall_to_baseline_final_loss_per_seed"])
+        lines.append(f"| {mode} | {final['mean']:.3f} ± {final['sd']:.3f} | {at_wall['mean']:.3f} ± {at_wall['sd']:.3f}"
+                     f" | {_ratio(q['wall_to_baseline_final_loss'][mode])} | "
+                     f"{_ratio(q['flops_to_baseline_final_loss'][mode])} | {seeds} | "
+                     f"{_ratio(q['wall_to_rackwise_final_loss'][mode])} | {d['run_wall_vs_budget']:.2f} | {steps} |")
+    best = q["best_stagewise"]
+    lines += ["", f"Best stage-wise mode: {best['mode']} at {_ratio(best['wall_to_baseline_final_loss'])}x the "
+              f"baseline's wall (goal <= {best['goal_wall_ratio']}: {'met' if best['goal_met'] else 'not met'})."]
     return "\n".join(lines) + "\n"
 
 
@@ -292,16 +496,29 @@ def _ratio(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f}"
 
 
+def add_arguments(parser) -> None:
+    parser.add_argument("--budget", choices=sorted(PLANS), default="long",
+                        help="long (latest.json 'quality') or compute_limited ('quality_compute_limited')")
+    parser.add_argument("--estimate", action="store_true",
+                        help="2 short runs of the budget's rack: predicted study minutes (writes results/quick*)")
+
+
 def main() -> None:
-    args, name, log = section_cli(__doc__.splitlines()[0])
+    args, name, log = section_cli(__doc__.splitlines()[0], add_arguments)
+    plan = PLANS[args.budget]["quick" if args.quick else "full"]
+    if args.estimate:
+        estimate = estimate_study(PLANS[args.budget]["full"], Path(args.work_dir), log)
+        (RESULTS_DIR / f"quick_estimate_{plan.section}.json").write_text(json.dumps(estimate, indent=1))
+        print(json.dumps(estimate, indent=1))
+        return
     start = time.perf_counter()
-    quality = measure_quality(PLANS["quick" if args.quick else "full"], Path(args.work_dir), log)
+    quality = measure_quality(plan, Path(args.work_dir), log)
     quality["budget"]["study_seconds"] = round(time.perf_counter() - start, 1)
     from benchmarks.plots import plot_quality
 
     quality["plots"] = [str(Path(p).relative_to(RESULTS_DIR.parents[1]))
-                        for p in plot_quality(quality, RESULTS_DIR / f"{name}_quality")]
-    merge_results(name, {"quality": quality}, "quality", quality_table(quality))
+                        for p in plot_quality(quality, RESULTS_DIR / f"{name}_{plan.section}")]
+    merge_results(name, {plan.section: quality}, plan.section, quality_table(quality))
 
 
 if __name__ == "__main__":

@@ -84,7 +84,7 @@ def run(kind: str, work: Path) -> dict:
     cache = section("stack cache off vs disk, greedy with phase_data repeat, 2 pinned ranks",
                     lambda: measure_stack_cache(QUICK_BYTES if kind == "quick" else FULL_BYTES, work, log), meta)
     quality = section("quality at equal wall-clock, 2 pinned ranks",
-                      lambda: measure_quality(QUALITY_PLANS[kind], work, log), meta)
+                      lambda: measure_quality(QUALITY_PLANS["long"][kind], work, log), meta)
     meta["total_seconds"] = round(time.perf_counter() - start, 1)
     return {**assemble(meta, throughput, pipeline, modes), **elastic, "frozen_precision": frozen,
             "stack_cache": cache, "quality": quality}
