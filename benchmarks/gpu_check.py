@@ -365,7 +365,7 @@ def _version_of(module: str) -> str:
 
     try:
         return str(getattr(importlib.import_module(module), "__version__", "importable"))
-    except Exception as exc:  # noqa: BLE001 - any import failure is what the preflight reports
+    except Exception as exc:  # any import failure is what the preflight reports
         return f"NOT importable: {type(exc).__name__}: {exc}"[:300]
 
 
@@ -388,7 +388,7 @@ def preflight(records: Path, cpu_smoke: bool) -> int:
 
         try:
             check_deepspeed()
-        except Exception as exc:  # noqa: BLE001 - its message names the versions and the fix
+        except Exception as exc:  # its message names the versions and the fix
             problems.append(str(exc))
     if not cpu_smoke and not cuda:
         problems.append("CUDA is not available (torch.cuda.is_available() is False): a CUDA build of torch and a "
