@@ -11,7 +11,7 @@ Two budgets, the same modes, the same keys:
 * ``long`` (latest.json -> ``quality``): the small rack (width 16, 4 stacks x 2 blocks) for 1100
   rackwise steps, ~136 tokens per non-embedding parameter (121 per parameter of any kind): far past
   compute-optimal, where end-to-end training has long stopped learning fast;
-* ``compute_limited`` (latest.json -> ``quality_compute_limited``): a wider rack (width 64,
+* ``compute_limited`` (latest.json -> ``quality_compute_limited``): a wider rack (width 48,
   4 stacks x 2 blocks) given 20 tokens per non-embedding parameter (Chinchilla's ratio; Gstack's 7B
   run saw ~43), so it stops while still learning fast.
 
@@ -88,7 +88,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, build_config, launch, load_average, merge_results, read_scalars, section_cli
+from benchmarks.common import (
+    RESULTS_DIR,
+    build_config,
+    launch,
+    load_average,
+    merge_results,
+    read_scalars,
+    section_cli,
+    warm_torch_extensions,
+)
 from benchmarks.flops import step_flops_schedule
 
 CORES = [0, 1]
@@ -107,7 +116,7 @@ MODEL = {
 # The compute-limited rack: the same shape and tokens per step, wider; the learning rate interpolated
 # log-linearly in width between the long rack's (0.01 at width 16) and the trainer's default (1e-3,
 # width 256), untuned.
-COMPUTE_LIMITED_MODEL = {**MODEL, "model.d_model": 64, "model.n_heads": 4, "training.lr": 0.003}
+COMPUTE_LIMITED_MODEL = {**MODEL, "model.d_model": 48, "model.n_heads": 4, "training.lr": 0.004}
 
 WSD = {"training.lr_decay": "wsd", "training.decay_fraction": 0.2}
 # The growth recipe of the literature: one schedule over the run, moments kept across growths.
@@ -161,7 +170,7 @@ PLANS = {
              "quick": QualityPlan("quality", MODEL, (0,), rack_steps=60)},
     "compute_limited": {
         "full": QualityPlan("quality_compute_limited", COMPUTE_LIMITED_MODEL, (0, 1, 2), tokens_per_parameter=20),
-        "quick": QualityPlan("quality_compute_limited", COMPUTE_LIMITED_MODEL, (0,), tokens_per_parameter=0.6)},
+        "quick": QualityPlan("quality_compute_limited", COMPUTE_LIMITED_MODEL, (0,), tokens_per_parameter=1.0)},
 }
 
 
@@ -264,6 +273,7 @@ def read_curve(out: Path, values: dict, launched_at: float) -> list[dict]:
 def measure_quality(plan: QualityPlan, work: Path, log) -> dict:
     rack_steps = plan.steps()
     log(f"{plan.section}: rackwise {rack_steps} steps, {len(MODES)} modes x {len(plan.seeds)} seeds")
+    warm_torch_extensions()  # not in the first run's start-up (it would inflate the baseline's wall)
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for seed in plan.seeds:
         for mode in MODES:
@@ -404,6 +414,7 @@ def run_detail(mode_runs: list[dict], budget_s: float, to_baseline_s: float | No
     wall = statistics.mean(r["wall_s"] for r in mode_runs)
     return {"steps": mode_runs[0]["steps"], "run_wall_s": round(wall, 1),
             "run_wall_vs_budget": round(wall / budget_s, 3),
+            "start_up_s": [round(r["curve"][0]["wall_s"], 1) for r in mode_runs],  # launch to the step-0 validation
             "seconds_to_baseline_final_loss": to_baseline_s,
             "wall_to_baseline_final_loss_per_seed": per_seed,
             "seconds_to_rackwise_final_loss": to_rackwise_s,
@@ -450,13 +461,17 @@ def study_seconds(rackwise_wall_s: float, n_seeds: int) -> float:
 def estimate_study(plan: QualityPlan, work: Path, log) -> dict:
     """Predict a study's wall from two short rackwise_wsd runs of its rack (12 validations each, as the study)."""
     points = []
+    warm_torch_extensions()
     for steps in ESTIMATE_STEPS:
         out = work / "quality_estimate" / f"{plan.section}_{steps}"
         shutil.rmtree(out, ignore_errors=True)
-        values = {**run_values("rackwise_wsd", 0, plan.model, steps, out)}
+        values = run_values("rackwise_wsd", 0, plan.model, steps, out)
         points.append((steps, launch(values, n_procs=len(CORES), cores=CORES, timeout_s=1800).wall_s))
         log(f"  {steps} steps: {points[-1][1]:.1f} s (load {load_average()})")
     start_up, step_s = fit_line(points)
+    if step_s <= 0:
+        raise RuntimeError(f"the short runs' walls {points} do not grow with the steps: a one-off cost (another job, "
+                           "a rebuild) landed in the first; run --estimate again on idle cores")
     rack_steps = plan.steps()
     rack_wall = start_up + step_s * rack_steps
     return {"section": plan.section, "short_runs": points, "start_up_s": round(start_up, 1),
