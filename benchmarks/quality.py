@@ -70,11 +70,31 @@ What the next session runs (2 idle cores, nothing else running; each command mer
 ``results/latest.json`` and writes its table and two plots, validation loss against wall-clock and
 against FLOPs, ``results/latest_{section}_val_loss_vs_{wall,flops}.png``):
 
-    python -m benchmarks.quality                           # ~27 min (7 modes x 3 seeds, 64-76 s a run)
-    python -m benchmarks.quality --budget compute_limited  # (not yet estimated)
+    python -m benchmarks.quality --estimate --budget compute_limited  # ~1.5 min: check the estimate below
+    python -m benchmarks.quality                           # ~25 min (7 modes x 3 seeds, 64-76 s a run)
+    python -m benchmarks.quality --budget compute_limited  # ~60 min (57-68 min estimated, below)
 
-``--quick`` runs one seed for a few dozen steps (a few minutes) and writes only ``results/quick*``
-(git-ignored): mechanics, not figures.
+About 1.5 hours in all; the two studies may run in either order, but never beside anything else (the
+wall ratios are the figures). Check ``detail.<mode>.start_up_s`` afterwards: every run's launch to its
+step-0 validation should be about the same (9-13 s here); one far above the rest took a one-off cost.
+
+How the compute-limited rack was chosen (2026-12-07, 2 pinned ranks): at 20 tokens per non-embedding
+parameter the steps grow with the parameters, and a CPU step's time grows with them too, so the
+study's wall grows faster than the rack. Short ``rackwise_wsd`` runs (60 and 240 steps, 12
+validations each, as ``--estimate`` does) gave
+
+* width 64 (427,072 non-embedding parameters, 2085 steps): 0.19-0.21 s a step, ~430 s a rackwise run,
+  a study of ~2.8 hours: too large;
+* width 48 (222,000 parameters, 1083 steps, ``COMPUTE_LIMITED_MODEL``): 15.4 s + 0.147 s a step with
+  the other agents idle (load ~1.8), 13.7 s + 0.124 s a step in a second measurement (``--estimate``):
+  a rackwise run of 148-174 s, and with the growth runs overrunning rackwise's wall by the long
+  study's 1.15x, 3 seeds x (2 + 5 x 1.15) rackwise walls = 57-68 minutes. The next width with 4 heads,
+  52, jumps to d_ff 192 and ~326,000 parameters (1592 steps): ~1.8 hours by the same fit, not
+  measured. So width 48 is the largest of this shape (4 stacks x 2 blocks) within about an hour.
+
+``--quick`` runs one seed for a few dozen steps and writes only ``results/quick*`` (git-ignored):
+mechanics, not figures (measured: 2.2 min for the long budget, 3.7 min for the compute-limited one,
+which included building the all-reduce op once for the virtualenv, ~50 s).
 """
 
 from __future__ import annotations
