@@ -70,19 +70,27 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+# Benchmark runs build torch's JIT ops (DeepSpeed's CPU all-reduce) in a folder of this virtualenv's own: in the
+# shared default folder (~/.cache/torch_extensions) a run from another checkout's virtualenv (tests, other
+# benchmarks) rebuilds the op for itself, and this one's next run rebuilds it back, 20-50 s landing in the
+# start-up of whichever timed run comes next (seen in the quality study's runs).
+TORCH_EXTENSIONS_DIR = Path(sys.prefix) / "torch_extensions"
+
+
 def bench_env(threads: int = TORCH_THREADS) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads),
            "MKL_NUM_THREADS": str(threads)}
     env.setdefault("STACKWISE_DS_CACHE", str(DEFAULT_WORK_DIR / "cache"))
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))
     return env
 
 
 def warm_torch_extensions() -> None:
     """Build (or just load) DeepSpeed's CPU shared-memory all-reduce op here, before any timed run.
 
-    torch keeps JIT-built ops in one folder per op name (~/.cache/torch_extensions), so a run from another
-    virtualenv (another checkout's tests or benchmarks) leaves a build the next run of this one redoes, 20-50 s
-    that would otherwise land in the start-up of a section's first timed run. Nothing to do off CPU."""
+    The build (20-50 s, once per virtualenv: ``TORCH_EXTENSIONS_DIR``) would otherwise land in the start-up of a
+    section's first timed run. Nothing to do off CPU."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(TORCH_EXTENSIONS_DIR))  # where bench_env's runs look
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()

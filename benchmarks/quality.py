@@ -11,7 +11,7 @@ Two budgets, the same modes, the same keys:
 * ``long`` (latest.json -> ``quality``): the small rack (width 16, 4 stacks x 2 blocks) for 1100
   rackwise steps, ~136 tokens per non-embedding parameter (121 per parameter of any kind): far past
   compute-optimal, where end-to-end training has long stopped learning fast;
-* ``compute_limited`` (latest.json -> ``quality_compute_limited``): a wider rack (width 64,
+* ``compute_limited`` (latest.json -> ``quality_compute_limited``): a wider rack (width 48,
   4 stacks x 2 blocks) given 20 tokens per non-embedding parameter (Chinchilla's ratio; Gstack's 7B
   run saw ~43), so it stops while still learning fast.
 
@@ -70,11 +70,31 @@ What the next session runs (2 idle cores, nothing else running; each command mer
 ``results/latest.json`` and writes its table and two plots, validation loss against wall-clock and
 against FLOPs, ``results/latest_{section}_val_loss_vs_{wall,flops}.png``):
 
-    python -m benchmarks.quality                           # ~27 min (7 modes x 3 seeds, 64-76 s a run)
-    python -m benchmarks.quality --budget compute_limited  # (not yet estimated)
+    python -m benchmarks.quality --estimate --budget compute_limited  # ~1.5 min: check the estimate below
+    python -m benchmarks.quality                           # ~25 min (7 modes x 3 seeds, 64-76 s a run)
+    python -m benchmarks.quality --budget compute_limited  # ~60 min (57-68 min estimated, below)
 
-``--quick`` runs one seed for a few dozen steps (a few minutes) and writes only ``results/quick*``
-(git-ignored): mechanics, not figures.
+About 1.5 hours in all; the two studies may run in either order, but never beside anything else (the
+wall ratios are the figures). Check ``detail.<mode>.start_up_s`` afterwards: every run's launch to its
+step-0 validation should be about the same (9-13 s here); one far above the rest took a one-off cost.
+
+How the compute-limited rack was chosen (2026-12-07, 2 pinned ranks): at 20 tokens per non-embedding
+parameter the steps grow with the parameters, and a CPU step's time grows with them too, so the
+study's wall grows faster than the rack. Short ``rackwise_wsd`` runs (60 and 240 steps, 12
+validations each, as ``--estimate`` does) gave
+
+* width 64 (427,072 non-embedding parameters, 2085 steps): 0.19-0.21 s a step, ~430 s a rackwise run,
+  a study of ~2.8 hours: too large;
+* width 48 (222,000 parameters, 1083 steps, ``COMPUTE_LIMITED_MODEL``): 15.4 s + 0.147 s a step with
+  the other agents idle (load ~1.8), 13.7 s + 0.124 s a step in a second measurement (``--estimate``):
+  a rackwise run of 148-174 s, and with the growth runs overrunning rackwise's wall by the long
+  study's 1.15x, 3 seeds x (2 + 5 x 1.15) rackwise walls = 57-68 minutes. The next width with 4 heads,
+  52, jumps to d_ff 192 and ~326,000 parameters (1592 steps): ~1.8 hours by the same fit, not
+  measured. So width 48 is the largest of this shape (4 stacks x 2 blocks) within about an hour.
+
+``--quick`` runs one seed for a few dozen steps and writes only ``results/quick*`` (git-ignored):
+mechanics, not figures (measured: 2.2 min for the long budget, 3.7 min for the compute-limited one,
+which included building the all-reduce op once for the virtualenv, ~50 s).
 """
 
 from __future__ import annotations
@@ -88,7 +108,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR, build_config, launch, load_average, merge_results, read_scalars, section_cli
+from benchmarks.common import (
+    RESULTS_DIR,
+    build_config,
+    launch,
+    load_average,
+    merge_results,
+    read_scalars,
+    section_cli,
+    warm_torch_extensions,
+)
 from benchmarks.flops import step_flops_schedule
 
 CORES = [0, 1]
@@ -107,7 +136,7 @@ MODEL = {
 # The compute-limited rack: the same shape and tokens per step, wider; the learning rate interpolated
 # log-linearly in width between the long rack's (0.01 at width 16) and the trainer's default (1e-3,
 # width 256), untuned.
-COMPUTE_LIMITED_MODEL = {**MODEL, "model.d_model": 64, "model.n_heads": 4, "training.lr": 0.003}
+COMPUTE_LIMITED_MODEL = {**MODEL, "model.d_model": 48, "model.n_heads": 4, "training.lr": 0.004}
 
 WSD = {"training.lr_decay": "wsd", "training.decay_fraction": 0.2}
 # The growth recipe of the literature: one schedule over the run, moments kept across growths.
@@ -161,7 +190,7 @@ PLANS = {
              "quick": QualityPlan("quality", MODEL, (0,), rack_steps=60)},
     "compute_limited": {
         "full": QualityPlan("quality_compute_limited", COMPUTE_LIMITED_MODEL, (0, 1, 2), tokens_per_parameter=20),
-        "quick": QualityPlan("quality_compute_limited", COMPUTE_LIMITED_MODEL, (0,), tokens_per_parameter=0.6)},
+        "quick": QualityPlan("quality_compute_limited", COMPUTE_LIMITED_MODEL, (0,), tokens_per_parameter=1.0)},
 }
 
 
@@ -264,6 +293,7 @@ def read_curve(out: Path, values: dict, launched_at: float) -> list[dict]:
 def measure_quality(plan: QualityPlan, work: Path, log) -> dict:
     rack_steps = plan.steps()
     log(f"{plan.section}: rackwise {rack_steps} steps, {len(MODES)} modes x {len(plan.seeds)} seeds")
+    warm_torch_extensions()  # not in the first run's start-up (it would inflate the baseline's wall)
     runs: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for seed in plan.seeds:
         for mode in MODES:
@@ -404,6 +434,7 @@ def run_detail(mode_runs: list[dict], budget_s: float, to_baseline_s: float | No
     wall = statistics.mean(r["wall_s"] for r in mode_runs)
     return {"steps": mode_runs[0]["steps"], "run_wall_s": round(wall, 1),
             "run_wall_vs_budget": round(wall / budget_s, 3),
+            "start_up_s": [round(r["curve"][0]["wall_s"], 1) for r in mode_runs],  # launch to the step-0 validation
             "seconds_to_baseline_final_loss": to_baseline_s,
             "wall_to_baseline_final_loss_per_seed": per_seed,
             "seconds_to_rackwise_final_loss": to_rackwise_s,
@@ -450,13 +481,17 @@ def study_seconds(rackwise_wall_s: float, n_seeds: int) -> float:
 def estimate_study(plan: QualityPlan, work: Path, log) -> dict:
     """Predict a study's wall from two short rackwise_wsd runs of its rack (12 validations each, as the study)."""
     points = []
+    warm_torch_extensions()
     for steps in ESTIMATE_STEPS:
         out = work / "quality_estimate" / f"{plan.section}_{steps}"
         shutil.rmtree(out, ignore_errors=True)
-        values = {**run_values("rackwise_wsd", 0, plan.model, steps, out)}
+        values = run_values("rackwise_wsd", 0, plan.model, steps, out)
         points.append((steps, launch(values, n_procs=len(CORES), cores=CORES, timeout_s=1800).wall_s))
         log(f"  {steps} steps: {points[-1][1]:.1f} s (load {load_average()})")
     start_up, step_s = fit_line(points)
+    if step_s <= 0:
+        raise RuntimeError(f"the short runs' walls {points} do not grow with the steps: a one-off cost (another job, "
+                           "a rebuild) landed in the first; run --estimate again on idle cores")
     rack_steps = plan.steps()
     rack_wall = start_up + step_s * rack_steps
     return {"section": plan.section, "short_runs": points, "start_up_s": round(start_up, 1),

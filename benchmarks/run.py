@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """StackWise-DS CPU benchmarks: every figure of DESIGN.md's "Figures to reach" that a CPU can measure.
 
-    python -m benchmarks.run            # full run (~51 min on 2 idle cores) -> benchmarks/results/latest.json
+    python -m benchmarks.run            # full run (~54 min on 2 idle cores) -> benchmarks/results/latest.json
     python -m benchmarks.run --quick    # smoke run (~12 min)               -> benchmarks/results/quick.json
 
 Writes the JSON, two PNGs (validation loss vs FLOPs and vs training time) and a markdown

@@ -93,6 +93,7 @@ def test_a_section_has_the_baseline_keys_the_old_keys_and_the_identity_modes():
     assert budget["baseline_final_mean_val_loss"] == 1.9 and budget["rackwise_final_mean_val_loss"] == 2.05
     assert budget["tokens_per_parameter"] == round(60 * 4096 / budget["non_embedding_parameters"], 2)
     assert section["detail"]["doubling_identity"]["wall_to_baseline_final_loss_per_seed"] == [0.913, 0.913]
+    assert section["detail"]["grow_late"]["start_up_s"] == [0.0, 0.0]  # each run's first validation
     assert "never" in quality.quality_table(section) and "not met" in quality.quality_table(section)
 
 
