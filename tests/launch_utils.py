@@ -94,3 +94,18 @@ def resumed_copy(run: Path, tmp_path: Path, last_kept_step: int) -> Path:
             shutil.rmtree(tag)
     shutil.rmtree(out / "tensorboard")
     return out
+
+
+def scrambled_rack(cfg, seed: int = 0):
+    """The rack of ``cfg`` with large random weights (norms included), so that any tensor put in the wrong place, or a
+    block left out, changes the logits."""
+    import torch
+
+    from stackwise_ds.model import create_rack_from_config
+
+    rack = create_rack_from_config(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in rack.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + (1.0 if param.dim() == 1 else 0.0))
+    return rack.eval()

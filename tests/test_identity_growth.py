@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from launch_utils import layer_state, results, run_training
+from launch_utils import layer_state, results, run_training, scrambled_rack
 from stackwise_ds.checkpoint.consolidation import save_consolidated
 from stackwise_ds.checkpoint.layers import file_layers, rack_name, units_of
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
@@ -37,16 +37,6 @@ OPERATORS = ["fresh", "copy_last", "copy_all", "copy_middle"]
 
 def config(*overrides: str) -> StackWiseConfig:
     return StackWiseConfig.from_dict(apply_overrides({}, [*SMALL, *overrides]))
-
-
-def scrambled_rack(cfg: StackWiseConfig, seed: int = 0):
-    """Large random weights (norms included), so that a block left out or misplaced changes the logits."""
-    rack = create_rack_from_config(cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in rack.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + (1.0 if param.dim() == 1 else 0.0))
-    return rack.eval()
 
 
 def logits(rack, n_blocks: int) -> torch.Tensor:

@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from launch_utils import REPO, results, run_training
+from launch_utils import REPO, results, run_training, scrambled_rack
 from stackwise_ds.checkpoint import load_rack
 from stackwise_ds.checkpoint.consolidation import read_consolidated, save_consolidated
 from stackwise_ds.checkpoint.files import CheckpointError
@@ -36,16 +36,6 @@ LLAMA_KEYS = ["model.vocab_size=300", "model.d_ff=96", "model.norm_eps=1e-6", "m
 
 def config(*overrides: str) -> StackWiseConfig:
     return StackWiseConfig.from_dict(apply_overrides({}, [*SMALL, *overrides]))
-
-
-def scrambled_rack(cfg: StackWiseConfig, seed: int = 0):
-    """Large random weights (norms included), so that any tensor put in the wrong place shows."""
-    rack = create_rack_from_config(cfg)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in rack.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + (1.0 if param.dim() == 1 else 0.0))
-    return rack.eval()
 
 
 def source_file(tmp_path, *overrides: str, seed: int = 0):
