@@ -253,3 +253,12 @@ def merge_results(name: str, update: dict, table_suffix: str, table: str) -> Non
     (RESULTS_DIR / f"{name}_{table_suffix}_table.md").write_text(table)
     print(table)
 
+
+
+def write_labelled(out: Path, label: str, record: dict) -> None:
+    """Merge ``record`` under ``label`` into the JSON file ``out`` (a before/after pair of one measurement)."""
+    merged = json.loads(out.read_text()) if out.exists() else {}
+    merged[label] = record
+    out.write_text(json.dumps(merged, indent=1))
+    print(json.dumps(record, indent=1))
+    print(f"wrote {out}")

@@ -21,12 +21,11 @@ waits for the whole step's queued kernels (and every step paid it), which is the
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import time
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_WORK_DIR, MODEL, RESULTS_DIR, launch, median, read_scalars
+from benchmarks.common import DEFAULT_WORK_DIR, MODEL, RESULTS_DIR, launch, median, read_scalars, write_labelled
 
 STEPS, WARMUP, LOG_INTERVAL = 60, 5, 10
 RUN = {**MODEL, "training.training_architecture": "rackwise", "training.max_steps": STEPS,
@@ -110,11 +109,7 @@ def main() -> None:
     args = parser.parse_args()
     record = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "step": step_figures(args.work_dir),
               "norms_ms": norms_figures()}
-    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
-    merged[args.label] = record
-    args.out.write_text(json.dumps(merged, indent=1))
-    print(json.dumps(record, indent=1))
-    print(f"wrote {args.out}")
+    write_labelled(args.out, args.label, record)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ hand back), per storage dtype. One process, one thread; on a GPU the same path a
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from benchmarks.common import RESULTS_DIR
+from benchmarks.common import RESULTS_DIR, write_labelled
 
 T, D, WINDOWS, BATCH, REPEATS = 1024, 768, 64, 8, 5
 
@@ -78,11 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         record = {"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "T": T, "D": D, "batch": BATCH,
                   **{dtype: time_gate(dtype, Path(folder)) for dtype in ("fp32", "bf16")}}
-    merged = json.loads(args.out.read_text()) if args.out.exists() else {}
-    merged[args.label] = record
-    args.out.write_text(json.dumps(merged, indent=1))
-    print(json.dumps(record, indent=1))
-    print(f"wrote {args.out}")
+    write_labelled(args.out, args.label, record)
 
 
 if __name__ == "__main__":
