@@ -205,9 +205,9 @@ def tokens_per_rackwise_step(model: dict, ranks: int = len(CORES)) -> int:
 def parameter_counts(model: dict) -> dict[str, int]:
     """Unique parameters of the rack: ``all``, and ``non_embedding`` (without the token embedding and,
     when untied, the LM head: Kaplan et al.'s N)."""
-    from stackwise_ds.model.rack import create_rack_from_config
+    from stackwise_ds.model import build_rack
 
-    rack = create_rack_from_config(build_config(model))
+    rack = build_rack(build_config(model).model)
     embedding = rack.embedding.weight.numel()
     head = 0 if rack.lm_head.weight is rack.embedding.weight else rack.lm_head.weight.numel()
     total = rack.get_parameter_count()
