@@ -108,7 +108,7 @@ def _trained_parameters(run: Path):
 
     from stackwise_ds.config import StackWiseConfig
     from stackwise_ds.layout import TRAIN, layer_units
-    from stackwise_ds.model import create_rack_from_config
+    from stackwise_ds.model import build_rack
     from stackwise_ds.phases import plan_phases
     from stackwise_ds.training.init_weights import source_frozen_stacks
 
@@ -117,7 +117,7 @@ def _trained_parameters(run: Path):
     units = layer_units(arch.n_stacks, arch.blocks_per_stack)
     roles = plan_phases(config, tuple(source_frozen_stacks(run, config.training)))[0].layer_roles(units)
     with torch.device("meta"):
-        rack = create_rack_from_config(config)
+        rack = build_rack(config.model, config.training.seed)
     return [p for i, unit in enumerate(units) if roles[i] == TRAIN
             for p in rack.get_submodule(unit.rack_prefix.rstrip(".")).parameters()]
 

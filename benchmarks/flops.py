@@ -28,9 +28,9 @@ class ForwardCost:
 
 def forward_cost(config) -> ForwardCost:
     """Forward FLOPs per token of every block and of the head, counted on the real modules."""
-    from stackwise_ds.model import create_rack_from_config
+    from stackwise_ds.model import build_rack
 
-    rack = create_rack_from_config(config)
+    rack = build_rack(config.model, config.training.seed)
     seq_len, d = config.data.seq_len, config.model.d_model
     blocks = [2 * _matrix_params(block) + ATTN_FLOPS_PER_TD * seq_len * d for block in rack.blocks]
     head = 2 * rack.lm_head.weight.numel()
@@ -70,8 +70,8 @@ def training_flops_per_token(config) -> float:
     The same count as the per-phase model for a rackwise step (norm weights aside); used for
     model FLOPs utilisation on a GPU.
     """
-    from stackwise_ds.model import create_rack_from_config
+    from stackwise_ds.model import build_rack
 
-    rack = create_rack_from_config(config)
+    rack = build_rack(config.model, config.training.seed)
     n_blocks, seq_len, d = len(rack.blocks), config.data.seq_len, config.model.d_model
     return 6 * rack.get_parameter_count() + TRAIN_FACTOR * ATTN_FLOPS_PER_TD * n_blocks * seq_len * d

@@ -94,10 +94,10 @@ def last_phase_figures(out: Path) -> dict:
 
 def frozen_blocks():
     """The blocks of the stacks frozen in the last phase (all but the last), as the rack is built (seeded init)."""
-    from stackwise_ds.model import create_rack_from_config
+    from stackwise_ds.model import build_rack
 
     config = build_config(MODEL)
-    rack = create_rack_from_config(config).eval()
+    rack = build_rack(config.model, config.training.seed).eval()
     return [block for stack in list(rack.stacks)[:-1] for block in stack.blocks], config
 
 

@@ -96,7 +96,7 @@ def device_info(cpu_smoke: bool) -> dict:
 
 def measure(args: argparse.Namespace, output_dir: Path) -> dict:
     from benchmarks.flops import training_flops_per_token
-    from stackwise_ds.model import create_rack_from_config
+    from stackwise_ds.model import build_rack
 
     values = run_values(args, output_dir)
     config = resolved_config(values)
@@ -110,7 +110,7 @@ def measure(args: argparse.Namespace, output_dir: Path) -> dict:
     cuda_mb = [v for _, v, _ in read_scalars(output_dir, "memory/stage0_cuda_mb")]
     return {"tokens_per_s": tokens_per_s, "mfu_vs_h100_sxm_bf16": achieved_tflops / H100_SXM_BF16_DENSE_TFLOPS,
             "achieved_model_tflops": achieved_tflops, "median_step_s": step_s, "tokens_per_step": tokens_per_step,
-            "parameters": create_rack_from_config(config).get_parameter_count(),
+            "parameters": build_rack(config.model, config.training.seed).get_parameter_count(),
             "flops_per_token": flops_per_token, "peak_cuda_mb": max(cuda_mb) if cuda_mb else None,
             "steps": args.steps, "warmup_steps_dropped": args.warmup, "run_wall_s": run.wall_s,
             "config": {"yaml": str(CONFIG.relative_to(REPO)), "overrides": values}}

@@ -50,11 +50,11 @@ def rack_gradients() -> list[list]:
     import torch
 
     from benchmarks.common import build_config
-    from stackwise_ds.model import create_rack_from_config
+    from stackwise_ds.model import build_rack
 
     torch.manual_seed(0)
     config = build_config(RUN)
-    rack = create_rack_from_config(config)
+    rack = build_rack(config.model, config.training.seed)
     tokens = torch.randint(0, config.model.vocab_size, (8, config.data.seq_len + 1))
     logits = rack(tokens[:, :-1])
     torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten()).backward()

@@ -3,7 +3,7 @@
 
     python -m benchmarks.plain_torch --values '{"model.d_model": 128, ...}' --steps 20 --out plain.json
 
-1. Trains the same Rack (``create_rack_from_config``) on the same micro-batches as the trainer
+1. Trains the same Rack (``build_rack``) on the same micro-batches as the trainer
    (the trainer's own data stream), with AdamW over the same parameter groups, the same LR
    schedule, gradient clipping and loss averaging over micro-batches: the reference the
    trainer's rackwise tokens/s is compared with.
@@ -190,9 +190,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(TORCH_THREADS)
     config = build_config(json.loads(args.values))
-    from stackwise_ds.model import create_rack_from_config
+    from stackwise_ds.model import build_rack
 
-    rack = create_rack_from_config(config)
+    rack = build_rack(config.model, config.training.seed)
     stream = data_stream(config)
     losses, seconds = train_loop(rack, stream, config, args.steps)
     out = {"losses": losses, "step_times": seconds, "threads": torch.get_num_threads()}

@@ -205,9 +205,9 @@ def tokens_per_rackwise_step(model: dict, ranks: int = len(CORES)) -> int:
 def parameter_counts(model: dict) -> dict[str, int]:
     """Unique parameters of the rack: ``all``, and ``non_embedding`` (without the token embedding and,
     when untied, the LM head: Kaplan et al.'s N)."""
-    from stackwise_ds.model.rack import create_rack_from_config
+    from stackwise_ds.model import build_rack
 
-    rack = create_rack_from_config(build_config(model))
+    rack = build_rack(build_config(model).model)
     embedding = rack.embedding.weight.numel()
     head = 0 if rack.lm_head.weight is rack.embedding.weight else rack.lm_head.weight.numel()
     total = rack.get_parameter_count()
@@ -298,7 +298,23 @@ def measure_quality(plan: QualityPlan, work: Path, log) -> dict:
     for seed in plan.seeds:
         for mode in MODES:
             runs[mode].append(run_mode(mode, seed, plan, rack_steps, work, log))
+            raw_runs_path(plan, work).write_text(json.dumps(runs))  # what a crash after this run would keep
     return summarise(runs, plan, rack_steps)
+
+
+def raw_runs_path(plan: QualityPlan, work: Path) -> Path:
+    """Every measured run of a study (wall, curve, steps), kept in the work folder: ``--summarise-only``
+    rebuilds the section from it without training again."""
+    return work / plan.section / "runs.json"
+
+
+def require_plotting() -> None:
+    """Fail before an hour of runs, not after them: the study ends by drawing its plots."""
+    try:
+        import matplotlib  # noqa: F401  (imported only to check it is installed)
+    except ImportError:
+        raise SystemExit("benchmarks.quality draws its plots with matplotlib, which is not installed: "
+                         "pip install -e '.[plots]'") from None
 
 
 # ----------------------------------------------------------------------------- reading the curves
@@ -534,6 +550,8 @@ def _ratio(value: float | None) -> str:
 def add_arguments(parser) -> None:
     parser.add_argument("--budget", choices=sorted(PLANS), default="long",
                         help="long (latest.json 'quality') or compute_limited ('quality_compute_limited')")
+    parser.add_argument("--summarise-only", action="store_true",
+                        help="rebuild the section from the runs a finished study kept (work dir runs.json)")
     parser.add_argument("--estimate", action="store_true",
                         help="2 short runs of the budget's rack: predicted study minutes (writes results/quick*)")
 
@@ -546,9 +564,14 @@ def main() -> None:
         (RESULTS_DIR / f"quick_estimate_{plan.section}.json").write_text(json.dumps(estimate, indent=1))
         print(json.dumps(estimate, indent=1))
         return
+    require_plotting()
     start = time.perf_counter()
-    quality = measure_quality(plan, Path(args.work_dir), log)
-    quality["budget"]["study_seconds"] = round(time.perf_counter() - start, 1)
+    if args.summarise_only:
+        runs = json.loads(raw_runs_path(plan, Path(args.work_dir)).read_text())
+        quality = summarise(runs, plan, plan.steps())
+    else:
+        quality = measure_quality(plan, Path(args.work_dir), log)
+        quality["budget"]["study_seconds"] = round(time.perf_counter() - start, 1)
     from benchmarks.plots import plot_quality
 
     quality["plots"] = [str(Path(p).relative_to(RESULTS_DIR.parents[1]))

@@ -86,6 +86,16 @@ class MLAConfig:
     rope_head_dim: int = 16
     """Per-head dimensions carrying the decoupled RoPE part of queries and keys."""
 
+    def validate(self) -> None:
+        _check_positive("model.mla.kv_lora_rank", self.kv_lora_rank)
+        _check_positive("model.mla.rope_head_dim", self.rope_head_dim)
+        if self.rope_head_dim % 2:
+            raise ConfigError(f"model.mla.rope_head_dim ({self.rope_head_dim}) must be even for RoPE, which rotates "
+                              "pairs of dimensions: choose an even value")
+        if self.q_lora_rank < 0:
+            raise ConfigError(f"model.mla.q_lora_rank ({self.q_lora_rank}) must be >= 0: use 0 to project queries "
+                              "directly")
+
 
 @dataclass
 class KernelAttentionConfig:
@@ -138,6 +148,48 @@ class ModelConfig:
     @property
     def n_blocks(self) -> int:
         return self.architecture.n_stacks * self.architecture.blocks_per_stack
+
+    @property
+    def resolved_n_kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def validate(self) -> None:
+        """The model's own rules, each checked here and nowhere else (the model modules trust a validated config);
+        every message names the ``model.`` key and how to fix it."""
+        _parse_choices(self, key="model")
+        for key in ("vocab_size", "d_model", "n_heads", "max_seq_len", "rope_theta", "norm_eps", "init_std"):
+            _check_positive(f"model.{key}", getattr(self, key))
+        for key in ("n_stacks", "blocks_per_stack"):
+            _check_positive(f"model.architecture.{key}", getattr(self.architecture, key))
+        for key in ("n_kv_heads", "d_ff"):
+            if getattr(self, key) is not None:
+                _check_positive(f"model.{key}", getattr(self, key))
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout ({self.dropout}) must be in [0, 1): use 0.0 to disable it")
+        self._validate_heads()
+        if self.attention_type == AttentionType.MLA:
+            self.mla.validate()
+        if self.attention_type == AttentionType.KERNEL:
+            _check_positive("model.kernel.chunk_size", self.kernel.chunk_size)
+
+    def _validate_heads(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads}): "
+                              "pick n_heads among the divisors of d_model")
+        one_kv_per_query = self.attention_type in (AttentionType.MHA, AttentionType.MLA)
+        if one_kv_per_query and self.n_kv_heads not in (None, self.n_heads):
+            raise ConfigError(f"model.attention_type '{self.attention_type}' uses one key/value head per query head "
+                              f"but model.n_kv_heads is {self.n_kv_heads}: remove n_kv_heads, or use 'gqa' or 'kernel'")
+        if self.n_heads % self.resolved_n_kv_heads:
+            raise ConfigError(f"model.n_heads ({self.n_heads}) must be divisible by model.n_kv_heads "
+                              f"({self.n_kv_heads}): pick n_kv_heads among the divisors of n_heads")
+        if self.attention_type != AttentionType.MLA and self.head_dim % 2:  # MLA rotates only its rope_head_dim
+            raise ConfigError(f"the head width model.d_model / model.n_heads ({self.head_dim}) must be even for RoPE, "
+                              "which rotates pairs of dimensions: choose d_model and n_heads so that it is even")
 
     @property
     def resolved_d_ff(self) -> int:
@@ -422,28 +474,13 @@ class StackWiseConfig:
                               "or Hugging Face folder, or null for a seeded init")
         if self.parallel.max_rank_memory_mb is not None:
             _check_positive("parallel.max_rank_memory_mb", self.parallel.max_rank_memory_mb)
+        m.validate()
         for key, value in [
-            ("model.vocab_size", m.vocab_size), ("model.d_model", m.d_model), ("model.n_heads", m.n_heads),
-            ("model.max_seq_len", m.max_seq_len), ("model.architecture.n_stacks", m.architecture.n_stacks),
-            ("model.architecture.blocks_per_stack", m.architecture.blocks_per_stack),
             ("training.max_steps", t.max_steps), ("training.micro_batch_size", t.micro_batch_size),
             ("training.gradient_accumulation_steps", t.gradient_accumulation_steps),
             ("data.seq_len", d.seq_len),
         ]:
             _check_positive(key, value)
-        if m.n_kv_heads is not None:
-            _check_positive("model.n_kv_heads", m.n_kv_heads)
-        if m.d_ff is not None:
-            _check_positive("model.d_ff", m.d_ff)
-        if m.d_model % m.n_heads:
-            raise ConfigError(f"model.d_model ({m.d_model}) must be divisible by model.n_heads ({m.n_heads}): "
-                              "pick n_heads among the divisors of d_model")
-        if m.n_kv_heads is not None and m.n_heads % m.n_kv_heads:
-            raise ConfigError(f"model.n_heads ({m.n_heads}) must be divisible by model.n_kv_heads "
-                              f"({m.n_kv_heads}): pick n_kv_heads among the divisors of n_heads")
-        if m.attention_type in (AttentionType.MHA, AttentionType.MLA) and m.n_kv_heads not in (None, m.n_heads):
-            raise ConfigError(f"model.attention_type '{m.attention_type}' uses one key/value head per query head "
-                              f"but model.n_kv_heads is {m.n_kv_heads}: remove n_kv_heads, or use 'gqa' or 'kernel'")
         if d.seq_len > m.max_seq_len:
             raise ConfigError(f"data.seq_len ({d.seq_len}) is longer than model.max_seq_len ({m.max_seq_len}): "
                               "raise model.max_seq_len or shorten data.seq_len")

@@ -32,12 +32,13 @@ def build_plan(config: StackWiseConfig, world_size: int, bf16: bool) -> dict[str
     """The plan of a launch of ``config`` on ``world_size`` ranks, as one JSON-ready dict (``phases``: one entry
     per phase still to run). Raises what the launch raises for a config, world size or checkpoint it refuses."""
     from .checkpoint.files import check_resumable_changes
+    from .training.init_weights import planned_source_stacks
     from .training.resume import check_resumed_layout, find_resume_point
 
     config.validate_world_size(world_size)
     checkpoint_dir = Path(config.training.output_dir) / "checkpoints"
     start = find_resume_point(checkpoint_dir, config.training, config.to_dict(), rank=0)
-    phases = plan_phases(config)
+    phases = plan_phases(config, tuple(planned_source_stacks(config)))
     remaining = phases[start.state.phase_index:]
     units = layer_units(config.model.architecture.n_stacks, config.model.architecture.blocks_per_stack)
     layouts = plan_phase_layouts(remaining, units, config, world_size, bf16)

@@ -23,7 +23,7 @@ from stackwise_ds.checkpoint.files import TrainingState, mark_complete
 from stackwise_ds.checkpoint.layers import units_of
 from stackwise_ds.config import StackWiseConfig
 from stackwise_ds.layout import TRAIN
-from stackwise_ds.model import create_rack_from_config
+from stackwise_ds.model import build_rack
 from stackwise_ds.parallel.distributed import barrier, exit_process, init_distributed
 from stackwise_ds.parallel.ds_config import build_ds_config
 from stackwise_ds.parallel.engine import build_engine
@@ -54,7 +54,7 @@ def build(spec: dict, world_size: int):
     raw.setdefault("training", {}).update(micro_batch_size=MICRO,
                                           gradient_accumulation_steps=GLOBAL_BATCH // MICRO // dp)
     config = StackWiseConfig.from_dict(raw)
-    rack = create_rack_from_config(config)
+    rack = build_rack(config.model, config.training.seed)
     roles = [TRAIN] * len(units_of(config.model))
     pipe = rack_to_pipeline(rack, layout_for(roles, config, world_size, False, elastic=False),
                             world_size)

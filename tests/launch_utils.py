@@ -96,14 +96,19 @@ def resumed_copy(run: Path, tmp_path: Path, last_kept_step: int) -> Path:
     return out
 
 
+def rack_of(config, seed: int | None = None, **kwargs):
+    """The seeded Rack of a whole ``StackWiseConfig``: ``build_rack`` of its model at training.seed (or ``seed``)."""
+    from stackwise_ds.model import build_rack
+
+    return build_rack(config.model, config.training.seed if seed is None else seed, **kwargs)
+
+
 def scrambled_rack(cfg, seed: int = 0):
     """The rack of ``cfg`` with large random weights (norms included), so that any tensor put in the wrong place, or a
     block left out, changes the logits."""
     import torch
 
-    from stackwise_ds.model import create_rack_from_config
-
-    rack = create_rack_from_config(cfg)
+    rack = rack_of(cfg)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in rack.parameters():

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stackwise_ds.config import ArchitectureConfig, ConfigError, KernelAttentionConfig, MLAConfig, ModelConfig
 from stackwise_ds.model.attention import (
     ATTENTION_MODES,
     ATTENTION_TYPES,
@@ -24,13 +25,24 @@ D, D_FF, H = 32, 64, 4
 ALL_CASES = [(t, m) for t in ATTENTION_TYPES for m in ATTENTION_MODES]
 
 
+def model_config(attention_type: str = "gqa", attention_mode: str = "causal", **fields) -> ModelConfig:
+    """A small ModelConfig (d_model D, d_ff D_FF, H heads): ``mla_*`` and ``kernel_*`` fields go to those sections,
+    ``n_blocks`` (default 1) is the rack's depth, which scales the residual projections' init."""
+    mla = {key.removeprefix("mla_"): fields.pop(key) for key in list(fields) if key.startswith("mla_")}
+    kernel = {key.removeprefix("kernel_"): fields.pop(key) for key in list(fields) if key.startswith("kernel_")}
+    depth = ArchitectureConfig(n_stacks=fields.pop("n_blocks", 1), blocks_per_stack=1)
+    values = dict(d_model=D, d_ff=D_FF, n_heads=H, attention_type=attention_type, attention_mode=attention_mode)
+    return ModelConfig(**{**values, **fields}, architecture=depth, mla=MLAConfig(**mla),
+                       kernel=KernelAttentionConfig(**kernel))
+
+
 def make_block(attention_type: str, attention_mode: str = "causal", dtype: torch.dtype = torch.float64,
                **overrides) -> Block:
     """A small Block; gqa/kernel get 2 kv heads, mla a small latent, kernel a chunk of 8."""
-    kwargs = dict(max_seq_len=64, mla_kv_lora_rank=16, mla_rope_head_dim=4, kernel_chunk_size=8, init_std=0.1)
-    kwargs.update(overrides)
-    n_kv_heads = kwargs.pop("n_kv_heads", 2 if attention_type in ("gqa", "kernel") else None)
-    return Block(D, D_FF, H, n_kv_heads, attention_type, attention_mode, **kwargs).to(dtype)
+    fields = dict(max_seq_len=64, mla_kv_lora_rank=16, mla_rope_head_dim=4, kernel_chunk_size=8, init_std=0.1)
+    fields.update(overrides)
+    fields.setdefault("n_kv_heads", 2 if attention_type in ("gqa", "kernel") else None)
+    return Block(model_config(attention_type, attention_mode, **fields)).to(dtype)
 
 
 # ---------------------------------------------------------------------------- naive references (O(T^2))
@@ -133,9 +145,9 @@ def test_gqa_with_all_kv_heads_is_exactly_mha(attention_mode):
 
 def test_gqa_shares_each_kv_head_across_its_query_group():
     torch.manual_seed(0)
-    attn = MultiHeadAttention(D, H, 2, "causal", max_seq_len=64).double()
+    attn = MultiHeadAttention(model_config(n_kv_heads=2, max_seq_len=64)).double()
     # Expand the kv heads into an equivalent MHA: query heads 0,1 use kv head 0; heads 2,3 kv head 1.
-    mha = MultiHeadAttention(D, H, H, "causal", max_seq_len=64).double()
+    mha = MultiHeadAttention(model_config(n_kv_heads=H, max_seq_len=64)).double()
     mha.load_state_dict({**attn.state_dict(),
                          "k_proj.weight": attn.k_proj.weight.view(2, 1, -1, D).expand(2, 2, -1, D).reshape(D, D),
                          "v_proj.weight": attn.v_proj.weight.view(2, 1, -1, D).expand(2, 2, -1, D).reshape(D, D)})
@@ -195,7 +207,8 @@ def test_gqa_block_matches_hugging_face_llama_decoder_layer():
 @pytest.mark.parametrize("feature_map", ["elu", "relu"])
 def test_kernel_attention_matches_naive_quadratic_reference(attention_mode, feature_map):
     torch.manual_seed(0)
-    attn = KernelAttention(D, H, 2, attention_mode, feature_map=feature_map, chunk_size=8, max_seq_len=64)
+    attn = KernelAttention(model_config("kernel", attention_mode, n_kv_heads=2, kernel_feature_map=feature_map,
+                                        kernel_chunk_size=8, max_seq_len=64))
     x = torch.randn(2, 37, D)  # 37 is not a multiple of the chunk size
     expected = naive_kernel_attention(attn, x)
     assert expected.abs().mean() > 1e-2  # a meaningful scale for the tolerance below
@@ -208,16 +221,16 @@ def test_kernel_attention_matches_naive_quadratic_reference(attention_mode, feat
 def test_kernel_attention_result_does_not_depend_on_chunk_size():
     torch.manual_seed(0)
     x = torch.randn(2, 37, D, dtype=torch.float64)
-    reference = KernelAttention(D, H, None, "causal", chunk_size=1, max_seq_len=64).double()
+    reference = KernelAttention(model_config("kernel", kernel_chunk_size=1, max_seq_len=64)).double()
     for chunk_size in (5, 8, 37, 64):
-        attn = KernelAttention(D, H, None, "causal", chunk_size=chunk_size, max_seq_len=64).double()
+        attn = KernelAttention(model_config("kernel", kernel_chunk_size=chunk_size, max_seq_len=64)).double()
         attn.load_state_dict(reference.state_dict())
         torch.testing.assert_close(attn(x), reference(x), atol=1e-10, rtol=0)
 
 
 def test_kernel_attention_in_bf16_accumulates_in_float32():
     torch.manual_seed(0)
-    attn = KernelAttention(D, H, 2, "causal", chunk_size=16, max_seq_len=512)
+    attn = KernelAttention(model_config("kernel", n_kv_heads=2, kernel_chunk_size=16, max_seq_len=512))
     x = torch.randn(1, 512, D)
     expected = naive_kernel_attention(attn, x)
     y = attn.to(torch.bfloat16)(x.to(torch.bfloat16))
@@ -231,21 +244,23 @@ def test_kernel_attention_in_bf16_accumulates_in_float32():
 @pytest.mark.parametrize("attention_mode", ATTENTION_MODES)
 def test_mla_matches_naive_reference(attention_mode):
     torch.manual_seed(0)
-    attn = MultiHeadLatentAttention(D, H, attention_mode, kv_lora_rank=16, rope_head_dim=4, max_seq_len=64).double()
+    config = model_config("mla", attention_mode, mla_kv_lora_rank=16, mla_rope_head_dim=4, max_seq_len=64)
+    attn = MultiHeadLatentAttention(config).double()
     x = torch.randn(2, 21, D, dtype=torch.float64)
     torch.testing.assert_close(attn(x), naive_mla(attn, x))
 
 
 def test_mla_parameter_shapes():
     hd, r, rank, q_rank = D // H, 4, 16, 8
-    attn = MultiHeadLatentAttention(D, H, kv_lora_rank=rank, q_lora_rank=q_rank, rope_head_dim=r)
+    attn = MultiHeadLatentAttention(model_config("mla", mla_kv_lora_rank=rank, mla_q_lora_rank=q_rank,
+                                                 mla_rope_head_dim=r))
     shapes = {name: tuple(p.shape) for name, p in attn.named_parameters()}
     assert shapes == {
         "q_a_proj.weight": (q_rank, D), "q_a_norm.weight": (q_rank,), "q_b_proj.weight": (H * (hd + r), q_rank),
         "kv_a_proj.weight": (rank + r, D), "kv_a_norm.weight": (rank,), "kv_b_proj.weight": (H * 2 * hd, rank),
         "o_proj.weight": (D, H * hd),
     }
-    direct = MultiHeadLatentAttention(D, H, kv_lora_rank=rank, rope_head_dim=r)
+    direct = MultiHeadLatentAttention(model_config("mla", mla_kv_lora_rank=rank, mla_rope_head_dim=r))
     assert tuple(direct.q_proj.weight.shape) == (H * (hd + r), D) and not hasattr(direct, "q_a_proj")
 
 
@@ -254,7 +269,7 @@ def test_mla_parameter_shapes():
 
 def test_rope_scores_depend_only_on_relative_position():
     torch.manual_seed(0)
-    attn = MultiHeadAttention(D, H, max_seq_len=64)
+    attn = MultiHeadAttention(model_config(max_seq_len=64))
     cos, sin = attn.rotary(64, torch.float32)
     q = apply_rope(torch.randn(attn.head_dim).expand(1, 1, 64, -1), cos, sin)[0, 0]  # same vector everywhere
     k = apply_rope(torch.randn(attn.head_dim).expand(1, 1, 64, -1), cos, sin)[0, 0]
@@ -304,12 +319,13 @@ def test_freeze_up_proj_keeps_only_up_proj_frozen():
     block(torch.randn(2, 10, D)).square().sum().backward()
     assert block.ffn.up_proj.weight.grad is None
     assert all(p.grad is not None for name, p in block.named_parameters() if name != "ffn.up_proj.weight")
-    assert not SwiGLU(D, D_FF).freeze_up_proj and SwiGLU(D, D_FF).up_proj.weight.requires_grad
+    assert not SwiGLU(model_config()).freeze_up_proj and SwiGLU(model_config()).up_proj.weight.requires_grad
 
 
 def test_reset_parameters_uses_gpt2_init():
     torch.manual_seed(0)
-    block = Block(256, 512, 8, 2, "gqa", init_std=0.02, n_layers_total=8)
+    config = model_config(d_model=256, d_ff=512, n_heads=8, n_kv_heads=2, init_std=0.02, n_blocks=8)
+    block = Block(config)
     nn.init.zeros_(block.attn_norm.weight)
     torch.manual_seed(1)
     block.reset_parameters()
@@ -319,7 +335,7 @@ def test_reset_parameters_uses_gpt2_init():
     for name in ("attn.o_proj", "ffn.down_proj"):  # residual projections: 0.02 / sqrt(2 * 8)
         assert abs(block.get_submodule(name).weight.std().item() - 0.005) < 0.0005, name
     torch.manual_seed(1)
-    again = Block(256, 512, 8, 2, "gqa", init_std=0.02, n_layers_total=8)
+    again = Block(config)
     torch.manual_seed(1)
     again.reset_parameters()
     assert all(torch.equal(a, b) for a, b in zip(block.state_dict().values(), again.state_dict().values(), strict=True))
@@ -328,51 +344,53 @@ def test_reset_parameters_uses_gpt2_init():
 # ---------------------------------------------------------------------------- validation
 
 
-@pytest.mark.parametrize("args,kwargs,match", [
-    ((100, 64, 3), {}, r"d_model \(100\) must be divisible by n_heads \(3\): choose n_heads among the divisors"),
-    ((32, 64, 4, 3, "gqa"), {}, r"n_heads \(4\) must be divisible by n_kv_heads \(3\): choose n_kv_heads"),
-    ((32, 64, 4, 8, "gqa"), {}, r"n_kv_heads \(8\) cannot exceed n_heads \(4\)"),
-    ((32, 64, 4, 2, "mha"), {}, r"'mha' uses n_kv_heads == n_heads \(4\).*use attention_type 'gqa'"),
-    ((32, 64, 4, 2, "mla"), {}, r"'mla' uses n_kv_heads == n_heads"),
-    ((32, 64, 4, None, "flash"), {}, r"^attention_type is 'flash' but must be one of: mha, gqa, mla, kernel$"),
-    ((32, 64, 4, None, "mha", "sideways"), {},
-     r"^attention_mode is 'sideways' but must be one of: causal, bidirectional$"),
-    ((0, 64, 4), {}, r"d_model \(0\) must be positive"),
-    ((32, 0, 4), {}, r"d_ff \(0\) must be positive"),
-    ((32, 64, 0), {}, r"n_heads \(0\) must be positive"),
-    ((32, 64, -4), {}, r"n_heads \(-4\) must be positive"),
-    ((32, 64, 4, 0, "gqa"), {}, r"n_kv_heads \(0\) must be positive"),
-    ((32, 64, 4), {"max_seq_len": 0}, r"max_seq_len \(0\) must be positive"),
-    ((32, 64, 4), {"rope_theta": 0.0}, r"rope_theta \(0.0\) must be positive"),
-    ((32, 64, 4), {"norm_eps": 0.0}, r"norm_eps \(0.0\) must be positive"),
-    ((32, 64, 4), {"init_std": 0.0}, r"init_std \(0.0\) must be positive"),
-    ((32, 64, 4), {"n_layers_total": 0}, r"n_layers_total \(0\) must be positive"),
-    ((32, 64, 4), {"dropout": 1.0}, r"dropout \(1.0\) must be in \[0, 1\)"),
-    ((32, 64, 4), {"dropout": -0.1}, r"dropout \(-0.1\) must be in \[0, 1\)"),
-    ((12, 64, 4), {}, r"head_dim = d_model / n_heads \(3\) must be even for RoPE.*choose d_model and n_heads"),
-    ((12, 64, 4, None, "kernel"), {}, r"head_dim = d_model / n_heads \(3\) must be even for RoPE"),
-    ((32, 64, 4, None, "mla"), {"mla_rope_head_dim": 5}, r"mla_rope_head_dim \(5\) must be even for RoPE"),
-    ((32, 64, 4, None, "mla"), {"mla_rope_head_dim": 0}, r"mla_rope_head_dim \(0\) must be positive"),
-    ((32, 64, 4, None, "mla"), {"mla_kv_lora_rank": 0}, r"mla_kv_lora_rank \(0\) must be positive"),
-    ((32, 64, 4, None, "mla"), {"mla_q_lora_rank": -1}, r"mla_q_lora_rank \(-1\) must be >= 0: use 0 to project"),
-    ((32, 64, 4, None, "kernel"), {"kernel_chunk_size": 0}, r"kernel_chunk_size \(0\) must be positive"),
-    ((32, 64, 4, None, "kernel"), {"kernel_feature_map": "softmax"},
-     r"^kernel_feature_map is 'softmax' but must be one of: elu, relu$"),
+@pytest.mark.parametrize("fields,match", [
+    ({"d_model": 100, "n_heads": 3}, r"model.d_model \(100\) must be divisible by model.n_heads \(3\): pick n_heads"),
+    ({"n_kv_heads": 3}, r"model.n_heads \(4\) must be divisible by model.n_kv_heads \(3\): pick n_kv_heads"),
+    ({"n_kv_heads": 8}, r"model.n_heads \(4\) must be divisible by model.n_kv_heads \(8\)"),
+    ({"attention_type": "mha", "n_kv_heads": 2}, r"'mha' uses one key/value head per query head.*use 'gqa'"),
+    ({"attention_type": "mla", "n_kv_heads": 2}, r"'mla' uses one key/value head per query head"),
+    ({"attention_type": "flash"}, r"^model.attention_type is 'flash' but must be one of: mha, gqa, mla, kernel"),
+    ({"attention_mode": "sideways"}, r"^model.attention_mode is 'sideways' but must be one of: causal, bidirectional"),
+    ({"d_model": 0}, r"model.d_model must be positive, got 0"),
+    ({"d_ff": 0}, r"model.d_ff must be positive, got 0"),
+    ({"n_heads": 0}, r"model.n_heads must be positive, got 0"),
+    ({"n_heads": -4}, r"model.n_heads must be positive, got -4"),
+    ({"n_kv_heads": 0}, r"model.n_kv_heads must be positive, got 0"),
+    ({"max_seq_len": 0}, r"model.max_seq_len must be positive, got 0"),
+    ({"rope_theta": 0.0}, r"model.rope_theta must be positive, got 0.0"),
+    ({"norm_eps": 0.0}, r"model.norm_eps must be positive, got 0.0"),
+    ({"init_std": 0.0}, r"model.init_std must be positive, got 0.0"),
+    ({"n_blocks": 0}, r"model.architecture.n_stacks must be positive, got 0"),
+    ({"dropout": 1.0}, r"model.dropout \(1.0\) must be in \[0, 1\)"),
+    ({"dropout": -0.1}, r"model.dropout \(-0.1\) must be in \[0, 1\)"),
+    ({"d_model": 12}, r"model.d_model / model.n_heads \(3\) must be even for RoPE.*choose d_model and n_heads"),
+    ({"d_model": 12, "attention_type": "kernel"}, r"model.d_model / model.n_heads \(3\) must be even for RoPE"),
+    ({"attention_type": "mla", "mla_rope_head_dim": 5}, r"model.mla.rope_head_dim \(5\) must be even for RoPE"),
+    ({"attention_type": "mla", "mla_rope_head_dim": 0}, r"model.mla.rope_head_dim must be positive, got 0"),
+    ({"attention_type": "mla", "mla_kv_lora_rank": 0}, r"model.mla.kv_lora_rank must be positive, got 0"),
+    ({"attention_type": "mla", "mla_q_lora_rank": -1}, r"model.mla.q_lora_rank \(-1\) must be >= 0: use 0 to project"),
+    ({"attention_type": "kernel", "kernel_chunk_size": 0}, r"model.kernel.chunk_size must be positive, got 0"),
+    ({"attention_type": "kernel", "kernel_feature_map": "softmax"},
+     r"^model.kernel.feature_map is 'softmax' but must be one of: elu, relu"),
 ])
-def test_invalid_configuration_raises_a_helpful_error(args, kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        Block(*args, **kwargs)
+def test_invalid_configuration_raises_a_helpful_error(fields, match):
+    """Every model rule lives in ModelConfig.validate; a Block checks its config with it before building anything."""
+    config = model_config(**fields)
+    with pytest.raises(ConfigError, match=match):
+        config.validate()
+    with pytest.raises(ConfigError, match=match):
+        Block(config)
 
 
-def test_build_attention_validates_like_block():
-    common = dict(max_seq_len=64, rope_theta=1e4, dropout=0.0, mla_kv_lora_rank=16, mla_q_lora_rank=0,
-                  mla_rope_head_dim=4, kernel_feature_map="elu", kernel_chunk_size=8)
-    with pytest.raises(ValueError, match="^attention_type is 'linear' but must be one of: mha, gqa, mla, kernel$"):
-        build_attention("linear", D, H, None, "causal", **common)
+def test_build_attention_builds_the_module_of_each_type():
     expected = {"mha": MultiHeadAttention, "gqa": MultiHeadAttention, "mla": MultiHeadLatentAttention,
                 "kernel": KernelAttention}
+    assert set(expected) == set(ATTENTION_TYPES)
     for attention_type, cls in expected.items():
-        assert type(build_attention(attention_type, D, H, None, "causal", **common)) is cls
+        assert type(build_attention(model_config(attention_type, max_seq_len=64))) is cls
+    with pytest.raises(ConfigError, match="^model.attention_type is 'linear' but must be one of: mha, gqa, mla, kern"):
+        model_config("linear").validate()
 
 
 @pytest.mark.parametrize("attention_type", ATTENTION_TYPES)
@@ -393,7 +411,7 @@ class TinyLM(nn.Module):
         self.embedding = nn.Embedding(vocab, D)
         nn.init.normal_(self.embedding.weight, std=0.02)
         self.blocks = nn.ModuleList(
-            Block(D, D_FF, H, 2, attention_type, max_seq_len=32, kernel_chunk_size=8, n_layers_total=n_blocks)
+            Block(model_config(attention_type, n_kv_heads=2, max_seq_len=32, kernel_chunk_size=8, n_blocks=n_blocks))
             for _ in range(n_blocks))
         self.norm = RMSNorm(D)
         self.head = nn.Linear(D, vocab, bias=False)

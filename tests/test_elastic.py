@@ -8,11 +8,10 @@ an 8-phase blockwise run checks that re-forming the pipeline leaks neither proce
 import pytest
 import torch
 
-from launch_utils import TINY, relative_close, results, run_training, scalars, state
+from launch_utils import TINY, rack_of, relative_close, results, run_training, scalars, state
 from stackwise_ds.checkpoint import consolidate
 from stackwise_ds.checkpoint.summary import describe
 from stackwise_ds.config import StackWiseConfig, apply_overrides
-from stackwise_ds.model import create_rack_from_config
 
 pytestmark = pytest.mark.multiprocess  # every test here launches training processes
 
@@ -76,7 +75,7 @@ def test_checkpoints_stay_canonical(elastic_run, fixed_run, tmp_path):
     """Every tag holds every layer: dormant ones at their initial weights; the end of the run
     consolidates to the same Rack as the fixed pipeline's."""
     tag0 = elastic_run / "checkpoints" / f"step{STEPS:08d}"  # end of phase 0: stacks 1-3 dormant
-    init = create_rack_from_config(StackWiseConfig.from_dict(apply_overrides({}, [*TINY, *STACKWISE_4])))
+    init = rack_of(StackWiseConfig.from_dict(apply_overrides({}, [*TINY, *STACKWISE_4])))
     for layer, (stack, block) in ((3, (1, 0)), (10 - 2, (3, 1))):
         saved = torch.load(tag0 / f"layer_{layer:02d}-model_states.pt", weights_only=True)
         expected = init.stacks[stack].blocks[block].state_dict()

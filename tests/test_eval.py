@@ -19,13 +19,12 @@ import pytest
 import torch
 import yaml
 
-from launch_utils import REPO, free_port, results
+from launch_utils import REPO, free_port, rack_of, results
 from stackwise_ds.checkpoint import consolidate, evaluate
 from stackwise_ds.checkpoint.consolidation import save_consolidated
 from stackwise_ds.config import StackWiseConfig
 from stackwise_ds.data import ByteTokenizer, build_datasets, val_batches
 from stackwise_ds.data.tokenizer import train_bpe
-from stackwise_ds.model import create_rack_from_config
 from stackwise_ds.parallel.pipe import lm_loss
 from stackwise_ds.tools_cli import eval_main
 
@@ -60,7 +59,7 @@ def text_rack(tmp_path_factory):
     work = tmp_path_factory.mktemp("eval_rack")
     text_dir = write_text(work / "text" / "a.txt", seed=0).parent
     config = tiny_config(text_dir)
-    rack = create_rack_from_config(config)
+    rack = rack_of(config)
     path = save_consolidated(dict(rack.state_dict()), config, work / "rack.safetensors", ByteTokenizer())
     train_bpe(lambda: [" ".join(WORDS)] * 20, vocab_size=280).save(work / "bpe.json")  # another tokenizer
     return {"path": path, "rack": rack.eval(), "config": config, "work": work}
@@ -135,7 +134,7 @@ def test_bad_inputs_are_one_clear_line_and_status_2(text_rack, capsys, args, mes
 
 def test_a_model_without_tokenizer_needs_data_tokenizer(text_rack, capsys):
     config = tiny_config(Path(text_rack["config"].data.paths[0]), vocab_size=300)
-    source = save_consolidated(dict(create_rack_from_config(config).state_dict()), config,
+    source = save_consolidated(dict(rack_of(config).state_dict()), config,
                                text_rack["work"] / "no_tokenizer.safetensors")  # as if imported without one
     code, _, err = run_eval(capsys, source)
     assert code == 2 and "carries no tokenizer" in err and "--set data.tokenizer=PATH" in err, err

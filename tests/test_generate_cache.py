@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from launch_utils import rack_of
 from stackwise_ds.checkpoint.generate import CachedLogits, UncachedLogits, sample
-from stackwise_ds.model import create_rack_from_config
+from stackwise_ds.config import StackWiseConfig
 from stackwise_ds.model.rack import DecodeCache
 
 VOCAB, MAX_SEQ_LEN, CHUNK = 64, 32, 8
@@ -31,7 +32,7 @@ def tiny_rack(attention_type: str = "mha", feature_map: str = "elu", q_lora_rank
         "data": {"seq_len": MAX_SEQ_LEN},
         "training": {"objective": "causal_lm" if attention_mode == "causal" else "masked_lm"},
     }
-    return create_rack_from_config(config, seed=1).eval()
+    return rack_of(StackWiseConfig.from_dict(config), seed=1).eval()
 
 
 def random_ids(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:

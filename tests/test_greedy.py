@@ -10,12 +10,12 @@ on its files, its resumes and its consolidated model.
 import pytest
 import torch
 
-from launch_utils import TINY, layer_state, results, resumed_copy, run_training, scalars, state
+from launch_utils import TINY, layer_state, rack_of, results, resumed_copy, run_training, scalars, state
 from stackwise_ds.checkpoint.files import TrainingState
 from stackwise_ds.checkpoint.locate import config_of
 from stackwise_ds.config import StackWiseConfig, apply_overrides
 from stackwise_ds.layout import FROZEN, TRAIN, LayerUnit, UnitKind
-from stackwise_ds.model import create_rack_from_config, untie_lm_head
+from stackwise_ds.model import untie_lm_head
 from stackwise_ds.phases import plan_phases
 from stackwise_ds.training.layer_files import renamed_state
 
@@ -48,7 +48,7 @@ def test_an_untied_head_starts_as_the_embedding_matrix_under_its_own_name():
     assert renamed_state({"embedding.weight": weight}, embedding, head) == {"lm_head.weight": weight}
     block = LayerUnit(UnitKind.BLOCK, 0, 0)
     assert renamed_state({"attn.q_proj.weight": weight}, block, block) == {"attn.q_proj.weight": weight}
-    rack = create_rack_from_config(config())
+    rack = rack_of(config())
     untie_lm_head(rack)
     assert rack.lm_head.weight is not rack.embedding.weight and torch.equal(rack.lm_head.weight, rack.embedding.weight)
     assert not rack.tie_embeddings and rack.lm_head.weight.requires_grad
@@ -80,7 +80,7 @@ def test_the_embedding_freezes_with_the_prefix_and_the_head_trains_as_its_copy(g
     assert not (tag / f"layer_{HEAD:02d}-model_states.pt").exists(), "phase 0 is tied: the head has no file"
     head = layer_state(greedy_run, 2 * STEPS, HEAD)["lm_head.weight"]
     assert head.shape == embedding.shape and not torch.equal(head, embedding), "the head trains in phase 1"
-    assert not torch.equal(embedding, create_rack_from_config(config()).embedding.weight), "phase 0 trains it"
+    assert not torch.equal(embedding, rack_of(config()).embedding.weight), "phase 0 trains it"
     assert [state(greedy_run, f"step{s:08d}")["untied_head"] for s in (STEPS, STEPS + 1, 2 * STEPS)] == \
         [False, True, True]
     assert all(p["val_loss_after"] < p["val_loss_before"] for p in results(greedy_run)["phases"])

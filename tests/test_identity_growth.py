@@ -13,12 +13,11 @@ import math
 import pytest
 import torch
 
-from launch_utils import layer_state, results, run_training, scrambled_rack
+from launch_utils import layer_state, rack_of, results, run_training, scrambled_rack
 from stackwise_ds.checkpoint.consolidation import save_consolidated
 from stackwise_ds.checkpoint.layers import file_layers, rack_name, units_of
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.layout import UnitKind, layer_units
-from stackwise_ds.model import create_rack_from_config
 from stackwise_ds.model.block import RESIDUAL_WRITERS
 from stackwise_ds.phases import plan_phases
 from stackwise_ds.training.growth import (
@@ -147,7 +146,7 @@ def rack_from_layer_files(folder, cfg: StackWiseConfig):
     for layer in file_layers(cfg.model):
         for key, value in torch.load(folder / f"layer_{layer:02d}-model_states.pt", weights_only=True).items():
             state[rack_name(units[layer], key)] = value
-    rack = create_rack_from_config(cfg)
+    rack = rack_of(cfg)
     rack.load_state_dict(state)
     return rack.eval()
 
@@ -164,7 +163,7 @@ def test_identity_growth_from_init_from_keeps_the_sources_logits(tmp_path, init_
     assert "o_proj and down_proj zeroed" in initial_weights(target, tmp_path / "init")
     grown = rack_from_layer_files(tmp_path / "init", target)
     torch.testing.assert_close(logits(grown, 8), logits(source, 4), rtol=1e-6, atol=1e-6)
-    seeded = create_rack_from_config(target)
+    seeded = rack_of(target)
     for stack in (2, 3):
         for block, grown_block in enumerate(grown.stacks[stack].blocks):
             start = (source.stacks[stack % 2] if init_growth == "stack" else seeded.stacks[stack]).blocks[block]
@@ -189,7 +188,7 @@ def test_carried_moments_of_the_zeroed_matrices_start_at_zero(tmp_path):
     sources = phase_layer_sources(units, phase, "copy_last")
     zeroed = phase_zeroed_layers(units, phase, "copy_last", "identity")
     assert sources == {3: 1, 4: 2} and zeroed == {3, 4}
-    block = create_rack_from_config(cfg).stacks[0].blocks[0]
+    block = rack_of(cfg).stacks[0].blocks[0]
     generator = torch.Generator().manual_seed(0)
     for layer in (1, 2):
         moments = {name: {m: torch.rand(p.shape, generator=generator) + 0.1 for m in ("exp_avg", "exp_avg_sq")}

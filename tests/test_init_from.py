@@ -16,7 +16,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from launch_utils import REPO, results, run_training, scrambled_rack
+from launch_utils import REPO, rack_of, results, run_training, scrambled_rack
 from stackwise_ds.checkpoint import load_rack
 from stackwise_ds.checkpoint.consolidation import read_consolidated, save_consolidated
 from stackwise_ds.checkpoint.files import CheckpointError
@@ -25,7 +25,6 @@ from stackwise_ds.checkpoint.locate import list_tags
 from stackwise_ds.checkpoint.restack import restack
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.data.tokenizer import train_bpe
-from stackwise_ds.model import create_rack_from_config
 from stackwise_ds.training.init_weights import check_run_tokenizer, initial_weights
 
 SMALL = ["model.d_model=64", "model.n_heads=4", "model.n_kv_heads=2", "model.max_seq_len=64", "data.seq_len=32"]
@@ -68,7 +67,7 @@ def test_growth_fills_each_target_stack_as_the_rule_says(growth, tmp_path):
                     f"training.init_growth={growth}")
     summary = initial_weights(target, tmp_path / "init")
     assert "2 -> 4 stacks" in summary
-    seeded = create_rack_from_config(target)
+    seeded = rack_of(target)
     for stack in range(4):
         for block in range(2):
             got = layer_file(tmp_path / "init", 1 + 2 * stack + block)
@@ -277,7 +276,7 @@ def stackwise_run(tmp_path_factory):
 def test_a_stackwise_run_keeps_the_sources_dormant_stacks(stackwise_run):
     assert yaml.safe_load((stackwise_run["dir"] / "config.yaml").read_text())["parallel"]["pipeline_stages"] == 2
     first = stackwise_run["dir"] / "checkpoints" / "step00000001"  # end of phase 0: stacks 1..3 not placed yet
-    seeded = create_rack_from_config(config("model.architecture.n_stacks=4", "model.architecture.blocks_per_stack=1"))
+    seeded = rack_of(config("model.architecture.n_stacks=4", "model.architecture.blocks_per_stack=1"))
     for stack in (1, 2, 3):
         got = layer_file(first, 1 + stack)
         assert same(got, block_of(stackwise_run["state"], stack % 2, 0)), f"stack {stack} != source stack {stack % 2}"

@@ -1,11 +1,14 @@
 """Rack and Stack: shapes, stable names, tying, seeded layout-independent init, freezing, overfitting."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
-from stackwise_ds.config import StackWiseConfig
+from launch_utils import rack_of
+from stackwise_ds.config import ArchitectureConfig, ModelConfig, StackWiseConfig
 from stackwise_ds.layout import TRAIN, layer_units
-from stackwise_ds.model import Block, Rack, Stack, build_block, create_rack_from_config
+from stackwise_ds.model import Block, Rack, Stack, build_block, build_rack, create_rack_from_config
 from stackwise_ds.placement import layout_for
 
 TINY = {"model": {"d_model": 32, "n_heads": 4, "n_kv_heads": 2, "max_seq_len": 64,
@@ -18,7 +21,7 @@ def tiny(**model_overrides):
 
 
 def test_rack_forward_shape_and_structure():
-    rack = create_rack_from_config(tiny().to_dict())
+    rack = rack_of(tiny())
     logits = rack(torch.randint(0, 258, (3, 10)))
     assert logits.shape == (3, 10, 258)
     assert len(rack.stacks) == 2 and all(len(s.blocks) == 2 for s in rack.stacks)
@@ -26,17 +29,17 @@ def test_rack_forward_shape_and_structure():
 
 
 def test_parameter_names_are_stable():
-    names = {n for n, _ in create_rack_from_config(tiny().to_dict()).named_parameters()}
+    names = {n for n, _ in rack_of(tiny()).named_parameters()}
     assert "stacks.1.blocks.0.attn.q_proj.weight" in names
     assert "stacks.0.blocks.1.ffn.down_proj.weight" in names
     assert "embedding.weight" in names and "norm.weight" in names
 
 
 def test_tied_embeddings_share_storage_and_untied_do_not():
-    tied = create_rack_from_config(tiny().to_dict())
+    tied = rack_of(tiny())
     assert tied.lm_head.weight is tied.embedding.weight
     assert tied.lm_head.weight.data_ptr() == tied.embedding.weight.data_ptr()
-    untied = create_rack_from_config(tiny(tie_embeddings=False).to_dict())
+    untied = rack_of(tiny(tie_embeddings=False))
     assert untied.lm_head.weight.data_ptr() != untied.embedding.weight.data_ptr()
     # a tied rack counts the shared matrix once
     assert untied.get_parameter_count() - tied.get_parameter_count() == 258 * 32
@@ -44,11 +47,11 @@ def test_tied_embeddings_share_storage_and_untied_do_not():
 
 def test_init_is_seeded_per_module_not_by_construction_order():
     config = tiny()
-    rack = create_rack_from_config(config.to_dict())
+    rack = rack_of(config)
     alone = build_block(config.model, stack_id=1, block_id=1, seed=config.training.seed)
     for a, b in zip(alone.state_dict().values(), rack.stacks[1].blocks[1].state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    other_seed = create_rack_from_config(config.to_dict(), seed=config.training.seed + 1)
+    other_seed = rack_of(config, seed=config.training.seed + 1)
     assert not torch.equal(other_seed.stacks[0].blocks[0].attn.q_proj.weight,
                            rack.stacks[0].blocks[0].attn.q_proj.weight)
     # blocks differ from one another
@@ -63,8 +66,8 @@ def test_a_stage_materializes_only_its_own_modules_bit_identical_to_the_full_rac
     units = layer_units(arch.n_stacks, arch.blocks_per_stack)
     layout = layout_for([TRAIN] * len(units), config, 2, False, elastic=False)
     local = layout.rack_modules(stage, units, tie)
-    full = create_rack_from_config(config)
-    part = create_rack_from_config(config, materialize=local.__contains__)
+    full = rack_of(config)
+    part = rack_of(config, materialize=local.__contains__)
     stage_blocks = {f"stacks.{stage}.blocks.{b}" for b in range(arch.blocks_per_stack)}
     edge = {0: {"embedding"}, 1: {"norm", "lm_head"} | ({"embedding"} if tie else set())}[stage]
     assert local == stage_blocks | edge
@@ -79,7 +82,7 @@ def test_a_stage_materializes_only_its_own_modules_bit_identical_to_the_full_rac
 
 
 def test_stack_freeze_unfreeze_keeps_fixed_up_projection_frozen():
-    rack = create_rack_from_config(tiny(freeze_up_proj=True).to_dict())
+    rack = rack_of(tiny(freeze_up_proj=True))
     stack = rack.stacks[0].freeze()
     assert not any(p.requires_grad for p in stack.parameters())
     stack.unfreeze()
@@ -89,13 +92,13 @@ def test_stack_freeze_unfreeze_keeps_fixed_up_projection_frozen():
 
 
 def test_rack_casts_to_bf16():
-    rack = create_rack_from_config(tiny().to_dict()).to(torch.bfloat16)
+    rack = rack_of(tiny()).to(torch.bfloat16)
     logits = rack(torch.randint(0, 258, (2, 8)))
     assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
 
 
 def test_sequence_longer_than_max_seq_len_is_refused():
-    rack = create_rack_from_config(tiny().to_dict())
+    rack = rack_of(tiny())
     with pytest.raises(ValueError, match="max_seq_len"):
         rack(torch.randint(0, 258, (1, 65)))
 
@@ -103,6 +106,10 @@ def test_sequence_longer_than_max_seq_len_is_refused():
 def test_rack_rejects_bad_sizes():
     with pytest.raises(ValueError, match="must be positive"):
         Rack([], vocab_size=0, d_model=8)
+    with pytest.raises(ValueError, match="model.vocab_size must be positive, got 0"):
+        build_rack(ModelConfig(vocab_size=0, d_model=8, n_heads=2))
+    with pytest.raises(ValueError, match="model.architecture.n_stacks must be positive, got 0"):
+        build_rack(ModelConfig(d_model=8, n_heads=2, architecture=ArchitectureConfig(n_stacks=0)))
     with pytest.raises(ValueError, match="has no blocks"):
         Stack([], stack_id=0)
 
@@ -110,7 +117,7 @@ def test_rack_rejects_bad_sizes():
 @pytest.mark.parametrize("attention_type", ["gqa", "kernel"])
 def test_tiny_rack_overfits_one_batch(attention_type):
     torch.manual_seed(0)
-    rack = create_rack_from_config(tiny(attention_type=attention_type, d_model=64).to_dict())
+    rack = rack_of(tiny(attention_type=attention_type, d_model=64))
     batch = torch.randint(0, 258, (4, 33))
     inputs, labels = batch[:, :-1], batch[:, 1:]
     optimizer = torch.optim.AdamW(rack.parameters(), lr=3e-3)
@@ -127,7 +134,7 @@ def test_tiny_rack_overfits_one_batch(attention_type):
 
 
 def _losses_of_three_adamw_steps(config: StackWiseConfig) -> tuple[list[float], Rack]:
-    rack = create_rack_from_config(config)
+    rack = rack_of(config)
     optimizer = torch.optim.AdamW(rack.parameters(), lr=1e-2)
     tokens = torch.randint(0, config.model.vocab_size, (2, config.data.seq_len + 1),
                            generator=torch.Generator().manual_seed(0))
@@ -165,3 +172,26 @@ def test_a_run_may_resume_with_compile_switched():
     check_same_architecture({k: v for k, v in saved.items() if k != "compile"}, saved, where="run")  # older run
     with pytest.raises(CheckpointError, match="model.d_model"):
         check_same_architecture(saved, {**saved, "d_model": 512}, where="run")
+
+
+def test_a_plain_dict_config_builds_the_same_rack_as_its_model_section():
+    config = tiny()
+    from_dict = create_rack_from_config(config.to_dict())
+    assert all(torch.equal(a, b) for a, b in zip(from_dict.state_dict().values(),
+                                                  build_rack(config.model, config.training.seed).state_dict().values(),
+                                                  strict=True))
+    assert not torch.equal(from_dict.embedding.weight, build_rack(config.model, seed=0).embedding.weight)
+
+
+def test_the_model_modules_take_the_model_section_alone():
+    """Block, Stack, Rack and attention see ModelConfig only, never the whole run config (no god object)."""
+    import ast
+
+    import stackwise_ds.model as model_package
+
+    folder = Path(model_package.__file__).parent
+    for module in ("attention.py", "block.py", "stack.py", "rack.py"):
+        tree = ast.parse((folder / module).read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                    and node.module == "config" for alias in node.names}
+        assert imported <= {"ModelConfig"}, (module, imported)

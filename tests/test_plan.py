@@ -138,3 +138,22 @@ def test_the_installed_command_imports_no_deepspeed_and_answers_in_seconds(tmp_p
     quiet = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                            cwd=Path(__file__).resolve().parents[1])
     assert quiet.returncode == 0, quiet.stderr
+
+
+def test_freeze_source_plans_the_stacks_the_source_will_fill_as_frozen(tmp_path):
+    """A LLaMA Pro expansion (2 source stacks interleaved with 2 copies; the originals, embedding and head frozen) is
+    planned before its initial weights exist: the source's config alone says which stacks come from it."""
+    from stackwise_ds.checkpoint import save_consolidated
+    from stackwise_ds.model import build_rack
+
+    source = config_of(tmp_path, "model.architecture.n_stacks=2")
+    weights = save_consolidated(dict(build_rack(source.model).state_dict()), source, tmp_path / "source.safetensors")
+    config = config_of(tmp_path, "model.architecture.n_stacks=4", f"training.init_from={weights}",
+                       "training.init_growth=interleave", "training.growth_init=identity",
+                       "training.freeze_source=true", "training.blocks_only=true")
+    layers = build_plan(config, world_size=2, bf16=False)["phases"][0]["layers"]
+    roles = {layer["unit"]: layer["role"] for layer in layers}
+    assert {unit: role for unit, role in roles.items() if unit.startswith("stack")} == {
+        "stack 1 block 1": "frozen", "stack 1 block 2": "frozen", "stack 2 block 1": "train",
+        "stack 2 block 2": "train", "stack 3 block 1": "frozen_backprop", "stack 3 block 2": "frozen_backprop",
+        "stack 4 block 1": "train", "stack 4 block 2": "train"}

@@ -10,10 +10,9 @@ import shutil
 import pytest
 import torch
 
-from launch_utils import TINY, layer_state, results, run_training, state
+from launch_utils import TINY, layer_state, rack_of, results, run_training, state
 from stackwise_ds.config import ConfigError, StackWiseConfig, apply_overrides
 from stackwise_ds.layout import DORMANT, FROZEN, TRAIN, layer_units
-from stackwise_ds.model import create_rack_from_config
 from stackwise_ds.phases import plan_phases
 from stackwise_ds.placement import layout_for
 
@@ -73,7 +72,7 @@ def same(a, b):
 
 @pytest.mark.multiprocess
 def test_prefix_train_keeps_training_earlier_stacks(prefix_run):
-    init = create_rack_from_config(config(*RUN))
+    init = rack_of(config(*RUN))
     end0, end1 = STEPS, 2 * STEPS
     for layer in (1, 2):  # stack 0's blocks
         assert not same(layer_state(prefix_run, end1, layer), layer_state(prefix_run, end0, layer)), \

@@ -103,11 +103,11 @@ def test_rerun_resumes_from_latest_complete_checkpoint(two_stage_run, tmp_path):
 
 
 def test_a_stage_built_only_as_shapes_is_refused_with_the_fix():
-    from stackwise_ds.model import create_rack_from_config
+    from stackwise_ds.config import ModelConfig
+    from stackwise_ds.model import build_rack
     from stackwise_ds.parallel.pipe import check_materialized
 
-    rack = create_rack_from_config({"model": {"d_model": 32, "n_heads": 4}},
-                                   materialize=lambda name: name != "stacks.1.blocks.0")
+    rack = build_rack(ModelConfig(d_model=32, n_heads=4), materialize=lambda name: name != "stacks.1.blocks.0")
     check_materialized(rack, {"embedding", "stacks.0.blocks.0", "stacks.0.blocks.1"}, stage=0)  # all real
     with pytest.raises(ValueError, match=r"'stacks.1.blocks.0' was built on the meta device .* stage 1 .*materialized"):
         check_materialized(rack, {"stacks.1.blocks.0", "stacks.1.blocks.1", "norm"}, stage=1)

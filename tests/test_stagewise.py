@@ -12,9 +12,8 @@ import shutil
 import pytest
 import torch
 
-from launch_utils import TINY, layer_state, relative_close, results, run_training, scalars, state
+from launch_utils import TINY, layer_state, rack_of, relative_close, results, run_training, scalars, state
 from stackwise_ds.config import StackWiseConfig, apply_overrides
-from stackwise_ds.model import create_rack_from_config
 
 pytestmark = pytest.mark.multiprocess  # every test here launches training processes
 
@@ -23,7 +22,7 @@ STEPS = 4
 
 def initial_rack(*overrides):
     raw = apply_overrides({}, [*TINY, *overrides])
-    return create_rack_from_config(StackWiseConfig.from_dict(raw))
+    return rack_of(StackWiseConfig.from_dict(raw))
 
 
 def block_layer(stack_id, block_id, blocks_per_stack=2):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch_utils import REPO, results, run_training
+from launch_utils import REPO, rack_of, results, run_training
 from stackwise_ds.checkpoint.consolidation import TOKENIZER_KEY, consolidate, save_consolidated
 from stackwise_ds.checkpoint.files import CheckpointError
 from stackwise_ds.checkpoint.generate import generate_text
@@ -26,7 +26,6 @@ from stackwise_ds.data import (
     make_tokenizer,
 )
 from stackwise_ds.data.build import describe_bundle
-from stackwise_ds.model import create_rack_from_config
 from stackwise_ds.training.data_setup import print_data_summary
 
 # Emoji (incl. a ZWJ sequence), CJK, combining marks, RTL, control characters, a BOM, odd spaces.
@@ -163,7 +162,7 @@ def test_generate_refuses_a_model_without_tokenizer_unless_given_one(tmp_path, c
     folder = hf_tokenizer_folder(tmp_path / "hf_tok")
     config = StackWiseConfig.from_dict({"model": {"vocab_size": 300, "d_model": 32, "n_heads": 4, "max_seq_len": 32},
                                        "data": {"seq_len": 16}})
-    rack = create_rack_from_config(config)
+    rack = rack_of(config)
     source = save_consolidated(dict(rack.state_dict()), config, tmp_path / "imported.safetensors")  # no tokenizer
     with pytest.raises(CheckpointError, match=r"carries no tokenizer .*300 ids.*--tokenizer PATH"):
         generate_text(source, "the fox", max_new_tokens=4, temperature=0)

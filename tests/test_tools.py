@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from launch_utils import REPO, free_port, relative_close
+from launch_utils import REPO, free_port, rack_of, relative_close
 from stackwise_ds import tools_cli
 from stackwise_ds.checkpoint import consolidate, load_rack, read_consolidated
 from stackwise_ds.checkpoint.consolidation import save_consolidated
@@ -30,7 +30,6 @@ from stackwise_ds.checkpoint.generate import GenerationError, generate_text
 from stackwise_ds.checkpoint.hf import ExportError, export_hf, import_hf
 from stackwise_ds.checkpoint.resharding import reshard
 from stackwise_ds.config import ConfigError, StackWiseConfig
-from stackwise_ds.model import create_rack_from_config
 
 WORKER = REPO / "tests" / "_tools_worker.py"
 TAG = "step00000003"
@@ -98,7 +97,7 @@ def logits_of(rack, input_ids: torch.Tensor) -> torch.Tensor:
 
 def scrambled_rack(config: StackWiseConfig, seed: int = 0):
     """A rack with large random weights (norms included), so that any mapping error shows in the logits."""
-    rack = create_rack_from_config(config)
+    rack = rack_of(config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in rack.parameters():
@@ -311,7 +310,7 @@ def test_import_hf_gives_the_same_logits(tmp_path):
 ])
 def test_export_hf_refuses_what_llama_cannot_compute(overrides, feature, tmp_path):
     config = config_for(**overrides)
-    source = save_consolidated(dict(create_rack_from_config(config).state_dict()), config, tmp_path / "r.safetensors")
+    source = save_consolidated(dict(rack_of(config).state_dict()), config, tmp_path / "r.safetensors")
     with pytest.raises(ExportError, match=feature):
         export_hf(source, tmp_path / "hf")
     assert not (tmp_path / "hf" / "model.safetensors").exists()
@@ -376,7 +375,7 @@ def test_checkpoint_of_another_architecture_is_refused(pp2_run, tmp_path):
 
 def test_generate_refuses_a_bidirectional_rack(tmp_path):
     config = config_for(attention_mode="bidirectional")
-    source = save_consolidated(dict(create_rack_from_config(config).state_dict()), config, tmp_path / "r.safetensors")
+    source = save_consolidated(dict(rack_of(config).state_dict()), config, tmp_path / "r.safetensors")
     with pytest.raises(GenerationError, match="bidirectional"):
         generate_text(source, "hello")
 

@@ -18,7 +18,7 @@ import torch
 from ..config import DataConfig, ModelConfig, StackWiseConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, load_tokenizer_json
 from ..enums import TokenizerKind
-from ..model import Rack, create_rack_from_config
+from ..model import Rack, build_rack
 from .files import CheckpointError
 from .layers import check_architecture, check_shapes, read_rack_state
 from .locate import resolve_checkpoint
@@ -170,7 +170,7 @@ def load_rack_with_config(source: str | Path, tag: str | None = None, model: Mod
     state, saved = load_rack_state(source, tag, model)
     dtype = dtype or next(iter(state.values())).dtype
     with torch.device("meta"):  # skip the random init; every weight comes from the file
-        rack = create_rack_from_config(saved)
+        rack = build_rack(saved.model)
     rack = rack.to_empty(device="cpu").to(dtype)  # RotaryEmbedding rebuilds its fp32 tables on _apply
     if saved.model.tie_embeddings:
         state = OrderedDict(state, **{"lm_head.weight": state["embedding.weight"]})

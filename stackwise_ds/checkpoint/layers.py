@@ -79,12 +79,12 @@ def rack_shapes(model: ModelConfig) -> "OrderedDict[str, torch.Size]":
 
     Built on the meta device: no memory, no init cost; cached per model config.
     """
-    from ..model import create_rack_from_config
+    from ..model import build_rack
 
     key = json.dumps(section_dict(model), sort_keys=True)
     if key not in _SHAPES_CACHE:
         with torch.device("meta"):
-            rack = create_rack_from_config(model)
+            rack = build_rack(model)
         _SHAPES_CACHE[key] = OrderedDict((n, p.shape) for n, p in rack.named_parameters())
     return _SHAPES_CACHE[key]
 

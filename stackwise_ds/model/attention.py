@@ -7,6 +7,10 @@ positions are always 0..T-1 and there is no padding mask; ``attention_mode`` is 
 RoPE follows the Hugging Face Llama "rotate_half" convention (head_dim split into two
 halves) so that q_proj/k_proj weights export to a LlamaAttention 1:1.
 
+Every module is built from the model's config section (``Attention(config)``, as nanoGPT's
+``Block(config)``), which ``ModelConfig.validate`` has checked: head counts, widths and ranks
+are not re-checked here.
+
 Pure PyTorch: never imports deepspeed or torch.distributed.
 """
 
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ModelConfig
 from ..enums import AttentionMode, AttentionType, KernelFeatureMap
 
 ATTENTION_TYPES = AttentionType.values()
@@ -27,38 +32,11 @@ ATTENTION_MODES = AttentionMode.values()
 # ---------------------------------------------------------------------------- validation
 
 
-def check_positive(name: str, value: int | float) -> None:
-    if value <= 0:
-        raise ValueError(f"{name} ({value}) must be positive: set it to a value > 0")
-
-
 def check_seq_len(seq_len: int, max_seq_len: int) -> None:
     if seq_len > max_seq_len:
         raise ValueError(f"sequence length ({seq_len}) is longer than max_seq_len ({max_seq_len}): "
                          "raise model.max_seq_len or shorten data.seq_len")
 
-
-def check_rope_dim(name: str, dim: int, fix: str) -> None:
-    if dim % 2:
-        raise ValueError(f"{name} ({dim}) must be even for RoPE, which rotates pairs of dimensions: {fix}")
-
-
-def resolve_heads(d_model: int, n_heads: int, n_kv_heads: int | None) -> tuple[int, int]:
-    """Validate the head layout; returns (n_kv_heads, head_dim)."""
-    check_positive("d_model", d_model)
-    check_positive("n_heads", n_heads)
-    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-    check_positive("n_kv_heads", n_kv_heads)
-    if d_model % n_heads:
-        raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads}): "
-                         "choose n_heads among the divisors of d_model")
-    if n_kv_heads > n_heads:
-        raise ValueError(f"n_kv_heads ({n_kv_heads}) cannot exceed n_heads ({n_heads}): "
-                         "set n_kv_heads <= n_heads (or leave it unset for n_heads)")
-    if n_heads % n_kv_heads:
-        raise ValueError(f"n_heads ({n_heads}) must be divisible by n_kv_heads ({n_kv_heads}): "
-                         "choose n_kv_heads among the divisors of n_heads")
-    return n_kv_heads, d_model // n_heads
 
 
 # ---------------------------------------------------------------------------- shared layers
@@ -72,8 +50,6 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
-        check_positive("RMSNorm dim", dim)
-        check_positive("norm_eps", eps)
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
@@ -96,11 +72,6 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, dim: int, max_seq_len: int, theta: float = 10000.0):
         super().__init__()
-        check_positive("max_seq_len", max_seq_len)
-        check_positive("rope_theta", theta)
-        if dim <= 0 or dim % 2:
-            raise ValueError(f"RoPE needs a positive, even rotary dimension, got {dim}: choose d_model / n_heads "
-                             "(or mla_rope_head_dim) even")
         self.dim, self.max_seq_len, self.theta = dim, max_seq_len, theta
         self.register_buffer("cos_cached", torch.empty(0), persistent=False)
         self.register_buffer("sin_cached", torch.empty(0), persistent=False)
@@ -221,12 +192,20 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- MHA / GQA
 
 
-def add_qkvo_projections(module: nn.Module, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int) -> None:
+def add_qkvo_projections(module: nn.Module, config: ModelConfig) -> None:
     """q/k/v/o projections with HF Llama's names and shapes (so a Llama export maps 1:1)."""
-    module.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=False)
-    module.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-    module.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=False)
-    module.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
+    d_model, q_width = config.d_model, config.n_heads * config.head_dim
+    kv_width = config.resolved_n_kv_heads * config.head_dim  # GQA: fewer key/value heads than query heads
+    module.q_proj = nn.Linear(d_model, q_width, bias=False)
+    module.k_proj = nn.Linear(d_model, kv_width, bias=False)
+    module.v_proj = nn.Linear(d_model, kv_width, bias=False)
+    module.o_proj = nn.Linear(q_width, d_model, bias=False)
+
+
+def head_layout(module: nn.Module, config: ModelConfig) -> None:
+    """The head counts, widths and mask a softmax or kernel attention module reads at every call."""
+    module.n_heads, module.n_kv_heads, module.head_dim = config.n_heads, config.resolved_n_kv_heads, config.head_dim
+    module.causal = config.attention_mode == AttentionMode.CAUSAL
 
 
 class MultiHeadAttention(nn.Module):
@@ -235,17 +214,12 @@ class MultiHeadAttention(nn.Module):
     With n_kv_heads == n_heads no kv head is repeated, so 'gqa' runs exactly the 'mha' computation.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
-                 attention_mode: str = AttentionMode.CAUSAL, *, max_seq_len: int = 2048, rope_theta: float = 10000.0,
-                 dropout: float = 0.0):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        AttentionMode.parse(attention_mode, "attention_mode")
-        self.n_kv_heads, self.head_dim = resolve_heads(d_model, n_heads, n_kv_heads)
-        check_rope_dim("head_dim = d_model / n_heads", self.head_dim,
-                       "choose d_model and n_heads so that d_model / n_heads is even")
-        self.n_heads, self.causal, self.dropout = n_heads, attention_mode == AttentionMode.CAUSAL, dropout
-        add_qkvo_projections(self, d_model, n_heads, self.n_kv_heads, self.head_dim)
-        self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
+        head_layout(self, config)
+        self.dropout = config.dropout
+        add_qkvo_projections(self, config)
+        self.rotary = RotaryEmbedding(self.head_dim, config.max_seq_len, config.rope_theta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, T, D]
         cos, sin = self.rotary(x.shape[1], x.dtype)
@@ -281,18 +255,13 @@ class MultiHeadLatentAttention(nn.Module):
     with hd = d_model // n_heads and r = rope_head_dim.
     """
 
-    def __init__(self, d_model: int, n_heads: int, attention_mode: str = AttentionMode.CAUSAL, *,
-                 kv_lora_rank: int = 64, q_lora_rank: int = 0, rope_head_dim: int = 16, max_seq_len: int = 2048,
-                 rope_theta: float = 10000.0, dropout: float = 0.0, norm_eps: float = 1e-5):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        AttentionMode.parse(attention_mode, "attention_mode")
-        _, self.head_dim = resolve_heads(d_model, n_heads, None)
-        check_positive("mla_kv_lora_rank", kv_lora_rank)
-        check_positive("mla_rope_head_dim", rope_head_dim)
-        check_rope_dim("mla_rope_head_dim", rope_head_dim, "choose an even mla_rope_head_dim")
-        if q_lora_rank < 0:
-            raise ValueError(f"mla_q_lora_rank ({q_lora_rank}) must be >= 0: use 0 to project queries directly")
-        self.n_heads, self.causal, self.dropout = n_heads, attention_mode == AttentionMode.CAUSAL, dropout
+        d_model, n_heads, norm_eps = config.d_model, config.n_heads, config.norm_eps
+        mla = config.mla
+        kv_lora_rank, q_lora_rank, rope_head_dim = mla.kv_lora_rank, mla.q_lora_rank, mla.rope_head_dim
+        self.n_heads, self.head_dim, self.dropout = n_heads, config.head_dim, config.dropout
+        self.causal = config.attention_mode == AttentionMode.CAUSAL
         self.kv_lora_rank, self.q_lora_rank, self.rope_head_dim = kv_lora_rank, q_lora_rank, rope_head_dim
         q_head_dim = self.head_dim + rope_head_dim
         self.softmax_scale = 1.0 / math.sqrt(q_head_dim)
@@ -307,7 +276,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_a_norm = RMSNorm(kv_lora_rank, norm_eps)
         self.kv_b_proj = nn.Linear(kv_lora_rank, n_heads * 2 * self.head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * self.head_dim, d_model, bias=False)
-        self.rotary = RotaryEmbedding(rope_head_dim, max_seq_len, rope_theta)
+        self.rotary = RotaryEmbedding(rope_head_dim, config.max_seq_len, config.rope_theta)
 
     def queries(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, D] -> [B, H, T, hd + r]
         q = self.q_b_proj(self.q_a_norm(self.q_a_proj(x))) if self.q_lora_rank > 0 else self.q_proj(x)
@@ -383,21 +352,13 @@ class KernelAttention(nn.Module):
 
     eps = 1e-6  # keeps the denominator away from zero when the features are tiny (relu map)
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int | None = None,
-                 attention_mode: str = AttentionMode.CAUSAL, *, feature_map: str = "elu", chunk_size: int = 64,
-                 max_seq_len: int = 2048, rope_theta: float = 10000.0):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        AttentionMode.parse(attention_mode, "attention_mode")
-        self.n_kv_heads, self.head_dim = resolve_heads(d_model, n_heads, n_kv_heads)
-        check_rope_dim("head_dim = d_model / n_heads", self.head_dim,
-                       "choose d_model and n_heads so that d_model / n_heads is even")
-        check_positive("kernel_chunk_size", chunk_size)
-        KernelFeatureMap.parse(feature_map, "kernel_feature_map")
-        self.phi = FEATURE_MAPS[feature_map]
-        self.feature_map, self.chunk_size = feature_map, chunk_size
-        self.n_heads, self.causal = n_heads, attention_mode == AttentionMode.CAUSAL
-        add_qkvo_projections(self, d_model, n_heads, self.n_kv_heads, self.head_dim)
-        self.rotary = RotaryEmbedding(self.head_dim, max_seq_len, rope_theta)
+        head_layout(self, config)
+        self.feature_map, self.chunk_size = config.kernel.feature_map, config.kernel.chunk_size
+        self.phi = FEATURE_MAPS[self.feature_map]
+        add_qkvo_projections(self, config)
+        self.rotary = RotaryEmbedding(self.head_dim, config.max_seq_len, config.rope_theta)
 
     def features(self, x: torch.Tensor, cos: torch.Tensor,
                  sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -501,26 +462,10 @@ def exclusive_cumsum(x: torch.Tensor, dim: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------- factory
 
 
-def build_attention(attention_type: str, d_model: int, n_heads: int, n_kv_heads: int | None,
-                    attention_mode: str, *, max_seq_len: int, rope_theta: float, dropout: float,
-                    mla_kv_lora_rank: int, mla_q_lora_rank: int, mla_rope_head_dim: int,
-                    kernel_feature_map: str, kernel_chunk_size: int, norm_eps: float = 1e-5) -> nn.Module:
-    """The attention module for ``attention_type`` (one of ATTENTION_TYPES); x [B, T, D] -> [B, T, D]."""
-    AttentionType.parse(attention_type, "attention_type")
-    AttentionMode.parse(attention_mode, "attention_mode")
-    check_positive("max_seq_len", max_seq_len)
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout ({dropout}) must be in [0, 1): use 0.0 to disable it")
-    if attention_type in (AttentionType.MHA, AttentionType.MLA) and n_kv_heads not in (None, n_heads):
-        raise ValueError(f"attention_type {attention_type!r} uses n_kv_heads == n_heads ({n_heads}), got "
-                         f"n_kv_heads={n_kv_heads}: leave n_kv_heads unset, or use attention_type 'gqa' or 'kernel'")
-    if attention_type in (AttentionType.MHA, AttentionType.GQA):
-        return MultiHeadAttention(d_model, n_heads, n_kv_heads, attention_mode, max_seq_len=max_seq_len,
-                                  rope_theta=rope_theta, dropout=dropout)
-    if attention_type == AttentionType.MLA:
-        return MultiHeadLatentAttention(d_model, n_heads, attention_mode, kv_lora_rank=mla_kv_lora_rank,
-                                        q_lora_rank=mla_q_lora_rank, rope_head_dim=mla_rope_head_dim,
-                                        max_seq_len=max_seq_len, rope_theta=rope_theta, dropout=dropout,
-                                        norm_eps=norm_eps)
-    return KernelAttention(d_model, n_heads, n_kv_heads, attention_mode, feature_map=kernel_feature_map,
-                           chunk_size=kernel_chunk_size, max_seq_len=max_seq_len, rope_theta=rope_theta)
+ATTENTION_CLASSES = {AttentionType.MHA: MultiHeadAttention, AttentionType.GQA: MultiHeadAttention,
+                     AttentionType.MLA: MultiHeadLatentAttention, AttentionType.KERNEL: KernelAttention}
+
+
+def build_attention(config: ModelConfig) -> nn.Module:
+    """The attention module of ``config.attention_type`` for a validated config; x [B, T, D] -> [B, T, D]."""
+    return ATTENTION_CLASSES[config.attention_type](config)

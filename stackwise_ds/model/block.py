@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..enums import AttentionMode, AttentionType
-from .attention import RMSNorm, build_attention, check_positive
+from ..config import ModelConfig
+from .attention import RMSNorm, build_attention
 
 __all__ = ["RESIDUAL_WRITERS", "Block", "RMSNorm", "SwiGLU"]
 
@@ -28,10 +28,9 @@ RESIDUAL_WRITERS = ("attn.o_proj.weight", "ffn.down_proj.weight")
 class SwiGLU(nn.Module):
     """Gated feed-forward (Llama MLP): down(silu(gate(x)) * up(x)), [B, T, D] -> [B, T, D]."""
 
-    def __init__(self, d_model: int, d_ff: int, freeze_up_proj: bool = False):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        check_positive("d_model", d_model)
-        check_positive("d_ff", d_ff)
+        d_model, d_ff, freeze_up_proj = config.d_model, config.resolved_d_ff, config.freeze_up_proj
         self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
         self.up_proj = nn.Linear(d_model, d_ff, bias=False)
         self.down_proj = nn.Linear(d_ff, d_model, bias=False)
@@ -45,30 +44,19 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, d_ff: int, n_heads: int, n_kv_heads: int | None = None,
-                 attention_type: str = AttentionType.MHA, attention_mode: str = AttentionMode.CAUSAL, *,
-                 max_seq_len: int = 2048, rope_theta: float = 10000.0, norm_eps: float = 1e-5,
-                 dropout: float = 0.0, freeze_up_proj: bool = False,
-                 mla_kv_lora_rank: int = 64, mla_q_lora_rank: int = 0, mla_rope_head_dim: int = 16,
-                 kernel_feature_map: str = "elu", kernel_chunk_size: int = 64,
-                 init_std: float = 0.02, n_layers_total: int = 1):
+    """One transformer block of ``config`` (nanoGPT's ``Block(config)``). It validates the config first: every rule
+    of the model lives in ``ModelConfig.validate``, so a Block never exists with a layout the rules refuse."""
+
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        check_positive("d_model", d_model)
-        check_positive("d_ff", d_ff)
-        check_positive("init_std", init_std)
-        check_positive("n_layers_total", n_layers_total)
-        self.init_std, self.n_layers_total = init_std, n_layers_total
-        self.attn_norm = RMSNorm(d_model, norm_eps)
-        self.attn = build_attention(
-            attention_type, d_model, n_heads, n_kv_heads, attention_mode,
-            max_seq_len=max_seq_len, rope_theta=rope_theta, dropout=dropout,
-            mla_kv_lora_rank=mla_kv_lora_rank, mla_q_lora_rank=mla_q_lora_rank,
-            mla_rope_head_dim=mla_rope_head_dim, kernel_feature_map=kernel_feature_map,
-            kernel_chunk_size=kernel_chunk_size, norm_eps=norm_eps,
-        )
-        self.ffn_norm = RMSNorm(d_model, norm_eps)
-        self.ffn = SwiGLU(d_model, d_ff, freeze_up_proj)
-        self.drop = nn.Dropout(dropout)  # residual dropout; build_attention has checked 0 <= dropout < 1
+        config.validate()
+        # The residual projections' init shrinks with the depth of the whole rack (GPT-2), not of one stack.
+        self.init_std, self.n_layers_total = config.init_std, config.n_blocks
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = build_attention(config)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = SwiGLU(config)
+        self.drop = nn.Dropout(config.dropout)  # residual dropout
         self.reset_parameters()
 
     @torch.no_grad()

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from ..config import ModelConfig, StackWiseConfig
+from ..config import ModelConfig
 from .block import Block, RMSNorm
 from .stack import Stack
 
@@ -62,6 +62,9 @@ class DecodeCache:
 
 
 class Rack(nn.Module):
+    """The token embedding, ``stacks`` and the LM head; ``build_rack`` builds one from a ``ModelConfig``, stacks
+    included. ``seed`` and ``materialize`` as there."""
+
     def __init__(self, stacks: Iterable[Stack], vocab_size: int, d_model: int, tie_embeddings: bool = True,
                  norm_eps: float = 1e-5, init_std: float = 0.02, seed: int = 0,
                  materialize: Callable[[str], bool] = every_module):
@@ -75,7 +78,8 @@ class Rack(nn.Module):
         with on_device_unless(materialize("norm")):
             self.norm = RMSNorm(d_model, norm_eps)
         with seeded(module_seed(seed, 10_001)), on_device_unless(materialize("lm_head")):
-            self.lm_head = make_lm_head(self.embedding if tie_embeddings else None, vocab_size, d_model, init_std)
+            self.lm_head = make_lm_head(self.embedding if self.tie_embeddings else None, vocab_size, d_model,
+                                        init_std)
 
     @property
     def blocks(self) -> list[Block]:
@@ -146,15 +150,7 @@ def build_block(model: ModelConfig, stack_id: int, block_id: int, seed: int,
                 materialize: Callable[[str], bool] = every_module) -> Block:
     """Block ``block_id`` of stack ``stack_id``, initialised from its own seed."""
     with seeded(module_seed(seed, stack_id, block_id)), on_device_unless(materialize(block_name(stack_id, block_id))):
-        block = Block(
-            model.d_model, model.resolved_d_ff, model.n_heads, model.n_kv_heads,
-            model.attention_type, model.attention_mode,
-            max_seq_len=model.max_seq_len, rope_theta=model.rope_theta, norm_eps=model.norm_eps,
-            dropout=model.dropout, freeze_up_proj=model.freeze_up_proj,
-            mla_kv_lora_rank=model.mla.kv_lora_rank, mla_q_lora_rank=model.mla.q_lora_rank,
-            mla_rope_head_dim=model.mla.rope_head_dim, kernel_feature_map=model.kernel.feature_map,
-            kernel_chunk_size=model.kernel.chunk_size, init_std=model.init_std, n_layers_total=model.n_blocks,
-        )
+        block = Block(model)
     if model.compile:
         block.compile()  # in place: the module, its parameter names and state_dict stay the same
     return block
@@ -170,18 +166,7 @@ def build_rack(model: ModelConfig, seed: int = 0, materialize: Callable[[str], b
     """The Rack of ``model``. ``materialize(name)`` says which modules ("embedding", "norm",
     "lm_head", "stacks.{i}.blocks.{j}") get real weights; the others are built on the meta
     device. Each real module is bit-identical to the same module of a fully materialized Rack."""
+    model.validate()  # before the loop: a rack of no stacks would build no Block to validate it
     stacks = [build_stack(model, i, seed, materialize) for i in range(model.architecture.n_stacks)]
-    return Rack(stacks, model.vocab_size, model.d_model, model.tie_embeddings,
-                norm_eps=model.norm_eps, init_std=model.init_std, seed=seed, materialize=materialize)
-
-
-def create_rack_from_config(config: dict[str, Any] | StackWiseConfig | ModelConfig, seed: int | None = None,
-                            materialize: Callable[[str], bool] = every_module) -> Rack:
-    """Build a Rack from a full config (dict or object) or a ModelConfig; ``seed`` defaults to
-    training.seed. ``materialize``: see ``build_rack`` (default: every module)."""
-    if isinstance(config, dict):
-        config = StackWiseConfig.from_dict(config)
-    if isinstance(config, StackWiseConfig):
-        seed = config.training.seed if seed is None else seed
-        config = config.model
-    return build_rack(config, seed=0 if seed is None else seed, materialize=materialize)
+    return Rack(stacks, model.vocab_size, model.d_model, model.tie_embeddings, norm_eps=model.norm_eps,
+                init_std=model.init_std, seed=seed, materialize=materialize)

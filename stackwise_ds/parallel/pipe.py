@@ -120,7 +120,7 @@ def check_materialized(rack: Rack, names: set[str], stage: int) -> None:
         if any(p.is_meta for p in rack.get_submodule(name).parameters()):
             raise ValueError(f"the Rack's '{name}' was built on the meta device but pipeline stage {stage} "
                              "holds it: build the Rack with every module of this stage materialized "
-                             "(create_rack_from_config(config) builds them all)")
+                             "(build_rack(config.model, seed) builds them all)")
 
 
 def pipeline_topology(stages: int, world_size: int) -> PipeDataParallelTopology:

@@ -23,9 +23,16 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.files import CheckpointError
+from ..checkpoint.files import CheckpointError, layer_file_name
 from ..checkpoint.layers import file_layers, layer_key, rack_name, rack_shapes, read_layer_file, unit_keys, units_of
-from ..checkpoint.locate import INITIAL_WEIGHTS_DIR, SOURCE_STACKS_FILE, is_tag_dir, list_tags, resolve_checkpoint
+from ..checkpoint.locate import (
+    INITIAL_WEIGHTS_DIR,
+    SOURCE_STACKS_FILE,
+    is_tag_dir,
+    list_tags,
+    resolve_checkpoint,
+    source_frozen_stacks,
+)
 from ..config import ConfigError, ModelConfig, StackWiseConfig, TrainingConfig
 from ..data import TOKENIZER_FILE, ByteTokenizer, Tokenizer, TokenizerError, load_tokenizer_json, make_tokenizer
 from ..data.tokenizer import load_tokenizer_file, parse_tokenizer_json
@@ -34,7 +41,6 @@ from ..growth_order import growth_order
 from ..layout import UnitKind
 from ..model import build_block
 from .growth import zeroed_residual_writers
-from .layer_files import layer_path
 
 RESTACK_HINT = "regroup the source's blocks with stackwise-restack SOURCE OUT.safetensors --n-stacks N"
 
@@ -197,6 +203,24 @@ def check_holds_checkpoint(folder: Path, output_dir: Path) -> None:
 StackMap = list  # target stack -> the source stack it starts as (None: its own seeded init)
 
 
+def target_stacks_by_origin(source: ModelConfig, target: ModelConfig, t: TrainingConfig) -> tuple[list[int], list[int]]:
+    """The target stacks that start as a source stack, and those the growth adds (``stack_sources``)."""
+    _, added = stack_sources(source.architecture.n_stacks, target.architecture.n_stacks, t)
+    return [s for s in range(target.architecture.n_stacks) if s not in added], added
+
+
+def planned_source_stacks(target: StackWiseConfig) -> list[int]:
+    """The stacks ``training.freeze_source`` will freeze, before the run writes its initial weights (for
+    ``stackwise-plan``): read from the run's record when it has one, else from the source's config alone."""
+    t = target.training
+    if not t.freeze_source:
+        return []
+    if (Path(t.output_dir) / INITIAL_WEIGHTS_DIR / SOURCE_STACKS_FILE).is_file():
+        return source_frozen_stacks(Path(t.output_dir), freeze_source=True)
+    source = open_source(t.init_from, target.model, Path(t.output_dir))
+    return target_stacks_by_origin(source.config.model, target.model, t)[0]
+
+
 def stack_sources(n_source: int, n_target: int, t: TrainingConfig) -> tuple[StackMap, list[int]]:
     """Where each target stack starts (``init_growth``), and the target stacks the growth adds: 'stack' (stack i
     from source stack i mod n) and 'fresh' add the stacks after the source's; 'interleave' (LLaMA Pro) puts a copy
@@ -302,7 +326,7 @@ def write_initial_weights(source, target: ModelConfig, training: TrainingConfig,
     out_dir.mkdir(parents=True, exist_ok=True)
     mine = file_layers(target)[rank::world_size]
     for layer in mine:
-        final = layer_path(out_dir, layer)
+        final = out_dir / layer_file_name(layer)
         tmp = final.with_name(final.name + f".tmp{rank}")
         torch.save(layer_state(source, target, training, layer), tmp)
         os.replace(tmp, final)  # a kill mid-write never leaves a half file under the final name
@@ -377,8 +401,7 @@ def initial_weights(target: StackWiseConfig, out_dir: Path, rank: int = 0, world
                            run_tokenizer_before_data(target.data.tokenizer), target.data.tokenizer)
     write_initial_weights(source, target.model, t, out_dir, rank, world_size)
     if rank == 0:
-        _, added = stack_sources(source.config.model.architecture.n_stacks, target.model.architecture.n_stacks, t)
-        sources = [s for s in range(target.model.architecture.n_stacks) if s not in added]
+        sources, added = target_stacks_by_origin(source.config.model, target.model, t)
         (out_dir / SOURCE_STACKS_FILE).write_text(json.dumps({"source_stacks": sources, "added_stacks": added}))
     if rank == 0:  # for check_run_tokenizer once a 'bpe' is trained (none from an earlier attempt stays)
         (out_dir / TOKENIZER_FILE).unlink(missing_ok=True)

@@ -12,7 +12,7 @@ import torch
 from ..config import ModelConfig, ParallelConfig, TrainingConfig
 from ..console import deepspeed_prints
 from ..layout import TRAIN, LayerUnit, UnitKind
-from ..model import Rack, create_rack_from_config, untie_lm_head
+from ..model import Rack, build_rack, untie_lm_head
 from ..parallel import distributed
 from ..parallel.ds_config import build_ds_config
 from ..parallel.engine import build_engine, forget_process_groups
@@ -81,7 +81,7 @@ class PhasePipeline:
         stage = stage_of_rank(self.rank, layout.pipeline_stages, self.world_size)
         local = layout.rack_modules(stage, self.units, tied)
         model = replace(self.model, tie_embeddings=tied)
-        return create_rack_from_config(model, seed=self.training.seed, materialize=local.__contains__)
+        return build_rack(model, seed=self.training.seed, materialize=local.__contains__)
 
     def _stage_rack(self, layout: PhaseLayout, tied: bool) -> Rack:
         """The Rack this rank's stage of ``layout`` wraps: the caller's (untied when the phase unties it), or
