@@ -66,17 +66,18 @@ the last 20 % everywhere. Runs go seed-major (every mode of seed 0, then seed 1,
 of the machine spread over all modes. One learning rate per rack, the same for every mode: nothing
 is tuned per mode.
 
-What the next session runs (2 idle cores, nothing else running; each command merges its section into
-``results/latest.json`` and writes its table and two plots, validation loss against wall-clock and
-against FLOPs, ``results/latest_{section}_val_loss_vs_{wall,flops}.png``):
+How to run it (2 idle cores, nothing else running; needs ``pip install -e '.[plots]'``, checked first;
+each command merges its section into ``results/latest.json`` and writes its table and two plots,
+validation loss against wall-clock and against FLOPs, ``results/latest_{section}_val_loss_vs_{wall,flops}.png``):
 
     python -m benchmarks.quality --estimate --budget compute_limited  # ~1.5 min: check the estimate below
-    python -m benchmarks.quality                           # ~25 min (7 modes x 3 seeds, 64-76 s a run)
-    python -m benchmarks.quality --budget compute_limited  # ~60 min (57-68 min estimated, below)
+    python -m benchmarks.quality                           # ~28 min (7 modes x 3 seeds, 75-85 s a run)
+    python -m benchmarks.quality --budget compute_limited  # ~56 min (139-154 s a run)
 
-About 1.5 hours in all; the two studies may run in either order, but never beside anything else (the
-wall ratios are the figures). Check ``detail.<mode>.start_up_s`` afterwards: every run's launch to its
-step-0 validation should be about the same (9-13 s here); one far above the rest took a one-off cost.
+The two studies may run in either order, but never beside anything else (the wall ratios are the
+figures). Every run is kept in ``<work dir>/<section>/runs.json`` as it ends; ``--summarise-only`` rebuilds
+the section from it. Check ``detail.<mode>.start_up_s`` afterwards: every run's launch to its step-0
+validation should be about the same (6-8 s on 2026-12-07); one far above the rest took a one-off cost.
 
 How the compute-limited rack was chosen (2026-12-07, 2 pinned ranks): at 20 tokens per non-embedding
 parameter the steps grow with the parameters, and a CPU step's time grows with them too, so the
