@@ -100,6 +100,7 @@ which included building the all-reduce op once for the virtualenv, ~50 s).
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import json
 import math
@@ -311,11 +312,9 @@ def raw_runs_path(plan: QualityPlan, work: Path) -> Path:
 
 def require_plotting() -> None:
     """Fail before an hour of runs, not after them: the study ends by drawing its plots."""
-    try:
-        import matplotlib  # noqa: F401  (imported only to check it is installed)
-    except ImportError:
+    if importlib.util.find_spec("matplotlib") is None:
         raise SystemExit("benchmarks.quality draws its plots with matplotlib, which is not installed: "
-                         "pip install -e '.[plots]'") from None
+                         "pip install -e '.[plots]'")
 
 
 # ----------------------------------------------------------------------------- reading the curves

@@ -203,7 +203,7 @@ def add_qkvo_projections(module: nn.Module, config: ModelConfig) -> None:
 
 
 def head_layout(module: nn.Module, config: ModelConfig) -> None:
-    """The head counts, widths and mask a softmax or kernel attention module reads at every call."""
+    """The head counts, widths and mask every attention module reads at each call."""
     module.n_heads, module.n_kv_heads, module.head_dim = config.n_heads, config.resolved_n_kv_heads, config.head_dim
     module.causal = config.attention_mode == AttentionMode.CAUSAL
 
@@ -260,8 +260,8 @@ class MultiHeadLatentAttention(nn.Module):
         d_model, n_heads, norm_eps = config.d_model, config.n_heads, config.norm_eps
         mla = config.mla
         kv_lora_rank, q_lora_rank, rope_head_dim = mla.kv_lora_rank, mla.q_lora_rank, mla.rope_head_dim
-        self.n_heads, self.head_dim, self.dropout = n_heads, config.head_dim, config.dropout
-        self.causal = config.attention_mode == AttentionMode.CAUSAL
+        head_layout(self, config)  # n_kv_heads comes out as n_heads: MLA rebuilds K/V per head from its latent
+        self.dropout = config.dropout
         self.kv_lora_rank, self.q_lora_rank, self.rope_head_dim = kv_lora_rank, q_lora_rank, rope_head_dim
         q_head_dim = self.head_dim + rope_head_dim
         self.softmax_scale = 1.0 / math.sqrt(q_head_dim)
