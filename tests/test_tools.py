@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from launch_utils import REPO, free_port, rack_of, relative_close
+from launch_utils import REPO, free_port, rack_of, relative_close, scrambled_rack
 from stackwise_ds import tools_cli
 from stackwise_ds.checkpoint import consolidate, load_rack, read_consolidated
 from stackwise_ds.checkpoint.consolidation import save_consolidated
@@ -93,16 +93,6 @@ def resume(run: dict, checkpoint_dir: Path, stages: int, n_procs: int, work: Pat
 def logits_of(rack, input_ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return rack(input_ids).float()
-
-
-def scrambled_rack(config: StackWiseConfig, seed: int = 0):
-    """A rack with large random weights (norms included), so that any mapping error shows in the logits."""
-    rack = rack_of(config)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in rack.parameters():
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.3 + (1.0 if param.dim() == 1 else 0.0))
-    return rack.eval()
 
 
 def config_for(**model_overrides) -> StackWiseConfig:
